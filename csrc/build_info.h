@@ -1,0 +1,51 @@
+// Build facts recorded at compile time by setup.py (through -D definitions) and
+// reported by fused_rnn.build_info().
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+namespace fused_rnn {
+
+#if defined(FUSED_RNN_WITH_CUDA)
+// Defined in csrc/cuda/cuda_build_info.cu, compiled by nvcc.
+int cuda_runtime_version_compiled();
+#endif
+
+inline pybind11::dict build_info_dict() {
+  pybind11::dict info;
+  pybind11::list backends;
+  backends.append("cpp");
+  pybind11::list archs;
+#if defined(FUSED_RNN_WITH_CUDA)
+  info["cuda_compiled"] = true;
+  info["cuda_version"] = cuda_runtime_version_compiled();
+  // FUSED_RNN_CUDA_ARCHS is "80;90": reported as ["sm_80", "sm_90"]
+  std::string arch_list = FUSED_RNN_CUDA_ARCHS;
+  size_t start = 0;
+  while (start < arch_list.size()) {
+    size_t end = arch_list.find(';', start);
+    if (end == std::string::npos) end = arch_list.size();
+    if (end > start) archs.append("sm_" + arch_list.substr(start, end - start));
+    start = end + 1;
+  }
+#else
+  info["cuda_compiled"] = false;
+  info["cuda_version"] = pybind11::none();
+#endif
+  info["backends"] = backends;
+  info["cuda_archs"] = archs;
+  info["torch_version"] = FUSED_RNN_TORCH_VERSION;
+#if defined(__clang__)
+  info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  info["compiler"] = "unknown";
+#endif
+  info["cxx_flags"] = FUSED_RNN_CXX_FLAGS;
+  return info;
+}
+
+}  // namespace fused_rnn

@@ -1,0 +1,119 @@
+// Fused IRNN (ReLU RNN) scans on the CPU.
+//
+// Forward:  pre = x W_ih^T + bias (one GEMM, written straight into y), then for each
+//           step y_t = relu(y_t + y_{t-1} W_hh^T): one BLAS call accumulating into
+//           y_t in place and one vectorised ReLU pass. No allocation inside the loop.
+// Backward: g = dL/dh_T; for t = T-1..0: dz_t = (dy_t + g) * [y_t > 0]; g = dz_t W_hh.
+//           dh0 = g; the weight gradients are GEMMs over all of dz afterwards.
+#include <torch/library.h>
+
+#include "../cell_math.h"
+#include "blas.h"
+#include "scan_common.h"
+
+namespace fused_rnn {
+namespace cpu {
+namespace {
+
+template <typename scalar_t>
+void relu_rows(scalar_t* z, int64_t count) {
+#pragma omp simd
+  for (int64_t j = 0; j < count; ++j) z[j] = cell::relu(z[j]);
+}
+
+// dz = (dy + g) * [y > 0], elementwise over `count` elements.
+template <typename scalar_t>
+void relu_backward_rows(const scalar_t* dy, const scalar_t* g, const scalar_t* y, scalar_t* dz, int64_t count) {
+#pragma omp simd
+  for (int64_t j = 0; j < count; ++j) dz[j] = cell::relu_backward(dy[j] + g[j], y[j]);
+}
+
+std::tuple<at::Tensor, at::Tensor> irnn_scan_forward(const at::Tensor& x_in, const at::Tensor& h0_in,
+                                                      const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
+                                                      const std::optional<at::Tensor>& bias) {
+  const auto x = x_in.contiguous(), h0 = h0_in.contiguous();
+  const auto w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
+  check_layer(x, {{&h0, "h0"}}, w_ih, w_hh, bias, 1);
+  const int64_t steps = x.size(0), batch = x.size(1), hidden = w_hh.size(1);
+  if (steps == 0) return {x.new_empty({0, batch, hidden}), h0.clone()};
+  auto y = input_projection(x, w_ih, bias);  // [T, B, H], overwritten step by step
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "irnn_scan_forward", [&] {
+    const scalar_t* w = w_hh.const_data_ptr<scalar_t>();
+    scalar_t* y_data = y.data_ptr<scalar_t>();
+    const int64_t step_elems = batch * hidden;
+    for (int64_t t = 0; t < steps; ++t) {
+      const scalar_t* h_prev = t == 0 ? h0.const_data_ptr<scalar_t>() : y_data + (t - 1) * step_elems;
+      scalar_t* z = y_data + t * step_elems;
+      // z [B, H] += h_prev [B, H] @ W_hh^T
+      gemm_row_major<scalar_t>(false, true, batch, hidden, hidden, h_prev, hidden, w, hidden, 1, z, hidden);
+      relu_rows(z, step_elems);
+    }
+  });
+  return {y, y[steps - 1].clone()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> irnn_scan_backward(
+    const at::Tensor& grad_y_in, const at::Tensor& grad_h_n_in, const at::Tensor& x_in, const at::Tensor& h0_in,
+    const at::Tensor& w_ih_in, const at::Tensor& w_hh_in, const at::Tensor& y_in) {
+  const auto grad_y = grad_y_in.contiguous(), grad_h_n = grad_h_n_in.contiguous();
+  const auto x = x_in.contiguous(), h0 = h0_in.contiguous(), y = y_in.contiguous();
+  const auto w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
+  check_layer(x, {{&h0, "h0"}, {&grad_h_n, "grad_h_n"}}, w_ih, w_hh, std::nullopt, 1);
+  check_cpu_float(grad_y, "grad_y", x.scalar_type());
+  check_cpu_float(y, "y", x.scalar_type());
+  const int64_t steps = x.size(0), batch = x.size(1), hidden = w_hh.size(1);
+  TORCH_CHECK(grad_y.sizes() == y.sizes() && y.dim() == 3 && y.size(0) == steps && y.size(1) == batch &&
+                  y.size(2) == hidden,
+              "fused_rnn: grad_y and y must be [T, B, H]");
+  if (steps == 0) {
+    return {at::zeros_like(x), grad_h_n.clone(), at::zeros_like(w_ih), at::zeros_like(w_hh),
+            at::zeros({hidden}, w_hh.options())};
+  }
+  auto dz = at::empty_like(y);              // [T, B, H]
+  auto carry = grad_h_n.clone();            // [B, H]: dL/dh_t from step t+1 (and from h_T)
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "irnn_scan_backward", [&] {
+    const scalar_t* w = w_hh.const_data_ptr<scalar_t>();
+    const scalar_t* y_data = y.const_data_ptr<scalar_t>();
+    const scalar_t* dy_data = grad_y.const_data_ptr<scalar_t>();
+    scalar_t* dz_data = dz.data_ptr<scalar_t>();
+    scalar_t* g = carry.data_ptr<scalar_t>();
+    const int64_t step_elems = batch * hidden;
+    for (int64_t t = steps - 1; t >= 0; --t) {
+      scalar_t* dz_t = dz_data + t * step_elems;
+      relu_backward_rows(dy_data + t * step_elems, g, y_data + t * step_elems, dz_t, step_elems);
+      // g [B, H] = dz_t [B, H] @ W_hh [H, H]
+      gemm_row_major<scalar_t>(false, false, batch, hidden, hidden, dz_t, hidden, w, hidden, 0, g, hidden);
+    }
+  });
+  auto grads = weight_grads(dz, x, h0, y, w_ih, w_hh);
+  return {grads.dx, carry, grads.dw_ih, grads.dw_hh, grads.dbias};
+}
+
+// One step is the scan with T = 1, so the step and the scan cannot drift apart.
+at::Tensor irnn_step(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                     const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2, "fused_rnn: x must be 2-D [B, I], got ", x.sizes());
+  return std::get<1>(irnn_scan_forward(x.unsqueeze(0), h, w_ih, w_hh, bias));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> irnn_step_backward(
+    const at::Tensor& grad_h_new, const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const at::Tensor& h_new) {
+  TORCH_CHECK(x.dim() == 2, "fused_rnn: x must be 2-D [B, I], got ", x.sizes());
+  auto grads = irnn_scan_backward(at::zeros_like(h_new).unsqueeze(0), grad_h_new, x.unsqueeze(0), h, w_ih, w_hh,
+                                  h_new.unsqueeze(0));
+  std::get<0>(grads) = std::get<0>(grads).squeeze(0);
+  return grads;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_rnn, CPU, m) {
+  m.impl("irnn_scan_forward", &irnn_scan_forward);
+  m.impl("irnn_scan_backward", &irnn_scan_backward);
+  m.impl("irnn_step", &irnn_step);
+  m.impl("irnn_step_backward", &irnn_step_backward);
+}
+
+}  // namespace cpu
+}  // namespace fused_rnn

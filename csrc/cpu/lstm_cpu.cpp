@@ -1,0 +1,189 @@
+// Fused LSTM scans on the CPU (gate order i, f, g, o as in torch.nn.LSTM).
+//
+// Forward:  gates = x W_ih^T + bias for all steps in one GEMM; per step one BLAS call
+//           adds h_{t-1} W_hh^T into gates_t in place, then one fused pass per row
+//           activates the four gates (kept for the backward), and writes c_t and h_t.
+// Backward: carrying dh (from step t+1 through W_hh) and dc, one fused pass per row
+//           gives dgates_t and dc_{t-1}; one BLAS call gives dh_{t-1} = dgates_t W_hh.
+//           Weight gradients are GEMMs over all of dgates afterwards.
+#include <torch/library.h>
+
+#include "../cell_math.h"
+#include "blas.h"
+#include "scan_common.h"
+
+namespace fused_rnn {
+namespace cpu {
+namespace {
+
+// One row of the forward cell: `gates` [4H] pre-activations in, activations out.
+template <typename scalar_t>
+void lstm_forward_row(scalar_t* gates, const scalar_t* c_prev, scalar_t* c, scalar_t* h, int64_t hidden) {
+  scalar_t* gi = gates;
+  scalar_t* gf = gates + hidden;
+  scalar_t* gg = gates + 2 * hidden;
+  scalar_t* go = gates + 3 * hidden;
+#pragma omp simd
+  for (int64_t j = 0; j < hidden; ++j) {
+    cell::lstm_forward(gi[j], gf[j], gg[j], go[j], c_prev[j], c[j], h[j]);
+  }
+}
+
+// One row of the backward cell. grad_h = dy_t + carried dh; `dc` holds dL/dc_t on
+// entry and dL/dc_{t-1} on exit.
+template <typename scalar_t>
+void lstm_backward_row(const scalar_t* dy, const scalar_t* dh_carry, scalar_t* dc, const scalar_t* gates,
+                       const scalar_t* c, const scalar_t* c_prev, scalar_t* dgates, int64_t hidden) {
+  const scalar_t* gi = gates;
+  const scalar_t* gf = gates + hidden;
+  const scalar_t* gg = gates + 2 * hidden;
+  const scalar_t* go = gates + 3 * hidden;
+  scalar_t* di = dgates;
+  scalar_t* df = dgates + hidden;
+  scalar_t* dg = dgates + 2 * hidden;
+  scalar_t* dout = dgates + 3 * hidden;
+#pragma omp simd
+  for (int64_t j = 0; j < hidden; ++j) {
+    cell::lstm_backward(dy[j] + dh_carry[j], dc[j], gi[j], gf[j], gg[j], go[j], c[j], c_prev[j], di[j], df[j],
+                        dg[j], dout[j], dc[j]);
+  }
+}
+
+using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+ForwardOutputs lstm_scan_forward(const at::Tensor& x_in, const at::Tensor& h0_in, const at::Tensor& c0_in,
+                                 const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
+                                 const std::optional<at::Tensor>& bias) {
+  const auto x = x_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
+  const auto w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
+  check_layer(x, {{&h0, "h0"}, {&c0, "c0"}}, w_ih, w_hh, bias, 4);
+  const int64_t steps = x.size(0), batch = x.size(1), hidden = w_hh.size(1);
+  if (steps == 0) {
+    auto empty = x.new_empty({0, batch, hidden});
+    return {empty, h0.clone(), c0.clone(), empty.clone(), x.new_empty({0, batch, 4 * hidden})};
+  }
+  auto gates = input_projection(x, w_ih, bias);  // [T, B, 4H]
+  auto y = at::empty({steps, batch, hidden}, x.options());
+  auto cells = at::empty({steps, batch, hidden}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_scan_forward", [&] {
+    const scalar_t* w = w_hh.const_data_ptr<scalar_t>();
+    scalar_t* gates_data = gates.data_ptr<scalar_t>();
+    scalar_t* y_data = y.data_ptr<scalar_t>();
+    scalar_t* c_data = cells.data_ptr<scalar_t>();
+    const int64_t step_elems = batch * hidden;
+    for (int64_t t = 0; t < steps; ++t) {
+      const scalar_t* h_prev = t == 0 ? h0.const_data_ptr<scalar_t>() : y_data + (t - 1) * step_elems;
+      const scalar_t* c_prev = t == 0 ? c0.const_data_ptr<scalar_t>() : c_data + (t - 1) * step_elems;
+      scalar_t* gates_t = gates_data + t * 4 * step_elems;
+      // gates_t [B, 4H] += h_prev [B, H] @ W_hh^T
+      gemm_row_major<scalar_t>(false, true, batch, 4 * hidden, hidden, h_prev, hidden, w, hidden, 1, gates_t,
+                               4 * hidden);
+      scalar_t* c_t = c_data + t * step_elems;
+      scalar_t* h_t = y_data + t * step_elems;
+      parallel_rows(batch, 4 * hidden, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          lstm_forward_row(gates_t + b * 4 * hidden, c_prev + b * hidden, c_t + b * hidden, h_t + b * hidden, hidden);
+        }
+      });
+    }
+  });
+  return {y, y[steps - 1].clone(), cells[steps - 1].clone(), cells, gates};
+}
+
+using BackwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// `y` may be undefined when T = 1 (it is only read as h_1..h_{T-1}).
+BackwardOutputs lstm_backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+                                   const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                                   const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& y,
+                                   const at::Tensor& cells, const at::Tensor& gates) {
+  check_layer(x, {{&h0, "h0"}, {&c0, "c0"}, {&grad_h_n, "grad_h_n"}, {&grad_c_n, "grad_c_n"}}, w_ih, w_hh,
+              std::nullopt, 4);
+  const int64_t steps = x.size(0), batch = x.size(1), hidden = w_hh.size(1);
+  const auto dtype = x.scalar_type();
+  for (const auto& [tensor, name, width] : {std::make_tuple(&grad_y, "grad_y", hidden),
+                                            std::make_tuple(&cells, "cells", hidden),
+                                            std::make_tuple(&gates, "gates", 4 * hidden)}) {
+    check_cpu_float(*tensor, name, dtype);
+    TORCH_CHECK(tensor->dim() == 3 && tensor->size(0) == steps && tensor->size(1) == batch &&
+                    tensor->size(2) == width,
+                "fused_rnn: ", name, " must be [", steps, ", ", batch, ", ", width, "], got ", tensor->sizes());
+  }
+  if (steps == 0) {
+    return {at::zeros_like(x), grad_h_n.clone(), grad_c_n.clone(), at::zeros_like(w_ih), at::zeros_like(w_hh),
+            at::zeros({4 * hidden}, w_hh.options())};
+  }
+  auto dgates = at::empty_like(gates);   // [T, B, 4H]
+  auto dh_carry = grad_h_n.clone();      // [B, H]
+  auto dc = grad_c_n.clone();            // [B, H]
+  AT_DISPATCH_FLOATING_TYPES(dtype, "lstm_scan_backward", [&] {
+    const scalar_t* w = w_hh.const_data_ptr<scalar_t>();
+    const scalar_t* dy_data = grad_y.const_data_ptr<scalar_t>();
+    const scalar_t* c_data = cells.const_data_ptr<scalar_t>();
+    const scalar_t* gates_data = gates.const_data_ptr<scalar_t>();
+    scalar_t* dgates_data = dgates.data_ptr<scalar_t>();
+    scalar_t* dh = dh_carry.data_ptr<scalar_t>();
+    scalar_t* dc_data = dc.data_ptr<scalar_t>();
+    const int64_t step_elems = batch * hidden;
+    for (int64_t t = steps - 1; t >= 0; --t) {
+      const scalar_t* c_prev = t == 0 ? c0.const_data_ptr<scalar_t>() : c_data + (t - 1) * step_elems;
+      const scalar_t* dy_t = dy_data + t * step_elems;
+      const scalar_t* c_t = c_data + t * step_elems;
+      const scalar_t* gates_t = gates_data + t * 4 * step_elems;
+      scalar_t* dgates_t = dgates_data + t * 4 * step_elems;
+      parallel_rows(batch, 4 * hidden, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          lstm_backward_row(dy_t + b * hidden, dh + b * hidden, dc_data + b * hidden, gates_t + b * 4 * hidden,
+                            c_t + b * hidden, c_prev + b * hidden, dgates_t + b * 4 * hidden, hidden);
+        }
+      });
+      // dh [B, H] = dgates_t [B, 4H] @ W_hh [4H, H]
+      gemm_row_major<scalar_t>(false, false, batch, hidden, 4 * hidden, dgates_t, 4 * hidden, w, hidden, 0, dh,
+                               hidden);
+    }
+  });
+  auto grads = weight_grads(dgates, x, h0, y, w_ih, w_hh);
+  return {grads.dx, dh_carry, dc, grads.dw_ih, grads.dw_hh, grads.dbias};
+}
+
+BackwardOutputs lstm_scan_backward(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+                                   const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                                   const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& y,
+                                   const at::Tensor& cells, const at::Tensor& gates) {
+  return lstm_backward_impl(grad_y.contiguous(), grad_h_n.contiguous(), grad_c_n.contiguous(), x.contiguous(),
+                            h0.contiguous(), c0.contiguous(), w_ih.contiguous(), w_hh.contiguous(), y.contiguous(),
+                            cells.contiguous(), gates.contiguous());
+}
+
+// One step is the scan with T = 1, so the step and the scan cannot drift apart.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_step(const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
+                                                         const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                                         const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2, "fused_rnn: x must be 2-D [B, I], got ", x.sizes());
+  auto [y, h_new, c_new, cells, gates] = lstm_scan_forward(x.unsqueeze(0), h, c, w_ih, w_hh, bias);
+  return {h_new, c_new, gates.squeeze(0)};
+}
+
+BackwardOutputs lstm_step_backward(const at::Tensor& grad_h_new, const at::Tensor& grad_c_new, const at::Tensor& x,
+                                   const at::Tensor& h, const at::Tensor& c, const at::Tensor& w_ih,
+                                   const at::Tensor& w_hh, const at::Tensor& c_new, const at::Tensor& gates) {
+  TORCH_CHECK(x.dim() == 2, "fused_rnn: x must be 2-D [B, I], got ", x.sizes());
+  auto grads = lstm_backward_impl(at::zeros_like(c_new).unsqueeze(0), grad_h_new.contiguous(),
+                                  grad_c_new.contiguous(), x.contiguous().unsqueeze(0), h.contiguous(),
+                                  c.contiguous(), w_ih.contiguous(), w_hh.contiguous(), at::Tensor(),
+                                  c_new.contiguous().unsqueeze(0), gates.contiguous().unsqueeze(0));
+  std::get<0>(grads) = std::get<0>(grads).squeeze(0);
+  return grads;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_rnn, CPU, m) {
+  m.impl("lstm_scan_forward", &lstm_scan_forward);
+  m.impl("lstm_scan_backward", &lstm_scan_backward);
+  m.impl("lstm_step", &lstm_step);
+  m.impl("lstm_step_backward", &lstm_step_backward);
+}
+
+}  // namespace cpu
+}  // namespace fused_rnn

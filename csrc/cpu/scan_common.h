@@ -1,0 +1,97 @@
+// Helpers shared by the IRNN and LSTM CPU scans: argument checks, the input
+// projection, the post-scan weight-gradient GEMMs, and row-parallel loops.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <optional>
+
+namespace fused_rnn {
+namespace cpu {
+
+// Pointwise work per parallel chunk: below this, OpenMP's fork/join (a few
+// microseconds) costs more than it saves. 8192 elements of an LSTM cell take about
+// 10 us vectorised on one core.
+constexpr int64_t kPointwiseGrain = 8192;
+
+// Calls fn(row_begin, row_end) over `rows` rows of `row_elems` elements each, split
+// across threads only when the chunks are large enough to pay for it.
+template <typename Fn>
+void parallel_rows(int64_t rows, int64_t row_elems, const Fn& fn) {
+  const int64_t grain_rows = std::max<int64_t>(1, kPointwiseGrain / std::max<int64_t>(1, row_elems));
+  at::parallel_for(0, rows, grain_rows, fn);
+}
+
+// Device and dtype only: every kernel entry point makes its inputs contiguous itself
+// (a no-op when they already are), so strided inputs are accepted.
+inline void check_cpu_float(const at::Tensor& t, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu(), "fused_rnn: ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, "fused_rnn: ", name, " must be ", dtype, " like x, got ",
+              t.scalar_type());
+}
+
+// Checks one layer's tensors; gates = 1 (IRNN) or 4 (LSTM). x is [T, B, I].
+inline void check_layer(const at::Tensor& x, std::initializer_list<std::pair<const at::Tensor*, const char*>> states,
+                        const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& bias,
+                        int64_t gates) {
+  TORCH_CHECK(x.dim() == 3, "fused_rnn: x must be 3-D [T, B, I], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "fused_rnn: the CPU kernels take float32 or float64, got ", x.scalar_type());
+  const auto dtype = x.scalar_type();
+  check_cpu_float(x, "x", dtype);
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == gates * w_hh.size(1), "fused_rnn: w_hh must be [", gates,
+              "*H, H], got ", w_hh.sizes());
+  const int64_t hidden = w_hh.size(1);
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) == gates * hidden && w_ih.size(1) == x.size(2),
+              "fused_rnn: w_ih must be [", gates * hidden, ", ", x.size(2), "], got ", w_ih.sizes());
+  check_cpu_float(w_ih, "w_ih", dtype);
+  check_cpu_float(w_hh, "w_hh", dtype);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == gates * hidden, "fused_rnn: bias must be [",
+                gates * hidden, "], got ", bias->sizes());
+    check_cpu_float(*bias, "bias", dtype);
+  }
+  for (const auto& [state, name] : states) {
+    TORCH_CHECK(state->dim() == 2 && state->size(0) == x.size(1) && state->size(1) == hidden, "fused_rnn: ",
+                name, " must be [", x.size(1), ", ", hidden, "], got ", state->sizes());
+    check_cpu_float(*state, name, dtype);
+  }
+}
+
+// [T, B, G*H] = x @ w_ih^T + bias: the input projection of all steps in one GEMM.
+inline at::Tensor input_projection(const at::Tensor& x, const at::Tensor& w_ih,
+                                   const std::optional<at::Tensor>& bias) {
+  const auto rows = x.size(0) * x.size(1);
+  auto x2d = x.view({rows, x.size(2)});
+  auto pre = bias.has_value() ? at::addmm(*bias, x2d, w_ih.t()) : at::mm(x2d, w_ih.t());
+  return pre.view({x.size(0), x.size(1), w_ih.size(0)});
+}
+
+struct WeightGrads {
+  at::Tensor dx, dw_ih, dw_hh, dbias;
+};
+
+// The gradients that are sums over time, as GEMMs over the whole sequence once the
+// backward scan has produced dpre = dL/d(pre-activation), [T, B, G*H]:
+//   dW_hh = sum_t dpre_t^T h_{t-1}  (h_{t-1} = h0 at t = 0, else y_{t-1})
+//   dW_ih = dpre^T x,  dbias = sum dpre,  dx = dpre @ W_ih
+inline WeightGrads weight_grads(const at::Tensor& dpre, const at::Tensor& x, const at::Tensor& h0,
+                                const at::Tensor& y, const at::Tensor& w_ih, const at::Tensor& w_hh) {
+  const int64_t steps = x.size(0), batch = x.size(1), gh = w_hh.size(0);
+  auto dpre2d = dpre.view({steps * batch, gh});
+  WeightGrads grads;
+  grads.dx = at::mm(dpre2d, w_ih).view(x.sizes());
+  grads.dw_ih = at::mm(dpre2d.t(), x.view({steps * batch, x.size(2)}));
+  grads.dw_hh = at::mm(dpre[0].t(), h0);
+  if (steps > 1) {
+    auto later = dpre.slice(0, 1).reshape({(steps - 1) * batch, gh});
+    auto earlier = y.slice(0, 0, steps - 1).reshape({(steps - 1) * batch, y.size(2)});
+    grads.dw_hh.addmm_(later.t(), earlier);
+  }
+  grads.dbias = dpre2d.sum(0);
+  return grads;
+}
+
+}  // namespace cpu
+}  // namespace fused_rnn

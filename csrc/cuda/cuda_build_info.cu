@@ -1,0 +1,34 @@
+// The CUDA half of the build switch: compiled by nvcc whenever setup.py finds a CUDA
+// build of torch and a CUDA toolkit. It reports the CUDA version the extension was
+// compiled against, and instantiates the shared cell maths (csrc/cell_math.h) in
+// device code for every target architecture, so that the header the CUDA scan
+// kernels will use is compiled for sm_80/sm_90 by every CI build. It registers no
+// op: the CUDA scan kernels are separate work (backend "cuda").
+#include <cuda_runtime_api.h>
+
+#include "../cell_math.h"
+
+namespace fused_rnn {
+
+int cuda_runtime_version_compiled() { return CUDART_VERSION; }
+
+namespace {
+
+// One LSTM and one IRNN cell, forward and backward, per element: the device
+// instantiation of every function of cell_math.h.
+template <typename T>
+__global__ void cell_math_device_instantiation(T* data, int count) {
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= count) return;
+  T i = data[idx], f = i + T(1), g = i - T(1), o = i * T(2), c = T(0), h = T(0);
+  cell::lstm_forward(i, f, g, o, data[idx], c, h);
+  T di, df, dg, dout, dc_prev;
+  cell::lstm_backward(h, c, i, f, g, o, c, data[idx], di, df, dg, dout, dc_prev);
+  data[idx] = cell::relu(di + df + dg + dout + dc_prev) + cell::relu_backward(h, c);
+}
+
+template __global__ void cell_math_device_instantiation<float>(float*, int);
+template __global__ void cell_math_device_instantiation<double>(double*, int);
+
+}  // namespace
+}  // namespace fused_rnn

@@ -1,0 +1,49 @@
+"""fused_rnn: fused IRNN (identity-initialised ReLU RNN) and LSTM kernels for PyTorch.
+
+Quick start::
+
+    import torch, fused_rnn
+    rnn = fused_rnn.IRNN(input_size=42, hidden_size=256, batch_first=True)
+    y, h_n = rnn(torch.randn(64, 100, 42))
+
+Layers: :class:`IRNN`, :class:`LSTM` (drop-ins for ``torch.nn.RNN(nonlinearity="relu")``
+and ``torch.nn.LSTM``), :class:`IRNNCell`, :class:`LSTMCell`. Functional:
+:func:`irnn`, :func:`lstm`, :func:`irnn_cell`, :func:`lstm_cell`. Which kernels this
+install has: :func:`available_backends`, :func:`build_info`, :func:`select_backend`.
+"""
+
+from ._extension import build_info
+from . import ops  # noqa: F401  (fake kernels and autograd of the fused_rnn:: ops)
+from .functional import (
+    IRNNCellFunction,
+    IRNNFunction,
+    LSTMCellFunction,
+    LSTMFunction,
+    available_backends,
+    irnn,
+    irnn_cell,
+    lstm,
+    lstm_cell,
+    select_backend,
+)
+from .modules import IRNN, LSTM, IRNNCell, LSTMCell
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IRNN",
+    "LSTM",
+    "IRNNCell",
+    "LSTMCell",
+    "IRNNFunction",
+    "LSTMFunction",
+    "IRNNCellFunction",
+    "LSTMCellFunction",
+    "available_backends",
+    "build_info",
+    "irnn",
+    "irnn_cell",
+    "lstm",
+    "lstm_cell",
+    "select_backend",
+]

@@ -1,0 +1,51 @@
+"""Loading of the compiled extension ``fused_rnn._C``.
+
+The package must stay importable when the extension is missing (a source checkout
+that was never built, or a build that failed): the pure-torch backend then serves
+every call, and one warning says how to rebuild.
+"""
+
+import warnings
+
+import torch  # noqa: F401  (loads libtorch, which fused_rnn._C links against)
+
+REBUILD_HINT = (
+    "rebuild it with `pip install --no-build-isolation -e .` from the fused_rnn "
+    "source tree (set FUSED_RNN_SKIP_CUDA_BUILD=TRUE to build only the CPU kernels)"
+)
+
+try:
+    from . import _C  # noqa: F401  (importing registers the fused_rnn:: ops)
+
+    HAS_C = True
+    IMPORT_ERROR = None
+except ImportError as error:  # extension not built, or built against another torch
+    _C = None
+    HAS_C = False
+    IMPORT_ERROR = error
+    warnings.warn(
+        f"fused_rnn: the compiled extension fused_rnn._C could not be imported ({error}); "
+        f"only the slow 'torch' backend is available. To get the fused kernels, {REBUILD_HINT}.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def build_info() -> dict:
+    """What this install was built with.
+
+    Keys: ``backends`` (compiled kernel backends, e.g. ``["cpp", "cuda"]``),
+    ``cuda_archs`` (e.g. ``["sm_80", "sm_90"]``, empty without CUDA), ``cuda_version``,
+    ``compiler``, ``torch_version`` (the torch the extension was compiled against),
+    ``cxx_flags``; plus ``extension_loaded`` and, when it is not, ``import_error``.
+    """
+    if not HAS_C:
+        return {
+            "extension_loaded": False,
+            "import_error": str(IMPORT_ERROR),
+            "backends": [],
+            "rebuild": REBUILD_HINT,
+        }
+    info = dict(_C.build_info())
+    info["extension_loaded"] = True
+    return info

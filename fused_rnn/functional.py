@@ -1,0 +1,275 @@
+"""Functional entry points, the public autograd Functions, and backend dispatch.
+
+Backends:
+
+- ``"cpp"``: the fused C++ CPU kernels of ``fused_rnn._C`` (float32, float64; CPU tensors).
+- ``"torch"``: a plain time loop over PyTorch ops (any dtype and device; always there).
+- ``"auto"`` (default): the fastest backend that can take the tensors' device and
+  dtype, falling back to ``"torch"`` rather than failing. :func:`select_backend`
+  says which one it picks and why the faster ones were skipped.
+
+Empty inputs: T = 0 gives ``y`` of shape [0, B, H] and the initial state as the final
+state; B = 0 gives empty outputs. Non-contiguous inputs are accepted (copied to
+contiguous memory before a kernel sees them). NaN and Inf propagate like in the
+PyTorch ops.
+"""
+
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import ops as _ops
+from . import torch_loop
+from ._extension import HAS_C, IMPORT_ERROR, REBUILD_HINT
+from ._validation import check_layer_args
+
+# Which dtypes and device types each compiled backend's kernels take.
+_KERNEL_SUPPORT = {
+    "cpp": {"device_types": ("cpu",), "dtypes": (torch.float32, torch.float64)},
+}
+BACKENDS = ("cpp", "torch")
+
+
+def available_backends(device="cpu") -> List[str]:
+    """Backends this install can run on `device` ("cpu", "cuda", a torch.device), fastest first."""
+    device_type = torch.device(device).type
+    names = [
+        name for name, support in _KERNEL_SUPPORT.items()
+        if HAS_C and device_type in support["device_types"]
+    ]
+    return names + ["torch"]
+
+
+class BackendChoice(NamedTuple):
+    name: str
+    skipped: Dict[str, str]  # faster backend -> why it could not take these tensors
+
+
+def _unsupported_reason(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    if name == "torch":
+        return None
+    if name not in _KERNEL_SUPPORT:
+        return f"unknown backend {name!r}; expected one of {('auto',) + BACKENDS}"
+    if not HAS_C:
+        return f"fused_rnn._C is not available ({IMPORT_ERROR}); {REBUILD_HINT}"
+    support = _KERNEL_SUPPORT[name]
+    if device.type not in support["device_types"]:
+        return f"backend {name!r} runs on {'/'.join(support['device_types'])} tensors, got {device.type}"
+    if dtype not in support["dtypes"]:
+        names = ", ".join(str(d).replace("torch.", "") for d in support["dtypes"])
+        return f"backend {name!r} takes {names}, got {str(dtype).replace('torch.', '')}"
+    return None
+
+
+def select_backend(device, dtype: torch.dtype, backend: str = "auto") -> BackendChoice:
+    """The backend that runs tensors of `device` and `dtype` (raises ValueError if an
+    explicitly requested backend cannot)."""
+    device = torch.device(device)
+    if backend != "auto":
+        reason = _unsupported_reason(backend, device, dtype)
+        if reason is not None:
+            raise ValueError(f"backend={backend!r} cannot run these inputs: {reason}")
+        return BackendChoice(backend, {})
+    skipped = {}
+    for name in BACKENDS:
+        reason = _unsupported_reason(name, device, dtype)
+        if reason is None:
+            return BackendChoice(name, skipped)
+        skipped[name] = reason
+    raise AssertionError("the torch backend takes every input")  # unreachable
+
+
+def _contiguous(*tensors):
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
+def _combined_bias(b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Optional[Tensor]:
+    if b_ih is None:
+        return b_hh
+    return b_ih if b_hh is None else b_ih + b_hh
+
+
+def _split_bias_grad(dbias: Tensor, b_ih, b_hh):
+    # b_ih and b_hh get equal gradients; separate tensors, so that an in-place change
+    # of one .grad (clipping, say) never reaches the other
+    grad_b_ih = dbias if b_ih is not None else None
+    grad_b_hh = None if b_hh is None else (dbias.clone() if b_ih is not None else dbias)
+    return grad_b_ih, grad_b_hh
+
+
+class IRNNFunction(torch.autograd.Function):
+    """Fused IRNN layer over a whole sequence on the compiled kernels.
+
+    ``IRNNFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh) -> (y, h_T)`` with x [T, B, I],
+    h0 [B, H], w_ih [H, I], w_hh [H, H], b_ih, b_hh [H] or None; y [T, B, H], h_T [B, H].
+    All tensors contiguous, one dtype (float32/float64) and device. Most code should call
+    :func:`irnn`, which checks arguments and picks the backend.
+    """
+
+    @staticmethod
+    def forward(x, h0, w_ih, w_hh, b_ih, b_hh):
+        return torch.ops.fused_rnn.irnn_scan_forward(x, h0, w_ih, w_hh, _combined_bias(b_ih, b_hh))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, h0, w_ih, w_hh, b_ih, b_hh = inputs
+        ctx.save_for_backward(x, h0, w_ih, w_hh, output[0])
+        ctx.biases = (b_ih, b_hh)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_h_n):
+        dx, dh0, dw_ih, dw_hh, dbias = _ops.irnn_scan_grads(ctx.saved_tensors, grad_y, grad_h_n)
+        return (dx, dh0, dw_ih, dw_hh, *_split_bias_grad(dbias, *ctx.biases))
+
+
+class LSTMFunction(torch.autograd.Function):
+    """Fused LSTM layer over a whole sequence on the compiled kernels.
+
+    ``LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh) -> (y, h_T, c_T)`` with
+    x [T, B, I], h0, c0 [B, H], w_ih [4H, I], w_hh [4H, H], b_ih, b_hh [4H] or None
+    (gate order i, f, g, o as in torch.nn.LSTM). Most code should call :func:`lstm`.
+    """
+
+    @staticmethod
+    def forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+        return torch.ops.fused_rnn.lstm_scan_forward(x, h0, c0, w_ih, w_hh, _combined_bias(b_ih, b_hh))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh = inputs
+        y, _, _, cells, gates = output
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, y, cells, gates)
+        ctx.mark_non_differentiable(cells, gates)
+        ctx.biases = (b_ih, b_hh)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_cells, _grad_gates):
+        dx, dh0, dc0, dw_ih, dw_hh, dbias = _ops.lstm_scan_grads(ctx.saved_tensors, grad_y, grad_h_n, grad_c_n)
+        return (dx, dh0, dc0, dw_ih, dw_hh, *_split_bias_grad(dbias, *ctx.biases))
+
+
+class IRNNCellFunction(torch.autograd.Function):
+    """One fused IRNN step: ``apply(x [B, I], h [B, H], w_ih, w_hh, b_ih, b_hh) -> h_new``."""
+
+    @staticmethod
+    def forward(x, h, w_ih, w_hh, b_ih, b_hh):
+        return torch.ops.fused_rnn.irnn_step(x, h, w_ih, w_hh, _combined_bias(b_ih, b_hh))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, h, w_ih, w_hh, b_ih, b_hh = inputs
+        ctx.save_for_backward(x, h, w_ih, w_hh, output)
+        ctx.biases = (b_ih, b_hh)
+
+    @staticmethod
+    def backward(ctx, grad_h_new):
+        dx, dh, dw_ih, dw_hh, dbias = _ops.irnn_step_grads(ctx.saved_tensors, grad_h_new)
+        return (dx, dh, dw_ih, dw_hh, *_split_bias_grad(dbias, *ctx.biases))
+
+
+class LSTMCellFunction(torch.autograd.Function):
+    """One fused LSTM step: ``apply(x, h, c, w_ih, w_hh, b_ih, b_hh) -> (h_new, c_new, gates)``."""
+
+    @staticmethod
+    def forward(x, h, c, w_ih, w_hh, b_ih, b_hh):
+        return torch.ops.fused_rnn.lstm_step(x, h, c, w_ih, w_hh, _combined_bias(b_ih, b_hh))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, h, c, w_ih, w_hh, b_ih, b_hh = inputs
+        _, c_new, gates = output
+        ctx.save_for_backward(x, h, c, w_ih, w_hh, c_new, gates)
+        ctx.mark_non_differentiable(gates)
+        ctx.biases = (b_ih, b_hh)
+
+    @staticmethod
+    def backward(ctx, grad_h_new, grad_c_new, _grad_gates):
+        dx, dh, dc, dw_ih, dw_hh, dbias = _ops.lstm_step_grads(ctx.saved_tensors, grad_h_new, grad_c_new)
+        return (dx, dh, dc, dw_ih, dw_hh, *_split_bias_grad(dbias, *ctx.biases))
+
+
+def _zero_state(x: Tensor, hidden: int) -> Tensor:
+    return x.new_zeros(x.shape[-2], hidden)
+
+
+def irnn(
+    x: Tensor,
+    h0: Optional[Tensor],
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Optional[Tensor] = None,
+    b_hh: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor]:
+    """One IRNN layer: ``h_t = relu(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)``.
+
+    x [T, B, I]; h0 [B, H] or None (zeros); w_ih [H, I]; w_hh [H, H]; b_ih, b_hh [H] or None.
+    Returns (y [T, B, H], h_T [B, H]). Differentiable in every tensor argument.
+    """
+    check_layer_args(x, {"h0": h0}, w_ih, w_hh, b_ih, b_hh, gates=1, x_rank=3)
+    if h0 is None:
+        h0 = _zero_state(x, w_hh.shape[1])
+    name = select_backend(x.device, x.dtype, backend).name
+    if name == "torch":
+        return torch_loop.irnn_loop(x, h0, w_ih, w_hh, b_ih, b_hh)
+    return IRNNFunction.apply(*_contiguous(x, h0, w_ih, w_hh, b_ih, b_hh))
+
+
+def lstm(
+    x: Tensor,
+    state: Optional[Tuple[Tensor, Tensor]],
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Optional[Tensor] = None,
+    b_hh: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    """One LSTM layer in torch.nn.LSTM's gate order (i, f, g, o).
+
+    x [T, B, I]; state (h0, c0) with each [B, H], or None (zeros); w_ih [4H, I];
+    w_hh [4H, H]; b_ih, b_hh [4H] or None. Returns (y [T, B, H], (h_T, c_T)).
+    """
+    h0, c0 = _unpack_state(state)
+    check_layer_args(x, {"h0": h0, "c0": c0}, w_ih, w_hh, b_ih, b_hh, gates=4, x_rank=3)
+    hidden = w_hh.shape[1]
+    h0 = _zero_state(x, hidden) if h0 is None else h0
+    c0 = _zero_state(x, hidden) if c0 is None else c0
+    name = select_backend(x.device, x.dtype, backend).name
+    if name == "torch":
+        y, h_n, c_n = torch_loop.lstm_loop(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    else:
+        y, h_n, c_n, _, _ = LSTMFunction.apply(*_contiguous(x, h0, c0, w_ih, w_hh, b_ih, b_hh))
+    return y, (h_n, c_n)
+
+
+def irnn_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, backend="auto") -> Tensor:
+    """One IRNN step: x [B, I], h [B, H] or None -> h_new [B, H] (weights as in :func:`irnn`)."""
+    check_layer_args(x, {"h": h}, w_ih, w_hh, b_ih, b_hh, gates=1, x_rank=2)
+    h = _zero_state(x, w_hh.shape[1]) if h is None else h
+    name = select_backend(x.device, x.dtype, backend).name
+    if name == "torch":
+        return torch_loop.irnn_step(x, h, w_ih, w_hh, b_ih, b_hh)
+    return IRNNCellFunction.apply(*_contiguous(x, h, w_ih, w_hh, b_ih, b_hh))
+
+
+def lstm_cell(x, state, w_ih, w_hh, b_ih=None, b_hh=None, backend="auto") -> Tuple[Tensor, Tensor]:
+    """One LSTM step: x [B, I], state (h, c) each [B, H] or None -> (h_new, c_new)."""
+    h, c = _unpack_state(state)
+    check_layer_args(x, {"h": h, "c": c}, w_ih, w_hh, b_ih, b_hh, gates=4, x_rank=2)
+    hidden = w_hh.shape[1]
+    h = _zero_state(x, hidden) if h is None else h
+    c = _zero_state(x, hidden) if c is None else c
+    name = select_backend(x.device, x.dtype, backend).name
+    if name == "torch":
+        return torch_loop.lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh)
+    h_new, c_new, _ = LSTMCellFunction.apply(*_contiguous(x, h, c, w_ih, w_hh, b_ih, b_hh))
+    return h_new, c_new
+
+
+def _unpack_state(state):
+    if state is None:
+        return None, None
+    if not isinstance(state, (tuple, list)) or len(state) != 2:
+        raise TypeError(f"state must be a tuple (h, c) of two tensors or None, got {type(state).__name__}")
+    return state[0], state[1]

@@ -1,0 +1,175 @@
+"""Python side of the ``fused_rnn::`` custom ops whose schemas live in ``csrc/ops.cpp``.
+
+For each op: a fake (meta) implementation, so that ``torch.compile`` and
+``torch.library.opcheck`` can trace it without running a kernel, and, for the
+forward ops, an autograd formula that calls the matching backward op. The public
+autograd Functions in ``functional.py`` reuse the same backward helpers, so there is
+one definition of each gradient.
+
+The ops (T steps, B batch, I inputs, H hidden, G = 1 for the IRNN and 4 for the LSTM;
+``bias`` is b_ih + b_hh, [G*H], or None):
+
+    irnn_scan_forward(x, h0, w_ih, w_hh, bias) -> (y [T,B,H], h_n [B,H])
+    irnn_scan_backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, y) -> (dx, dh0, dw_ih, dw_hh, dbias)
+    irnn_step(x [B,I], h, w_ih, w_hh, bias) -> h_new
+    irnn_step_backward(grad_h_new, x, h, w_ih, w_hh, h_new) -> (dx, dh, dw_ih, dw_hh, dbias)
+    lstm_scan_forward(x, h0, c0, w_ih, w_hh, bias) -> (y, h_n, c_n, cells [T,B,H], gates [T,B,4H])
+    lstm_scan_backward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, y, cells, gates)
+        -> (dx, dh0, dc0, dw_ih, dw_hh, dbias)
+    lstm_step(x, h, c, w_ih, w_hh, bias) -> (h_new, c_new, gates [B,4H])
+    lstm_step_backward(grad_h_new, grad_c_new, x, h, c, w_ih, w_hh, c_new, gates)
+        -> (dx, dh, dc, dw_ih, dw_hh, dbias)
+
+``cells`` holds c_1..c_T and ``gates`` the activated gates (i, f, g, o after their
+sigmoid/tanh): what the LSTM backward scan needs, saved instead of recomputed.
+"""
+
+import torch
+
+from ._extension import HAS_C
+
+OP_NAMES = (
+    "irnn_scan_forward",
+    "irnn_scan_backward",
+    "irnn_step",
+    "irnn_step_backward",
+    "lstm_scan_forward",
+    "lstm_scan_backward",
+    "lstm_step",
+    "lstm_step_backward",
+)
+
+
+def _zeros_if_none(grad, like):
+    return torch.zeros_like(like) if grad is None else grad
+
+
+# Backward helpers: `saved` is what the forward's setup_context stored.
+
+def irnn_scan_grads(saved, grad_y, grad_h_n):
+    x, h0, w_ih, w_hh, y = saved
+    grad_y = _zeros_if_none(grad_y, y)
+    grad_h_n = _zeros_if_none(grad_h_n, h0)
+    return torch.ops.fused_rnn.irnn_scan_backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, y)
+
+
+def irnn_step_grads(saved, grad_h_new):
+    x, h, w_ih, w_hh, h_new = saved
+    return torch.ops.fused_rnn.irnn_step_backward(_zeros_if_none(grad_h_new, h_new), x, h, w_ih, w_hh, h_new)
+
+
+def lstm_scan_grads(saved, grad_y, grad_h_n, grad_c_n):
+    x, h0, c0, w_ih, w_hh, y, cells, gates = saved
+    return torch.ops.fused_rnn.lstm_scan_backward(
+        _zeros_if_none(grad_y, y),
+        _zeros_if_none(grad_h_n, h0),
+        _zeros_if_none(grad_c_n, c0),
+        x, h0, c0, w_ih, w_hh, y, cells, gates,
+    )
+
+
+def lstm_step_grads(saved, grad_h_new, grad_c_new):
+    x, h, c, w_ih, w_hh, c_new, gates = saved
+    return torch.ops.fused_rnn.lstm_step_backward(
+        _zeros_if_none(grad_h_new, c_new), _zeros_if_none(grad_c_new, c_new),
+        x, h, c, w_ih, w_hh, c_new, gates,
+    )
+
+
+def _bias_grad(bias, dbias):
+    return None if bias is None else dbias
+
+
+def _register():
+    lib = "fused_rnn::"
+
+    # ---- fake implementations: shapes and dtypes only ----
+    @torch.library.register_fake(lib + "irnn_scan_forward")
+    def _(x, h0, w_ih, w_hh, bias):
+        return x.new_empty(x.shape[0], x.shape[1], w_hh.shape[1]), torch.empty_like(h0)
+
+    @torch.library.register_fake(lib + "irnn_scan_backward")
+    def _(grad_y, grad_h_n, x, h0, w_ih, w_hh, y):
+        return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(w_ih),
+                torch.empty_like(w_hh), w_hh.new_empty(w_hh.shape[0]))
+
+    @torch.library.register_fake(lib + "irnn_step")
+    def _(x, h, w_ih, w_hh, bias):
+        return torch.empty_like(h)
+
+    @torch.library.register_fake(lib + "irnn_step_backward")
+    def _(grad_h_new, x, h, w_ih, w_hh, h_new):
+        return (torch.empty_like(x), torch.empty_like(h), torch.empty_like(w_ih),
+                torch.empty_like(w_hh), w_hh.new_empty(w_hh.shape[0]))
+
+    @torch.library.register_fake(lib + "lstm_scan_forward")
+    def _(x, h0, c0, w_ih, w_hh, bias):
+        steps, batch, hidden = x.shape[0], x.shape[1], w_hh.shape[1]
+        return (x.new_empty(steps, batch, hidden), torch.empty_like(h0), torch.empty_like(c0),
+                x.new_empty(steps, batch, hidden), x.new_empty(steps, batch, 4 * hidden))
+
+    @torch.library.register_fake(lib + "lstm_scan_backward")
+    def _(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, y, cells, gates):
+        return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(w_ih),
+                torch.empty_like(w_hh), w_hh.new_empty(w_hh.shape[0]))
+
+    @torch.library.register_fake(lib + "lstm_step")
+    def _(x, h, c, w_ih, w_hh, bias):
+        return torch.empty_like(h), torch.empty_like(c), x.new_empty(x.shape[0], w_hh.shape[0])
+
+    @torch.library.register_fake(lib + "lstm_step_backward")
+    def _(grad_h_new, grad_c_new, x, h, c, w_ih, w_hh, c_new, gates):
+        return (torch.empty_like(x), torch.empty_like(h), torch.empty_like(c), torch.empty_like(w_ih),
+                torch.empty_like(w_hh), w_hh.new_empty(w_hh.shape[0]))
+
+    # ---- autograd of the forward ops: each calls its backward op ----
+    def irnn_scan_setup(ctx, inputs, output):
+        x, h0, w_ih, w_hh, bias = inputs
+        ctx.save_for_backward(x, h0, w_ih, w_hh, output[0])
+        ctx.has_bias = bias is not None
+
+    def irnn_scan_backward(ctx, grad_y, grad_h_n):
+        dx, dh0, dw_ih, dw_hh, dbias = irnn_scan_grads(ctx.saved_tensors, grad_y, grad_h_n)
+        return dx, dh0, dw_ih, dw_hh, (dbias if ctx.has_bias else None)
+
+    torch.library.register_autograd(lib + "irnn_scan_forward", irnn_scan_backward, setup_context=irnn_scan_setup)
+
+    def irnn_step_setup(ctx, inputs, output):
+        x, h, w_ih, w_hh, bias = inputs
+        ctx.save_for_backward(x, h, w_ih, w_hh, output)
+        ctx.has_bias = bias is not None
+
+    def irnn_step_backward(ctx, grad_h_new):
+        dx, dh, dw_ih, dw_hh, dbias = irnn_step_grads(ctx.saved_tensors, grad_h_new)
+        return dx, dh, dw_ih, dw_hh, (dbias if ctx.has_bias else None)
+
+    torch.library.register_autograd(lib + "irnn_step", irnn_step_backward, setup_context=irnn_step_setup)
+
+    def lstm_scan_setup(ctx, inputs, output):
+        x, h0, c0, w_ih, w_hh, bias = inputs
+        y, _, _, cells, gates = output
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, y, cells, gates)
+        ctx.has_bias = bias is not None
+
+    def lstm_scan_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_cells, _grad_gates):
+        # cells and gates are saved activations, not results: their gradients are not propagated
+        dx, dh0, dc0, dw_ih, dw_hh, dbias = lstm_scan_grads(ctx.saved_tensors, grad_y, grad_h_n, grad_c_n)
+        return dx, dh0, dc0, dw_ih, dw_hh, (dbias if ctx.has_bias else None)
+
+    torch.library.register_autograd(lib + "lstm_scan_forward", lstm_scan_backward, setup_context=lstm_scan_setup)
+
+    def lstm_step_setup(ctx, inputs, output):
+        x, h, c, w_ih, w_hh, bias = inputs
+        _, c_new, gates = output
+        ctx.save_for_backward(x, h, c, w_ih, w_hh, c_new, gates)
+        ctx.has_bias = bias is not None
+
+    def lstm_step_backward(ctx, grad_h_new, grad_c_new, _grad_gates):
+        dx, dh, dc, dw_ih, dw_hh, dbias = lstm_step_grads(ctx.saved_tensors, grad_h_new, grad_c_new)
+        return dx, dh, dc, dw_ih, dw_hh, (dbias if ctx.has_bias else None)
+
+    torch.library.register_autograd(lib + "lstm_step", lstm_step_backward, setup_context=lstm_step_setup)
+
+
+if HAS_C:
+    _register()
