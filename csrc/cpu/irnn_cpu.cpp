@@ -16,14 +16,14 @@ namespace cpu {
 namespace {
 
 template <typename scalar_t>
-void relu_rows(scalar_t* z, int64_t count) {
+FUSED_RNN_CPU_CLONES void relu_rows(scalar_t* z, int64_t count) {
 #pragma omp simd
   for (int64_t j = 0; j < count; ++j) z[j] = cell::relu(z[j]);
 }
 
 // dz = (dy + g) * [y > 0], elementwise over `count` elements.
 template <typename scalar_t>
-void relu_backward_rows(const scalar_t* dy, const scalar_t* g, const scalar_t* y, scalar_t* dz, int64_t count) {
+FUSED_RNN_CPU_CLONES void relu_backward_rows(const scalar_t* dy, const scalar_t* g, const scalar_t* y, scalar_t* dz, int64_t count) {
 #pragma omp simd
   for (int64_t j = 0; j < count; ++j) dz[j] = cell::relu_backward(dy[j] + g[j], y[j]);
 }

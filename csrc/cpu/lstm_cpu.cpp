@@ -18,7 +18,7 @@ namespace {
 
 // One row of the forward cell: `gates` [4H] pre-activations in, activations out.
 template <typename scalar_t>
-void lstm_forward_row(scalar_t* gates, const scalar_t* c_prev, scalar_t* c, scalar_t* h, int64_t hidden) {
+FUSED_RNN_CPU_CLONES void lstm_forward_row(scalar_t* gates, const scalar_t* c_prev, scalar_t* c, scalar_t* h, int64_t hidden) {
   scalar_t* gi = gates;
   scalar_t* gf = gates + hidden;
   scalar_t* gg = gates + 2 * hidden;
@@ -32,7 +32,7 @@ void lstm_forward_row(scalar_t* gates, const scalar_t* c_prev, scalar_t* c, scal
 // One row of the backward cell. grad_h = dy_t + carried dh; `dc` holds dL/dc_t on
 // entry and dL/dc_{t-1} on exit.
 template <typename scalar_t>
-void lstm_backward_row(const scalar_t* dy, const scalar_t* dh_carry, scalar_t* dc, const scalar_t* gates,
+FUSED_RNN_CPU_CLONES void lstm_backward_row(const scalar_t* dy, const scalar_t* dh_carry, scalar_t* dc, const scalar_t* gates,
                        const scalar_t* c, const scalar_t* c_prev, scalar_t* dgates, int64_t hidden) {
   const scalar_t* gi = gates;
   const scalar_t* gf = gates + hidden;

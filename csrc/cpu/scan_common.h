@@ -10,6 +10,15 @@
 namespace fused_rnn {
 namespace cpu {
 
+// The pointwise row loops are compiled twice on x86-64, for AVX2+FMA and for the
+// baseline, and the loader picks one by CPU (GCC/Clang function multi-versioning), so
+// one binary vectorises 8-wide where it can and still runs everywhere.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
+#define FUSED_RNN_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FUSED_RNN_CPU_CLONES
+#endif
+
 // Pointwise work per parallel chunk: below this, OpenMP's fork/join (a few
 // microseconds) costs more than it saves. 8192 elements of an LSTM cell take about
 // 10 us vectorised on one core.

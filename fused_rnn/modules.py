@@ -1,0 +1,577 @@
+"""Layer modules: drop-in replacements for ``torch.nn.RNN(nonlinearity="relu")``,
+``torch.nn.LSTM``, ``torch.nn.RNNCell(nonlinearity="relu")`` and ``torch.nn.LSTMCell``.
+
+Each module has the parameters of the PyTorch module it replaces, under the same names
+(``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``, ``..._reverse`` for
+the backward direction; ``weight_ih``, ... for the cells), so ``load_state_dict`` works
+in both directions and, given the same weights, outputs and gradients match the
+PyTorch module. Every layer and direction runs one call of the functional API
+(:func:`fused_rnn.functional.irnn` / :func:`~fused_rnn.functional.lstm`), which picks
+the kernel from ``backend``: a constructor argument and a plain attribute that can be
+changed at any time (``"auto"``, ``"cpp"``, ``"torch"``; see
+:func:`fused_rnn.select_backend`).
+
+What differs from PyTorch: :class:`IRNN` and :class:`IRNNCell` start from the IRNN
+initialisation of Le, Jaitly & Hinton (2015) instead of ``nn.RNN``'s uniform one, and
+``PackedSequence`` inputs and ``LSTM(proj_size>0)`` are not supported.
+"""
+
+import math
+import numbers
+import warnings
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as torch_functional
+from torch.nn.utils.rnn import PackedSequence
+
+from . import functional
+from .functional import BACKENDS, select_backend
+
+_BACKEND_NAMES = ("auto",) + BACKENDS
+_HH_INITS = ("identity", "pytorch")
+_IH_INITS = ("normal", "pytorch")
+# Le et al. 2015: W_ih ~ N(0, 0.001^2) in all their experiments.
+_DEFAULT_IH_STD = 0.001
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_backend(backend) -> None:
+    if backend not in _BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {_BACKEND_NAMES}, got {backend!r}")
+
+
+def _check_irnn_init(hh_init: str, hh_scale: float, ih_init: str, ih_std: float) -> None:
+    if hh_init not in _HH_INITS:
+        raise ValueError(f"hh_init must be one of {_HH_INITS}, got {hh_init!r}")
+    if ih_init not in _IH_INITS:
+        raise ValueError(f"ih_init must be one of {_IH_INITS}, got {ih_init!r}")
+    if not isinstance(hh_scale, numbers.Real):
+        raise ValueError(f"hh_scale must be a real number, got {hh_scale!r}")
+    if not isinstance(ih_std, numbers.Real) or ih_std < 0:
+        raise ValueError(f"ih_std must be a non-negative real number, got {ih_std!r}")
+
+
+def _backend_repr(backend: str, weight: Tensor) -> str:
+    """``backend=auto (cpp on cpu)``: what ``auto`` resolves to for the module's parameters."""
+    if backend != "auto":
+        return f"backend={backend}"
+    resolved = select_backend(weight.device, weight.dtype, backend).name
+    return f"backend=auto ({resolved} on {weight.device.type})"
+
+
+def _irnn_init_repr(hh_init: str, hh_scale: float, ih_init: str, ih_std: float) -> List[str]:
+    parts = []
+    if hh_init != "identity":
+        parts.append(f"hh_init={hh_init}")
+    elif hh_scale != 1.0:
+        parts.append(f"hh_scale={hh_scale}")
+    if ih_init != "normal":
+        parts.append(f"ih_init={ih_init}")
+    elif ih_std != _DEFAULT_IH_STD:
+        parts.append(f"ih_std={ih_std}")
+    return parts
+
+
+@torch.no_grad()
+def _init_irnn_weights(w_ih, w_hh, b_ih, b_hh, hh_init, hh_scale, ih_init, ih_std) -> None:
+    """IRNN init of one layer (or cell); each bias follows its weight's scheme.
+
+    ``identity``: W_hh = hh_scale * I, b_hh = 0.  ``normal``: W_ih ~ N(0, ih_std^2), b_ih = 0.
+    ``pytorch``: uniform(-1/sqrt(H), 1/sqrt(H)) for that weight and its bias, as nn.RNN.
+    """
+    bound = 1.0 / math.sqrt(w_hh.shape[0])
+    if hh_init == "identity":
+        w_hh.copy_(torch.eye(w_hh.shape[0], dtype=w_hh.dtype, device=w_hh.device) * hh_scale)
+        if b_hh is not None:
+            b_hh.zero_()
+    else:
+        w_hh.uniform_(-bound, bound)
+        if b_hh is not None:
+            b_hh.uniform_(-bound, bound)
+    if ih_init == "normal":
+        w_ih.normal_(0.0, ih_std)
+        if b_ih is not None:
+            b_ih.zero_()
+    else:
+        w_ih.uniform_(-bound, bound)
+        if b_ih is not None:
+            b_ih.uniform_(-bound, bound)
+
+
+class _StackedRNN(nn.Module):
+    """Multi-layer, optionally bidirectional stack of single-direction fused layers.
+
+    Subclasses set ``_gates`` (1 for the IRNN, 4 for the LSTM) and implement
+    ``_run_layer(x [T, B, I], state, weights) -> (y [T, B, H], final state)``.
+    """
+
+    _gates = 1
+
+    def __init__(self, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                 bidirectional, backend, device, dtype):
+        super().__init__()
+        _check_positive_int("input_size", input_size)
+        _check_positive_int("hidden_size", hidden_size)
+        _check_positive_int("num_layers", num_layers)
+        if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
+            raise ValueError(f"dropout must be a number in [0, 1] (a probability), got {dropout!r}")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                f"dropout={dropout} with num_layers=1 has no effect: as in torch.nn.RNN, dropout is "
+                "applied between stacked layers only, not after the last one"
+            )
+        _check_backend(backend)
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.backend = backend
+        num_directions = 2 if bidirectional else 1
+        factory = {"device": device, "dtype": dtype}
+        gate_size = self._gates * hidden_size
+        # names per (layer, direction), registered in nn.RNN's order so state_dicts line up
+        self._weight_names: List[Tuple[str, ...]] = []
+        for layer in range(num_layers):
+            layer_input_size = input_size if layer == 0 else num_directions * hidden_size
+            for direction in range(num_directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                shapes = {
+                    f"weight_ih{suffix}": (gate_size, layer_input_size),
+                    f"weight_hh{suffix}": (gate_size, hidden_size),
+                }
+                if bias:
+                    shapes[f"bias_ih{suffix}"] = (gate_size,)
+                    shapes[f"bias_hh{suffix}"] = (gate_size,)
+                for name, shape in shapes.items():
+                    self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
+                self._weight_names.append(tuple(shapes))
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def all_weights(self) -> List[List[nn.Parameter]]:
+        """Parameters per (layer, direction), in nn.RNN's order: [w_ih, w_hh, b_ih, b_hh]."""
+        return [[getattr(self, name) for name in names] for names in self._weight_names]
+
+    def flatten_parameters(self) -> None:
+        """No-op, for code written against nn.RNN (no cuDNN weight buffer to compact here)."""
+
+    def _layer_weights(self, index: int):
+        # (w_ih, w_hh, b_ih, b_hh); the biases are None when bias=False
+        names = self._weight_names[index]
+        w_ih, w_hh = getattr(self, names[0]), getattr(self, names[1])
+        if len(names) == 2:
+            return w_ih, w_hh, None, None
+        return w_ih, w_hh, getattr(self, names[2]), getattr(self, names[3])
+
+    def _check_input(self, input) -> Tuple[Tensor, bool]:
+        """Returns (input as [T, B, I], whether it was batched)."""
+        if isinstance(input, PackedSequence):
+            raise TypeError(
+                f"{type(self).__name__} does not take a PackedSequence; pass the padded tensor "
+                "(torch.nn.utils.rnn.pad_packed_sequence) instead"
+            )
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+        layout = "[B, T, input_size]" if self.batch_first else "[T, B, input_size]"
+        if input.dim() not in (2, 3):
+            raise ValueError(
+                f"input must be 3-D {layout} or 2-D unbatched [T, input_size], "
+                f"got shape {tuple(input.shape)}"
+            )
+        if input.shape[-1] != self.input_size:
+            expected = layout if input.dim() == 3 else "[T, input_size]"
+            raise ValueError(
+                f"input must have input_size={self.input_size} features in its last dimension "
+                f"({expected}), got shape {tuple(input.shape)}"
+            )
+        batched = input.dim() == 3
+        if not batched:
+            return input.unsqueeze(1), False
+        return (input.transpose(0, 1) if self.batch_first else input), True
+
+    def _check_state(self, name: str, state, batch: int, batched: bool) -> Optional[Tensor]:
+        """Checks one initial-state tensor; returns it as [L*D, B, H] (or None)."""
+        if state is None:
+            return None
+        if not isinstance(state, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(state).__name__}")
+        stacked = self.num_layers * self.num_directions
+        if batched:
+            expected = (stacked, batch, self.hidden_size)
+            meaning = f"[num_layers * num_directions, B, hidden_size] = {list(expected)}"
+        else:
+            expected = (stacked, self.hidden_size)
+            meaning = f"[num_layers * num_directions, hidden_size] = {list(expected)} for unbatched input"
+        if tuple(state.shape) != expected:
+            raise ValueError(f"{name} must have shape {meaning}, got shape {tuple(state.shape)}")
+        return state if batched else state.unsqueeze(1)
+
+    def _run_stack(self, x: Tensor, states: Tuple[Optional[Tensor], ...]):
+        """x [T, B, I]; states: initial states, each [L*D, B, H] or None.
+
+        Returns (y [T, B, D*H], final states, each [L*D, B, H]).
+        """
+        num_directions = self.num_directions
+        finals: List[List[Tensor]] = [[] for _ in states]
+        layer_input = x
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(num_directions):
+                index = layer * num_directions + direction
+                initial = tuple(None if s is None else s[index] for s in states)
+                # the reverse direction is the forward kernel on the time-flipped sequence
+                sequence = layer_input if direction == 0 else layer_input.flip(0)
+                y, final = self._run_layer(sequence, initial, self._layer_weights(index))
+                outputs.append(y if direction == 0 else y.flip(0))
+                for kept, value in zip(finals, final):
+                    kept.append(value)
+            layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
+            # as nn.RNN: between layers only, and only while training
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = torch_functional.dropout(layer_input, self.dropout, training=True)
+        return layer_input, tuple(torch.stack(kept) for kept in finals)
+
+    def _finish_output(self, y: Tensor, batched: bool) -> Tensor:
+        if not batched:
+            return y.squeeze(1)
+        return y.transpose(0, 1) if self.batch_first else y
+
+    def _run_layer(self, x, state, weights):
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        parts = [f"{self.input_size}, {self.hidden_size}"]
+        if self.num_layers != 1:
+            parts.append(f"num_layers={self.num_layers}")
+        if self.bias is not True:
+            parts.append(f"bias={self.bias}")
+        if self.batch_first is not False:
+            parts.append(f"batch_first={self.batch_first}")
+        if self.dropout != 0:
+            parts.append(f"dropout={self.dropout}")
+        if self.bidirectional is not False:
+            parts.append(f"bidirectional={self.bidirectional}")
+        parts.extend(self._init_repr())
+        parts.append(_backend_repr(self.backend, self.weight_hh_l0))
+        return ", ".join(parts)
+
+    def _init_repr(self) -> List[str]:
+        return []
+
+
+class IRNN(_StackedRNN):
+    r"""Multi-layer IRNN: a ReLU RNN, drop-in for ``torch.nn.RNN(nonlinearity="relu")``.
+
+    Per layer and direction, for t = 1..T:
+    ``h_t = relu(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)``.
+
+    Args:
+        input_size (I), hidden_size (H), num_layers, bias, batch_first, dropout,
+            bidirectional: as in ``torch.nn.RNN``. ``dropout`` is applied to the outputs
+            of every layer but the last, in training mode only.
+        backend: ``"auto"`` (default), ``"cpp"`` or ``"torch"``; a plain attribute that
+            may be changed later. See :func:`fused_rnn.select_backend`.
+        hh_init: ``"identity"`` (default): ``W_hh = hh_scale * I``, ``b_hh = 0``, the IRNN
+            initialisation of Le, Jaitly & Hinton (2015); ``"pytorch"``: nn.RNN's
+            uniform(-1/sqrt(H), 1/sqrt(H)) for ``W_hh`` and ``b_hh``.
+        hh_scale: scale of the identity; 1.0 as in the paper's language and MNIST
+            experiments (they used 0.01 for speech, where 1.0 was unstable).
+        ih_init: ``"normal"`` (default): ``W_ih ~ N(0, ih_std^2)``, ``b_ih = 0``;
+            ``"pytorch"``: uniform(-1/sqrt(H), 1/sqrt(H)) for ``W_ih`` and ``b_ih``.
+        ih_std: standard deviation of ``W_ih`` for ``ih_init="normal"`` (paper: 0.001).
+        device, dtype: of the parameters. The fused CPU kernels take float32 and
+            float64; other dtypes run on the ``"torch"`` backend.
+
+    Parameters (D = 2 if bidirectional else 1): ``weight_ih_l{k}`` [H, I] for k = 0,
+    [H, D*H] for k > 0; ``weight_hh_l{k}`` [H, H]; ``bias_ih_l{k}``, ``bias_hh_l{k}`` [H];
+    the backward direction's carry the suffix ``_reverse``.
+
+    Shapes of :meth:`forward` (all tensors of the parameters' dtype and device):
+        input: [T, B, I], [B, T, I] if ``batch_first``, or unbatched [T, I].
+        hx: [num_layers * D, B, H] (unbatched: [num_layers * D, H]) or None for zeros.
+        returns (output, h_n): output [T, B, D*H] ([B, T, D*H] if ``batch_first``,
+        [T, D*H] unbatched), the last layer's h_t of both directions concatenated;
+        h_n [num_layers * D, B, H] ([num_layers * D, H] unbatched), index
+        ``layer * D + direction``.
+
+    Keyword-only ``nonlinearity`` exists so that code calling
+    ``nn.RNN(..., nonlinearity="relu")`` keeps working; only ``"relu"`` is accepted.
+    """
+
+    _gates = 1
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 backend: str = "auto", hh_init: str = "identity", hh_scale: float = 1.0,
+                 ih_init: str = "normal", ih_std: float = _DEFAULT_IH_STD, device=None, dtype=None,
+                 *, nonlinearity: str = "relu"):
+        if nonlinearity != "relu":
+            raise ValueError(
+                f"IRNN is a ReLU RNN: nonlinearity must be 'relu', got {nonlinearity!r} "
+                "(use torch.nn.RNN for a tanh RNN)"
+            )
+        _check_irnn_init(hh_init, hh_scale, ih_init, ih_std)
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, backend, device, dtype)
+        self.hh_init = hh_init
+        self.hh_scale = float(hh_scale)
+        self.ih_init = ih_init
+        self.ih_std = float(ih_std)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-draws every parameter with the init chosen at construction."""
+        for index in range(len(self._weight_names)):
+            _init_irnn_weights(*self._layer_weights(index), self.hh_init, self.hh_scale,
+                               self.ih_init, self.ih_std)
+
+    def _run_layer(self, x, state, weights):
+        y, h_n = functional.irnn(x, state[0], *weights, backend=self.backend)
+        return y, (h_n,)
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """(input, hx) -> (output, h_n); shapes in the class docstring."""
+        x, batched = self._check_input(input)
+        hx = self._check_state("hx", hx, x.shape[1], batched)
+        y, (h_n,) = self._run_stack(x, (hx,))
+        return self._finish_output(y, batched), (h_n if batched else h_n.squeeze(1))
+
+    def _init_repr(self) -> List[str]:
+        return _irnn_init_repr(self.hh_init, self.hh_scale, self.ih_init, self.ih_std)
+
+
+class LSTM(_StackedRNN):
+    r"""Multi-layer LSTM, drop-in for ``torch.nn.LSTM`` (gate order i, f, g, o).
+
+    Per layer and direction: ``gates = x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh``;
+    ``i, f, o = sigmoid``, ``g = tanh`` of their quarter; ``c_t = f * c_{t-1} + i * g``;
+    ``h_t = o * tanh(c_t)``.
+
+    Args:
+        input_size (I), hidden_size (H), num_layers, bias, batch_first, dropout,
+            bidirectional: as in ``torch.nn.LSTM``; every parameter starts as
+            uniform(-1/sqrt(H), 1/sqrt(H)), as there.
+        backend: ``"auto"`` (default), ``"cpp"`` or ``"torch"``; a plain attribute that
+            may be changed later.
+        device, dtype: of the parameters.
+        proj_size: keyword-only; only 0 (no projection) is supported.
+
+    Parameters (D = 2 if bidirectional else 1): ``weight_ih_l{k}`` [4H, I] for k = 0,
+    [4H, D*H] for k > 0; ``weight_hh_l{k}`` [4H, H]; ``bias_ih_l{k}``, ``bias_hh_l{k}``
+    [4H]; ``_reverse`` suffix for the backward direction.
+
+    Shapes of :meth:`forward` (all tensors of the parameters' dtype and device):
+        input: [T, B, I], [B, T, I] if ``batch_first``, or unbatched [T, I].
+        hx: tuple (h_0, c_0), each [num_layers * D, B, H] (unbatched:
+        [num_layers * D, H]), or None for zeros.
+        returns (output, (h_n, c_n)): output [T, B, D*H] ([B, T, D*H] if
+        ``batch_first``, [T, D*H] unbatched); h_n, c_n shaped like h_0.
+    """
+
+    _gates = 4
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 backend: str = "auto", device=None, dtype=None, *, proj_size: int = 0):
+        if proj_size != 0:
+            raise ValueError(
+                f"proj_size={proj_size} is not supported: fused_rnn.LSTM has no output projection "
+                "(use torch.nn.LSTM for an LSTM with projections)"
+            )
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, backend, device, dtype)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """uniform(-1/sqrt(H), 1/sqrt(H)) for every parameter, as torch.nn.LSTM."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for parameter in self.parameters():
+            parameter.uniform_(-bound, bound)
+
+    def _run_layer(self, x, state, weights):
+        h0, c0 = state
+        y, (h_n, c_n) = functional.lstm(x, (h0, c0), *weights, backend=self.backend)
+        return y, (h_n, c_n)
+
+    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None):
+        """(input, (h_0, c_0)) -> (output, (h_n, c_n)); shapes in the class docstring."""
+        x, batched = self._check_input(input)
+        if hx is None:
+            h0, c0 = None, None
+        elif isinstance(hx, (tuple, list)) and len(hx) == 2:
+            h0 = self._check_state("hx[0] (h_0)", hx[0], x.shape[1], batched)
+            c0 = self._check_state("hx[1] (c_0)", hx[1], x.shape[1], batched)
+        else:
+            raise TypeError(f"hx must be a tuple (h_0, c_0) of two tensors or None, got {type(hx).__name__}")
+        y, (h_n, c_n) = self._run_stack(x, (h0, c0))
+        if not batched:
+            h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
+        return self._finish_output(y, batched), (h_n, c_n)
+
+
+class _Cell(nn.Module):
+    """One step of a single layer; parameters weight_ih [G*H, I], weight_hh [G*H, H],
+    bias_ih, bias_hh [G*H] (absent with bias=False), as torch.nn.RNNCellBase."""
+
+    _gates = 1
+
+    def __init__(self, input_size, hidden_size, bias, backend, device, dtype):
+        super().__init__()
+        _check_positive_int("input_size", input_size)
+        _check_positive_int("hidden_size", hidden_size)
+        _check_backend(backend)
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        self.backend = backend
+        factory = {"device": device, "dtype": dtype}
+        gate_size = self._gates * hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(gate_size, input_size, **factory))
+        self.weight_hh = nn.Parameter(torch.empty(gate_size, hidden_size, **factory))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(gate_size, **factory))
+            self.bias_hh = nn.Parameter(torch.empty(gate_size, **factory))
+        else:
+            # registered as None, as nn.RNNCellBase: `cell.bias_ih` stays a valid attribute
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+
+    def _weights(self):
+        return self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+
+    def _check_input(self, input) -> Tuple[Tensor, bool]:
+        """Returns (input as [B, I], whether it was batched)."""
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+        if input.dim() not in (1, 2) or input.shape[-1] != self.input_size:
+            raise ValueError(
+                f"input must have shape [B, input_size] or unbatched [input_size] with "
+                f"input_size={self.input_size}, got shape {tuple(input.shape)}"
+            )
+        batched = input.dim() == 2
+        return (input if batched else input.unsqueeze(0)), batched
+
+    def _check_state(self, name: str, state, batch: int, batched: bool) -> Optional[Tensor]:
+        """Checks one state tensor; returns it as [B, H] (or None)."""
+        if state is None:
+            return None
+        if not isinstance(state, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(state).__name__}")
+        expected = (batch, self.hidden_size) if batched else (self.hidden_size,)
+        meaning = f"[B, hidden_size] = {list(expected)}" if batched else \
+            f"[hidden_size] = {list(expected)} for unbatched input"
+        if tuple(state.shape) != expected:
+            raise ValueError(f"{name} must have shape {meaning}, got shape {tuple(state.shape)}")
+        return state if batched else state.unsqueeze(0)
+
+    def extra_repr(self) -> str:
+        parts = [f"{self.input_size}, {self.hidden_size}"]
+        if self.bias is not True:
+            parts.append(f"bias={self.bias}")
+        parts.extend(self._init_repr())
+        parts.append(_backend_repr(self.backend, self.weight_hh))
+        return ", ".join(parts)
+
+    def _init_repr(self) -> List[str]:
+        return []
+
+
+class IRNNCell(_Cell):
+    r"""One IRNN step, drop-in for ``torch.nn.RNNCell(nonlinearity="relu")``:
+    ``h' = relu(x W_ih^T + b_ih + h W_hh^T + b_hh)``.
+
+    Args: input_size (I), hidden_size (H), bias, backend, and the init options
+    ``hh_init``, ``hh_scale``, ``ih_init``, ``ih_std`` of :class:`IRNN`; device, dtype.
+    Keyword-only ``nonlinearity`` accepts only ``"relu"``.
+
+    Parameters: ``weight_ih`` [H, I], ``weight_hh`` [H, H], ``bias_ih``, ``bias_hh`` [H].
+
+    :meth:`forward`: input [B, I] or unbatched [I]; hx [B, H] ([H]) or None for zeros;
+    returns h' [B, H] ([H]). Tensors of the parameters' dtype and device.
+    """
+
+    _gates = 1
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, backend: str = "auto",
+                 hh_init: str = "identity", hh_scale: float = 1.0, ih_init: str = "normal",
+                 ih_std: float = _DEFAULT_IH_STD, device=None, dtype=None, *, nonlinearity: str = "relu"):
+        if nonlinearity != "relu":
+            raise ValueError(
+                f"IRNNCell is a ReLU RNN cell: nonlinearity must be 'relu', got {nonlinearity!r}"
+            )
+        _check_irnn_init(hh_init, hh_scale, ih_init, ih_std)
+        super().__init__(input_size, hidden_size, bias, backend, device, dtype)
+        self.hh_init = hh_init
+        self.hh_scale = float(hh_scale)
+        self.ih_init = ih_init
+        self.ih_std = float(ih_std)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-draws every parameter with the init chosen at construction."""
+        _init_irnn_weights(*self._weights(), self.hh_init, self.hh_scale, self.ih_init, self.ih_std)
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        """(input, hx) -> h'; shapes in the class docstring."""
+        x, batched = self._check_input(input)
+        h = self._check_state("hx", hx, x.shape[0], batched)
+        h_new = functional.irnn_cell(x, h, *self._weights(), backend=self.backend)
+        return h_new if batched else h_new.squeeze(0)
+
+    def _init_repr(self) -> List[str]:
+        return _irnn_init_repr(self.hh_init, self.hh_scale, self.ih_init, self.ih_std)
+
+
+class LSTMCell(_Cell):
+    r"""One LSTM step, drop-in for ``torch.nn.LSTMCell`` (gate order i, f, g, o).
+
+    Args: input_size (I), hidden_size (H), bias, backend, device, dtype. Every
+    parameter starts as uniform(-1/sqrt(H), 1/sqrt(H)), as in PyTorch.
+
+    Parameters: ``weight_ih`` [4H, I], ``weight_hh`` [4H, H], ``bias_ih``, ``bias_hh`` [4H].
+
+    :meth:`forward`: input [B, I] or unbatched [I]; hx a tuple (h, c), each [B, H]
+    ([H]), or None for zeros; returns (h', c'), each [B, H] ([H]).
+    """
+
+    _gates = 4
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, backend: str = "auto",
+                 device=None, dtype=None):
+        super().__init__(input_size, hidden_size, bias, backend, device, dtype)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """uniform(-1/sqrt(H), 1/sqrt(H)) for every parameter, as torch.nn.LSTMCell."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for parameter in self.parameters():
+            parameter.uniform_(-bound, bound)
+
+    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+        """(input, (h, c)) -> (h', c'); shapes in the class docstring."""
+        x, batched = self._check_input(input)
+        if hx is None:
+            h, c = None, None
+        elif isinstance(hx, (tuple, list)) and len(hx) == 2:
+            h = self._check_state("hx[0] (h)", hx[0], x.shape[0], batched)
+            c = self._check_state("hx[1] (c)", hx[1], x.shape[0], batched)
+        else:
+            raise TypeError(f"hx must be a tuple (h, c) of two tensors or None, got {type(hx).__name__}")
+        h_new, c_new = functional.lstm_cell(x, (h, c), *self._weights(), backend=self.backend)
+        if not batched:
+            return h_new.squeeze(0), c_new.squeeze(0)
+        return h_new, c_new
