@@ -36,7 +36,7 @@ def _is_nvcc_toolkit(root: Path) -> bool:
     return (root / "bin" / "nvcc").is_file() and (root / "include" / "cuda_runtime_api.h").is_file()
 
 
-def find_cuda_home():
+def find_cuda_home(default_roots=(Path("/usr/local/cuda"),)):
     """The CUDA toolkit root, or None. CUDA_HOME/CUDA_PATH win; then /usr/local/cuda; then
     the toolkit around the `nvcc` on PATH, following wrapper scripts (torch's own guess,
     dirname(dirname(nvcc)), is wrong when nvcc is a wrapper such as /usr/local/bin/nvcc)."""
@@ -44,7 +44,7 @@ def find_cuda_home():
         if os.environ.get(variable):
             root = Path(os.environ[variable])
             return root if _is_nvcc_toolkit(root) else None
-    candidates = [Path("/usr/local/cuda")]
+    candidates = list(default_roots)
     nvcc = shutil.which("nvcc")
     if nvcc:
         resolved = Path(nvcc).resolve()
@@ -164,18 +164,19 @@ def build_ext_class():
     return BuildExtension.with_options(use_ninja=True)
 
 
-setup(
-    name="fused_rnn",
-    version="0.1.0",
-    description="Fused IRNN and LSTM kernels for PyTorch (C++ CPU, CUDA, Triton)",
-    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
-    long_description_content_type="text/markdown",
-    packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy>=1.23"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "expecttest"]},
-    ext_modules=extension_modules(),
-    cmdclass={"build_ext": build_ext_class()},
-    entry_points={"console_scripts": ["fused-rnn=fused_rnn.__main__:main"]},
-    zip_safe=False,
-)
+if __name__ == "__main__":  # pip and `python setup.py` run it so; tests import the helpers above
+    setup(
+        name="fused_rnn",
+        version="0.1.0",
+        description="Fused IRNN and LSTM kernels for PyTorch (C++ CPU, CUDA, Triton)",
+        long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+        long_description_content_type="text/markdown",
+        packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"]),
+        python_requires=">=3.9",
+        install_requires=["torch>=2.4", "numpy>=1.23"],
+        extras_require={"test": ["pytest", "pytest-benchmark", "expecttest"]},
+        ext_modules=extension_modules(),
+        cmdclass={"build_ext": build_ext_class()},
+        entry_points={"console_scripts": ["fused-rnn=fused_rnn.__main__:main"]},
+        zip_safe=False,
+    )

@@ -1,0 +1,28 @@
+"""Shared test setup: the NumPy reference on sys.path, one thread, and helpers."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "python"))
+
+import fused_rnn  # noqa: E402
+
+# The shapes here are small, where OpenMP fork/join costs more than it saves, and a
+# second busy thread on a shared 2-core machine can stall every barrier. Tests that
+# exercise the threaded paths set the thread count themselves.
+torch.set_num_threads(1)
+
+CPU_BACKENDS = fused_rnn.available_backends("cpu")
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def cpu_backend(request):
+    return request.param
+
+
+def pytest_report_header(config):
+    return f"fused_rnn build: {fused_rnn.build_info()}; cpu backends: {CPU_BACKENDS}"

@@ -1,0 +1,268 @@
+"""Every CPU backend against the NumPy float64 reference (python/rnn_reference.py):
+outputs, final states and ALL gradients, for single layers (functional API) and for
+stacked, bidirectional, batch_first modules."""
+
+import numpy as np
+import pytest
+import torch
+
+import fused_rnn
+import rnn_reference as ref
+
+# Tolerances, as |got - want| <= atol * max(1, max|want|) + rtol * |want|:
+# - float64: the backends and the reference do the same arithmetic in another order;
+#   rounding differences of ~1e-16 grow by at most the condition of a <= 63-step chain,
+#   measured below 1e-12, so 1e-9 leaves a wide margin and still catches any wrong term.
+# - float32: eps = 6e-8; a T-step chain of GEMMs over K <= 64 terms accumulates about
+#   sqrt(K * T) * eps ~ 4e-6 relative error (measured: under 2e-6 on these shapes), so
+#   1e-4 is a 25x margin, far below the O(1) error of any indexing or gate-order bug.
+TOLERANCES = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-4, 1e-4)}
+
+SHAPES = [  # (T, B, I, H)
+    (1, 1, 3, 5),
+    (63, 4, 7, 37),
+    (5, 1, 4, 6),
+    (20, 8, 16, 32),
+]
+
+
+def assert_matches(name, got, want, dtype):
+    atol, rtol = TOLERANCES[dtype]
+    got = got.detach().double().numpy()
+    want = np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
+    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+    err = np.abs(got - want)
+    bound = atol * scale + rtol * np.abs(want)
+    worst = float((err - bound).max(initial=-1.0))
+    assert worst <= 0, f"{name}: max error {err.max():.3e} exceeds tolerance (scale {scale:.3g})"
+
+
+def make_layer(cell, steps, batch, inputs, hidden, bias, seed):
+    """Weights that keep the activations O(1) over the sequence (float64 NumPy)."""
+    rng = np.random.default_rng(seed)
+    gates = 1 if cell == "irnn" else 4
+    x = rng.normal(0.0, 0.5, (steps, batch, inputs))
+    if cell == "irnn":
+        # a contracting perturbed identity, so the ReLU RNN neither dies nor explodes
+        w_hh = 0.9 * np.eye(hidden) + rng.normal(0.0, 0.3 / np.sqrt(hidden), (hidden, hidden))
+    else:
+        w_hh = rng.uniform(-1, 1, (4 * hidden, hidden)) / np.sqrt(hidden)
+    w_ih = rng.normal(0.0, 1.0 / np.sqrt(inputs), (gates * hidden, inputs))
+    b_ih = rng.normal(0.0, 0.1, gates * hidden) if bias else None
+    b_hh = rng.normal(0.0, 0.1, gates * hidden) if bias else None
+    states = [rng.normal(0.0, 0.5, (batch, hidden)) for _ in range(1 if cell == "irnn" else 2)]
+    upstream = {
+        "y": rng.normal(size=(steps, batch, hidden)),
+        "h": rng.normal(size=(batch, hidden)),
+        "c": rng.normal(size=(batch, hidden)),
+    }
+    return x, states, w_ih, w_hh, b_ih, b_hh, upstream
+
+
+def to_torch(array, dtype):
+    return None if array is None else torch.tensor(array, dtype=dtype, requires_grad=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
+@pytest.mark.parametrize("cell", ["irnn", "lstm"])
+def test_layer_matches_reference(cell, shape, bias, dtype, cpu_backend):
+    x, states, w_ih, w_hh, b_ih, b_hh, up = make_layer(cell, *shape, bias=bias, seed=sum(shape))
+    tx, tw_ih, tw_hh, tb_ih, tb_hh = (to_torch(a, dtype) for a in (x, w_ih, w_hh, b_ih, b_hh))
+    tstates = [to_torch(s, dtype) for s in states]
+    if cell == "irnn":
+        y, h_n = fused_rnn.irnn(tx, tstates[0], tw_ih, tw_hh, tb_ih, tb_hh, backend=cpu_backend)
+        outputs, upstream = (y, h_n), (up["y"], up["h"])
+        want_y, want_h, cache = ref.irnn_forward(x, states[0], w_ih, w_hh, b_ih, b_hh)
+        want_out = {"y": want_y, "h_T": want_h}
+        want_grads = ref.irnn_backward(up["y"], up["h"], cache)
+        grad_names = {"dx": tx, "dh0": tstates[0]}
+    else:
+        y, (h_n, c_n) = fused_rnn.lstm(tx, tuple(tstates), tw_ih, tw_hh, tb_ih, tb_hh, backend=cpu_backend)
+        outputs, upstream = (y, h_n, c_n), (up["y"], up["h"], up["c"])
+        want_y, want_h, want_c, cache = ref.lstm_forward(x, *states, w_ih, w_hh, b_ih, b_hh)
+        want_out = {"y": want_y, "h_T": want_h, "c_T": want_c}
+        want_grads = ref.lstm_backward(up["y"], up["h"], up["c"], cache)
+        grad_names = {"dx": tx, "dh0": tstates[0], "dc0": tstates[1]}
+    for (name, want), got in zip(want_out.items(), outputs):
+        assert_matches(name, got, want, dtype)
+    torch.autograd.backward(outputs, [torch.tensor(u, dtype=dtype) for u in upstream])
+    grad_names.update({"dw_ih": tw_ih, "dw_hh": tw_hh})
+    if bias:
+        grad_names.update({"db_ih": tb_ih, "db_hh": tb_hh})
+    for name, tensor in grad_names.items():
+        assert_matches(name, tensor.grad, want_grads[name], dtype)
+
+
+# ---- stacked, bidirectional, batch_first: a NumPy composition of the reference layers ----
+
+def reference_stack(cell, x, layers, num_directions, up_y, up_h, up_c):
+    """Forward and backward of a stacked (bi)directional network built from the reference
+    layers. `layers[k][d]` = (w_ih, w_hh, b_ih, b_hh, h0[, c0]); x [T, B, I] (sequence first).
+    Returns (y, h_n, c_n, grads) with grads[(k, d)] the per-layer gradient dicts and grads["x"]."""
+    forward = ref.irnn_forward if cell == "irnn" else ref.lstm_forward
+    backward = ref.irnn_backward if cell == "irnn" else ref.lstm_backward
+    caches, layer_inputs, h_n, c_n = {}, [], [], []
+    inp = x
+    for k, directions in enumerate(layers):
+        layer_inputs.append(inp)
+        outs = []
+        for d, (w_ih, w_hh, b_ih, b_hh, *init) in enumerate(directions):
+            seq = inp if d == 0 else inp[::-1]
+            result = forward(seq, *init, w_ih, w_hh, b_ih, b_hh)
+            y_d, caches[(k, d)] = result[0], result[-1]
+            outs.append(y_d if d == 0 else y_d[::-1])
+            h_n.append(result[1])
+            if cell == "lstm":
+                c_n.append(result[2])
+        inp = np.concatenate(outs, axis=2)
+    hidden = layers[0][0][1].shape[1]
+    grads, dy = {}, up_y
+    for k in reversed(range(len(layers))):
+        dinp = np.zeros_like(layer_inputs[k])
+        for d in range(num_directions):
+            index = k * num_directions + d
+            dy_d = dy[:, :, d * hidden:(d + 1) * hidden]
+            dy_d = dy_d if d == 0 else dy_d[::-1]
+            args = (dy_d, up_h[index]) + ((up_c[index],) if cell == "lstm" else ())
+            g = backward(*args, caches[(k, d)])
+            grads[(k, d)] = g
+            dinp += g["dx"] if d == 0 else g["dx"][::-1]
+        dy = dinp
+    grads["x"] = dy
+    return inp, np.stack(h_n), (np.stack(c_n) if cell == "lstm" else None), grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seqfirst", "batchfirst"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("cell", ["irnn", "lstm"])
+def test_stacked_module_matches_reference(cell, bidirectional, batch_first, dtype, cpu_backend):
+    steps, batch, inputs, hidden, num_layers = 9, 3, 5, 7, 2
+    num_directions = 2 if bidirectional else 1
+    module_class = fused_rnn.IRNN if cell == "irnn" else fused_rnn.LSTM
+    torch.manual_seed(0)
+    module = module_class(inputs, hidden, num_layers=num_layers, bidirectional=bidirectional,
+                          batch_first=batch_first, backend=cpu_backend, dtype=dtype)
+    if cell == "irnn":
+        with torch.no_grad():  # nonzero input weights and biases, so every gradient is exercised
+            for name, p in module.named_parameters():
+                if "weight_ih" in name or "bias" in name:
+                    p.normal_(0.0, 0.3)
+    rng = np.random.default_rng(1)
+    x = rng.normal(0.0, 0.5, (steps, batch, inputs))
+    h0 = rng.normal(0.0, 0.5, (num_layers * num_directions, batch, hidden))
+    c0 = rng.normal(0.0, 0.5, (num_layers * num_directions, batch, hidden))
+    up_y = rng.normal(size=(steps, batch, num_directions * hidden))
+    up_h = rng.normal(size=h0.shape)
+    up_c = rng.normal(size=c0.shape)
+
+    layers = []
+    for k in range(num_layers):
+        directions = []
+        for d in range(num_directions):
+            suffix = f"_l{k}" + ("_reverse" if d else "")
+            params = [getattr(module, f"{kind}{suffix}").detach().double().numpy()
+                      for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            init = [h0[k * num_directions + d]] + ([c0[k * num_directions + d]] if cell == "lstm" else [])
+            directions.append((*params, *init))
+        layers.append(directions)
+    want_y, want_h, want_c, want = reference_stack(cell, x, layers, num_directions, up_y, up_h, up_c)
+
+    def as_input(a):  # sequence-first NumPy -> the module's layout
+        t = torch.tensor(a, dtype=dtype)
+        return t.transpose(0, 1) if batch_first else t
+
+    tx = as_input(x).requires_grad_()
+    th0 = torch.tensor(h0, dtype=dtype, requires_grad=True)
+    tc0 = torch.tensor(c0, dtype=dtype, requires_grad=True)
+    if cell == "irnn":
+        y, h_n = module(tx, th0)
+        outputs, upstream = (y, h_n), (as_input(up_y), torch.tensor(up_h, dtype=dtype))
+    else:
+        y, (h_n, c_n) = module(tx, (th0, tc0))
+        outputs = (y, h_n, c_n)
+        upstream = (as_input(up_y), torch.tensor(up_h, dtype=dtype), torch.tensor(up_c, dtype=dtype))
+        assert_matches("c_n", c_n, want_c, dtype)
+    y_seq_first = y.transpose(0, 1) if batch_first else y
+    assert_matches("y", y_seq_first, want_y, dtype)
+    assert_matches("h_n", h_n, want_h, dtype)
+    torch.autograd.backward(outputs, upstream)
+    dx = tx.grad.transpose(0, 1) if batch_first else tx.grad
+    assert_matches("dx", dx, want["x"], dtype)
+    for k in range(num_layers):
+        for d in range(num_directions):
+            suffix = f"_l{k}" + ("_reverse" if d else "")
+            g = want[(k, d)]
+            index = k * num_directions + d
+            assert_matches(f"dh0[{index}]", th0.grad[index], g["dh0"], dtype)
+            if cell == "lstm":
+                assert_matches(f"dc0[{index}]", tc0.grad[index], g["dc0"], dtype)
+            for kind, key in (("weight_ih", "dw_ih"), ("weight_hh", "dw_hh"), ("bias_ih", "db_ih"),
+                              ("bias_hh", "db_hh")):
+                assert_matches(f"{kind}{suffix}.grad", getattr(module, f"{kind}{suffix}").grad, g[key], dtype)
+
+
+@pytest.mark.parametrize("cell", ["irnn", "lstm"])
+def test_cells_match_reference(cell, cpu_backend):
+    """The single-step ops (IRNNCell/LSTMCell path) are the T = 1 reference."""
+    dtype = torch.float64
+    x, states, w_ih, w_hh, b_ih, b_hh, up = make_layer(cell, 1, 5, 4, 6, bias=True, seed=3)
+    tx, tw_ih, tw_hh, tb_ih, tb_hh = (to_torch(a, dtype) for a in (x[0], w_ih, w_hh, b_ih, b_hh))
+    tstates = [to_torch(s, dtype) for s in states]
+    if cell == "irnn":
+        h = fused_rnn.irnn_cell(tx, tstates[0], tw_ih, tw_hh, tb_ih, tb_hh, backend=cpu_backend)
+        _, want_h, cache = ref.irnn_forward(x, states[0], w_ih, w_hh, b_ih, b_hh)
+        assert_matches("h", h, want_h, dtype)
+        h.backward(torch.tensor(up["h"]))
+        want = ref.irnn_backward(None, up["h"], cache)
+        checks = {"dx": tx.grad, "dh0": tstates[0].grad}
+    else:
+        h, c = fused_rnn.lstm_cell(tx, tuple(tstates), tw_ih, tw_hh, tb_ih, tb_hh, backend=cpu_backend)
+        _, want_h, want_c, cache = ref.lstm_forward(x, *states, w_ih, w_hh, b_ih, b_hh)
+        assert_matches("h", h, want_h, dtype)
+        assert_matches("c", c, want_c, dtype)
+        torch.autograd.backward((h, c), (torch.tensor(up["h"]), torch.tensor(up["c"])))
+        want = ref.lstm_backward(None, up["h"], up["c"], cache)
+        checks = {"dx": tx.grad, "dh0": tstates[0].grad, "dc0": tstates[1].grad}
+    checks.update({"dw_ih": tw_ih.grad, "dw_hh": tw_hh.grad, "db_ih": tb_ih.grad, "db_hh": tb_hh.grad})
+    for name, got in checks.items():
+        want_value = want[name][0] if name == "dx" else want[name]
+        assert_matches(name, got, want_value, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("cell", ["irnn", "lstm"])
+def test_long_sequence_does_not_drift(cell, dtype, cpu_backend):
+    """T = 2000: the float32 scan stays within the per-dtype tolerance of the float64
+    reference, so errors do not accumulate step over step."""
+    steps, batch, inputs, hidden = 2000, 2, 8, 16
+    x, states, w_ih, w_hh, b_ih, b_hh, up = make_layer(cell, steps, batch, inputs, hidden, bias=True, seed=7)
+    if cell == "irnn":  # the IRNN regime: W_hh = I, small inputs, h grows slowly and stays bounded
+        w_hh = np.eye(hidden)
+        w_ih *= 0.01
+        b_ih[:] = 0.0
+        b_hh[:] = -0.001
+    tensors = [to_torch(a, dtype) for a in (x, *states, w_ih, w_hh, b_ih, b_hh)]
+    if cell == "irnn":
+        y, h_n = fused_rnn.irnn(*tensors, backend=cpu_backend)
+        want_y, want_h, _ = ref.irnn_forward(x, *states, w_ih, w_hh, b_ih, b_hh)
+    else:
+        y, (h_n, _) = fused_rnn.lstm(tensors[0], tuple(tensors[1:3]), *tensors[3:], backend=cpu_backend)
+        want_y, want_h, _, _ = ref.lstm_forward(x, *states, w_ih, w_hh, b_ih, b_hh)
+    assert_matches("y", y, want_y, dtype)
+    assert_matches("h_T", h_n, want_h, dtype)
+
+
+def test_threaded_kernels_match_reference():
+    """The row-parallel pointwise passes with two threads on a batch large enough to split."""
+    if "cpp" not in fused_rnn.available_backends("cpu"):
+        pytest.skip("the cpp backend is not built")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        test_layer_matches_reference("lstm", (4, 96, 8, 64), True, torch.float32, "cpp")
+    finally:
+        torch.set_num_threads(previous)

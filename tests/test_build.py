@@ -1,0 +1,136 @@
+"""The build: setup.py's CUDA switch both ways, build_info, and import without _C."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import fused_rnn
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_setup_module():
+    spec = importlib.util.spec_from_file_location("fused_rnn_setup", REPO / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # not __main__: defines the helpers, runs no build
+    return module
+
+
+def fake_toolkit(root: Path) -> Path:
+    (root / "bin").mkdir(parents=True)
+    (root / "include").mkdir()
+    (root / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (root / "include" / "cuda_runtime_api.h").write_text("")
+    return root
+
+
+def test_extension_is_loaded():
+    """CI builds the extension; if it fails to import, every cpp test would quietly test
+    only the torch backend, so this fails loudly instead."""
+    info = fused_rnn.build_info()
+    assert info["extension_loaded"], f"fused_rnn._C did not import: {info.get('import_error')}"
+    assert fused_rnn.available_backends("cpu")[0] == "cpp"
+
+
+def test_cuda_build_plan_both_ways():
+    setup = load_setup_module()
+    toolkit = Path("/opt/cuda")
+    assert setup.cuda_build_plan("13.0", toolkit, skip=False, force=False) == (True, "")
+    assert setup.cuda_build_plan(None, toolkit, skip=False, force=False) == (False, "torch is a CPU-only build")
+    build, reason = setup.cuda_build_plan("13.0", None, skip=False, force=False)
+    assert not build and "no CUDA toolkit found" in reason
+    assert setup.cuda_build_plan("13.0", toolkit, skip=True, force=False)[0] is False
+    with pytest.raises(RuntimeError, match="FUSED_RNN_FORCE_CUDA_BUILD is set but torch is a CPU-only build"):
+        setup.cuda_build_plan(None, toolkit, skip=False, force=True)
+
+
+def test_find_cuda_home_follows_an_nvcc_wrapper(tmp_path, monkeypatch):
+    setup = load_setup_module()
+    toolkit = fake_toolkit(tmp_path / "cuda-13.0")
+    wrapper_dir = tmp_path / "wrappers"
+    wrapper_dir.mkdir()
+    wrapper = wrapper_dir / "nvcc"
+    wrapper.write_text(f'#!/bin/sh\nexec {toolkit}/bin/nvcc "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(wrapper_dir))
+    assert setup.find_cuda_home(default_roots=()) == toolkit
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "not-a-toolkit"))
+    assert setup.find_cuda_home(default_roots=()) is None
+
+
+def test_cuda_arch_flags():
+    setup = load_setup_module()
+    assert setup.cuda_arch_flags("80;90") == [
+        "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
+    assert setup.cuda_arch_flags("sm_90") == ["-gencode", "arch=compute_90,code=sm_90"]
+
+
+def test_installed_build_matches_the_machine():
+    """Where torch is a CUDA build and a toolkit is found (CI here), the CUDA sources were
+    compiled, for the default archs unless FUSED_RNN_CUDA_ARCHS says otherwise."""
+    import torch
+
+    setup = load_setup_module()
+    expect_cuda, _ = setup.cuda_build_plan(
+        torch.version.cuda, setup.find_cuda_home(), setup._env_flag("FUSED_RNN_SKIP_CUDA_BUILD"), False)
+    info = fused_rnn.build_info()
+    assert info["cuda_compiled"] == expect_cuda
+    if expect_cuda:
+        archs = os.environ.get("FUSED_RNN_CUDA_ARCHS", setup.DEFAULT_CUDA_ARCHS)
+        assert info["cuda_archs"] == [f"sm_{a}" for a in archs.split(";")]
+
+
+@pytest.mark.slow
+def test_cpu_only_build_without_cuda(tmp_path):
+    """The other side of the switch, for real: FUSED_RNN_SKIP_CUDA_BUILD builds the CPU
+    kernels alone, says so in one line, and the result imports and reports no CUDA."""
+    env = dict(os.environ, FUSED_RNN_SKIP_CUDA_BUILD="TRUE")
+    build = subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib"),
+         "--build-temp", str(tmp_path / "tmp")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    assert "fused_rnn: building the CPU kernels only (FUSED_RNN_SKIP_CUDA_BUILD is set)" in build.stdout
+    library = next((tmp_path / "lib" / "fused_rnn").glob("_C*.so"))
+    probe = textwrap.dedent(f"""
+        import importlib.util, torch
+        spec = importlib.util.spec_from_file_location("fused_rnn._C", {str(library)!r})
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        info = module.build_info()
+        assert info["cuda_compiled"] is False and info["cuda_archs"] == [], info
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("fused_rnn::lstm_scan_forward", "CPU")
+        print("cpu-only build ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "cpu-only build ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_import_without_extension_falls_back_with_a_warning():
+    probe = textwrap.dedent("""
+        import sys, warnings
+        class BlockExtension:
+            def find_spec(self, name, path=None, target=None):
+                if name == "fused_rnn._C":
+                    raise ImportError("simulated: extension not built")
+        sys.meta_path.insert(0, BlockExtension())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import fused_rnn
+        assert any("pip install --no-build-isolation -e ." in str(w.message) for w in caught), caught
+        assert fused_rnn.available_backends("cpu") == ["torch"]
+        assert fused_rnn.build_info()["extension_loaded"] is False
+        import torch
+        y, h = fused_rnn.irnn(torch.randn(3, 2, 4), None, torch.randn(5, 4), torch.eye(5))
+        assert y.shape == (3, 2, 5)
+        print("fallback ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "fallback ok" in result.stdout, result.stderr[-3000:]

@@ -1,0 +1,200 @@
+"""fused_rnn.irnn / lstm / irnn_cell / lstm_cell: gradcheck, edge cases, bad input, dispatch."""
+
+import math
+
+import pytest
+import torch
+
+import fused_rnn
+
+
+def irnn_args(steps=4, batch=3, inputs=2, hidden=5, dtype=torch.float64, grad=True):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(steps, batch, inputs, dtype=dtype, generator=g)
+    h0 = torch.rand(batch, hidden, dtype=dtype, generator=g)
+    w_ih = torch.randn(hidden, inputs, dtype=dtype, generator=g)
+    w_hh = torch.eye(hidden, dtype=dtype) + 0.2 * torch.randn(hidden, hidden, dtype=dtype, generator=g)
+    b_ih = 0.3 * torch.randn(hidden, dtype=dtype, generator=g)
+    b_hh = 0.3 * torch.randn(hidden, dtype=dtype, generator=g)
+    return [t.requires_grad_(grad) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+
+
+def lstm_args(steps=4, batch=3, inputs=2, hidden=5, dtype=torch.float64, grad=True):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(steps, batch, inputs, dtype=dtype, generator=g)
+    h0 = torch.randn(batch, hidden, dtype=dtype, generator=g)
+    c0 = torch.randn(batch, hidden, dtype=dtype, generator=g)
+    w_ih = torch.randn(4 * hidden, inputs, dtype=dtype, generator=g) / 2
+    w_hh = torch.randn(4 * hidden, hidden, dtype=dtype, generator=g) / 2
+    b_ih = torch.randn(4 * hidden, dtype=dtype, generator=g) / 2
+    b_hh = torch.randn(4 * hidden, dtype=dtype, generator=g) / 2
+    return [t.requires_grad_(grad) for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)]
+
+
+def lstm_flat(x, h0, c0, w_ih, w_hh, b_ih, b_hh, backend):
+    y, (h, c) = fused_rnn.lstm(x, (h0, c0), w_ih, w_hh, b_ih, b_hh, backend=backend)
+    return y, h, c
+
+
+# ---- float64 gradcheck on tiny shapes, every backend ----
+
+def test_irnn_gradcheck(cpu_backend):
+    assert torch.autograd.gradcheck(lambda *a: fused_rnn.irnn(*a, backend=cpu_backend), irnn_args())
+
+
+def test_lstm_gradcheck(cpu_backend):
+    assert torch.autograd.gradcheck(lambda *a: lstm_flat(*a, backend=cpu_backend), lstm_args())
+
+
+def test_irnn_cell_gradcheck(cpu_backend):
+    x, h0, *weights = irnn_args()
+    assert torch.autograd.gradcheck(lambda *a: fused_rnn.irnn_cell(*a, backend=cpu_backend), (x[0], h0, *weights))
+
+
+def test_lstm_cell_gradcheck(cpu_backend):
+    x, h0, c0, *weights = lstm_args()
+
+    def step(x, h, c, *w):
+        return fused_rnn.lstm_cell(x, (h, c), *w, backend=cpu_backend)
+
+    assert torch.autograd.gradcheck(step, (x[0], h0, c0, *weights))
+
+
+def test_gradcheck_without_bias_and_state(cpu_backend):
+    x, _, w_ih, w_hh, _, _ = irnn_args()
+    assert torch.autograd.gradcheck(lambda *a: fused_rnn.irnn(a[0], None, *a[1:], backend=cpu_backend),
+                                    (x, w_ih, w_hh))
+    x, _, _, w_ih, w_hh, _, _ = lstm_args()
+    assert torch.autograd.gradcheck(
+        lambda x, wi, wh: fused_rnn.lstm(x, None, wi, wh, backend=cpu_backend)[0], (x, w_ih, w_hh))
+
+
+def test_bias_grads_are_separate_tensors(cpu_backend):
+    """b_ih.grad and b_hh.grad are equal but never share memory: clipping one in place
+    must not scale the other."""
+    args = irnn_args()
+    fused_rnn.irnn(*args, backend=cpu_backend)[0].sum().backward()
+    b_ih, b_hh = args[4], args[5]
+    torch.testing.assert_close(b_ih.grad, b_hh.grad)
+    assert b_ih.grad.data_ptr() != b_hh.grad.data_ptr()
+
+
+# ---- empty inputs: T = 0 gives empty y and the initial state; B = 0 empty outputs ----
+
+def test_zero_steps_returns_initial_state(cpu_backend):
+    x, h0, *w = irnn_args(steps=0)
+    y, h_n = fused_rnn.irnn(x, h0, *w, backend=cpu_backend)
+    assert y.shape == (0, 3, 5)
+    torch.testing.assert_close(h_n, h0)
+    h_n.sum().backward()
+    torch.testing.assert_close(h0.grad, torch.ones_like(h0))
+    assert w[0].grad is None or torch.count_nonzero(w[0].grad) == 0
+
+    x, h0, c0, *w = lstm_args(steps=0)
+    y, (h_n, c_n) = fused_rnn.lstm(x, (h0, c0), *w, backend=cpu_backend)
+    assert y.shape == (0, 3, 5)
+    torch.testing.assert_close((h_n, c_n), (h0, c0))
+
+
+def test_zero_batch_gives_empty_outputs(cpu_backend):
+    x, h0, *w = irnn_args(batch=0)
+    y, h_n = fused_rnn.irnn(x, h0, *w, backend=cpu_backend)
+    assert y.shape == (4, 0, 5) and h_n.shape == (0, 5)
+    y.sum().backward()
+    assert torch.count_nonzero(w[1].grad) == 0
+    x, h0, c0, *w = lstm_args(batch=0)
+    y, (h_n, c_n) = fused_rnn.lstm(x, (h0, c0), *w, backend=cpu_backend)
+    assert y.shape == (4, 0, 5) and c_n.shape == (0, 5)
+
+
+# ---- NaN propagates (never crashes) and non-contiguous inputs are accepted ----
+
+@pytest.mark.parametrize("cell", ["irnn", "lstm"])
+def test_nan_propagates_like_the_torch_loop(cell, cpu_backend):
+    args = (irnn_args if cell == "irnn" else lstm_args)(steps=6, grad=False)
+    args[0][3, 1, 0] = math.nan  # batch row 1 from step 3 on
+    run = fused_rnn.irnn if cell == "irnn" else (lambda x, h, c, *w, backend: fused_rnn.lstm(x, (h, c), *w,
+                                                                                           backend=backend))
+    y = run(*args, backend=cpu_backend)[0]
+    want = run(*args, backend="torch")[0]
+    assert torch.equal(torch.isnan(y), torch.isnan(want))
+    assert torch.isnan(y[3:, 1]).all() and not torch.isnan(y[:3]).any() and not torch.isnan(y[:, 0]).any()
+
+
+def test_non_contiguous_inputs_give_the_contiguous_result(cpu_backend):
+    # the compiled kernels copy strided inputs to contiguous memory: bit-identical results;
+    # the torch loop hands strided operands to BLAS, which may sum in another order (1 ulp)
+    exact = {"rtol": 0, "atol": 0} if cpu_backend != "torch" else {"rtol": 1e-13, "atol": 1e-13}
+    x, h0, w_ih, w_hh, b_ih, b_hh = irnn_args(grad=False)
+    x_strided = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, [T, B, I] strides permuted
+    w_hh_strided = w_hh.t().contiguous().t()
+    assert not x_strided.is_contiguous() and not w_hh_strided.is_contiguous()
+    got = fused_rnn.irnn(x_strided, h0, w_ih, w_hh_strided, b_ih, b_hh, backend=cpu_backend)
+    want = fused_rnn.irnn(x, h0, w_ih, w_hh, b_ih, b_hh, backend=cpu_backend)
+    torch.testing.assert_close(got, want, **exact)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = lstm_args(grad=False)
+    got = fused_rnn.lstm(x[:, ::1], (h0.t().contiguous().t(), c0), w_ih, w_hh, b_ih[::1], b_hh, backend=cpu_backend)
+    want = fused_rnn.lstm(x, (h0, c0), w_ih, w_hh, b_ih, b_hh, backend=cpu_backend)
+    torch.testing.assert_close(got, want, **exact)
+
+
+# ---- bad input: clear errors naming the argument and the expectation ----
+
+BAD_IRNN_CASES = [
+    ("x rank", lambda a: [a[0][0]] + a[1:], ValueError, "x must be 3-D"),
+    ("h0 shape", lambda a: [a[0], a[1][:, :2]] + a[2:], ValueError, "h0 must have shape [B, H] = [3, 5]"),
+    ("w_ih cols", lambda a: a[:2] + [a[2][:, :1]] + a[3:], ValueError, "w_ih must have shape"),
+    ("w_hh not square", lambda a: a[:3] + [a[3][:, :4]] + a[4:], ValueError, "w_hh must be 2-D"),
+    ("bias size", lambda a: a[:4] + [a[4][:3]] + a[5:], ValueError, "b_ih must have shape [1*H] = [5]"),
+    ("mixed dtype", lambda a: a[:3] + [a[3].float()] + a[4:], TypeError, "w_hh is torch.float32"),
+    ("integer", lambda a: [a[0].long()] + a[1:], TypeError, "x must be a floating-point tensor"),
+    ("not a tensor", lambda a: a[:2] + [a[2].tolist()] + a[3:], TypeError, "w_ih must be a torch.Tensor"),
+    ("mixed device", lambda a: a[:5] + [a[5].to("meta")], ValueError, "b_hh is on meta"),
+]
+
+
+@pytest.mark.parametrize("name,corrupt,error,message", BAD_IRNN_CASES, ids=[c[0] for c in BAD_IRNN_CASES])
+def test_bad_irnn_input_is_named(name, corrupt, error, message, cpu_backend):
+    args = corrupt(irnn_args(grad=False))
+    with pytest.raises(error, match=__import__("re").escape(message)):
+        fused_rnn.irnn(*args, backend=cpu_backend)
+
+
+def test_bad_lstm_input_is_named(cpu_backend):
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = lstm_args(grad=False)
+    with pytest.raises(ValueError, match=r"c0 must have shape \[B, H\] = \[3, 5\]"):
+        fused_rnn.lstm(x, (h0, c0[:2]), w_ih, w_hh, b_ih, b_hh, backend=cpu_backend)
+    with pytest.raises(ValueError, match=r"w_hh must be 2-D \[4\*H, H\]"):
+        fused_rnn.lstm(x, (h0, c0), w_ih, w_hh[:5], b_ih, b_hh, backend=cpu_backend)
+    with pytest.raises(TypeError, match=r"state must be a tuple \(h, c\)"):
+        fused_rnn.lstm(x, h0, w_ih, w_hh, backend=cpu_backend)
+    with pytest.raises(ValueError, match=r"x must be 2-D \[B, I\]"):
+        fused_rnn.lstm_cell(x, (h0, c0), w_ih, w_hh, backend=cpu_backend)
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        fused_rnn.irnn(*irnn_args(grad=False), backend="fast")
+
+
+# ---- dispatch ----
+
+def test_auto_picks_cpp_for_cpu_float():
+    expected = "cpp" if "cpp" in fused_rnn.available_backends("cpu") else "torch"
+    for dtype in (torch.float32, torch.float64):
+        assert fused_rnn.select_backend("cpu", dtype).name == expected
+
+
+def test_auto_falls_back_for_dtypes_the_kernels_lack():
+    choice = fused_rnn.select_backend("cpu", torch.bfloat16)
+    assert choice.name == "torch"
+    if "cpp" in fused_rnn.available_backends("cpu"):
+        assert "takes float32, float64, got bfloat16" in choice.skipped["cpp"]
+        with pytest.raises(ValueError, match="backend='cpp' cannot run these inputs"):
+            fused_rnn.irnn(*[t.bfloat16() for t in irnn_args(grad=False)], backend="cpp")
+    y, _ = fused_rnn.irnn(*[t.bfloat16() for t in irnn_args(grad=False)])
+    assert y.dtype == torch.bfloat16
+
+
+def test_auto_on_cuda_tensors_uses_an_available_backend():
+    assert fused_rnn.select_backend("cuda", torch.float32).name in fused_rnn.available_backends("cuda")
