@@ -20,6 +20,14 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
             const double* beta, double* c, const int* ldc) __attribute__((weak));
+
+// MKL's packed GEMM (float only): the right-hand matrix is converted once into MKL's
+// internal blocked layout and reused by every step. Enum values are CBLAS's.
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src,
+                      int ld, float* dest) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
+                         const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
 }
 
 namespace fused_rnn {
@@ -63,6 +71,53 @@ void gemm_row_major(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
     c_t.addmm_(a_t, b_t);
   }
 }
+
+// The recurrent product of a scan, C[M, N] (+)= A[M, K] @ W' with the same weight W'
+// at every step: W' is W^T when W is stored [N, K] (trans_w), else W stored [K, N].
+//
+// MKL packs (copies into its blocked layout) the weight on every sgemm call; for the
+// per-step shapes of a scan (M = B rows against a W of up to 4H x H) that packing is a
+// tenth of the step's time, measured with perf at B = 64, H = 256. So where MKL's
+// packed API is exported (float32 on x86-64 torch builds) W' is packed once per scan;
+// elsewhere each step is a plain gemm_row_major call.
+template <typename scalar_t>
+class RecurrentGemm {
+ public:
+  RecurrentGemm(const scalar_t* w, bool trans_w, int64_t m, int64_t n, int64_t k)
+      : w_(w), trans_w_(trans_w), m_(m), n_(n), k_(k) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      const bool fits = m < INT32_MAX && n < INT32_MAX && k < INT32_MAX;
+      if (fits && m > 0 && n > 0 && k > 0 && cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
+          cblas_sgemm_compute != nullptr) {
+        const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(m), int(n), int(k));
+        packed_ = at::empty({static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float))},
+                            at::TensorOptions().dtype(at::kFloat));
+        const int ld = static_cast<int>(trans_w ? k : n);
+        cblas_sgemm_pack(kRowMajor, kBMatrix, trans_w ? kTrans : kNoTrans, int(m), int(n), int(k), 1.0f, w, ld,
+                         packed_.data_ptr<float>());
+      }
+    }
+  }
+
+  // c [M, N] = a [M, K] @ W' + beta * c, rows contiguous (lda = K, ldc = N)
+  void operator()(const scalar_t* a, scalar_t beta, scalar_t* c) const {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (packed_.defined()) {
+        cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(m_), int(n_), int(k_), a, int(k_),
+                            packed_.const_data_ptr<float>(), int(trans_w_ ? k_ : n_), beta, c, int(n_));
+        return;
+      }
+    }
+    gemm_row_major<scalar_t>(false, trans_w_, m_, n_, k_, a, k_, w_, trans_w_ ? k_ : n_, beta, c, n_);
+  }
+
+ private:
+  static constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;
+  const scalar_t* w_;
+  bool trans_w_;
+  int64_t m_, n_, k_;
+  at::Tensor packed_;
+};
 
 }  // namespace cpu
 }  // namespace fused_rnn

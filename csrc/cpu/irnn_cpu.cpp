@@ -38,16 +38,19 @@ std::tuple<at::Tensor, at::Tensor> irnn_scan_forward(const at::Tensor& x_in, con
   if (steps == 0) return {x.new_empty({0, batch, hidden}), h0.clone()};
   auto y = input_projection(x, w_ih, bias);  // [T, B, H], overwritten step by step
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "irnn_scan_forward", [&] {
-    const scalar_t* w = w_hh.const_data_ptr<scalar_t>();
     scalar_t* y_data = y.data_ptr<scalar_t>();
     const int64_t step_elems = batch * hidden;
-    for (int64_t t = 0; t < steps; ++t) {
-      const scalar_t* h_prev = t == 0 ? h0.const_data_ptr<scalar_t>() : y_data + (t - 1) * step_elems;
-      scalar_t* z = y_data + t * step_elems;
-      // z [B, H] += h_prev [B, H] @ W_hh^T
-      gemm_row_major<scalar_t>(false, true, batch, hidden, hidden, h_prev, hidden, w, hidden, 1, z, hidden);
-      relu_rows(z, step_elems);
-    }
+    parallel_batch(batch, [&](int64_t b0, int64_t b1) {
+      const int64_t rows = b1 - b0, offset = b0 * hidden;
+      // z [rows, H] += h_prev [rows, H] @ W_hh^T
+      const RecurrentGemm<scalar_t> recurrent(w_hh.const_data_ptr<scalar_t>(), true, rows, hidden, hidden);
+      for (int64_t t = 0; t < steps; ++t) {
+        const scalar_t* h_prev = t == 0 ? h0.const_data_ptr<scalar_t>() : y_data + (t - 1) * step_elems;
+        scalar_t* z = y_data + t * step_elems + offset;
+        recurrent(h_prev + offset, 1, z);
+        relu_rows(z, rows * hidden);
+      }
+    });
   });
   return {y, y[steps - 1].clone()};
 }
@@ -72,18 +75,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> irnn_scan
   auto dz = at::empty_like(y);              // [T, B, H]
   auto carry = grad_h_n.clone();            // [B, H]: dL/dh_t from step t+1 (and from h_T)
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "irnn_scan_backward", [&] {
-    const scalar_t* w = w_hh.const_data_ptr<scalar_t>();
     const scalar_t* y_data = y.const_data_ptr<scalar_t>();
     const scalar_t* dy_data = grad_y.const_data_ptr<scalar_t>();
     scalar_t* dz_data = dz.data_ptr<scalar_t>();
-    scalar_t* g = carry.data_ptr<scalar_t>();
+    scalar_t* carry_data = carry.data_ptr<scalar_t>();
     const int64_t step_elems = batch * hidden;
-    for (int64_t t = steps - 1; t >= 0; --t) {
-      scalar_t* dz_t = dz_data + t * step_elems;
-      relu_backward_rows(dy_data + t * step_elems, g, y_data + t * step_elems, dz_t, step_elems);
-      // g [B, H] = dz_t [B, H] @ W_hh [H, H]
-      gemm_row_major<scalar_t>(false, false, batch, hidden, hidden, dz_t, hidden, w, hidden, 0, g, hidden);
-    }
+    parallel_batch(batch, [&](int64_t b0, int64_t b1) {
+      const int64_t rows = b1 - b0, offset = b0 * hidden;
+      // g [rows, H] = dz_t [rows, H] @ W_hh [H, H]
+      const RecurrentGemm<scalar_t> recurrent(w_hh.const_data_ptr<scalar_t>(), false, rows, hidden, hidden);
+      scalar_t* g = carry_data + offset;
+      for (int64_t t = steps - 1; t >= 0; --t) {
+        const int64_t base = t * step_elems + offset;
+        scalar_t* dz_t = dz_data + base;
+        relu_backward_rows(dy_data + base, g, y_data + base, dz_t, rows * hidden);
+        recurrent(dz_t, 0, g);
+      }
+    });
   });
   auto grads = weight_grads(dz, x, h0, y, w_ih, w_hh);
   return {grads.dx, carry, grads.dw_ih, grads.dw_hh, grads.dbias};

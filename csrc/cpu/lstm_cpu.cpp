@@ -66,26 +66,26 @@ ForwardOutputs lstm_scan_forward(const at::Tensor& x_in, const at::Tensor& h0_in
   auto y = at::empty({steps, batch, hidden}, x.options());
   auto cells = at::empty({steps, batch, hidden}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_scan_forward", [&] {
-    const scalar_t* w = w_hh.const_data_ptr<scalar_t>();
     scalar_t* gates_data = gates.data_ptr<scalar_t>();
     scalar_t* y_data = y.data_ptr<scalar_t>();
     scalar_t* c_data = cells.data_ptr<scalar_t>();
     const int64_t step_elems = batch * hidden;
-    for (int64_t t = 0; t < steps; ++t) {
-      const scalar_t* h_prev = t == 0 ? h0.const_data_ptr<scalar_t>() : y_data + (t - 1) * step_elems;
-      const scalar_t* c_prev = t == 0 ? c0.const_data_ptr<scalar_t>() : c_data + (t - 1) * step_elems;
-      scalar_t* gates_t = gates_data + t * 4 * step_elems;
-      // gates_t [B, 4H] += h_prev [B, H] @ W_hh^T
-      gemm_row_major<scalar_t>(false, true, batch, 4 * hidden, hidden, h_prev, hidden, w, hidden, 1, gates_t,
-                               4 * hidden);
-      scalar_t* c_t = c_data + t * step_elems;
-      scalar_t* h_t = y_data + t * step_elems;
-      parallel_rows(batch, 4 * hidden, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
+    parallel_batch(batch, [&](int64_t b0, int64_t b1) {
+      const int64_t rows = b1 - b0;
+      // gates_t [rows, 4H] += h_prev [rows, H] @ W_hh^T
+      const RecurrentGemm<scalar_t> recurrent(w_hh.const_data_ptr<scalar_t>(), true, rows, 4 * hidden, hidden);
+      for (int64_t t = 0; t < steps; ++t) {
+        const scalar_t* h_prev = t == 0 ? h0.const_data_ptr<scalar_t>() : y_data + (t - 1) * step_elems;
+        const scalar_t* c_prev = t == 0 ? c0.const_data_ptr<scalar_t>() : c_data + (t - 1) * step_elems;
+        scalar_t* gates_t = gates_data + t * 4 * step_elems;
+        scalar_t* c_t = c_data + t * step_elems;
+        scalar_t* h_t = y_data + t * step_elems;
+        recurrent(h_prev + b0 * hidden, 1, gates_t + b0 * 4 * hidden);
+        for (int64_t b = b0; b < b1; ++b) {
           lstm_forward_row(gates_t + b * 4 * hidden, c_prev + b * hidden, c_t + b * hidden, h_t + b * hidden, hidden);
         }
-      });
-    }
+      }
+    });
   });
   return {y, y[steps - 1].clone(), cells[steps - 1].clone(), cells, gates};
 }
@@ -117,7 +117,6 @@ BackwardOutputs lstm_backward_impl(const at::Tensor& grad_y, const at::Tensor& g
   auto dh_carry = grad_h_n.clone();      // [B, H]
   auto dc = grad_c_n.clone();            // [B, H]
   AT_DISPATCH_FLOATING_TYPES(dtype, "lstm_scan_backward", [&] {
-    const scalar_t* w = w_hh.const_data_ptr<scalar_t>();
     const scalar_t* dy_data = grad_y.const_data_ptr<scalar_t>();
     const scalar_t* c_data = cells.const_data_ptr<scalar_t>();
     const scalar_t* gates_data = gates.const_data_ptr<scalar_t>();
@@ -125,22 +124,23 @@ BackwardOutputs lstm_backward_impl(const at::Tensor& grad_y, const at::Tensor& g
     scalar_t* dh = dh_carry.data_ptr<scalar_t>();
     scalar_t* dc_data = dc.data_ptr<scalar_t>();
     const int64_t step_elems = batch * hidden;
-    for (int64_t t = steps - 1; t >= 0; --t) {
-      const scalar_t* c_prev = t == 0 ? c0.const_data_ptr<scalar_t>() : c_data + (t - 1) * step_elems;
-      const scalar_t* dy_t = dy_data + t * step_elems;
-      const scalar_t* c_t = c_data + t * step_elems;
-      const scalar_t* gates_t = gates_data + t * 4 * step_elems;
-      scalar_t* dgates_t = dgates_data + t * 4 * step_elems;
-      parallel_rows(batch, 4 * hidden, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
+    parallel_batch(batch, [&](int64_t b0, int64_t b1) {
+      const int64_t rows = b1 - b0;
+      // dh [rows, H] = dgates_t [rows, 4H] @ W_hh [4H, H]
+      const RecurrentGemm<scalar_t> recurrent(w_hh.const_data_ptr<scalar_t>(), false, rows, hidden, 4 * hidden);
+      for (int64_t t = steps - 1; t >= 0; --t) {
+        const scalar_t* c_prev = t == 0 ? c0.const_data_ptr<scalar_t>() : c_data + (t - 1) * step_elems;
+        const scalar_t* dy_t = dy_data + t * step_elems;
+        const scalar_t* c_t = c_data + t * step_elems;
+        const scalar_t* gates_t = gates_data + t * 4 * step_elems;
+        scalar_t* dgates_t = dgates_data + t * 4 * step_elems;
+        for (int64_t b = b0; b < b1; ++b) {
           lstm_backward_row(dy_t + b * hidden, dh + b * hidden, dc_data + b * hidden, gates_t + b * 4 * hidden,
                             c_t + b * hidden, c_prev + b * hidden, dgates_t + b * 4 * hidden, hidden);
         }
-      });
-      // dh [B, H] = dgates_t [B, 4H] @ W_hh [4H, H]
-      gemm_row_major<scalar_t>(false, false, batch, hidden, 4 * hidden, dgates_t, 4 * hidden, w, hidden, 0, dh,
-                               hidden);
-    }
+        recurrent(dgates_t + b0 * 4 * hidden, 0, dh + b0 * hidden);
+      }
+    });
   });
   auto grads = weight_grads(dgates, x, h0, y, w_ih, w_hh);
   return {grads.dx, dh_carry, dc, grads.dw_ih, grads.dw_hh, grads.dbias};

@@ -19,17 +19,19 @@ namespace cpu {
 #define FUSED_RNN_CPU_CLONES
 #endif
 
-// Pointwise work per parallel chunk: below this, OpenMP's fork/join (a few
-// microseconds) costs more than it saves. 8192 elements of an LSTM cell take about
-// 10 us vectorised on one core.
-constexpr int64_t kPointwiseGrain = 8192;
+// Batch rows are independent in a recurrence, so the scans split the batch, not each
+// step: every thread runs the whole sequence on its own slice of rows with a
+// single-threaded GEMM per step (BLAS runs single-threaded inside an OpenMP region),
+// and no thread waits on another until the scan ends. A per-step split instead pays
+// a fork/join twice per step and makes each small GEMM smaller still.
+// Below this many rows per slice a step's GEMM degenerates towards a GEMV that is
+// bound by reading W_hh, and one slice with BLAS's own threading is faster.
+constexpr int64_t kMinRowsPerThread = 16;
 
-// Calls fn(row_begin, row_end) over `rows` rows of `row_elems` elements each, split
-// across threads only when the chunks are large enough to pay for it.
+// Calls fn(row_begin, row_end) over slices of the batch, one per thread.
 template <typename Fn>
-void parallel_rows(int64_t rows, int64_t row_elems, const Fn& fn) {
-  const int64_t grain_rows = std::max<int64_t>(1, kPointwiseGrain / std::max<int64_t>(1, row_elems));
-  at::parallel_for(0, rows, grain_rows, fn);
+void parallel_batch(int64_t batch, const Fn& fn) {
+  at::parallel_for(0, batch, kMinRowsPerThread, fn);
 }
 
 // Device and dtype only: every kernel entry point makes its inputs contiguous itself
