@@ -3,7 +3,9 @@
 //
 // Shapes: T steps, B batch, I inputs, H hidden, G = 1 (IRNN) or 4 (LSTM, gates
 // i, f, g, o). `bias` is b_ih + b_hh, [G*H]. `cells` are c_1..c_T and `gates` the
-// activated gates, both saved by the LSTM forward for its backward.
+// activated gates, both saved by the LSTM forward for its backward. A scan backward
+// with grad_x=false skips dx = dpre @ W_ih (a skinny GEMM that costs as much as the
+// pointwise passes of the whole scan when I is small) and returns an empty grad_x.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -14,7 +16,8 @@ TORCH_LIBRARY(fused_rnn, m) {
   m.set_python_module("fused_rnn.ops");
   m.def("irnn_scan_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? bias) -> (Tensor y, Tensor h_n)");
   m.def(
-      "irnn_scan_backward(Tensor grad_y, Tensor grad_h_n, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor y)"
+      "irnn_scan_backward(Tensor grad_y, Tensor grad_h_n, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor y,"
+      " bool grad_x=True)"
       " -> (Tensor grad_x, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
   m.def("irnn_step(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? bias) -> Tensor h_new");
   m.def(
@@ -25,7 +28,7 @@ TORCH_LIBRARY(fused_rnn, m) {
       " -> (Tensor y, Tensor h_n, Tensor c_n, Tensor cells, Tensor gates)");
   m.def(
       "lstm_scan_backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor h0, Tensor c0,"
-      " Tensor w_ih, Tensor w_hh, Tensor y, Tensor cells, Tensor gates)"
+      " Tensor w_ih, Tensor w_hh, Tensor y, Tensor cells, Tensor gates, bool grad_x=True)"
       " -> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
   m.def(
       "lstm_step(Tensor x, Tensor h, Tensor c, Tensor w_ih, Tensor w_hh, Tensor? bias)"

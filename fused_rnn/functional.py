@@ -119,7 +119,8 @@ class IRNNFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_h_n):
-        dx, dh0, dw_ih, dw_hh, dbias = _ops.irnn_scan_grads(ctx.saved_tensors, grad_y, grad_h_n)
+        dx, dh0, dw_ih, dw_hh, dbias = _ops.irnn_scan_grads(ctx.saved_tensors, grad_y, grad_h_n,
+                                                            ctx.needs_input_grad[0])
         return (dx, dh0, dw_ih, dw_hh, *_split_bias_grad(dbias, *ctx.biases))
 
 
@@ -145,7 +146,8 @@ class LSTMFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_cells, _grad_gates):
-        dx, dh0, dc0, dw_ih, dw_hh, dbias = _ops.lstm_scan_grads(ctx.saved_tensors, grad_y, grad_h_n, grad_c_n)
+        dx, dh0, dc0, dw_ih, dw_hh, dbias = _ops.lstm_scan_grads(ctx.saved_tensors, grad_y, grad_h_n, grad_c_n,
+                                                                 ctx.needs_input_grad[0])
         return (dx, dh0, dc0, dw_ih, dw_hh, *_split_bias_grad(dbias, *ctx.biases))
 
 

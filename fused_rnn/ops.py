@@ -10,18 +10,19 @@ The ops (T steps, B batch, I inputs, H hidden, G = 1 for the IRNN and 4 for the 
 ``bias`` is b_ih + b_hh, [G*H], or None):
 
     irnn_scan_forward(x, h0, w_ih, w_hh, bias) -> (y [T,B,H], h_n [B,H])
-    irnn_scan_backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, y) -> (dx, dh0, dw_ih, dw_hh, dbias)
+    irnn_scan_backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, grad_x=True) -> (dx, dh0, dw_ih, dw_hh, dbias)
     irnn_step(x [B,I], h, w_ih, w_hh, bias) -> h_new
     irnn_step_backward(grad_h_new, x, h, w_ih, w_hh, h_new) -> (dx, dh, dw_ih, dw_hh, dbias)
     lstm_scan_forward(x, h0, c0, w_ih, w_hh, bias) -> (y, h_n, c_n, cells [T,B,H], gates [T,B,4H])
-    lstm_scan_backward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, y, cells, gates)
+    lstm_scan_backward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, y, cells, gates, grad_x=True)
         -> (dx, dh0, dc0, dw_ih, dw_hh, dbias)
     lstm_step(x, h, c, w_ih, w_hh, bias) -> (h_new, c_new, gates [B,4H])
     lstm_step_backward(grad_h_new, grad_c_new, x, h, c, w_ih, w_hh, c_new, gates)
         -> (dx, dh, dc, dw_ih, dw_hh, dbias)
 
 ``cells`` holds c_1..c_T and ``gates`` the activated gates (i, f, g, o after their
-sigmoid/tanh): what the LSTM backward scan needs, saved instead of recomputed.
+sigmoid/tanh): what the LSTM backward scan needs, saved instead of recomputed. With
+``grad_x=False`` a scan backward skips dx and returns an empty tensor in its place.
 """
 
 import torch
@@ -46,11 +47,12 @@ def _zeros_if_none(grad, like):
 
 # Backward helpers: `saved` is what the forward's setup_context stored.
 
-def irnn_scan_grads(saved, grad_y, grad_h_n):
+def irnn_scan_grads(saved, grad_y, grad_h_n, grad_x=True):
     x, h0, w_ih, w_hh, y = saved
     grad_y = _zeros_if_none(grad_y, y)
     grad_h_n = _zeros_if_none(grad_h_n, h0)
-    return torch.ops.fused_rnn.irnn_scan_backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, y)
+    dx, *rest = torch.ops.fused_rnn.irnn_scan_backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, grad_x)
+    return (dx if grad_x else None, *rest)
 
 
 def irnn_step_grads(saved, grad_h_new):
@@ -58,14 +60,15 @@ def irnn_step_grads(saved, grad_h_new):
     return torch.ops.fused_rnn.irnn_step_backward(_zeros_if_none(grad_h_new, h_new), x, h, w_ih, w_hh, h_new)
 
 
-def lstm_scan_grads(saved, grad_y, grad_h_n, grad_c_n):
+def lstm_scan_grads(saved, grad_y, grad_h_n, grad_c_n, grad_x=True):
     x, h0, c0, w_ih, w_hh, y, cells, gates = saved
-    return torch.ops.fused_rnn.lstm_scan_backward(
+    dx, *rest = torch.ops.fused_rnn.lstm_scan_backward(
         _zeros_if_none(grad_y, y),
         _zeros_if_none(grad_h_n, h0),
         _zeros_if_none(grad_c_n, c0),
-        x, h0, c0, w_ih, w_hh, y, cells, gates,
+        x, h0, c0, w_ih, w_hh, y, cells, gates, grad_x,
     )
+    return (dx if grad_x else None, *rest)
 
 
 def lstm_step_grads(saved, grad_h_new, grad_c_new):
@@ -89,8 +92,8 @@ def _register():
         return x.new_empty(x.shape[0], x.shape[1], w_hh.shape[1]), torch.empty_like(h0)
 
     @torch.library.register_fake(lib + "irnn_scan_backward")
-    def _(grad_y, grad_h_n, x, h0, w_ih, w_hh, y):
-        return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(w_ih),
+    def _(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, grad_x=True):
+        return (torch.empty_like(x) if grad_x else x.new_empty(0), torch.empty_like(h0), torch.empty_like(w_ih),
                 torch.empty_like(w_hh), w_hh.new_empty(w_hh.shape[0]))
 
     @torch.library.register_fake(lib + "irnn_step")
@@ -109,8 +112,8 @@ def _register():
                 x.new_empty(steps, batch, hidden), x.new_empty(steps, batch, 4 * hidden))
 
     @torch.library.register_fake(lib + "lstm_scan_backward")
-    def _(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, y, cells, gates):
-        return (torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(w_ih),
+    def _(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, y, cells, gates, grad_x=True):
+        return (torch.empty_like(x) if grad_x else x.new_empty(0), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(w_ih),
                 torch.empty_like(w_hh), w_hh.new_empty(w_hh.shape[0]))
 
     @torch.library.register_fake(lib + "lstm_step")
@@ -129,7 +132,8 @@ def _register():
         ctx.has_bias = bias is not None
 
     def irnn_scan_backward(ctx, grad_y, grad_h_n):
-        dx, dh0, dw_ih, dw_hh, dbias = irnn_scan_grads(ctx.saved_tensors, grad_y, grad_h_n)
+        dx, dh0, dw_ih, dw_hh, dbias = irnn_scan_grads(ctx.saved_tensors, grad_y, grad_h_n,
+                                                       ctx.needs_input_grad[0])
         return dx, dh0, dw_ih, dw_hh, (dbias if ctx.has_bias else None)
 
     torch.library.register_autograd(lib + "irnn_scan_forward", irnn_scan_backward, setup_context=irnn_scan_setup)
@@ -153,7 +157,8 @@ def _register():
 
     def lstm_scan_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_cells, _grad_gates):
         # cells and gates are saved activations, not results: their gradients are not propagated
-        dx, dh0, dc0, dw_ih, dw_hh, dbias = lstm_scan_grads(ctx.saved_tensors, grad_y, grad_h_n, grad_c_n)
+        dx, dh0, dc0, dw_ih, dw_hh, dbias = lstm_scan_grads(ctx.saved_tensors, grad_y, grad_h_n, grad_c_n,
+                                                            ctx.needs_input_grad[0])
         return dx, dh0, dc0, dw_ih, dw_hh, (dbias if ctx.has_bias else None)
 
     torch.library.register_autograd(lib + "lstm_scan_forward", lstm_scan_backward, setup_context=lstm_scan_setup)

@@ -198,3 +198,20 @@ def test_auto_falls_back_for_dtypes_the_kernels_lack():
 
 def test_auto_on_cuda_tensors_uses_an_available_backend():
     assert fused_rnn.select_backend("cuda", torch.float32).name in fused_rnn.available_backends("cuda")
+
+
+@pytest.mark.parametrize("cell", ["irnn", "lstm"])
+def test_weight_grads_do_not_depend_on_x_needing_grad(cell, cpu_backend):
+    """When x needs no gradient the scan backward skips dx; nothing else may change."""
+    make = irnn_args if cell == "irnn" else lstm_args
+    run = fused_rnn.irnn if cell == "irnn" else lstm_flat
+    grads = []
+    for x_needs_grad in (True, False):
+        args = make()
+        args[0].requires_grad_(x_needs_grad)
+        outputs = run(*args, backend=cpu_backend)
+        torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
+        assert (args[0].grad is not None) == x_needs_grad
+        grads.append([a.grad for a in args[1:]])
+    for with_dx, without_dx in zip(*grads):
+        torch.testing.assert_close(without_dx, with_dx, rtol=0, atol=0)

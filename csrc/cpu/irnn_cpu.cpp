@@ -57,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor> irnn_scan_forward(const at::Tensor& x_in, con
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> irnn_scan_backward(
     const at::Tensor& grad_y_in, const at::Tensor& grad_h_n_in, const at::Tensor& x_in, const at::Tensor& h0_in,
-    const at::Tensor& w_ih_in, const at::Tensor& w_hh_in, const at::Tensor& y_in) {
+    const at::Tensor& w_ih_in, const at::Tensor& w_hh_in, const at::Tensor& y_in, bool grad_x) {
   const auto grad_y = grad_y_in.contiguous(), grad_h_n = grad_h_n_in.contiguous();
   const auto x = x_in.contiguous(), h0 = h0_in.contiguous(), y = y_in.contiguous();
   const auto w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
@@ -69,7 +69,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> irnn_scan
                   y.size(2) == hidden,
               "fused_rnn: grad_y and y must be [T, B, H]");
   if (steps == 0) {
-    return {at::zeros_like(x), grad_h_n.clone(), at::zeros_like(w_ih), at::zeros_like(w_hh),
+    return {grad_x ? at::zeros_like(x) : at::empty({0}, x.options()), grad_h_n.clone(), at::zeros_like(w_ih),
+            at::zeros_like(w_hh),
             at::zeros({hidden}, w_hh.options())};
   }
   auto dz = at::empty_like(y);              // [T, B, H]
@@ -93,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> irnn_scan
       }
     });
   });
-  auto grads = weight_grads(dz, x, h0, y, w_ih, w_hh);
+  auto grads = weight_grads(dz, x, h0, y, w_ih, w_hh, grad_x);
   return {grads.dx, carry, grads.dw_ih, grads.dw_hh, grads.dbias};
 }
 
@@ -109,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> irnn_step
     const at::Tensor& w_hh, const at::Tensor& h_new) {
   TORCH_CHECK(x.dim() == 2, "fused_rnn: x must be 2-D [B, I], got ", x.sizes());
   auto grads = irnn_scan_backward(at::zeros_like(h_new).unsqueeze(0), grad_h_new, x.unsqueeze(0), h, w_ih, w_hh,
-                                  h_new.unsqueeze(0));
+                                  h_new.unsqueeze(0), true);
   std::get<0>(grads) = std::get<0>(grads).squeeze(0);
   return grads;
 }

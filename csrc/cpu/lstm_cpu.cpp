@@ -96,7 +96,7 @@ using BackwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tenso
 BackwardOutputs lstm_backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
                                    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
                                    const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& y,
-                                   const at::Tensor& cells, const at::Tensor& gates) {
+                                   const at::Tensor& cells, const at::Tensor& gates, bool grad_x) {
   check_layer(x, {{&h0, "h0"}, {&c0, "c0"}, {&grad_h_n, "grad_h_n"}, {&grad_c_n, "grad_c_n"}}, w_ih, w_hh,
               std::nullopt, 4);
   const int64_t steps = x.size(0), batch = x.size(1), hidden = w_hh.size(1);
@@ -110,7 +110,8 @@ BackwardOutputs lstm_backward_impl(const at::Tensor& grad_y, const at::Tensor& g
                 "fused_rnn: ", name, " must be [", steps, ", ", batch, ", ", width, "], got ", tensor->sizes());
   }
   if (steps == 0) {
-    return {at::zeros_like(x), grad_h_n.clone(), grad_c_n.clone(), at::zeros_like(w_ih), at::zeros_like(w_hh),
+    return {grad_x ? at::zeros_like(x) : at::empty({0}, x.options()), grad_h_n.clone(), grad_c_n.clone(),
+            at::zeros_like(w_ih), at::zeros_like(w_hh),
             at::zeros({4 * hidden}, w_hh.options())};
   }
   auto dgates = at::empty_like(gates);   // [T, B, 4H]
@@ -142,17 +143,17 @@ BackwardOutputs lstm_backward_impl(const at::Tensor& grad_y, const at::Tensor& g
       }
     });
   });
-  auto grads = weight_grads(dgates, x, h0, y, w_ih, w_hh);
+  auto grads = weight_grads(dgates, x, h0, y, w_ih, w_hh, grad_x);
   return {grads.dx, dh_carry, dc, grads.dw_ih, grads.dw_hh, grads.dbias};
 }
 
 BackwardOutputs lstm_scan_backward(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
                                    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
                                    const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& y,
-                                   const at::Tensor& cells, const at::Tensor& gates) {
+                                   const at::Tensor& cells, const at::Tensor& gates, bool grad_x) {
   return lstm_backward_impl(grad_y.contiguous(), grad_h_n.contiguous(), grad_c_n.contiguous(), x.contiguous(),
                             h0.contiguous(), c0.contiguous(), w_ih.contiguous(), w_hh.contiguous(), y.contiguous(),
-                            cells.contiguous(), gates.contiguous());
+                            cells.contiguous(), gates.contiguous(), grad_x);
 }
 
 // One step is the scan with T = 1, so the step and the scan cannot drift apart.
@@ -171,7 +172,7 @@ BackwardOutputs lstm_step_backward(const at::Tensor& grad_h_new, const at::Tenso
   auto grads = lstm_backward_impl(at::zeros_like(c_new).unsqueeze(0), grad_h_new.contiguous(),
                                   grad_c_new.contiguous(), x.contiguous().unsqueeze(0), h.contiguous(),
                                   c.contiguous(), w_ih.contiguous(), w_hh.contiguous(), at::Tensor(),
-                                  c_new.contiguous().unsqueeze(0), gates.contiguous().unsqueeze(0));
+                                  c_new.contiguous().unsqueeze(0), gates.contiguous().unsqueeze(0), true);
   std::get<0>(grads) = std::get<0>(grads).squeeze(0);
   return grads;
 }

@@ -86,13 +86,13 @@ struct WeightGrads {
 // The gradients that are sums over time, as GEMMs over the whole sequence once the
 // backward scan has produced dpre = dL/d(pre-activation), [T, B, G*H]:
 //   dW_hh = sum_t dpre_t^T h_{t-1}  (h_{t-1} = h0 at t = 0, else y_{t-1})
-//   dW_ih = dpre^T x,  dbias = sum dpre,  dx = dpre @ W_ih
+//   dW_ih = dpre^T x,  dbias = sum dpre,  dx = dpre @ W_ih (if need_dx, else empty)
 inline WeightGrads weight_grads(const at::Tensor& dpre, const at::Tensor& x, const at::Tensor& h0,
-                                const at::Tensor& y, const at::Tensor& w_ih, const at::Tensor& w_hh) {
+                                const at::Tensor& y, const at::Tensor& w_ih, const at::Tensor& w_hh, bool need_dx) {
   const int64_t steps = x.size(0), batch = x.size(1), gh = w_hh.size(0);
   auto dpre2d = dpre.view({steps * batch, gh});
   WeightGrads grads;
-  grads.dx = at::mm(dpre2d, w_ih).view(x.sizes());
+  grads.dx = need_dx ? at::mm(dpre2d, w_ih).view(x.sizes()) : at::empty({0}, x.options());
   grads.dw_ih = at::mm(dpre2d.t(), x.view({steps * batch, x.size(2)}));
   grads.dw_hh = at::mm(dpre[0].t(), h0);
   if (steps > 1) {
