@@ -1,0 +1,295 @@
+"""IRNN and LSTM in plain NumPy, float64, with backpropagation through time by hand.
+
+This is the independent oracle of ``fused_rnn``: every backend (C++, Triton, CUDA, the
+torch time loop) is checked against it, and it is itself checked against
+``torch.nn.RNN(nonlinearity="relu")`` and ``torch.nn.LSTM``. It never imports torch,
+so an error in torch cannot hide in both sides of a comparison. It is also the last
+model of the char-RNN lesson: a recurrent network written from scratch with its
+gradients derived on paper.
+
+Shapes and notation
+-------------------
+T time steps, B sequences in the batch, I input features, H hidden units, G gates
+(G = 1 for the IRNN, G = 4 for the LSTM).
+
+    x     [T, B, I]      inputs, sequence first
+    h0    [B, H]         initial hidden state (c0 [B, H] too for the LSTM)
+    w_ih  [G*H, I]       input-to-hidden weights
+    w_hh  [G*H, H]       hidden-to-hidden weights
+    b_ih  [G*H]          biases, either may be None
+    b_hh  [G*H]
+
+Row vectors are used throughout, as in PyTorch: ``h_t @ w_hh.T`` rather than
+``W h_t``. Everything is converted to float64 first.
+
+IRNN forward
+------------
+An IRNN (Le, Jaitly & Hinton 2015) is a ReLU RNN whose recurrent matrix starts near
+the identity. One layer computes, for t = 1..T,
+
+    z_t = x_t @ w_ih.T + b_ih + h_{t-1} @ w_hh.T + b_hh      [B, H]
+    h_t = relu(z_t)
+
+and returns y = (h_1, ..., h_T) and h_T. The input term does not depend on h, so it
+is computed for all time steps with one matrix product before the loop; only the
+recurrent term has to wait for the previous step.
+
+IRNN backward
+-------------
+Let L be any scalar whose gradients with respect to the outputs are given:
+dy_t = dL/dh_t through y, and dh_T = dL/dh_T through the final state. The hidden state
+h_t influences L directly (through y_t, and through h_T when t = T) and indirectly
+through h_{t+1}. So, walking backward in time with g holding dL/dh_t:
+
+    g     = dh_T                       before the loop
+    g    += dy_t                       direct use of h_t
+    dz_t  = g * [z_t > 0]              relu'(z) = 1 where z > 0, else 0 (0 at z = 0, like PyTorch)
+    g     = dz_t @ w_hh                dL/dh_{t-1}, since z_t depends on h_{t-1} through w_hh
+
+and after the loop dh0 = g. Every parameter is used once per step, so its gradient is
+a sum over steps, and those sums are single matrix products once all dz_t are known:
+
+    dw_hh = sum_t dz_t.T @ h_{t-1}     [H, H]
+    dw_ih = sum_t dz_t.T @ x_t         [H, I]
+    db_ih = db_hh = sum_{t,b} dz_t     [H]
+    dx_t  = dz_t @ w_ih                [B, I]
+
+LSTM forward
+------------
+Gates in PyTorch's order (i, f, g, o), so that ``nn.LSTM`` weights load unchanged:
+
+    a_t = x_t @ w_ih.T + b_ih + h_{t-1} @ w_hh.T + b_hh     [B, 4H], split into
+          a_i, a_f, a_g, a_o                                 [B, H] each
+    i = sigmoid(a_i)   input gate       f = sigmoid(a_f)   forget gate
+    g = tanh(a_g)      candidate cell   o = sigmoid(a_o)   output gate
+    c_t = f * c_{t-1} + i * g
+    h_t = o * tanh(c_t)
+
+LSTM backward
+-------------
+Two quantities flow backward in time: dh = dL/dh_t and dc = dL/dc_t. At step t, with
+dh already including dy_t, and writing k = tanh(c_t):
+
+    do    = dh * k
+    dc   += dh * o * (1 - k**2)        h_t depends on c_t through tanh
+    di    = dc * g
+    dg    = dc * i
+    df    = dc * c_{t-1}
+    dc    = dc * f                     dL/dc_{t-1}
+
+and through the activations (sigmoid' = s (1 - s), tanh' = 1 - tanh**2):
+
+    da_i = di * i (1 - i)     da_f = df * f (1 - f)
+    da_g = dg * (1 - g**2)    da_o = do * o (1 - o)
+
+    da_t = [da_i, da_f, da_g, da_o]    [B, 4H]
+    dh   = da_t @ w_hh                 dL/dh_{t-1}, to which dy_{t-1} is added next step
+
+The parameter and input gradients are the same matrix products as for the IRNN with
+da_t in place of dz_t.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def _as_float64(array):
+    return None if array is None else np.asarray(array, dtype=np.float64)
+
+
+def _sigmoid(a):
+    # tanh form: equal to 1 / (1 + exp(-a)) and never overflows for large |a|
+    return 0.5 * (1.0 + np.tanh(0.5 * a))
+
+
+def _as_rows(array):
+    """[T, B, N] -> [T*B, N]: every (step, sequence) pair as one row of a matrix.
+
+    Products of 2-D matrices go to BLAS; NumPy's stacked 3-D @ 2-D product may not."""
+    return array.reshape(-1, array.shape[-1])
+
+
+def _input_projection(x, w_ih, b_ih, b_hh):
+    """x @ w_ih.T + b_ih + b_hh for every time step at once: [T, B, I] -> [T, B, G*H]."""
+    projection = (_as_rows(x) @ w_ih.T).reshape(*x.shape[:2], w_ih.shape[0])
+    if b_ih is not None:
+        projection = projection + b_ih
+    if b_hh is not None:
+        projection = projection + b_hh
+    return projection
+
+
+def _parameter_gradients(d_preactivation, x, h_previous, w_ih, has_b_ih, has_b_hh):
+    """Gradients of the inputs and parameters from dL/d(pre-activation) of every step.
+
+    d_preactivation [T, B, G*H], x [T, B, I], h_previous [T, B, H] (h_0 .. h_{T-1}).
+    """
+    # a sum over t and b of outer products is one matrix product once (t, b) is one axis
+    d_rows = _as_rows(d_preactivation)  # [T*B, G*H]
+    dw_ih = d_rows.T @ _as_rows(x)  # [G*H, I]
+    dw_hh = d_rows.T @ _as_rows(h_previous)  # [G*H, H]
+    dx = (d_rows @ w_ih).reshape(x.shape)  # [T, B, I]
+    # both biases are added to the same sum, so they share one gradient
+    d_bias = d_preactivation.sum(axis=(0, 1))  # [G*H]
+    return {
+        "dx": dx,
+        "dw_ih": dw_ih,
+        "dw_hh": dw_hh,
+        "db_ih": d_bias.copy() if has_b_ih else None,
+        "db_hh": d_bias.copy() if has_b_hh else None,
+    }
+
+
+def _upstream_or_zeros(gradient, shape):
+    return np.zeros(shape) if gradient is None else _as_float64(gradient)
+
+
+# --------------------------------------------------------------------------- IRNN
+
+
+@dataclass
+class IRNNCache:
+    """What the IRNN backward needs from its forward."""
+
+    x: np.ndarray  # [T, B, I]
+    w_ih: np.ndarray  # [H, I]
+    w_hh: np.ndarray  # [H, H]
+    hidden_states: np.ndarray  # [T + 1, B, H]: h_0, h_1, ..., h_T
+    preactivations: np.ndarray  # [T, B, H]: z_1, ..., z_T
+    has_b_ih: bool
+    has_b_hh: bool
+
+
+def irnn_forward(x, h0, w_ih, w_hh, b_ih=None, b_hh=None):
+    """One IRNN layer: h_t = relu(x_t @ w_ih.T + b_ih + h_{t-1} @ w_hh.T + b_hh).
+
+    x [T, B, I], h0 [B, H], w_ih [H, I], w_hh [H, H], b_ih and b_hh [H] or None.
+    Returns (y [T, B, H], h_T [B, H], cache); with T = 0, y is [0, B, H] and h_T = h0.
+    """
+    x, h0, w_ih, w_hh, b_ih, b_hh = map(_as_float64, (x, h0, w_ih, w_hh, b_ih, b_hh))
+    steps, batch, _ = x.shape
+    hidden = w_hh.shape[1]
+
+    input_terms = _input_projection(x, w_ih, b_ih, b_hh)  # [T, B, H]
+    hidden_states = np.empty((steps + 1, batch, hidden))  # [T + 1, B, H]
+    preactivations = np.empty((steps, batch, hidden))  # [T, B, H]
+    hidden_states[0] = h0
+    for t in range(steps):
+        preactivations[t] = input_terms[t] + hidden_states[t] @ w_hh.T
+        hidden_states[t + 1] = np.maximum(preactivations[t], 0.0)
+
+    cache = IRNNCache(x, w_ih, w_hh, hidden_states, preactivations, b_ih is not None, b_hh is not None)
+    return hidden_states[1:].copy(), hidden_states[steps].copy(), cache
+
+
+def irnn_backward(dy, dh_T, cache):
+    """Backpropagation through time for :func:`irnn_forward`.
+
+    dy [T, B, H] = dL/dy and dh_T [B, H] = dL/dh_T, either may be None (zeros).
+    Returns a dict of dx [T, B, I], dh0 [B, H], dw_ih [H, I], dw_hh [H, H], and
+    db_ih, db_hh [H] (None where that bias was None).
+    """
+    steps, batch, hidden = cache.preactivations.shape
+    dy = _upstream_or_zeros(dy, (steps, batch, hidden))  # [T, B, H]
+    d_hidden = _upstream_or_zeros(dh_T, (batch, hidden)).copy()  # [B, H], dL/dh_t
+
+    d_preactivations = np.empty((steps, batch, hidden))  # [T, B, H]
+    for t in reversed(range(steps)):
+        d_hidden += dy[t]
+        d_preactivations[t] = d_hidden * (cache.preactivations[t] > 0.0)
+        d_hidden = d_preactivations[t] @ cache.w_hh
+
+    grads = _parameter_gradients(
+        d_preactivations, cache.x, cache.hidden_states[:-1], cache.w_ih, cache.has_b_ih, cache.has_b_hh
+    )
+    grads["dh0"] = d_hidden
+    return grads
+
+
+# --------------------------------------------------------------------------- LSTM
+
+
+@dataclass
+class LSTMCache:
+    """What the LSTM backward needs from its forward."""
+
+    x: np.ndarray  # [T, B, I]
+    w_ih: np.ndarray  # [4H, I]
+    w_hh: np.ndarray  # [4H, H]
+    hidden_states: np.ndarray  # [T + 1, B, H]: h_0, ..., h_T
+    cell_states: np.ndarray  # [T + 1, B, H]: c_0, ..., c_T
+    activated_gates: np.ndarray  # [T, B, 4H]: i, f, g, o after their sigmoid / tanh
+    has_b_ih: bool
+    has_b_hh: bool
+
+
+def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None):
+    """One LSTM layer, gate order (i, f, g, o) as in torch.nn.LSTM.
+
+    x [T, B, I], h0 and c0 [B, H], w_ih [4H, I], w_hh [4H, H], b_ih and b_hh [4H] or None.
+    Returns (y [T, B, H], h_T [B, H], c_T [B, H], cache); with T = 0, y is [0, B, H]
+    and (h_T, c_T) = (h0, c0).
+    """
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh = map(_as_float64, (x, h0, c0, w_ih, w_hh, b_ih, b_hh))
+    steps, batch, _ = x.shape
+    hidden = w_hh.shape[1]
+
+    input_terms = _input_projection(x, w_ih, b_ih, b_hh)  # [T, B, 4H]
+    hidden_states = np.empty((steps + 1, batch, hidden))  # [T + 1, B, H]
+    cell_states = np.empty((steps + 1, batch, hidden))  # [T + 1, B, H]
+    activated_gates = np.empty((steps, batch, 4 * hidden))  # [T, B, 4H]
+    hidden_states[0] = h0
+    cell_states[0] = c0
+    for t in range(steps):
+        gate_preactivations = input_terms[t] + hidden_states[t] @ w_hh.T  # [B, 4H]
+        a_i, a_f, a_g, a_o = np.split(gate_preactivations, 4, axis=1)
+        i, f, g, o = _sigmoid(a_i), _sigmoid(a_f), np.tanh(a_g), _sigmoid(a_o)
+        activated_gates[t] = np.concatenate([i, f, g, o], axis=1)
+        cell_states[t + 1] = f * cell_states[t] + i * g
+        hidden_states[t + 1] = o * np.tanh(cell_states[t + 1])
+
+    cache = LSTMCache(
+        x, w_ih, w_hh, hidden_states, cell_states, activated_gates, b_ih is not None, b_hh is not None
+    )
+    return hidden_states[1:].copy(), hidden_states[steps].copy(), cell_states[steps].copy(), cache
+
+
+def lstm_backward(dy, dh_T, dc_T, cache):
+    """Backpropagation through time for :func:`lstm_forward`.
+
+    dy [T, B, H], dh_T [B, H], dc_T [B, H]: gradients of the loss with respect to the
+    outputs, any of them may be None (zeros). Returns a dict of dx [T, B, I],
+    dh0 [B, H], dc0 [B, H], dw_ih [4H, I], dw_hh [4H, H], and db_ih, db_hh [4H]
+    (None where that bias was None).
+    """
+    steps, batch, hidden = cache.hidden_states.shape[0] - 1, *cache.hidden_states.shape[1:]
+    dy = _upstream_or_zeros(dy, (steps, batch, hidden))  # [T, B, H]
+    d_hidden = _upstream_or_zeros(dh_T, (batch, hidden)).copy()  # [B, H], dL/dh_t
+    d_cell = _upstream_or_zeros(dc_T, (batch, hidden)).copy()  # [B, H], dL/dc_t
+
+    d_gate_preactivations = np.empty((steps, batch, 4 * hidden))  # [T, B, 4H]
+    for t in reversed(range(steps)):
+        d_hidden = d_hidden + dy[t]
+        i, f, g, o = np.split(cache.activated_gates[t], 4, axis=1)
+        tanh_cell = np.tanh(cache.cell_states[t + 1])
+
+        d_o = d_hidden * tanh_cell
+        d_cell = d_cell + d_hidden * o * (1.0 - tanh_cell**2)
+        d_i = d_cell * g
+        d_g = d_cell * i
+        d_f = d_cell * cache.cell_states[t]
+        d_cell = d_cell * f
+
+        d_gate_preactivations[t] = np.concatenate(
+            [d_i * i * (1.0 - i), d_f * f * (1.0 - f), d_g * (1.0 - g**2), d_o * o * (1.0 - o)],
+            axis=1,
+        )
+        d_hidden = d_gate_preactivations[t] @ cache.w_hh
+
+    grads = _parameter_gradients(
+        d_gate_preactivations, cache.x, cache.hidden_states[:-1], cache.w_ih, cache.has_b_ih, cache.has_b_hh
+    )
+    grads["dh0"] = d_hidden
+    grads["dc0"] = d_cell
+    return grads
