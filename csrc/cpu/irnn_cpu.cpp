@@ -5,6 +5,7 @@
 //           y_t in place and one vectorised ReLU pass. No allocation inside the loop.
 // Backward: g = dL/dh_T; for t = T-1..0: dz_t = (dy_t + g) * [y_t > 0]; g = dz_t W_hh.
 //           dh0 = g; the weight gradients are GEMMs over all of dz afterwards.
+// Each thread runs both scans on its own slice of the batch (see parallel_batch).
 #include <torch/library.h>
 
 #include "../cell_math.h"
@@ -36,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor> irnn_scan_forward(const at::Tensor& x_in, con
   check_layer(x, {{&h0, "h0"}}, w_ih, w_hh, bias, 1);
   const int64_t steps = x.size(0), batch = x.size(1), hidden = w_hh.size(1);
   if (steps == 0) return {x.new_empty({0, batch, hidden}), h0.clone()};
-  auto y = input_projection(x, w_ih, bias);  // [T, B, H], overwritten step by step
+  auto y = input_projection(x, w_ih, bias);  // [T, B, H]: z_t, then h_t in place
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "irnn_scan_forward", [&] {
     scalar_t* y_data = y.data_ptr<scalar_t>();
     const int64_t step_elems = batch * hidden;
@@ -73,6 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> irnn_scan
             at::zeros_like(w_hh),
             at::zeros({hidden}, w_hh.options())};
   }
+  const auto plan = plan_backward(x, w_ih, w_hh, grad_x);
   auto dz = at::empty_like(y);              // [T, B, H]
   auto carry = grad_h_n.clone();            // [B, H]: dL/dh_t from step t+1 (and from h_T)
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "irnn_scan_backward", [&] {
@@ -84,17 +86,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> irnn_scan
     parallel_batch(batch, [&](int64_t b0, int64_t b1) {
       const int64_t rows = b1 - b0, offset = b0 * hidden;
       // g [rows, H] = dz_t [rows, H] @ W_hh [H, H]
-      const RecurrentGemm<scalar_t> recurrent(w_hh.const_data_ptr<scalar_t>(), false, rows, hidden, hidden);
+      BackwardStepGemm<scalar_t> step_gemm(plan, hidden, b0, rows);
       scalar_t* g = carry_data + offset;
       for (int64_t t = steps - 1; t >= 0; --t) {
         const int64_t base = t * step_elems + offset;
         scalar_t* dz_t = dz_data + base;
         relu_backward_rows(dy_data + base, g, y_data + base, dz_t, rows * hidden);
-        recurrent(dz_t, 0, g);
+        step_gemm(t, dz_t, g);
       }
     });
   });
-  auto grads = weight_grads(dz, x, h0, y, w_ih, w_hh, grad_x);
+  auto grads = weight_grads(dz, x, h0, y, w_ih, w_hh, grad_x && !plan.dx_in_step);
+  if (plan.dx_in_step) grads.dx = plan.dx;
   return {grads.dx, carry, grads.dw_ih, grads.dw_hh, grads.dbias};
 }
 

@@ -6,6 +6,7 @@
 // Backward: carrying dh (from step t+1 through W_hh) and dc, one fused pass per row
 //           gives dgates_t and dc_{t-1}; one BLAS call gives dh_{t-1} = dgates_t W_hh.
 //           Weight gradients are GEMMs over all of dgates afterwards.
+// Each thread runs both scans on its own slice of the batch (see parallel_batch).
 #include <torch/library.h>
 
 #include "../cell_math.h"
@@ -62,7 +63,7 @@ ForwardOutputs lstm_scan_forward(const at::Tensor& x_in, const at::Tensor& h0_in
     auto empty = x.new_empty({0, batch, hidden});
     return {empty, h0.clone(), c0.clone(), empty.clone(), x.new_empty({0, batch, 4 * hidden})};
   }
-  auto gates = input_projection(x, w_ih, bias);  // [T, B, 4H]
+  auto gates = input_projection(x, w_ih, bias);  // [T, B, 4H]: pre-activations, then activations in place
   auto y = at::empty({steps, batch, hidden}, x.options());
   auto cells = at::empty({steps, batch, hidden}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_scan_forward", [&] {
@@ -114,6 +115,7 @@ BackwardOutputs lstm_backward_impl(const at::Tensor& grad_y, const at::Tensor& g
             at::zeros_like(w_ih), at::zeros_like(w_hh),
             at::zeros({4 * hidden}, w_hh.options())};
   }
+  const auto plan = plan_backward(x, w_ih, w_hh, grad_x);
   auto dgates = at::empty_like(gates);   // [T, B, 4H]
   auto dh_carry = grad_h_n.clone();      // [B, H]
   auto dc = grad_c_n.clone();            // [B, H]
@@ -128,7 +130,7 @@ BackwardOutputs lstm_backward_impl(const at::Tensor& grad_y, const at::Tensor& g
     parallel_batch(batch, [&](int64_t b0, int64_t b1) {
       const int64_t rows = b1 - b0;
       // dh [rows, H] = dgates_t [rows, 4H] @ W_hh [4H, H]
-      const RecurrentGemm<scalar_t> recurrent(w_hh.const_data_ptr<scalar_t>(), false, rows, hidden, 4 * hidden);
+      BackwardStepGemm<scalar_t> step_gemm(plan, hidden, b0, rows);
       for (int64_t t = steps - 1; t >= 0; --t) {
         const scalar_t* c_prev = t == 0 ? c0.const_data_ptr<scalar_t>() : c_data + (t - 1) * step_elems;
         const scalar_t* dy_t = dy_data + t * step_elems;
@@ -139,11 +141,12 @@ BackwardOutputs lstm_backward_impl(const at::Tensor& grad_y, const at::Tensor& g
           lstm_backward_row(dy_t + b * hidden, dh + b * hidden, dc_data + b * hidden, gates_t + b * 4 * hidden,
                             c_t + b * hidden, c_prev + b * hidden, dgates_t + b * 4 * hidden, hidden);
         }
-        recurrent(dgates_t + b0 * 4 * hidden, 0, dh + b0 * hidden);
+        step_gemm(t, dgates_t + b0 * 4 * hidden, dh + b0 * hidden);
       }
     });
   });
-  auto grads = weight_grads(dgates, x, h0, y, w_ih, w_hh, grad_x);
+  auto grads = weight_grads(dgates, x, h0, y, w_ih, w_hh, grad_x && !plan.dx_in_step);
+  if (plan.dx_in_step) grads.dx = plan.dx;
   return {grads.dx, dh_carry, dc, grads.dw_ih, grads.dw_hh, grads.dbias};
 }
 

@@ -1,0 +1,561 @@
+"""CPU benchmark: the fused backends against torch.nn.RNN(nonlinearity="relu") / torch.nn.LSTM.
+
+For every cell (IRNN, LSTM), mode (inference: forward under ``torch.no_grad``;
+training: forward and backward of ``y.sum()``) and configuration in :data:`CONFIGS`,
+each contender runs the same single fp32 layer with the same weights:
+
+- ``nn``: ``torch.nn.RNN(nonlinearity="relu")`` or ``torch.nn.LSTM``, the baseline;
+- ``cpp``: :func:`fused_rnn.irnn` / :func:`fused_rnn.lstm` with ``backend="cpp"``;
+- ``torch``: the same functions with ``backend="torch"`` (a time loop of PyTorch ops).
+
+Every contender's outputs, final states and gradients are checked against the
+baseline before anything is timed. Timing is made for a shared, noisy machine: after a
+warm-up the contenders of one (cell, mode, configuration) take turns, round after round,
+and the table reports medians; a speed-up is the median over rounds of the ratio of the
+baseline's time to the contender's time measured in the same round.
+
+Command line: ``python -m fused_rnn bench [--quick] [--json PATH] [--backends cpp,torch]``;
+``python bench/table.py`` writes the table that the README shows.
+"""
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+import fused_rnn
+
+CELLS = ("irnn", "lstm")
+MODES = ("inference", "training")
+BASELINE = "nn"
+FUSED_BACKENDS = ("cpp", "torch")
+CONTENDER_LABELS = {BASELINE: "nn.RNN / nn.LSTM", "cpp": "cpp", "torch": "torch loop"}
+BASELINE_MODULE_NAMES = {"irnn": 'nn.RNN(nonlinearity="relu")', "lstm": "nn.LSTM"}
+DTYPE = torch.float32
+SEED = 0
+
+# Accepted difference from the baseline, as max|got - want| / max|want| per tensor
+# (scaled by the tensor's largest entry, because weight gradients are sums over T*B
+# terms whose small entries come from cancellation). Each contender does the same
+# float32 arithmetic in another order (blocked GEMMs, bias added once or twice), so
+# results differ by rounding only: eps = 6e-8, and a 100-step recurrence with GEMMs over
+# up to 512 terms gives ~sqrt(K*T) * eps ~ 1e-5 at worst; measured on these shapes:
+# at most 3.3e-6 (IRNN, T=100, B=1). 1e-4 is a 30x margin; a wrong gate order, index
+# or missing term errs by O(1).
+FLOAT32_TOLERANCE = 1e-4
+
+# IRNN weights. W_hh = identity + noise keeps the recurrence near the identity as in Le
+# et al. (2015), the noise breaking the symmetry between units. The noise's spectral
+# radius is about std * sqrt(H), so an std of 0.01 / sqrt(H) keeps every eigenvalue
+# within ~0.01 of 1 and activations bounded over 100 steps (1.01^100 < 3; measured
+# max|h| <= 11 on these shapes, while an std of 0.01 grows h to 1e6 by T=100).
+IRNN_RECURRENT_NOISE = 0.01
+IRNN_INPUT_STD = 0.01
+# Initial states, small and random so that the dh0 / dc0 paths are exercised too.
+INITIAL_STATE_STD = 0.1
+
+
+class BenchConfig(NamedTuple):
+    name: str
+    T: int  # sequence length
+    B: int  # batch size
+    I: int  # input size
+    H: int  # hidden size
+    about: str
+
+
+CONFIGS = (
+    BenchConfig("lesson", 64, 64, 42, 256, "the char-level lesson's model (42-dim embeddings, 256 units)"),
+    BenchConfig("small-batch", 100, 1, 42, 256, "one sequence at a time, as in generation"),
+    BenchConfig("fastrnns", 100, 64, 512, 512, "the defaults of PyTorch's benchmarks/fastrnns"),
+)
+CONFIGS_BY_NAME = {config.name: config for config in CONFIGS}
+
+
+@dataclass(frozen=True)
+class TimingPlan:
+    warmup_calls: int  # untimed calls of each contender before the first round
+    rounds: int  # rounds in which every contender is timed once, in turn
+    min_round_seconds: float  # each contender repeats its call within a round until this long
+
+
+# 15 rounds keep the median stable against a few rounds slowed by other work on the
+# machine; 0.1 s per timed block averages out scheduler jitter of a few milliseconds.
+FULL_PLAN = TimingPlan(warmup_calls=3, rounds=15, min_round_seconds=0.1)
+QUICK_PLAN = TimingPlan(warmup_calls=1, rounds=5, min_round_seconds=0.02)
+
+
+# ---------------------------------------------------------------------------
+# Problems: inputs and weights
+
+
+@dataclass
+class Problem:
+    """One layer's inputs and weights; every contender runs on these same tensors.
+
+    module: the baseline nn.RNN / nn.LSTM, whose parameters are the weights all
+    contenders use; x [T, B, I]; state (h0,) or (h0, c0), each [B, H]. Every tensor
+    requires grad, so training mode differentiates with respect to all of them.
+    """
+
+    cell: str
+    config: BenchConfig
+    module: nn.RNNBase
+    x: Tensor
+    state: Tuple[Tensor, ...]
+
+    @property
+    def weights(self) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        m = self.module
+        return m.weight_ih_l0, m.weight_hh_l0, m.bias_ih_l0, m.bias_hh_l0
+
+    @property
+    def differentiable_inputs(self) -> Tuple[Tensor, ...]:
+        return (self.x, *self.state, *self.weights)
+
+    @property
+    def output_names(self) -> Tuple[str, ...]:
+        return ("y", "h_n") if self.cell == "irnn" else ("y", "h_n", "c_n")
+
+    @property
+    def gradient_names(self) -> Tuple[str, ...]:
+        states = ("dh0",) if self.cell == "irnn" else ("dh0", "dc0")
+        return ("dx", *states, "dw_ih", "dw_hh", "db_ih", "db_hh")
+
+
+def make_problem(cell: str, config: BenchConfig, seed: int = SEED) -> Problem:
+    """Inputs and weights for `cell` at `config`, the same for the same seed."""
+    if cell not in CELLS:
+        raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
+    T, B, I, H = config.T, config.B, config.I, config.H
+    # fork_rng: a fixed seed here must not reset the caller's random stream
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if cell == "irnn":
+            module = nn.RNN(I, H, nonlinearity="relu", dtype=DTYPE)
+            with torch.no_grad():
+                module.weight_hh_l0.copy_(torch.eye(H) + IRNN_RECURRENT_NOISE / math.sqrt(H) * torch.randn(H, H))
+                module.weight_ih_l0.normal_(0.0, IRNN_INPUT_STD)
+                module.bias_ih_l0.zero_()
+                module.bias_hh_l0.zero_()
+            num_states = 1
+        else:
+            # nn.LSTM's own initialisation: uniform(-1/sqrt(H), 1/sqrt(H))
+            module = nn.LSTM(I, H, dtype=DTYPE)
+            num_states = 2
+        x = torch.randn(T, B, I, dtype=DTYPE, requires_grad=True)
+        state = tuple((INITIAL_STATE_STD * torch.randn(B, H, dtype=DTYPE)).requires_grad_() for _ in range(num_states))
+    return Problem(cell, config, module, x, state)
+
+
+# ---------------------------------------------------------------------------
+# Contenders
+
+
+def run_layer(problem: Problem, contender: str) -> Tuple[Tensor, ...]:
+    """Runs `contender` on `problem`: (y [T, B, H], h_n [B, H]) or (y, h_n, c_n)."""
+    if contender == BASELINE:
+        # nn.RNN / nn.LSTM take and return states as [num_layers, B, H]
+        states = tuple(s.unsqueeze(0) for s in problem.state)
+        if problem.cell == "irnn":
+            y, h_n = problem.module(problem.x, states[0])
+            return y, h_n.squeeze(0)
+        y, (h_n, c_n) = problem.module(problem.x, states)
+        return y, h_n.squeeze(0), c_n.squeeze(0)
+    if problem.cell == "irnn":
+        return fused_rnn.irnn(problem.x, problem.state[0], *problem.weights, backend=contender)
+    y, (h_n, c_n) = fused_rnn.lstm(problem.x, problem.state, *problem.weights, backend=contender)
+    return y, h_n, c_n
+
+
+def training_step(problem: Problem, contender: str) -> Tuple[Tensor, ...]:
+    """Forward and backward of the loss y.sum(): the outputs, then the gradients of
+    every differentiable input (order of :attr:`Problem.differentiable_inputs`)."""
+    outputs = run_layer(problem, contender)
+    # autograd.grad rather than backward(): no .grad accumulating from call to call
+    grads = torch.autograd.grad(outputs[0].sum(), problem.differentiable_inputs)
+    return (*outputs, *grads)
+
+
+def make_step(problem: Problem, contender: str, mode: str) -> Callable[[], object]:
+    """The zero-argument callable that the timers call for one (contender, mode)."""
+    if mode == "inference":
+        def inference_step():
+            with torch.no_grad():
+                return run_layer(problem, contender)
+        return inference_step
+    if mode == "training":
+        return lambda: training_step(problem, contender)
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def unavailable_reason(contender: str) -> Optional[str]:
+    """Why `contender` cannot run fp32 CPU tensors on this install, or None if it can."""
+    if contender == BASELINE:
+        return None
+    if contender not in fused_rnn.available_backends("cpu"):
+        try:
+            fused_rnn.select_backend("cpu", DTYPE, contender)
+        except ValueError as error:
+            return str(error)
+        return f"backend {contender!r} is not in fused_rnn.available_backends('cpu')"
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Correctness
+
+
+class CorrectnessError(AssertionError):
+    """A contender's results differ from the baseline's by more than rounding."""
+
+
+def max_scaled_error(got: Tensor, want: Tensor) -> float:
+    """max|got - want| / max|want| (the error relative to the tensor's scale)."""
+    if got.shape != want.shape:
+        raise CorrectnessError(f"shape {tuple(got.shape)} != {tuple(want.shape)}")
+    scale = want.detach().abs().max().item() if want.numel() else 0.0
+    difference = (got.detach() - want.detach()).abs().max().item() if want.numel() else 0.0
+    return difference / scale if scale > 0 else difference
+
+
+def check_against_baseline(problem: Problem, contender: str, mode: str,
+                           tolerance: float = FLOAT32_TOLERANCE) -> Dict[str, float]:
+    """Compares `contender` with nn.RNN / nn.LSTM on `problem`: outputs and final states
+    (under no_grad in inference mode), and every gradient in training mode. Returns the
+    scaled error of each tensor; raises CorrectnessError if one exceeds `tolerance`."""
+    if mode == "inference":
+        with torch.no_grad():
+            got, want = run_layer(problem, contender), run_layer(problem, BASELINE)
+        names = problem.output_names
+    else:
+        got, want = training_step(problem, contender), training_step(problem, BASELINE)
+        names = problem.output_names + problem.gradient_names
+    if not len(got) == len(want) == len(names):
+        raise CorrectnessError(f"{describe_case(problem, mode)}: {contender} returned {len(got)} tensors, "
+                               f"{BASELINE_MODULE_NAMES[problem.cell]} {len(want)}, expected {len(names)}")
+    errors = {}
+    for name, got_tensor, want_tensor in zip(names, got, want):
+        try:
+            errors[name] = max_scaled_error(got_tensor, want_tensor)
+        except CorrectnessError as error:
+            raise CorrectnessError(f"{describe_case(problem, mode)}, {contender}: {name}: {error}") from None
+    too_far = {name: error for name, error in errors.items() if not error <= tolerance}
+    if too_far:
+        listed = ", ".join(f"{name} {error:.2e}" for name, error in too_far.items())
+        raise CorrectnessError(
+            f"{describe_case(problem, mode)}: {contender} differs from {BASELINE_MODULE_NAMES[problem.cell]} "
+            f"by more than {tolerance:.0e} of scale: {listed}"
+        )
+    return errors
+
+
+def describe_case(problem: Problem, mode: str) -> str:
+    c = problem.config
+    return f"{problem.cell} {mode} {c.name} (T={c.T}, B={c.B}, I={c.I}, H={c.H})"
+
+
+# ---------------------------------------------------------------------------
+# Timing
+
+
+def _time_calls(step: Callable[[], object], calls: int) -> float:
+    """Seconds per call of `calls` back-to-back calls, the garbage collector paused."""
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        for _ in range(calls):
+            step()
+        return (time.perf_counter() - start) / calls
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def time_interleaved(steps: Dict[str, Callable[[], object]], plan: TimingPlan) -> Dict[str, List[float]]:
+    """Seconds per call of each step, one entry per round.
+
+    Warm-up calls first (allocator, thread pool, caches), which also measure how many
+    calls one round needs to last plan.min_round_seconds. Then every round times each
+    step once, the order rotating so that no step always follows the same other one.
+    """
+    names = list(steps)
+    calls_per_round = {}
+    for name in names:
+        warmup_seconds = [_time_calls(steps[name], 1) for _ in range(max(1, plan.warmup_calls))]
+        calls_per_round[name] = max(1, math.ceil(plan.min_round_seconds / min(warmup_seconds)))
+    seconds = {name: [] for name in names}
+    for round_index in range(plan.rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds[name].append(_time_calls(steps[name], calls_per_round[name]))
+        gc.collect()
+    return seconds
+
+
+# ---------------------------------------------------------------------------
+# One case and the whole run
+
+
+@dataclass
+class CaseResult:
+    """Timings of every contender for one (cell, mode, configuration)."""
+
+    cell: str
+    mode: str
+    config: BenchConfig
+    seconds_per_call: Dict[str, List[float]]  # contender -> one entry per round
+    errors: Dict[str, Dict[str, float]]  # contender -> tensor name -> scaled error vs baseline
+    unavailable: Dict[str, str] = field(default_factory=dict)  # contender -> why it did not run
+
+    def median_ms(self, contender: str) -> Optional[float]:
+        rounds = self.seconds_per_call.get(contender)
+        return 1e3 * statistics.median(rounds) if rounds else None
+
+    def speedup(self, contender: str) -> Optional[float]:
+        """Median over rounds of baseline time / contender time (> 1: contender faster)."""
+        baseline, other = self.seconds_per_call.get(BASELINE), self.seconds_per_call.get(contender)
+        if not baseline or not other:
+            return None
+        return statistics.median(b / o for b, o in zip(baseline, other))
+
+    def to_json(self) -> dict:
+        contenders = {}
+        for name, rounds in self.seconds_per_call.items():
+            ms = sorted(1e3 * s for s in rounds)
+            contenders[name] = {
+                "median_ms": self.median_ms(name),
+                "min_ms": ms[0],
+                "max_ms": ms[-1],
+                "rounds_ms": [1e3 * s for s in rounds],
+                "speedup_vs_nn": self.speedup(name),
+                "max_scaled_error_vs_nn": self.errors.get(name),
+            }
+        return {
+            "cell": self.cell,
+            "mode": self.mode,
+            "config": self.config._asdict(),
+            "contenders": contenders,
+            "unavailable": self.unavailable,
+        }
+
+
+def run_case(cell: str, mode: str, config: BenchConfig, backends: Sequence[str], plan: TimingPlan) -> CaseResult:
+    """Checks, then times, nn.RNN / nn.LSTM and each of `backends` on one case."""
+    problem = make_problem(cell, config)
+    unavailable = {name: reason for name in backends if (reason := unavailable_reason(name)) is not None}
+    runnable = [name for name in backends if name not in unavailable]
+    errors = {name: check_against_baseline(problem, name, mode) for name in runnable}
+    steps = {name: make_step(problem, name, mode) for name in [BASELINE, *runnable]}
+    return CaseResult(cell, mode, config, time_interleaved(steps, plan), errors, unavailable)
+
+
+def describe_machine() -> Dict[str, object]:
+    """What the timings were measured on; the table's header."""
+    try:
+        usable_cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable_cpus = os.cpu_count()
+    info = fused_rnn.build_info()
+    return {
+        "cpu_model": cpu_model_name(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": usable_cpus,
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "fused_rnn_version": fused_rnn.__version__,
+        "fused_rnn_compiler": info.get("compiler"),
+        "python_version": platform.python_version(),
+        "os": platform.platform(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what the platform module says."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+@dataclass
+class BenchReport:
+    machine: Dict[str, object]
+    plan: TimingPlan
+    backends: Tuple[str, ...]
+    results: List[CaseResult]
+    command: str
+
+    def to_json(self) -> dict:
+        return {
+            "machine": self.machine,
+            "plan": vars(self.plan),
+            "backends": list(self.backends),
+            "command": self.command,
+            "tolerance": FLOAT32_TOLERANCE,
+            "results": [result.to_json() for result in self.results],
+        }
+
+
+def run_benchmarks(cells: Sequence[str] = CELLS, modes: Sequence[str] = MODES,
+                   configs: Sequence[BenchConfig] = CONFIGS, backends: Sequence[str] = FUSED_BACKENDS,
+                   plan: TimingPlan = FULL_PLAN, command: str = "", progress=None) -> BenchReport:
+    """Runs every (cell, mode, configuration) case; `progress`, if given, is called with a
+    line before each case."""
+    machine = describe_machine()
+    results = []
+    for cell in cells:
+        for config in configs:
+            for mode in modes:
+                if progress is not None:
+                    progress(f"{cell} {mode} {config.name} (T={config.T}, B={config.B}, I={config.I}, H={config.H})")
+                results.append(run_case(cell, mode, config, backends, plan))
+    return BenchReport(machine, plan, tuple(backends), results, command)
+
+
+# ---------------------------------------------------------------------------
+# Markdown
+
+
+def _format_ms(ms: Optional[float]) -> str:
+    if ms is None:
+        return "unavailable"
+    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+
+
+def _format_speedup(ratio: Optional[float]) -> str:
+    return "unavailable" if ratio is None else f"{ratio:.2f}x"
+
+
+def format_markdown(report: BenchReport) -> str:
+    """The table of median times and speed-ups, headed by the machine and the method."""
+    m = report.machine
+    plan = report.plan
+    lines = [
+        "## CPU benchmark: fused_rnn vs torch.nn.RNN / torch.nn.LSTM",
+        "",
+        f"- CPU: {m['cpu_model']}, {m['usable_cpus']} usable of {m['logical_cpus']} logical cores; "
+        f"torch.get_num_threads() = {m['torch_threads']}",
+        f"- torch {m['torch_version']}, fused_rnn {m['fused_rnn_version']} ({m['fused_rnn_compiler']}), "
+        f"Python {m['python_version']}, {m['os']}",
+        f"- date: {m['date']}",
+    ]
+    if report.command:
+        lines.append(f"- command: `{report.command}`")
+    lines += [
+        "- fp32, one layer. inference = forward under torch.no_grad(); training = forward + "
+        "backward of y.sum() (gradients of x, initial state(s) and all weights).",
+        f"- times: median ms per call over {plan.rounds} rounds after {plan.warmup_calls} warm-up call(s); "
+        "in each round every contender is timed in turn, repeating its call for at least "
+        f"{1e3 * plan.min_round_seconds:.0f} ms. speed-up = median over rounds of "
+        "(nn time / contender time) in the same round; above 1x means faster than nn.RNN / nn.LSTM.",
+        "- before timing, every contender's outputs, final states and gradients matched "
+        f"nn.RNN / nn.LSTM within {FLOAT32_TOLERANCE:.0e} of each tensor's largest entry.",
+        "",
+    ]
+    header = ["cell", "mode", "T", "B", "I", "H", f"{CONTENDER_LABELS[BASELINE]} ms"]
+    header += [f"{CONTENDER_LABELS[name]} ms" for name in report.backends]
+    header += [f"{CONTENDER_LABELS[name]} speed-up vs nn" for name in report.backends]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|")
+    for result in report.results:
+        c = result.config
+        row = [result.cell, result.mode, str(c.T), str(c.B), str(c.I), str(c.H), _format_ms(result.median_ms(BASELINE))]
+        row += [_format_ms(result.median_ms(name)) for name in report.backends]
+        row += [_format_speedup(result.speedup(name)) for name in report.backends]
+        lines.append("| " + " | ".join(row) + " |")
+    reasons = {}
+    for result in report.results:
+        reasons.update(result.unavailable)
+    if reasons:
+        lines.append("")
+        lines += [f"- {CONTENDER_LABELS[name]} unavailable: {reason}" for name, reason in reasons.items()]
+    lines.append("")
+    configs = dict.fromkeys(result.config for result in report.results)
+    lines.append("Configurations: " + "; ".join(f"T={c.T} B={c.B} I={c.I} H={c.H}: {c.about}" for c in configs) + ".")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+
+def _choices(text: str, allowed: Sequence[str]) -> List[str]:
+    chosen = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [item for item in chosen if item not in allowed]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)} (comma-separated), got {text!r}")
+    return chosen
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's options (shared by `python -m fused_rnn bench` and bench/table.py)."""
+    parser.add_argument("--quick", action="store_true",
+                        help=f"fewer, shorter rounds ({QUICK_PLAN.rounds} instead of {FULL_PLAN.rounds})")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write every timing as JSON to PATH")
+    parser.add_argument("--backends", type=lambda s: _choices(s, FUSED_BACKENDS),
+                        default=list(FUSED_BACKENDS),
+                        help="fused_rnn backends to time against nn.RNN / nn.LSTM (default: cpp,torch)")
+    parser.add_argument("--cells", type=lambda s: _choices(s, CELLS), default=list(CELLS),
+                        help="default: irnn,lstm")
+    parser.add_argument("--modes", type=lambda s: _choices(s, MODES), default=list(MODES),
+                        help="default: inference,training")
+    parser.add_argument("--configs", type=lambda s: _choices(s, list(CONFIGS_BY_NAME)),
+                        default=list(CONFIGS_BY_NAME),
+                        help="default: " + ",".join(CONFIGS_BY_NAME))
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads(THREADS) first (default: torch's)")
+
+
+def report_from_args(args: argparse.Namespace, command: str) -> BenchReport:
+    """Runs the benchmark that `args` (from :func:`add_arguments`) describe; progress on stderr."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    report = run_benchmarks(
+        cells=args.cells,
+        modes=args.modes,
+        configs=[CONFIGS_BY_NAME[name] for name in args.configs],
+        backends=args.backends,
+        plan=QUICK_PLAN if args.quick else FULL_PLAN,
+        command=command,
+        progress=lambda line: print(f"timing {line}", file=sys.stderr, flush=True),
+    )
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def run_command(args: argparse.Namespace, command: str = "") -> int:
+    """Runs the benchmark and prints the Markdown table; the exit status."""
+    print(format_markdown(report_from_args(args, command)), end="")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="python -m fused_rnn bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run_command(parser.parse_args(argv), command=" ".join(["python -m fused_rnn bench", *argv]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
