@@ -257,13 +257,18 @@ def test_long_sequence_does_not_drift(cell, dtype, cpu_backend):
     assert_matches("h_T", h_n, want_h, dtype)
 
 
-def test_threaded_kernels_match_reference():
-    """The row-parallel pointwise passes with two threads on a batch large enough to split."""
+@pytest.mark.parametrize("cell", ["irnn", "lstm"])
+@pytest.mark.parametrize("shape", [(4, 96, 8, 64), (5, 3, 6, 160), (5, 1, 6, 150)],
+                         ids=["batch-split", "hidden-split", "uneven-hidden-split"])
+def test_threaded_kernels_match_reference(cell, shape):
+    """The threaded scans: with two threads a batch of >= 32 rows is split across them;
+    a small batch of the LSTM splits its hidden units instead (150 = 80 + 70 units)."""
     if "cpp" not in fused_rnn.available_backends("cpu"):
         pytest.skip("the cpp backend is not built")
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        test_layer_matches_reference("lstm", (4, 96, 8, 64), True, torch.float32, "cpp")
+        for dtype in (torch.float32, torch.float64):
+            test_layer_matches_reference(cell, shape, True, dtype, "cpp")
     finally:
         torch.set_num_threads(previous)

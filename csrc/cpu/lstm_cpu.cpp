@@ -7,7 +7,11 @@
 //           gives dgates_t and dc_{t-1}; one BLAS call gives dh_{t-1} = dgates_t W_hh.
 //           Weight gradients are GEMMs over all of dgates afterwards.
 // Each thread runs both scans on its own slice of the batch (see parallel_batch).
+#include <omp.h>
 #include <torch/library.h>
+
+#include <cstring>
+#include <optional>
 
 #include "../cell_math.h"
 #include "blas.h"
@@ -17,36 +21,134 @@ namespace fused_rnn {
 namespace cpu {
 namespace {
 
-// One row of the forward cell: `gates` [4H] pre-activations in, activations out.
+// `count` units of one row of the forward cell: the four gates of unit j are at
+// gates[j], gates[stride + j], gates[2 * stride + j], gates[3 * stride + j] (stride = H);
+// pre-activations in, activations out.
 template <typename scalar_t>
-FUSED_RNN_CPU_CLONES void lstm_forward_row(scalar_t* gates, const scalar_t* c_prev, scalar_t* c, scalar_t* h, int64_t hidden) {
+FUSED_RNN_CPU_CLONES void lstm_forward_row(scalar_t* gates, int64_t stride, const scalar_t* c_prev, scalar_t* c,
+                                           scalar_t* h, int64_t count) {
   scalar_t* gi = gates;
-  scalar_t* gf = gates + hidden;
-  scalar_t* gg = gates + 2 * hidden;
-  scalar_t* go = gates + 3 * hidden;
+  scalar_t* gf = gates + stride;
+  scalar_t* gg = gates + 2 * stride;
+  scalar_t* go = gates + 3 * stride;
 #pragma omp simd
-  for (int64_t j = 0; j < hidden; ++j) {
+  for (int64_t j = 0; j < count; ++j) {
     cell::lstm_forward(gi[j], gf[j], gg[j], go[j], c_prev[j], c[j], h[j]);
   }
 }
 
-// One row of the backward cell. grad_h = dy_t + carried dh; `dc` holds dL/dc_t on
-// entry and dL/dc_{t-1} on exit.
+// `count` units of one row of the backward cell (gates and dgates laid out as in
+// lstm_forward_row). grad_h = dy_t + carried dh; `dc` holds dL/dc_t on entry and
+// dL/dc_{t-1} on exit.
 template <typename scalar_t>
-FUSED_RNN_CPU_CLONES void lstm_backward_row(const scalar_t* dy, const scalar_t* dh_carry, scalar_t* dc, const scalar_t* gates,
-                       const scalar_t* c, const scalar_t* c_prev, scalar_t* dgates, int64_t hidden) {
+FUSED_RNN_CPU_CLONES void lstm_backward_row(const scalar_t* dy, const scalar_t* dh_carry, scalar_t* dc,
+                                            const scalar_t* gates, int64_t stride, const scalar_t* c,
+                                            const scalar_t* c_prev, scalar_t* dgates, int64_t count) {
   const scalar_t* gi = gates;
-  const scalar_t* gf = gates + hidden;
-  const scalar_t* gg = gates + 2 * hidden;
-  const scalar_t* go = gates + 3 * hidden;
+  const scalar_t* gf = gates + stride;
+  const scalar_t* gg = gates + 2 * stride;
+  const scalar_t* go = gates + 3 * stride;
   scalar_t* di = dgates;
-  scalar_t* df = dgates + hidden;
-  scalar_t* dg = dgates + 2 * hidden;
-  scalar_t* dout = dgates + 3 * hidden;
+  scalar_t* df = dgates + stride;
+  scalar_t* dg = dgates + 2 * stride;
+  scalar_t* dout = dgates + 3 * stride;
 #pragma omp simd
-  for (int64_t j = 0; j < hidden; ++j) {
+  for (int64_t j = 0; j < count; ++j) {
     cell::lstm_backward(dy[j] + dh_carry[j], dc[j], gi[j], gf[j], gg[j], go[j], c[j], c_prev[j], di[j], df[j],
                         dg[j], dout[j], dc[j]);
+  }
+}
+
+// Small batches: the hidden units are split across threads instead of the batch
+// (see hidden_split_threads). Thread k owns units [j0, j1): each step it computes
+// the four gates of those units, h_{t-1} [B, H] @ W_hh[rows of its units]^T, from a
+// slice of W_hh that it packed once and that stays in its core's cache, runs the cell
+// on them, and meets the other threads at one barrier before the next step reads h_t.
+template <typename scalar_t>
+void lstm_forward_hidden_split(int threads, int64_t steps, int64_t batch, int64_t hidden, const at::Tensor& w_hh,
+                               const scalar_t* h0, const scalar_t* c0, scalar_t* gates_data, scalar_t* y_data,
+                               scalar_t* c_data) {
+  const int64_t step_elems = batch * hidden;
+#pragma omp parallel num_threads(threads)
+  {
+    const auto [j0, j1] = unit_range(hidden, omp_get_num_threads(), omp_get_thread_num());
+    const int64_t units = j1 - j0;
+    at::Tensor w_units, products;
+    std::optional<RecurrentGemm<scalar_t>> gemm;
+    if (units > 0) {
+      // [4 * units, H]: the rows of W_hh for gates i, f, g, o of this thread's units
+      w_units = at::cat({w_hh.narrow(0, j0, units), w_hh.narrow(0, hidden + j0, units),
+                         w_hh.narrow(0, 2 * hidden + j0, units), w_hh.narrow(0, 3 * hidden + j0, units)})
+                    .contiguous();
+      products = at::empty({batch, 4 * units}, w_hh.options());
+      gemm.emplace(w_units.const_data_ptr<scalar_t>(), true, batch, 4 * units, hidden);
+    }
+    for (int64_t t = 0; t < steps; ++t) {
+      if (units > 0) {
+        const scalar_t* h_prev = t == 0 ? h0 : y_data + (t - 1) * step_elems;
+        const scalar_t* c_prev = t == 0 ? c0 : c_data + (t - 1) * step_elems;
+        scalar_t* gates_t = gates_data + t * 4 * step_elems;
+        scalar_t* product = products.data_ptr<scalar_t>();
+        (*gemm)(h_prev, 0, product);  // [B, 4 * units]
+        for (int64_t b = 0; b < batch; ++b) {
+          scalar_t* row = gates_t + b * 4 * hidden + j0;
+          for (int64_t g = 0; g < 4; ++g) {
+            const scalar_t* add = product + (b * 4 + g) * units;
+            scalar_t* gate = row + g * hidden;
+#pragma omp simd
+            for (int64_t j = 0; j < units; ++j) gate[j] += add[j];
+          }
+          lstm_forward_row(row, hidden, c_prev + b * hidden + j0, c_data + t * step_elems + b * hidden + j0,
+                           y_data + t * step_elems + b * hidden + j0, units);
+        }
+      }
+#pragma omp barrier
+    }
+  }
+}
+
+// The backward of the above. Per step, each thread runs the cell backward on its units
+// (writing their columns of dgates_t), all meet at a barrier, and each computes its
+// units' columns of dh_{t-1} = dgates_t [B, 4H] @ W_hh[:, its units]. The next step's
+// cell backward reads only the thread's own columns of dh and writes dgates_{t-1}, so
+// one barrier per step suffices.
+template <typename scalar_t>
+void lstm_backward_hidden_split(int threads, int64_t steps, int64_t batch, int64_t hidden, const at::Tensor& w_hh,
+                                const scalar_t* dy_data, const scalar_t* c0, const scalar_t* c_data,
+                                const scalar_t* gates_data, scalar_t* dgates_data, scalar_t* dh, scalar_t* dc) {
+  const int64_t step_elems = batch * hidden;
+#pragma omp parallel num_threads(threads)
+  {
+    const auto [j0, j1] = unit_range(hidden, omp_get_num_threads(), omp_get_thread_num());
+    const int64_t units = j1 - j0;
+    at::Tensor w_columns, products;
+    std::optional<RecurrentGemm<scalar_t>> gemm;
+    if (units > 0) {
+      w_columns = w_hh.narrow(1, j0, units).contiguous();  // [4H, units]
+      products = at::empty({batch, units}, w_hh.options());
+      gemm.emplace(w_columns.const_data_ptr<scalar_t>(), false, batch, units, 4 * hidden);
+    }
+    for (int64_t t = steps - 1; t >= 0; --t) {
+      const scalar_t* gates_t = gates_data + t * 4 * step_elems;
+      scalar_t* dgates_t = dgates_data + t * 4 * step_elems;
+      if (units > 0) {
+        const scalar_t* c_prev = t == 0 ? c0 : c_data + (t - 1) * step_elems;
+        for (int64_t b = 0; b < batch; ++b) {
+          const int64_t at_unit = b * hidden + j0;
+          lstm_backward_row(dy_data + t * step_elems + at_unit, dh + at_unit, dc + at_unit,
+                            gates_t + b * 4 * hidden + j0, hidden, c_data + t * step_elems + at_unit, c_prev + at_unit,
+                            dgates_t + b * 4 * hidden + j0, units);
+        }
+      }
+#pragma omp barrier
+      if (units > 0) {
+        scalar_t* product = products.data_ptr<scalar_t>();
+        (*gemm)(dgates_t, 0, product);  // [B, units]
+        for (int64_t b = 0; b < batch; ++b) {
+          std::memcpy(dh + b * hidden + j0, product + b * units, units * sizeof(scalar_t));
+        }
+      }
+    }
   }
 }
 
@@ -71,6 +173,12 @@ ForwardOutputs lstm_scan_forward(const at::Tensor& x_in, const at::Tensor& h0_in
     scalar_t* y_data = y.data_ptr<scalar_t>();
     scalar_t* c_data = cells.data_ptr<scalar_t>();
     const int64_t step_elems = batch * hidden;
+    const int split = hidden_split_threads(batch, hidden);
+    if (split > 1) {
+      lstm_forward_hidden_split<scalar_t>(split, steps, batch, hidden, w_hh, h0.const_data_ptr<scalar_t>(),
+                                          c0.const_data_ptr<scalar_t>(), gates_data, y_data, c_data);
+      return;
+    }
     parallel_batch(batch, [&](int64_t b0, int64_t b1) {
       const int64_t rows = b1 - b0;
       // gates_t [rows, 4H] += h_prev [rows, H] @ W_hh^T
@@ -83,7 +191,8 @@ ForwardOutputs lstm_scan_forward(const at::Tensor& x_in, const at::Tensor& h0_in
         scalar_t* h_t = y_data + t * step_elems;
         recurrent(h_prev + b0 * hidden, 1, gates_t + b0 * 4 * hidden);
         for (int64_t b = b0; b < b1; ++b) {
-          lstm_forward_row(gates_t + b * 4 * hidden, c_prev + b * hidden, c_t + b * hidden, h_t + b * hidden, hidden);
+          lstm_forward_row(gates_t + b * 4 * hidden, hidden, c_prev + b * hidden, c_t + b * hidden, h_t + b * hidden,
+                           hidden);
         }
       }
     });
@@ -127,6 +236,12 @@ BackwardOutputs lstm_backward_impl(const at::Tensor& grad_y, const at::Tensor& g
     scalar_t* dh = dh_carry.data_ptr<scalar_t>();
     scalar_t* dc_data = dc.data_ptr<scalar_t>();
     const int64_t step_elems = batch * hidden;
+    const int split = hidden_split_threads(batch, hidden);
+    if (split > 1) {
+      lstm_backward_hidden_split<scalar_t>(split, steps, batch, hidden, w_hh, dy_data, c0.const_data_ptr<scalar_t>(),
+                                           c_data, gates_data, dgates_data, dh, dc_data);
+      return;
+    }
     parallel_batch(batch, [&](int64_t b0, int64_t b1) {
       const int64_t rows = b1 - b0;
       // dh [rows, H] = dgates_t [rows, 4H] @ W_hh [4H, H]
@@ -139,7 +254,7 @@ BackwardOutputs lstm_backward_impl(const at::Tensor& grad_y, const at::Tensor& g
         scalar_t* dgates_t = dgates_data + t * 4 * step_elems;
         for (int64_t b = b0; b < b1; ++b) {
           lstm_backward_row(dy_t + b * hidden, dh + b * hidden, dc_data + b * hidden, gates_t + b * 4 * hidden,
-                            c_t + b * hidden, c_prev + b * hidden, dgates_t + b * 4 * hidden, hidden);
+                            hidden, c_t + b * hidden, c_prev + b * hidden, dgates_t + b * 4 * hidden, hidden);
         }
         step_gemm(t, dgates_t + b0 * 4 * hidden, dh + b0 * hidden);
       }

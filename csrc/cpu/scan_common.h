@@ -31,6 +31,27 @@ namespace cpu {
 // bound by reading W_hh, and one slice with BLAS's own threading is faster.
 constexpr int64_t kMinRowsPerThread = 16;
 
+// Below kMinRowsPerThread rows the batch is not split; for the LSTM, whose W_hh (4H x H,
+// 1 MB at H = 256) outgrows one core's L2 cache, the hidden units are split across
+// threads instead, each keeping its slice of W_hh in its own cache, at the price of a
+// barrier per step (lstm_cpu.cpp). A slice has at least kMinUnitsPerThread units, a
+// multiple of kUnitAlign so that each thread's rows start on a SIMD-width boundary.
+constexpr int64_t kMinUnitsPerThread = 64;
+constexpr int64_t kUnitAlign = 8;
+
+// How many threads split the hidden units (<= 1: do not split).
+inline int hidden_split_threads(int64_t batch, int64_t hidden) {
+  if (batch >= kMinRowsPerThread || at::in_parallel_region()) return 1;
+  return static_cast<int>(std::min<int64_t>(at::get_num_threads(), hidden / kMinUnitsPerThread));
+}
+
+// Units [first, last) of thread k among n.
+inline std::pair<int64_t, int64_t> unit_range(int64_t hidden, int n, int k) {
+  const int64_t per_thread = ((hidden + n - 1) / n + kUnitAlign - 1) / kUnitAlign * kUnitAlign;
+  const int64_t first = std::min<int64_t>(hidden, k * per_thread);
+  return {first, std::min<int64_t>(hidden, first + per_thread)};
+}
+
 // Calls fn(row_begin, row_end) over slices of the batch, one per thread.
 template <typename Fn>
 void parallel_batch(int64_t batch, const Fn& fn) {
