@@ -14,7 +14,9 @@ CUDA build and a CUDA toolkit (nvcc) is found. Environment switches:
 """
 
 import os
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -64,14 +66,29 @@ def find_cuda_home(default_roots=(Path("/usr/local/cuda"),)):
     return None
 
 
-def cuda_build_plan(torch_cuda_version, cuda_home, skip, force):
-    """(build_cuda, reason): whether to compile the CUDA sources, and why not."""
+def nvcc_version(cuda_home):
+    """'13.0' for the toolkit's nvcc, or None if it cannot be run."""
+    try:
+        out = subprocess.run([str(Path(cuda_home) / "bin" / "nvcc"), "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+\.\d+)", out)
+    return match.group(1) if match else None
+
+
+def cuda_build_plan(torch_cuda_version, cuda_home, skip, force, toolkit_version=None):
+    """(build_cuda, reason): whether to compile the CUDA sources, and why not.
+    `toolkit_version` is nvcc's (e.g. "13.0"); torch refuses to build with an nvcc whose
+    major version differs from the one torch was built with, so that case falls back too."""
     if skip:
         return False, "FUSED_RNN_SKIP_CUDA_BUILD is set"
     if torch_cuda_version is None:
         reason = "torch is a CPU-only build"
     elif cuda_home is None:
         reason = "no CUDA toolkit found (set CUDA_HOME, or put nvcc on PATH)"
+    elif toolkit_version is not None and toolkit_version.split(".")[0] != torch_cuda_version.split(".")[0]:
+        reason = f"nvcc in {cuda_home} is CUDA {toolkit_version} but torch was built with CUDA {torch_cuda_version}"
     else:
         return True, ""
     if force:
@@ -80,7 +97,7 @@ def cuda_build_plan(torch_cuda_version, cuda_home, skip, force):
 
 
 def default_max_jobs() -> int:
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
         memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):
@@ -100,11 +117,15 @@ def nvidia_wheel_includes():
 
 
 def cuda_arch_flags(archs: str):
+    """SASS for each arch, plus PTX of the highest so that newer GPUs can JIT it."""
+    numbers = [a.strip().replace("sm_", "").replace(".", "") for a in archs.replace(",", ";").split(";")]
+    numbers = [a for a in numbers if a]
     flags = []
-    for arch in archs.replace(",", ";").split(";"):
-        arch = arch.strip().replace("sm_", "").replace(".", "")
-        if arch:
-            flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    for arch in numbers:
+        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    if numbers:
+        highest = max(numbers, key=int)
+        flags += ["-gencode", f"arch=compute_{highest},code=compute_{highest}"]
     return flags
 
 
@@ -118,7 +139,8 @@ def extension_modules():
 
     os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
     build_cuda, reason = cuda_build_plan(
-        torch.version.cuda, cuda_home, _env_flag("FUSED_RNN_SKIP_CUDA_BUILD"), _env_flag("FUSED_RNN_FORCE_CUDA_BUILD")
+        torch.version.cuda, cuda_home, _env_flag("FUSED_RNN_SKIP_CUDA_BUILD"), _env_flag("FUSED_RNN_FORCE_CUDA_BUILD"),
+        nvcc_version(cuda_home) if cuda_home is not None else None,
     )
     archs = os.environ.get("FUSED_RNN_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
     # no -std: torch.utils.cpp_extension adds the standard its headers need (C++17 or C++20)
@@ -169,7 +191,7 @@ if __name__ == "__main__":  # pip and `python setup.py` run it so; tests import 
         name="fused_rnn",
         version="0.1.0",
         description="Fused IRNN and LSTM kernels for PyTorch (C++ CPU, CUDA, Triton)",
-        long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+        long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
         long_description_content_type="text/markdown",
         packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"]),
         python_requires=">=3.9",

@@ -4,11 +4,13 @@
 // a row auto-vectorises and a CUDA thread calls it per element.
 //
 // Conventions (PyTorch's): LSTM gate order i, f, g, o; the ReLU derivative is
-// [h > 0], 0 at exactly 0; NaN propagates through every forward function.
+// [h > 0], 0 at exactly 0 (and 1 where h is NaN, as PyTorch); NaN propagates through
+// every forward function.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define FUSED_RNN_HOST_DEVICE __host__ __device__ __forceinline__
@@ -23,8 +25,9 @@ namespace cell {
 // exp in float32 without a libm call, so that CPU loops over it vectorise (GCC
 // will not vectorise expf without -ffast-math, which would break NaN handling).
 // exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2)/2; exp(r) by a degree-6
-// Taylor polynomial, whose truncation error r^7/7! < 2e-7 relative on that interval
-// (measured against float64 exp: max error 2 ulp over [-87, 88], tests/test_cell_math).
+// Taylor polynomial, whose truncation error r^7/7! < 2e-7 relative on that interval.
+// Measured against float64 on sampled floats in [-88, 88]: exp within 3.0 ulp, sigmoid
+// within 3.5 ulp, tanh within 4 ulp (worst just above the 0.3 switch below).
 // ---------------------------------------------------------------------------
 FUSED_RNN_HOST_DEVICE float exp_float(float x) {
 #if defined(__CUDA_ARCH__)
@@ -40,7 +43,8 @@ FUSED_RNN_HOST_DEVICE float exp_float(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   // adding and subtracting 1.5 * 2^23 rounds to the nearest integer in plain SSE2
   constexpr float kRound = 12582912.0f;
-  const float n = (xc * kLog2e + kRound) - kRound;
+  const float n_or_nan = (xc * kLog2e + kRound) - kRound;
+  const float n = n_or_nan == n_or_nan ? n_or_nan : 0.0f;  // NaN -> 0 before the int cast; p stays NaN
   // ln 2 split into a part exact in float and a remainder (Cody-Waite reduction)
   const float r = (xc - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
   float p = 1.0f / 720.0f;
@@ -52,7 +56,8 @@ FUSED_RNN_HOST_DEVICE float exp_float(float x) {
   p = p * r + 1.0f;
   // 2^n from its IEEE-754 bit pattern; n is in [-126, 128) after the clamp above
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  const float scale = __builtin_bit_cast(float, bits);
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
   const float result = p * scale;
   return x > kMax ? INFINITY : (x < kMin ? 0.0f : result);
 #endif
@@ -99,7 +104,7 @@ FUSED_RNN_HOST_DEVICE T relu(T z) {
 
 template <typename T>
 FUSED_RNN_HOST_DEVICE T relu_backward(T grad_h, T h) {
-  return h > T(0) ? grad_h : T(0);
+  return h <= T(0) ? T(0) : grad_h;  // as PyTorch's threshold_backward: NaN h passes the gradient
 }
 
 // ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import ops as _ops
 from . import torch_loop
@@ -116,8 +117,10 @@ class IRNNFunction(torch.autograd.Function):
         x, h0, w_ih, w_hh, b_ih, b_hh = inputs
         ctx.save_for_backward(x, h0, w_ih, w_hh, output[0])
         ctx.biases = (b_ih, b_hh)
+        ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
 
     @staticmethod
+    @once_differentiable  # the backward ops have no derivative of their own
     def backward(ctx, grad_y, grad_h_n):
         dx, dh0, dw_ih, dw_hh, dbias = _ops.irnn_scan_grads(ctx.saved_tensors, grad_y, grad_h_n,
                                                             ctx.needs_input_grad[0])
@@ -142,9 +145,11 @@ class LSTMFunction(torch.autograd.Function):
         y, _, _, cells, gates = output
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, y, cells, gates)
         ctx.mark_non_differentiable(cells, gates)
+        ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
         ctx.biases = (b_ih, b_hh)
 
     @staticmethod
+    @once_differentiable  # the backward ops have no derivative of their own
     def backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_cells, _grad_gates):
         dx, dh0, dc0, dw_ih, dw_hh, dbias = _ops.lstm_scan_grads(ctx.saved_tensors, grad_y, grad_h_n, grad_c_n,
                                                                  ctx.needs_input_grad[0])
@@ -162,9 +167,11 @@ class IRNNCellFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, h, w_ih, w_hh, b_ih, b_hh = inputs
         ctx.save_for_backward(x, h, w_ih, w_hh, output)
+        ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
         ctx.biases = (b_ih, b_hh)
 
     @staticmethod
+    @once_differentiable  # the backward ops have no derivative of their own
     def backward(ctx, grad_h_new):
         dx, dh, dw_ih, dw_hh, dbias = _ops.irnn_step_grads(ctx.saved_tensors, grad_h_new)
         return (dx, dh, dw_ih, dw_hh, *_split_bias_grad(dbias, *ctx.biases))
@@ -183,9 +190,11 @@ class LSTMCellFunction(torch.autograd.Function):
         _, c_new, gates = output
         ctx.save_for_backward(x, h, c, w_ih, w_hh, c_new, gates)
         ctx.mark_non_differentiable(gates)
+        ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
         ctx.biases = (b_ih, b_hh)
 
     @staticmethod
+    @once_differentiable  # the backward ops have no derivative of their own
     def backward(ctx, grad_h_new, grad_c_new, _grad_gates):
         dx, dh, dc, dw_ih, dw_hh, dbias = _ops.lstm_step_grads(ctx.saved_tensors, grad_h_new, grad_c_new)
         return (dx, dh, dc, dw_ih, dw_hh, *_split_bias_grad(dbias, *ctx.biases))

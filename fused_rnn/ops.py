@@ -79,8 +79,17 @@ def lstm_step_grads(saved, grad_h_new, grad_c_new):
     )
 
 
-def _bias_grad(bias, dbias):
-    return None if bias is None else dbias
+def _new_like(t):
+    # the kernels return fresh contiguous tensors whatever the inputs' strides
+    return t.new_empty(t.shape)
+
+
+def _forbid_double_backward(ctx):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ctx.saved_tensors):
+        raise RuntimeError(
+            "fused_rnn: the fused kernels do not support double backward (create_graph=True); "
+            "use backend='torch' for higher-order gradients"
+        )
 
 
 def _register():
@@ -89,49 +98,51 @@ def _register():
     # ---- fake implementations: shapes and dtypes only ----
     @torch.library.register_fake(lib + "irnn_scan_forward")
     def _(x, h0, w_ih, w_hh, bias):
-        return x.new_empty(x.shape[0], x.shape[1], w_hh.shape[1]), torch.empty_like(h0)
+        return x.new_empty(x.shape[0], x.shape[1], w_hh.shape[1]), _new_like(h0)
 
     @torch.library.register_fake(lib + "irnn_scan_backward")
     def _(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, grad_x=True):
-        return (torch.empty_like(x) if grad_x else x.new_empty(0), torch.empty_like(h0), torch.empty_like(w_ih),
-                torch.empty_like(w_hh), w_hh.new_empty(w_hh.shape[0]))
+        return (_new_like(x) if grad_x else x.new_empty(0), _new_like(h0), _new_like(w_ih),
+                _new_like(w_hh), w_hh.new_empty(w_hh.shape[0]))
 
     @torch.library.register_fake(lib + "irnn_step")
     def _(x, h, w_ih, w_hh, bias):
-        return torch.empty_like(h)
+        return _new_like(h)
 
     @torch.library.register_fake(lib + "irnn_step_backward")
     def _(grad_h_new, x, h, w_ih, w_hh, h_new):
-        return (torch.empty_like(x), torch.empty_like(h), torch.empty_like(w_ih),
-                torch.empty_like(w_hh), w_hh.new_empty(w_hh.shape[0]))
+        return (_new_like(x), _new_like(h), _new_like(w_ih),
+                _new_like(w_hh), w_hh.new_empty(w_hh.shape[0]))
 
     @torch.library.register_fake(lib + "lstm_scan_forward")
     def _(x, h0, c0, w_ih, w_hh, bias):
         steps, batch, hidden = x.shape[0], x.shape[1], w_hh.shape[1]
-        return (x.new_empty(steps, batch, hidden), torch.empty_like(h0), torch.empty_like(c0),
+        return (x.new_empty(steps, batch, hidden), _new_like(h0), _new_like(c0),
                 x.new_empty(steps, batch, hidden), x.new_empty(steps, batch, 4 * hidden))
 
     @torch.library.register_fake(lib + "lstm_scan_backward")
     def _(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, y, cells, gates, grad_x=True):
-        return (torch.empty_like(x) if grad_x else x.new_empty(0), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(w_ih),
-                torch.empty_like(w_hh), w_hh.new_empty(w_hh.shape[0]))
+        return (_new_like(x) if grad_x else x.new_empty(0), _new_like(h0), _new_like(c0), _new_like(w_ih),
+                _new_like(w_hh), w_hh.new_empty(w_hh.shape[0]))
 
     @torch.library.register_fake(lib + "lstm_step")
     def _(x, h, c, w_ih, w_hh, bias):
-        return torch.empty_like(h), torch.empty_like(c), x.new_empty(x.shape[0], w_hh.shape[0])
+        return _new_like(h), _new_like(c), x.new_empty(x.shape[0], w_hh.shape[0])
 
     @torch.library.register_fake(lib + "lstm_step_backward")
     def _(grad_h_new, grad_c_new, x, h, c, w_ih, w_hh, c_new, gates):
-        return (torch.empty_like(x), torch.empty_like(h), torch.empty_like(c), torch.empty_like(w_ih),
-                torch.empty_like(w_hh), w_hh.new_empty(w_hh.shape[0]))
+        return (_new_like(x), _new_like(h), _new_like(c), _new_like(w_ih),
+                _new_like(w_hh), w_hh.new_empty(w_hh.shape[0]))
 
     # ---- autograd of the forward ops: each calls its backward op ----
     def irnn_scan_setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
         x, h0, w_ih, w_hh, bias = inputs
         ctx.save_for_backward(x, h0, w_ih, w_hh, output[0])
         ctx.has_bias = bias is not None
 
     def irnn_scan_backward(ctx, grad_y, grad_h_n):
+        _forbid_double_backward(ctx)
         dx, dh0, dw_ih, dw_hh, dbias = irnn_scan_grads(ctx.saved_tensors, grad_y, grad_h_n,
                                                        ctx.needs_input_grad[0])
         return dx, dh0, dw_ih, dw_hh, (dbias if ctx.has_bias else None)
@@ -139,23 +150,28 @@ def _register():
     torch.library.register_autograd(lib + "irnn_scan_forward", irnn_scan_backward, setup_context=irnn_scan_setup)
 
     def irnn_step_setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
         x, h, w_ih, w_hh, bias = inputs
         ctx.save_for_backward(x, h, w_ih, w_hh, output)
         ctx.has_bias = bias is not None
 
     def irnn_step_backward(ctx, grad_h_new):
+        _forbid_double_backward(ctx)
         dx, dh, dw_ih, dw_hh, dbias = irnn_step_grads(ctx.saved_tensors, grad_h_new)
         return dx, dh, dw_ih, dw_hh, (dbias if ctx.has_bias else None)
 
     torch.library.register_autograd(lib + "irnn_step", irnn_step_backward, setup_context=irnn_step_setup)
 
     def lstm_scan_setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
         x, h0, c0, w_ih, w_hh, bias = inputs
         y, _, _, cells, gates = output
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, y, cells, gates)
+        ctx.mark_non_differentiable(cells, gates)
         ctx.has_bias = bias is not None
 
     def lstm_scan_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_cells, _grad_gates):
+        _forbid_double_backward(ctx)
         # cells and gates are saved activations, not results: their gradients are not propagated
         dx, dh0, dc0, dw_ih, dw_hh, dbias = lstm_scan_grads(ctx.saved_tensors, grad_y, grad_h_n, grad_c_n,
                                                             ctx.needs_input_grad[0])
@@ -164,12 +180,15 @@ def _register():
     torch.library.register_autograd(lib + "lstm_scan_forward", lstm_scan_backward, setup_context=lstm_scan_setup)
 
     def lstm_step_setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
         x, h, c, w_ih, w_hh, bias = inputs
         _, c_new, gates = output
         ctx.save_for_backward(x, h, c, w_ih, w_hh, c_new, gates)
+        ctx.mark_non_differentiable(gates)
         ctx.has_bias = bias is not None
 
     def lstm_step_backward(ctx, grad_h_new, grad_c_new, _grad_gates):
+        _forbid_double_backward(ctx)
         dx, dh, dc, dw_ih, dw_hh, dbias = lstm_step_grads(ctx.saved_tensors, grad_h_new, grad_c_new)
         return dx, dh, dc, dw_ih, dw_hh, (dbias if ctx.has_bias else None)
 

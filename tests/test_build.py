@@ -45,6 +45,9 @@ def test_cuda_build_plan_both_ways():
     build, reason = setup.cuda_build_plan("13.0", None, skip=False, force=False)
     assert not build and "no CUDA toolkit found" in reason
     assert setup.cuda_build_plan("13.0", toolkit, skip=True, force=False)[0] is False
+    build, reason = setup.cuda_build_plan("13.0", toolkit, skip=False, force=False, toolkit_version="12.8")
+    assert not build and "nvcc in /opt/cuda is CUDA 12.8 but torch was built with CUDA 13.0" in reason
+    assert setup.cuda_build_plan("13.0", toolkit, skip=False, force=False, toolkit_version="13.1") == (True, "")
     with pytest.raises(RuntimeError, match="FUSED_RNN_FORCE_CUDA_BUILD is set but torch is a CPU-only build"):
         setup.cuda_build_plan(None, toolkit, skip=False, force=True)
 
@@ -68,8 +71,10 @@ def test_find_cuda_home_follows_an_nvcc_wrapper(tmp_path, monkeypatch):
 def test_cuda_arch_flags():
     setup = load_setup_module()
     assert setup.cuda_arch_flags("80;90") == [
-        "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
-    assert setup.cuda_arch_flags("sm_90") == ["-gencode", "arch=compute_90,code=sm_90"]
+        "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+        "-gencode", "arch=compute_90,code=compute_90"]
+    assert setup.cuda_arch_flags("sm_90") == [
+        "-gencode", "arch=compute_90,code=sm_90", "-gencode", "arch=compute_90,code=compute_90"]
 
 
 def test_installed_build_matches_the_machine():
@@ -78,8 +83,10 @@ def test_installed_build_matches_the_machine():
     import torch
 
     setup = load_setup_module()
+    cuda_home = setup.find_cuda_home()
     expect_cuda, _ = setup.cuda_build_plan(
-        torch.version.cuda, setup.find_cuda_home(), setup._env_flag("FUSED_RNN_SKIP_CUDA_BUILD"), False)
+        torch.version.cuda, cuda_home, setup._env_flag("FUSED_RNN_SKIP_CUDA_BUILD"), False,
+        setup.nvcc_version(cuda_home) if cuda_home is not None else None)
     info = fused_rnn.build_info()
     assert info["cuda_compiled"] == expect_cuda
     if expect_cuda:

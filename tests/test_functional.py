@@ -215,3 +215,57 @@ def test_weight_grads_do_not_depend_on_x_needing_grad(cell, cpu_backend):
         grads.append([a.grad for a in args[1:]])
     for with_dx, without_dx in zip(*grads):
         torch.testing.assert_close(without_dx, with_dx, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cell", ["irnn", "lstm"])
+def test_nan_gradients_follow_pytorch(cell, cpu_backend):
+    """Where the input is NaN, the gradients are NaN exactly where autograd through
+    PyTorch's ops puts them (ReLU passes the gradient where h is NaN, as PyTorch does)."""
+    make = irnn_args if cell == "irnn" else lstm_args
+    run = fused_rnn.irnn if cell == "irnn" else lstm_flat
+    masks = []
+    for backend in (cpu_backend, "torch"):
+        args = make(steps=6)
+        with torch.no_grad():
+            args[0][3, 1, 0] = math.nan
+        outputs = run(*args, backend=backend)
+        grads = torch.autograd.grad(outputs, args, [torch.ones_like(o) for o in outputs])
+        masks.append([torch.isnan(g) for g in grads])
+    for got, want in zip(*masks):
+        assert torch.equal(got, want)
+
+
+def test_autocast_runs_the_kernels_in_the_inputs_dtype(cpu_backend):
+    """Under torch.autocast("cpu") the compiled kernels compute in the parameters' dtype
+    (float32) instead of failing, so the result equals the one without autocast; the
+    torch loop backend is plain PyTorch code and follows autocast (its GEMMs in bfloat16)."""
+    torch.manual_seed(0)
+    layers = [fused_rnn.IRNN(5, 7, backend=cpu_backend), fused_rnn.LSTM(5, 7, backend=cpu_backend)]
+    x = torch.randn(4, 3, 5)
+    for layer in layers:
+        want = layer(x)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = layer(x)[0]
+        if cpu_backend == "torch":
+            # bfloat16 GEMMs keep 8 significant bits (eps 7.8e-3); a few roundings over 4 steps
+            torch.testing.assert_close(got.float(), want, rtol=5e-2, atol=1e-3)
+        else:
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_double_backward_is_refused_not_wrong():
+    """The fused backward is not itself differentiable: create_graph=True must raise, not
+    return a wrong second derivative."""
+    if "cpp" not in fused_rnn.available_backends("cpu"):
+        pytest.skip("the cpp backend is not built")
+    args = irnn_args()
+    y, _ = fused_rnn.irnn(*args, backend="cpp")
+    (dx,) = torch.autograd.grad(y.square().sum(), args[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward"):
+        dx.sum().backward()
+    # and through the op's own autograd registration
+    x, h0, w_ih, w_hh, b_ih, b_hh = irnn_args()
+    y, _ = torch.ops.fused_rnn.irnn_scan_forward(x, h0, w_ih, w_hh, b_ih)
+    with pytest.raises(RuntimeError, match="do not support double backward"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)

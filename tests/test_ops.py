@@ -31,7 +31,10 @@ def sample_calls(dtype, requires_grad):
     """(op name, args) for every op, forward ones with and without bias."""
     calls = []
     x, h, c, w_ih, w_hh, bias = layer_tensors(1, dtype, requires_grad)
-    calls += [("irnn_scan_forward", (x, h, w_ih, w_hh, bias)), ("irnn_scan_forward", (x, h, w_ih, w_hh, None))]
+    # the second call has a transposed (non-contiguous) h0: the kernels return contiguous
+    # tensors and the fake kernels must say so
+    h_strided = h.detach().t().contiguous().t().requires_grad_(requires_grad)
+    calls += [("irnn_scan_forward", (x, h, w_ih, w_hh, bias)), ("irnn_scan_forward", (x, h_strided, w_ih, w_hh, None))]
     with torch.no_grad():
         y, _ = op("irnn_scan_forward")(x, h, w_ih, w_hh, bias)
     calls.append(("irnn_scan_backward", (torch.randn_like(y), torch.randn_like(h), x.detach(), h.detach(),

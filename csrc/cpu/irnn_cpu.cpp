@@ -32,6 +32,7 @@ FUSED_RNN_CPU_CLONES void relu_backward_rows(const scalar_t* dy, const scalar_t*
 std::tuple<at::Tensor, at::Tensor> irnn_scan_forward(const at::Tensor& x_in, const at::Tensor& h0_in,
                                                       const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
                                                       const std::optional<at::Tensor>& bias) {
+  FUSED_RNN_EXCLUDE_AUTOCAST;
   const auto x = x_in.contiguous(), h0 = h0_in.contiguous();
   const auto w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
   check_layer(x, {{&h0, "h0"}}, w_ih, w_hh, bias, 1);
@@ -60,6 +61,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> irnn_scan
     const at::Tensor& grad_y_in, const at::Tensor& grad_h_n_in, const at::Tensor& x_in, const at::Tensor& h0_in,
     const at::Tensor& w_ih_in, const at::Tensor& w_hh_in, const at::Tensor& y_in, bool grad_x) {
   const auto grad_y = grad_y_in.contiguous(), grad_h_n = grad_h_n_in.contiguous();
+  FUSED_RNN_EXCLUDE_AUTOCAST;
   const auto x = x_in.contiguous(), h0 = h0_in.contiguous(), y = y_in.contiguous();
   const auto w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
   check_layer(x, {{&h0, "h0"}, {&grad_h_n, "grad_h_n"}}, w_ih, w_hh, std::nullopt, 1);

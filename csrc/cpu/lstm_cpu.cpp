@@ -12,6 +12,8 @@
 
 #include <cstring>
 #include <optional>
+#include <tuple>
+#include <vector>
 
 #include "../cell_math.h"
 #include "blas.h"
@@ -60,36 +62,79 @@ FUSED_RNN_CPU_CLONES void lstm_backward_row(const scalar_t* dy, const scalar_t* 
 }
 
 // Small batches: the hidden units are split across threads instead of the batch
-// (see hidden_split_threads). Thread k owns units [j0, j1): each step it computes
-// the four gates of those units, h_{t-1} [B, H] @ W_hh[rows of its units]^T, from a
-// slice of W_hh that it packed once and that stays in its core's cache, runs the cell
-// on them, and meets the other threads at one barrier before the next step reads h_t.
+// (see hidden_split_threads). Slice k owns units [j0, j1): each step it computes the
+// four gates of those units, h_{t-1} [B, H] @ W_hh[rows of its units]^T, from a slice
+// of W_hh packed once that stays in one core's cache, runs the cell on them, and the
+// threads meet at one barrier before the next step reads h_t.
+//
+// Every slice's weights and buffers are prepared on the calling thread before the
+// parallel region: inside it there is no allocation and nothing that can throw (an
+// exception escaping an OpenMP region terminates the process), and no ATen call runs
+// on a worker thread without the caller's thread-local state.
+template <typename scalar_t>
+struct UnitSlice {
+  int64_t first = 0, units = 0;
+  at::Tensor weight;    // the slice of W_hh, laid out for `gemm`
+  at::Tensor products;  // the slice's GEMM output
+  std::optional<RecurrentGemm<scalar_t>> gemm;
+};
+
+// forward: weight [4 * units, H] = the rows of W_hh for gates i, f, g, o of the units
+template <typename scalar_t>
+std::vector<UnitSlice<scalar_t>> forward_unit_slices(int threads, int64_t batch, const at::Tensor& w_hh) {
+  const int64_t hidden = w_hh.size(1);
+  std::vector<UnitSlice<scalar_t>> slices(threads);
+  for (int k = 0; k < threads; ++k) {
+    auto& slice = slices[k];
+    std::tie(slice.first, slice.units) = unit_range(hidden, threads, k);
+    slice.units -= slice.first;
+    if (slice.units == 0) continue;
+    std::vector<at::Tensor> rows;
+    for (int64_t g = 0; g < 4; ++g) rows.push_back(w_hh.narrow(0, g * hidden + slice.first, slice.units));
+    slice.weight = at::cat(rows).contiguous();
+    slice.products = at::empty({batch, 4 * slice.units}, w_hh.options());
+    slice.gemm.emplace(slice.weight.template const_data_ptr<scalar_t>(), true, batch, 4 * slice.units, hidden);
+  }
+  return slices;
+}
+
+// backward: weight [4H, units] = the columns of W_hh of the units
+template <typename scalar_t>
+std::vector<UnitSlice<scalar_t>> backward_unit_slices(int threads, int64_t batch, const at::Tensor& w_hh) {
+  const int64_t hidden = w_hh.size(1);
+  std::vector<UnitSlice<scalar_t>> slices(threads);
+  for (int k = 0; k < threads; ++k) {
+    auto& slice = slices[k];
+    std::tie(slice.first, slice.units) = unit_range(hidden, threads, k);
+    slice.units -= slice.first;
+    if (slice.units == 0) continue;
+    slice.weight = w_hh.narrow(1, slice.first, slice.units).contiguous();
+    slice.products = at::empty({batch, slice.units}, w_hh.options());
+    slice.gemm.emplace(slice.weight.template const_data_ptr<scalar_t>(), false, batch, slice.units, 4 * hidden);
+  }
+  return slices;
+}
+
 template <typename scalar_t>
 void lstm_forward_hidden_split(int threads, int64_t steps, int64_t batch, int64_t hidden, const at::Tensor& w_hh,
                                const scalar_t* h0, const scalar_t* c0, scalar_t* gates_data, scalar_t* y_data,
                                scalar_t* c_data) {
   const int64_t step_elems = batch * hidden;
+  auto slices = forward_unit_slices<scalar_t>(threads, batch, w_hh);
 #pragma omp parallel num_threads(threads)
   {
-    const auto [j0, j1] = unit_range(hidden, omp_get_num_threads(), omp_get_thread_num());
-    const int64_t units = j1 - j0;
-    at::Tensor w_units, products;
-    std::optional<RecurrentGemm<scalar_t>> gemm;
-    if (units > 0) {
-      // [4 * units, H]: the rows of W_hh for gates i, f, g, o of this thread's units
-      w_units = at::cat({w_hh.narrow(0, j0, units), w_hh.narrow(0, hidden + j0, units),
-                         w_hh.narrow(0, 2 * hidden + j0, units), w_hh.narrow(0, 3 * hidden + j0, units)})
-                    .contiguous();
-      products = at::empty({batch, 4 * units}, w_hh.options());
-      gemm.emplace(w_units.const_data_ptr<scalar_t>(), true, batch, 4 * units, hidden);
-    }
+    // OpenMP may grant fewer threads than asked: each thread then serves several slices
+    const int team = omp_get_num_threads(), me = omp_get_thread_num();
     for (int64_t t = 0; t < steps; ++t) {
-      if (units > 0) {
-        const scalar_t* h_prev = t == 0 ? h0 : y_data + (t - 1) * step_elems;
-        const scalar_t* c_prev = t == 0 ? c0 : c_data + (t - 1) * step_elems;
-        scalar_t* gates_t = gates_data + t * 4 * step_elems;
-        scalar_t* product = products.data_ptr<scalar_t>();
-        (*gemm)(h_prev, 0, product);  // [B, 4 * units]
+      const scalar_t* h_prev = t == 0 ? h0 : y_data + (t - 1) * step_elems;
+      const scalar_t* c_prev = t == 0 ? c0 : c_data + (t - 1) * step_elems;
+      scalar_t* gates_t = gates_data + t * 4 * step_elems;
+      for (int k = me; k < threads; k += team) {
+        auto& slice = slices[k];
+        const int64_t j0 = slice.first, units = slice.units;
+        if (units == 0) continue;
+        scalar_t* product = slice.products.template data_ptr<scalar_t>();
+        (*slice.gemm)(h_prev, 0, product);  // [B, 4 * units]
         for (int64_t b = 0; b < batch; ++b) {
           scalar_t* row = gates_t + b * 4 * hidden + j0;
           for (int64_t g = 0; g < 4; ++g) {
@@ -107,33 +152,27 @@ void lstm_forward_hidden_split(int threads, int64_t steps, int64_t batch, int64_
   }
 }
 
-// The backward of the above. Per step, each thread runs the cell backward on its units
-// (writing their columns of dgates_t), all meet at a barrier, and each computes its
-// units' columns of dh_{t-1} = dgates_t [B, 4H] @ W_hh[:, its units]. The next step's
-// cell backward reads only the thread's own columns of dh and writes dgates_{t-1}, so
-// one barrier per step suffices.
+// The backward of the above. Per step, each slice runs the cell backward on its units
+// (writing their columns of dgates_t), all threads meet at a barrier, and each slice
+// computes its units' columns of dh_{t-1} = dgates_t [B, 4H] @ W_hh[:, its units]. The
+// next step's cell backward reads only its own columns of dh and writes dgates_{t-1},
+// so one barrier per step suffices.
 template <typename scalar_t>
 void lstm_backward_hidden_split(int threads, int64_t steps, int64_t batch, int64_t hidden, const at::Tensor& w_hh,
                                 const scalar_t* dy_data, const scalar_t* c0, const scalar_t* c_data,
                                 const scalar_t* gates_data, scalar_t* dgates_data, scalar_t* dh, scalar_t* dc) {
   const int64_t step_elems = batch * hidden;
+  auto slices = backward_unit_slices<scalar_t>(threads, batch, w_hh);
 #pragma omp parallel num_threads(threads)
   {
-    const auto [j0, j1] = unit_range(hidden, omp_get_num_threads(), omp_get_thread_num());
-    const int64_t units = j1 - j0;
-    at::Tensor w_columns, products;
-    std::optional<RecurrentGemm<scalar_t>> gemm;
-    if (units > 0) {
-      w_columns = w_hh.narrow(1, j0, units).contiguous();  // [4H, units]
-      products = at::empty({batch, units}, w_hh.options());
-      gemm.emplace(w_columns.const_data_ptr<scalar_t>(), false, batch, units, 4 * hidden);
-    }
+    const int team = omp_get_num_threads(), me = omp_get_thread_num();
     for (int64_t t = steps - 1; t >= 0; --t) {
       const scalar_t* gates_t = gates_data + t * 4 * step_elems;
       scalar_t* dgates_t = dgates_data + t * 4 * step_elems;
-      if (units > 0) {
-        const scalar_t* c_prev = t == 0 ? c0 : c_data + (t - 1) * step_elems;
-        for (int64_t b = 0; b < batch; ++b) {
+      const scalar_t* c_prev = t == 0 ? c0 : c_data + (t - 1) * step_elems;
+      for (int k = me; k < threads; k += team) {
+        const int64_t j0 = slices[k].first, units = slices[k].units;
+        for (int64_t b = 0; b < batch && units > 0; ++b) {
           const int64_t at_unit = b * hidden + j0;
           lstm_backward_row(dy_data + t * step_elems + at_unit, dh + at_unit, dc + at_unit,
                             gates_t + b * 4 * hidden + j0, hidden, c_data + t * step_elems + at_unit, c_prev + at_unit,
@@ -141,11 +180,13 @@ void lstm_backward_hidden_split(int threads, int64_t steps, int64_t batch, int64
         }
       }
 #pragma omp barrier
-      if (units > 0) {
-        scalar_t* product = products.data_ptr<scalar_t>();
-        (*gemm)(dgates_t, 0, product);  // [B, units]
+      for (int k = me; k < threads; k += team) {
+        auto& slice = slices[k];
+        if (slice.units == 0) continue;
+        scalar_t* product = slice.products.template data_ptr<scalar_t>();
+        (*slice.gemm)(dgates_t, 0, product);  // [B, units]
         for (int64_t b = 0; b < batch; ++b) {
-          std::memcpy(dh + b * hidden + j0, product + b * units, units * sizeof(scalar_t));
+          std::memcpy(dh + b * hidden + slice.first, product + b * slice.units, slice.units * sizeof(scalar_t));
         }
       }
     }
@@ -157,6 +198,7 @@ using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor
 ForwardOutputs lstm_scan_forward(const at::Tensor& x_in, const at::Tensor& h0_in, const at::Tensor& c0_in,
                                  const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
                                  const std::optional<at::Tensor>& bias) {
+  FUSED_RNN_EXCLUDE_AUTOCAST;
   const auto x = x_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
   const auto w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
   check_layer(x, {{&h0, "h0"}, {&c0, "c0"}}, w_ih, w_hh, bias, 4);
@@ -207,11 +249,15 @@ BackwardOutputs lstm_backward_impl(const at::Tensor& grad_y, const at::Tensor& g
                                    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
                                    const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& y,
                                    const at::Tensor& cells, const at::Tensor& gates, bool grad_x) {
+  FUSED_RNN_EXCLUDE_AUTOCAST;
   check_layer(x, {{&h0, "h0"}, {&c0, "c0"}, {&grad_h_n, "grad_h_n"}, {&grad_c_n, "grad_c_n"}}, w_ih, w_hh,
               std::nullopt, 4);
   const int64_t steps = x.size(0), batch = x.size(1), hidden = w_hh.size(1);
   const auto dtype = x.scalar_type();
+  // y (h_1..h_T) is read only as h_{t-1} for t >= 1, so it may be undefined when T = 1
+  const bool check_y = y.defined() || steps != 1;
   for (const auto& [tensor, name, width] : {std::make_tuple(&grad_y, "grad_y", hidden),
+                                            std::make_tuple(check_y ? &y : &grad_y, check_y ? "y" : "grad_y", hidden),
                                             std::make_tuple(&cells, "cells", hidden),
                                             std::make_tuple(&gates, "gates", 4 * hidden)}) {
     check_cpu_float(*tensor, name, dtype);

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <cstring>
 #include <optional>
@@ -17,7 +18,7 @@ namespace cpu {
 // baseline, and the loader picks one by CPU (GCC/Clang function multi-versioning), so
 // one binary vectorises 8-wide where it can and still runs everywhere.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
-#define FUSED_RNN_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define FUSED_RNN_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
 #else
 #define FUSED_RNN_CPU_CLONES
 #endif
@@ -52,11 +53,18 @@ inline std::pair<int64_t, int64_t> unit_range(int64_t hidden, int n, int k) {
   return {first, std::min<int64_t>(hidden, first + per_thread)};
 }
 
-// Calls fn(row_begin, row_end) over slices of the batch, one per thread.
+// Calls fn(row_begin, row_end) over slices of the batch, one per thread, each of at
+// least kMinRowsPerThread rows (a single slice below 2 * kMinRowsPerThread rows).
 template <typename Fn>
 void parallel_batch(int64_t batch, const Fn& fn) {
-  at::parallel_for(0, batch, kMinRowsPerThread, fn);
+  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), batch / kMinRowsPerThread));
+  at::parallel_for(0, batch, (batch + slices - 1) / slices, fn);
 }
+
+// Kernels run on the tensors' own dtype: the custom ops have no autocast kernel, so
+// without this guard autocast would still be active inside them and turn their ATen
+// GEMMs into bfloat16 (under torch.autocast("cpu")), mismatching the raw pointers.
+#define FUSED_RNN_EXCLUDE_AUTOCAST c10::impl::ExcludeDispatchKeyGuard no_autocast_guard(c10::autocast_dispatch_keyset)
 
 // Device and dtype only: every kernel entry point makes its inputs contiguous itself
 // (a no-op when they already are), so strided inputs are accepted.
