@@ -141,3 +141,32 @@ def test_import_without_extension_falls_back_with_a_warning():
     """)
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "fallback ok" in result.stdout, result.stderr[-3000:]
+
+
+def _gcc_major():
+    try:
+        out = subprocess.run(["gcc", "-dumpversion"], capture_output=True, text=True, timeout=30).stdout
+        return int(out.split(".")[0])
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return 0
+
+
+@pytest.mark.skipif(not (sys.platform == "linux" and os.uname().machine == "x86_64"), reason="x86-64 Linux only")
+@pytest.mark.skipif(_gcc_major() < 12, reason="the AVX2 clones need gcc >= 12 (target_clones arch=x86-64-v3)")
+@pytest.mark.skipif(__import__("shutil").which("objdump") is None, reason="objdump (binutils) is not installed")
+def test_cell_loops_are_vectorised_for_avx2():
+    """The LSTM cell loops are the CPU kernels' only non-BLAS hot spot; if the compiler
+    stops vectorising their AVX2 clone (as an "arch=haswell" clone once did, without any
+    test failing) the fused LSTM loses a third of its speed. The clone must use ymm registers."""
+    library = next((REPO / "fused_rnn").glob("_C*.so"))
+    disassembly = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", str(library)],
+                                 capture_output=True, text=True, timeout=600).stdout
+    for row in ("lstm_forward_row<float>", "lstm_backward_row<float>"):
+        body, inside = [], False
+        for line in disassembly.splitlines():
+            if line.endswith(">:"):
+                inside = row in line and "arch_x86_64_v3" in line
+            elif inside:
+                body.append(line)
+        assert body, f"no AVX2 clone of {row} in {library.name}"
+        assert sum("ymm" in line for line in body) > 20, f"the AVX2 clone of {row} is not vectorised"
