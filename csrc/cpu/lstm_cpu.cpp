@@ -79,9 +79,11 @@ struct UnitSlice {
   std::optional<RecurrentGemm<scalar_t>> gemm;
 };
 
-// forward: weight [4 * units, H] = the rows of W_hh for gates i, f, g, o of the units
+// The slices of W_hh for `threads` threads: for the forward (rows_of_units) the rows of
+// gates i, f, g, o of each slice's units, [4 * units, H], multiplied transposed; for the
+// backward the columns of its units, [4H, units].
 template <typename scalar_t>
-std::vector<UnitSlice<scalar_t>> forward_unit_slices(int threads, int64_t batch, const at::Tensor& w_hh) {
+std::vector<UnitSlice<scalar_t>> unit_slices(int threads, int64_t batch, const at::Tensor& w_hh, bool rows_of_units) {
   const int64_t hidden = w_hh.size(1);
   std::vector<UnitSlice<scalar_t>> slices(threads);
   for (int k = 0; k < threads; ++k) {
@@ -89,28 +91,17 @@ std::vector<UnitSlice<scalar_t>> forward_unit_slices(int threads, int64_t batch,
     std::tie(slice.first, slice.units) = unit_range(hidden, threads, k);
     slice.units -= slice.first;
     if (slice.units == 0) continue;
-    std::vector<at::Tensor> rows;
-    for (int64_t g = 0; g < 4; ++g) rows.push_back(w_hh.narrow(0, g * hidden + slice.first, slice.units));
-    slice.weight = at::cat(rows).contiguous();
-    slice.products = at::empty({batch, 4 * slice.units}, w_hh.options());
-    slice.gemm.emplace(slice.weight.template const_data_ptr<scalar_t>(), true, batch, 4 * slice.units, hidden);
-  }
-  return slices;
-}
-
-// backward: weight [4H, units] = the columns of W_hh of the units
-template <typename scalar_t>
-std::vector<UnitSlice<scalar_t>> backward_unit_slices(int threads, int64_t batch, const at::Tensor& w_hh) {
-  const int64_t hidden = w_hh.size(1);
-  std::vector<UnitSlice<scalar_t>> slices(threads);
-  for (int k = 0; k < threads; ++k) {
-    auto& slice = slices[k];
-    std::tie(slice.first, slice.units) = unit_range(hidden, threads, k);
-    slice.units -= slice.first;
-    if (slice.units == 0) continue;
-    slice.weight = w_hh.narrow(1, slice.first, slice.units).contiguous();
-    slice.products = at::empty({batch, slice.units}, w_hh.options());
-    slice.gemm.emplace(slice.weight.template const_data_ptr<scalar_t>(), false, batch, slice.units, 4 * hidden);
+    if (rows_of_units) {
+      std::vector<at::Tensor> rows;
+      for (int64_t g = 0; g < 4; ++g) rows.push_back(w_hh.narrow(0, g * hidden + slice.first, slice.units));
+      slice.weight = at::cat(rows).contiguous();
+    } else {
+      slice.weight = w_hh.narrow(1, slice.first, slice.units).contiguous();
+    }
+    const int64_t width = rows_of_units ? 4 * slice.units : slice.units;
+    slice.products = at::empty({batch, width}, w_hh.options());
+    slice.gemm.emplace(slice.weight.template const_data_ptr<scalar_t>(), rows_of_units, batch, width,
+                       rows_of_units ? hidden : 4 * hidden);
   }
   return slices;
 }
@@ -120,7 +111,7 @@ void lstm_forward_hidden_split(int threads, int64_t steps, int64_t batch, int64_
                                const scalar_t* h0, const scalar_t* c0, scalar_t* gates_data, scalar_t* y_data,
                                scalar_t* c_data) {
   const int64_t step_elems = batch * hidden;
-  auto slices = forward_unit_slices<scalar_t>(threads, batch, w_hh);
+  auto slices = unit_slices<scalar_t>(threads, batch, w_hh, true);
 #pragma omp parallel num_threads(threads)
   {
     // OpenMP may grant fewer threads than asked: each thread then serves several slices
@@ -162,7 +153,7 @@ void lstm_backward_hidden_split(int threads, int64_t steps, int64_t batch, int64
                                 const scalar_t* dy_data, const scalar_t* c0, const scalar_t* c_data,
                                 const scalar_t* gates_data, scalar_t* dgates_data, scalar_t* dh, scalar_t* dc) {
   const int64_t step_elems = batch * hidden;
-  auto slices = backward_unit_slices<scalar_t>(threads, batch, w_hh);
+  auto slices = unit_slices<scalar_t>(threads, batch, w_hh, false);
 #pragma omp parallel num_threads(threads)
   {
     const int team = omp_get_num_threads(), me = omp_get_thread_num();
