@@ -6,6 +6,8 @@
 
 #include <string>
 
+#include "cpu/blas.h"
+
 namespace fused_rnn {
 
 #if defined(FUSED_RNN_WITH_CUDA)
@@ -45,6 +47,8 @@ inline pybind11::dict build_info_dict() {
   info["compiler"] = "unknown";
 #endif
   info["cxx_flags"] = FUSED_RNN_CXX_FLAGS;
+  // the float32 scans' per-step GEMM on this CPU now (csrc/cpu/blas.h, RecurrentGemm)
+  info["cpu_gemm"] = cpu::own_gemm_enabled() ? "avx2" : "blas";
   return info;
 }
 

@@ -24,6 +24,10 @@ SHAPES = [  # (T, B, I, H)
     (5, 1, 4, 6),
     (20, 8, 16, 32),
     (9, 20, 7, 13),  # B >= 16: the CPU backward folds dx into each step
+    # row counts that leave 3 and 2 rows after the AVX2 GEMM's 4-row tiles, and more
+    # rows than its 64-row block; H = 30 / 26 leave partial 24-column panels
+    (4, 7, 5, 30),
+    (3, 70, 5, 26),
 ]
 
 
@@ -95,6 +99,31 @@ def test_layer_matches_reference(cell, shape, bias, dtype, cpu_backend):
         grad_names.update({"db_ih": tb_ih, "db_hh": tb_hh})
     for name, tensor in grad_names.items():
         assert_matches(name, tensor.grad, want_grads[name], dtype)
+
+
+@pytest.mark.parametrize("shape", [(63, 4, 7, 37), (4, 7, 5, 30), (9, 20, 7, 13)], ids=lambda s: "T{}B{}I{}H{}".format(*s))
+@pytest.mark.parametrize("cell", ["irnn", "lstm"])
+def test_blas_gemm_path_matches_reference(cell, shape, monkeypatch):
+    """FUSED_RNN_CPU_GEMM=blas routes the float32 scans' per-step GEMM through BLAS
+    instead of the package's AVX2 kernel (the path of CPUs without AVX2): same results."""
+    if "cpp" not in fused_rnn.available_backends():
+        pytest.skip("the C++ extension is not built")
+    monkeypatch.setenv("FUSED_RNN_CPU_GEMM", "blas")
+    test_layer_matches_reference(cell, shape, True, torch.float32, "cpp")
+
+
+def test_avx2_gemm_is_the_default_where_the_cpu_has_it():
+    """On a CPU with AVX2 and FMA the float32 scans use the package's own GEMM, so the
+    reference tests above exercise it (and FUSED_RNN_CPU_GEMM=blas turns it off)."""
+    if "cpp" not in fused_rnn.available_backends():
+        pytest.skip("the C++ extension is not built")
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo")
+    expected = "avx2" if {"avx2", "fma"} <= set(flags) else "blas"
+    assert fused_rnn.build_info()["cpu_gemm"] == expected
 
 
 # ---- stacked, bidirectional, batch_first: a NumPy composition of the reference layers ----

@@ -12,6 +12,10 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "gemm_avx2.h"
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -75,19 +79,35 @@ void gemm_row_major(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
 // The recurrent product of a scan, C[M, N] (+)= A[M, K] @ W' with the same weight W'
 // at every step: W' is W^T when W is stored [N, K] (trans_w), else W stored [K, N].
 //
-// MKL packs (copies into its blocked layout) the weight on every sgemm call; for the
-// per-step shapes of a scan (M = B rows against a W of up to 4H x H) that packing is a
-// tenth of the step's time, measured with perf at B = 64, H = 256. So where MKL's
-// packed API is exported (float32 on x86-64 torch builds) W' is packed once per scan;
-// elsewhere each step is a plain gemm_row_major call.
+// W' is packed once per scan and reused by every step. float32 on a CPU with AVX2 and
+// FMA uses this package's own kernel (gemm_avx2.h), 1.1-1.3x MKL's sgemm at a thread's
+// per-step shapes. Otherwise, where MKL's packed API is exported (float32 on x86-64
+// torch builds), MKL packs W' (an sgemm call would repack it every step, a tenth of
+// the step's time at B = 64, H = 256); float64 and other builds call BLAS per step.
+// FUSED_RNN_CPU_GEMM=blas in the environment skips the own kernel (read when a scan
+// starts), to compare the two or to rule the kernel out when chasing a problem.
+inline bool own_gemm_enabled() {
+  static const bool cpu_ok = avx2::supported();
+  const char* choice = std::getenv("FUSED_RNN_CPU_GEMM");
+  return cpu_ok && (choice == nullptr || std::strcmp(choice, "blas") != 0);
+}
+
 template <typename scalar_t>
 class RecurrentGemm {
  public:
   RecurrentGemm(const scalar_t* w, bool trans_w, int64_t m, int64_t n, int64_t k)
       : w_(w), trans_w_(trans_w), m_(m), n_(n), k_(k) {
     if constexpr (std::is_same_v<scalar_t, float>) {
+      if (m == 0 || n == 0) return;
+      if (own_gemm_enabled()) {
+        // at::empty aligns CPU storage to 64 bytes, as the kernel's aligned loads need
+        packed_ = at::empty({avx2::packed_size(n, k)}, at::TensorOptions().dtype(at::kFloat));
+        avx2::pack(w, trans_w, n, k, packed_.data_ptr<float>());
+        own_ = true;
+        return;
+      }
       const bool fits = m < INT32_MAX && n < INT32_MAX && k < INT32_MAX;
-      if (fits && m > 0 && n > 0 && k > 0 && cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
+      if (fits && k > 0 && cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
           cblas_sgemm_compute != nullptr) {
         const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(m), int(n), int(k));
         packed_ = at::empty({static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float))},
@@ -102,6 +122,10 @@ class RecurrentGemm {
   // c [M, N] = a [M, K] @ W' + beta * c, rows contiguous (lda = K, ldc = N)
   void operator()(const scalar_t* a, scalar_t beta, scalar_t* c) const {
     if constexpr (std::is_same_v<scalar_t, float>) {
+      if (own_) {
+        avx2::gemm(m_, n_, k_, a, k_, packed_.const_data_ptr<float>(), beta, c, n_);
+        return;
+      }
       if (packed_.defined()) {
         cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(m_), int(n_), int(k_), a, int(k_),
                             packed_.const_data_ptr<float>(), int(trans_w_ ? k_ : n_), beta, c, int(n_));
@@ -116,7 +140,8 @@ class RecurrentGemm {
   const scalar_t* w_;
   bool trans_w_;
   int64_t m_, n_, k_;
-  at::Tensor packed_;
+  bool own_ = false;   // packed_ holds avx2::pack's layout
+  at::Tensor packed_;  // or MKL's, when defined and !own_
 };
 
 }  // namespace cpu
