@@ -1,6 +1,10 @@
 """The ``fused-rnn`` / ``python -m fused_rnn`` command line.
 
-    python -m fused_rnn bench [--quick] [--json PATH] [--backends cpp,torch] ...
+    fused-rnn train [--model stateful-lstm|stateful-irnn|seq|nchar|3char|onehot] [--text FILE] ...
+    fused-rnn sample CHECKPOINT [--seed TEXT] [--chars N] [--temperature T]
+    fused-rnn bench [--quick] [--json PATH] [--backends cpp,torch] ...
+
+(``python -m fused_rnn`` is the same command.)
 
 Each subcommand's module provides ``add_arguments(parser)`` and
 ``run_command(args, command) -> exit status``; adding a subcommand is one entry in
@@ -11,10 +15,12 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import bench
+from . import bench, sample, train
 
 # subcommand -> (module that implements it, one-line help)
 SUBCOMMANDS = {
+    "train": (train, "train a character-level language model on the fused kernels"),
+    "sample": (sample, "generate text with a model trained by `fused-rnn train`"),
     "bench": (bench, "time the fused CPU kernels against torch.nn.RNN / torch.nn.LSTM"),
 }
 
@@ -31,7 +37,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     module, _ = SUBCOMMANDS[args.command]
-    return module.run_command(args, command=" ".join(["python -m fused_rnn", *argv]))
+    return module.run_command(args, command=" ".join(["fused-rnn", *argv]))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,331 @@
+"""The character-level language models of the classic char-RNN lesson, on the fused
+IRNN and LSTM layers.
+
+Each model knows its vocabulary, maps integer character indices to logits (trained
+with sparse cross-entropy on integer targets) and samples text with
+``generate(seed_text, n_chars, temperature)``.
+
+=================  ===========================================================  =========
+model              reads -> predicts                                            layer
+=================  ===========================================================  =========
+ThreeCharModel     characters 1..3 -> character 4                               IRNN
+NCharModel         characters 1..n-1 -> character n (n = 9 in the lesson)       IRNN
+SequenceModel      characters 1..n-1 -> characters 2..n, zero initial state     IRNN
+OneHotModel        as SequenceModel, one-hot inputs instead of an embedding     IRNN
+StatefulModel      as SequenceModel, state carried from batch to batch          LSTM/IRNN
+=================  ===========================================================  =========
+
+The first four are the lesson's unrolled RNN made into one IRNN layer: character
+embeddings go through the shared input layer (``weight_ih``, the lesson's "green
+arrow"), the hidden-to-hidden layer starts as the identity (``weight_hh``, "orange
+arrow"), a ReLU, and an output layer ("blue arrow") reads the last state (n-character
+models) or every state (sequence models, Keras' TimeDistributed).
+"""
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .. import functional
+from ..data import Vocab
+from ..modules import IRNN, LSTM
+
+MODEL_NAMES = ("stateful-lstm", "stateful-irnn", "seq", "nchar", "3char", "onehot")
+
+EMBED_DIM = 42  # the lesson's character embedding size
+HIDDEN_SIZE = 256
+
+
+def _char_irnn(input_size: int, hidden_size: int, backend: str) -> IRNN:
+    # Identity W_hh (the IRNN) and PyTorch's uniform input weights: inputs here are
+    # learned embeddings of unit scale, which N(0, 0.001^2) input weights would mute.
+    return IRNN(input_size, hidden_size, batch_first=True, backend=backend, ih_init="pytorch")
+
+
+def _sample(logits: Tensor, temperature: float, generator: Optional[torch.Generator]) -> int:
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class CharModel(nn.Module):
+    """Base class: the vocabulary, argument checks and the sampling loop.
+
+    Subclasses implement ``forward(chars)`` and, for sampling, ``_start(indices)``
+    (logits after reading the seed, and the state to continue from) and
+    ``_step(index, state)``."""
+
+    def __init__(self, vocab: Vocab):
+        super().__init__()
+        if not isinstance(vocab, Vocab):
+            raise TypeError(f"vocab must be a fused_rnn.data.Vocab, got {type(vocab).__name__}")
+        self.vocab = vocab
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def _check_chars(self, chars: Tensor, name: str = "chars") -> None:
+        if not isinstance(chars, Tensor) or chars.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name} must be an integer tensor of character indices, got "
+                            f"{getattr(chars, 'dtype', type(chars).__name__)}")
+        if chars.dim() != 2 or chars.numel() == 0:
+            raise ValueError(f"{name} must be a non-empty [batch, length] tensor, got shape {tuple(chars.shape)}")
+
+    def min_seed_length(self) -> int:
+        return 1
+
+    @torch.no_grad()
+    def generate(self, seed_text: str, n_chars: int, temperature: float = 1.0,
+                 generator: Optional[torch.Generator] = None) -> str:
+        """``n_chars`` characters sampled after ``seed_text``, each from
+        softmax(logits / temperature) (lower temperature: more conservative text).
+        The model is put in eval mode for sampling and restored afterwards."""
+        if not isinstance(n_chars, int) or n_chars < 0:
+            raise ValueError(f"n_chars must be a non-negative integer, got {n_chars!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature!r}")
+        if len(seed_text) < self.min_seed_length():
+            raise ValueError(f"seed_text must have at least {self.min_seed_length()} character(s) for "
+                             f"{type(self).__name__}, got {len(seed_text)}")
+        indices = self.vocab.encode(seed_text)
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        try:
+            out: List[int] = []
+            if n_chars:
+                logits, state = self._start(indices.to(device))
+                for k in range(n_chars):
+                    out.append(_sample(logits.cpu(), temperature, generator))
+                    if k + 1 < n_chars:
+                        logits, state = self._step(out[-1], state)
+            return self.vocab.decode(out)
+        finally:
+            self.train(was_training)
+
+
+class NCharModel(CharModel):
+    """Characters 1..n-1 -> character n: [B, n-1] indices -> [B, V] logits.
+
+    Args: vocab, n (9 in the lesson), embed_dim (42), hidden_size (256), backend."""
+
+    def __init__(self, vocab: Vocab, n: int = 9, embed_dim: int = EMBED_DIM, hidden_size: int = HIDDEN_SIZE,
+                 backend: str = "auto"):
+        super().__init__(vocab)
+        if not isinstance(n, int) or n < 2:
+            raise ValueError(f"n must be an integer >= 2 (at least one input character), got {n!r}")
+        self.n = n
+        self.embedding = nn.Embedding(self.vocab_size, embed_dim)
+        self.rnn = _char_irnn(embed_dim, hidden_size, backend)
+        self.output = nn.Linear(hidden_size, self.vocab_size)
+
+    @property
+    def context(self) -> int:
+        return self.n - 1
+
+    def forward(self, chars: Tensor) -> Tensor:
+        self._check_chars(chars)
+        if chars.shape[1] != self.context:
+            raise ValueError(f"{type(self).__name__} reads {self.context} characters per example, got "
+                             f"chars of shape {tuple(chars.shape)}")
+        _, h_n = self.rnn(self.embedding(chars))
+        return self.output(h_n[-1])
+
+    def min_seed_length(self) -> int:
+        return self.context
+
+    def _start(self, indices: Tensor):
+        window = indices[-self.context:]
+        return self.forward(window.unsqueeze(0))[0], window
+
+    def _step(self, index: int, window: Tensor):
+        window = torch.cat([window[1:], window.new_tensor([index])])
+        return self.forward(window.unsqueeze(0))[0], window
+
+
+class ThreeCharModel(NCharModel):
+    """The lesson's first model: characters 1..3 -> character 4 (an IRNN of length 3)."""
+
+    def __init__(self, vocab: Vocab, embed_dim: int = EMBED_DIM, hidden_size: int = HIDDEN_SIZE,
+                 backend: str = "auto"):
+        super().__init__(vocab, 4, embed_dim, hidden_size, backend)
+
+
+class SequenceModel(CharModel):
+    """Characters 1..n-1 -> characters 2..n ("return sequences"): [B, T] -> [B, T, V],
+    from a zero initial state, one output layer applied at every step."""
+
+    def __init__(self, vocab: Vocab, embed_dim: int = EMBED_DIM, hidden_size: int = HIDDEN_SIZE,
+                 backend: str = "auto"):
+        super().__init__(vocab)
+        self.embedding = nn.Embedding(self.vocab_size, embed_dim)
+        self.rnn = _char_irnn(embed_dim, hidden_size, backend)
+        self.output = nn.Linear(hidden_size, self.vocab_size)
+
+    def _inputs(self, chars: Tensor) -> Tensor:
+        return self.embedding(chars)
+
+    def _run(self, chars: Tensor, h: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        y, h_n = self.rnn(self._inputs(chars), h)
+        return self.output(y), h_n
+
+    def forward(self, chars: Tensor) -> Tensor:
+        self._check_chars(chars)
+        return self._run(chars)[0]
+
+    def _start(self, indices: Tensor):
+        logits, h = self._run(indices.unsqueeze(0))
+        return logits[0, -1], h
+
+    def _step(self, index: int, h: Tensor):
+        logits, h = self._run(h.new_tensor([[index]], dtype=torch.int64), h)
+        return logits[0, -1], h
+
+
+class OneHotModel(SequenceModel):
+    """The sequence model with one-hot inputs in place of an embedding (the lesson's
+    from-scratch version): the IRNN's input weights play the embedding's role."""
+
+    def __init__(self, vocab: Vocab, hidden_size: int = HIDDEN_SIZE, backend: str = "auto"):
+        CharModel.__init__(self, vocab)
+        self.rnn = _char_irnn(self.vocab_size, hidden_size, backend)
+        self.output = nn.Linear(hidden_size, self.vocab_size)
+
+    def _inputs(self, chars: Tensor) -> Tensor:
+        return F.one_hot(chars, self.vocab_size).to(self.output.weight.dtype)
+
+
+class StatefulModel(CharModel):
+    """The lesson's stateful model: [B, T] -> [B, T, V], the hidden state carried from
+    one call to the next (so consecutive batches must continue each other's rows; see
+    :func:`fused_rnn.data.stream_batches`) and detached at every call (truncated
+    backpropagation at batch boundaries). Call :meth:`reset_state` at the start of
+    each epoch and before unrelated text.
+
+    Embedding -> batch normalisation of the embeddings -> ``num_layers`` LSTM or IRNN
+    layers -> dropout -> a dense layer at every step.
+
+    Args:
+        cell: ``"lstm"`` or ``"irnn"``.
+        dropout: input dropout of every recurrent layer (Keras' ``dropout_W``), one
+            mask per sequence and feature, fixed over time.
+        recurrent_dropout: Keras' ``dropout_U``. The kernels do not take a mask on
+            h_{t-1} yet, so for now this is DropConnect on W_hh (a fresh dropout mask
+            on the recurrent weight matrix at every call, as in AWD-LSTM), which drops
+            the same recurrent connections at every step of the sequence.
+        output_dropout: dropout before the output layer.
+        irnn_hh_scale: the IRNN layers start from W_hh = irnn_hh_scale * I. Not 1:
+            a state carried over a whole epoch makes an identity recurrence add up its
+            inputs without bound (measured: the loss reaches 1e4-1e8 in the first
+            epoch at lr 3e-3, identity with either input init), much as Le et al.
+            (2015) found 1.0 unstable for speech and used 0.01.
+    """
+
+    recurrent_dropout_mode = "weight"  # DropConnect on W_hh until the kernels take a mask
+
+    def __init__(self, vocab: Vocab, cell: str = "lstm", num_layers: int = 2, embed_dim: int = EMBED_DIM,
+                 hidden_size: int = HIDDEN_SIZE, dropout: float = 0.2, recurrent_dropout: float = 0.2,
+                 output_dropout: float = 0.2, irnn_hh_scale: float = 0.5, backend: str = "auto"):
+        super().__init__(vocab)
+        if cell not in ("lstm", "irnn"):
+            raise ValueError(f"cell must be 'lstm' or 'irnn', got {cell!r}")
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
+        for name, p in (("dropout", dropout), ("recurrent_dropout", recurrent_dropout),
+                        ("output_dropout", output_dropout)):
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {p!r}")
+        self.cell = cell
+        self.dropout, self.recurrent_dropout, self.output_dropout = dropout, recurrent_dropout, output_dropout
+        self.embedding = nn.Embedding(self.vocab_size, embed_dim)
+        self.norm = nn.BatchNorm1d(embed_dim)
+        sizes = [embed_dim] + [hidden_size] * num_layers
+        if cell == "lstm":
+            layers = [LSTM(sizes[k], hidden_size, backend=backend) for k in range(num_layers)]
+        else:
+            layers = [IRNN(sizes[k], hidden_size, backend=backend, ih_init="pytorch", hh_scale=irnn_hh_scale)
+                      for k in range(num_layers)]
+        self.layers = nn.ModuleList(layers)
+        self.output = nn.Linear(hidden_size, self.vocab_size)
+        self.state: Optional[List[Tuple[Tensor, ...]]] = None
+
+    def extra_repr(self) -> str:
+        return (f"cell={self.cell!r}, dropout={self.dropout}, recurrent_dropout={self.recurrent_dropout} "
+                f"({self.recurrent_dropout_mode} dropout on W_hh), output_dropout={self.output_dropout}")
+
+    def reset_state(self) -> None:
+        """Forget the carried hidden state: the next call starts from zeros."""
+        self.state = None
+
+    def _input_dropout(self, x: Tensor) -> Tensor:  # x [T, B, F]
+        if not self.training or self.dropout == 0.0:
+            return x
+        keep = 1.0 - self.dropout
+        mask = x.new_empty(1, x.shape[1], x.shape[2]).bernoulli_(keep) / keep
+        return x * mask
+
+    def _layer(self, layer: nn.Module, x: Tensor, state: Optional[Tuple[Tensor, ...]]):
+        w_ih, w_hh, b_ih, b_hh = layer.weight_ih_l0, layer.weight_hh_l0, layer.bias_ih_l0, layer.bias_hh_l0
+        if self.training and self.recurrent_dropout > 0.0:
+            w_hh = F.dropout(w_hh, self.recurrent_dropout, training=True)
+        if self.cell == "lstm":
+            y, (h, c) = functional.lstm(x, state, w_ih, w_hh, b_ih, b_hh, backend=layer.backend)
+            return y, (h, c)
+        y, h = functional.irnn(x, None if state is None else state[0], w_ih, w_hh, b_ih, b_hh,
+                               backend=layer.backend)
+        return y, (h,)
+
+    def forward(self, chars: Tensor) -> Tensor:
+        self._check_chars(chars)
+        batch, steps = chars.shape
+        if self.state is not None and self.state[0][0].shape[0] != batch:
+            raise ValueError(f"the carried state is for batch size {self.state[0][0].shape[0]}, got {batch}: "
+                             "call reset_state() before changing the batch size")
+        x = self.embedding(chars.t())                                   # [T, B, E]
+        x = self.norm(x.reshape(steps * batch, -1)).view(steps, batch, -1)
+        new_state = []
+        for k, layer in enumerate(self.layers):
+            x, state = self._layer(layer, self._input_dropout(x), None if self.state is None else self.state[k])
+            new_state.append(tuple(s.detach() for s in state))
+        self.state = new_state
+        x = F.dropout(x, self.output_dropout, training=self.training)
+        return self.output(x).transpose(0, 1)                           # [B, T, V]
+
+    def _with_state(self, chars: Tensor, state):
+        """Logits of the last step of `chars` from `state`, and the state after it,
+        leaving the carried training state as it was."""
+        saved, self.state = self.state, state
+        try:
+            return self.forward(chars)[0, -1], self.state
+        finally:
+            self.state = saved
+
+    def _start(self, indices: Tensor):
+        return self._with_state(indices.unsqueeze(0), None)
+
+    def _step(self, index: int, state):
+        return self._with_state(torch.tensor([[index]], device=self.output.weight.device), state)
+
+
+def build_model(name: str, vocab: Vocab, *, hidden_size: int = HIDDEN_SIZE, num_layers: int = 2,
+                context: Optional[int] = None, embed_dim: int = EMBED_DIM, dropout: float = 0.2,
+                backend: str = "auto") -> CharModel:
+    """The model ``fused-rnn train --model NAME`` trains (names in :data:`MODEL_NAMES`).
+    ``context`` is n - 1 for the n-character model; ``num_layers`` and ``dropout`` apply
+    to the stateful models (the lesson's other models are one IRNN layer)."""
+    if name in ("stateful-lstm", "stateful-irnn"):
+        return StatefulModel(vocab, cell=name.split("-")[1], num_layers=num_layers, embed_dim=embed_dim,
+                             hidden_size=hidden_size, dropout=dropout, recurrent_dropout=dropout,
+                             output_dropout=dropout, backend=backend)
+    if name == "nchar":
+        return NCharModel(vocab, n=(8 if context is None else context) + 1, embed_dim=embed_dim,
+                          hidden_size=hidden_size, backend=backend)
+    if name == "3char":
+        return ThreeCharModel(vocab, embed_dim=embed_dim, hidden_size=hidden_size, backend=backend)
+    if name == "seq":
+        return SequenceModel(vocab, embed_dim=embed_dim, hidden_size=hidden_size, backend=backend)
+    if name == "onehot":
+        return OneHotModel(vocab, hidden_size=hidden_size, backend=backend)
+    raise ValueError(f"model must be one of {MODEL_NAMES}, got {name!r}")

@@ -1,0 +1,384 @@
+"""``fused-rnn train``: train a character-level language model on the fused kernels.
+
+    fused-rnn train                      # the default: stateful 2-layer LSTM on the
+                                         # standard library's source, about 4 minutes
+    fused-rnn train --model seq --text nietzsche.txt --epochs 10 --out runs/seq
+    fused-rnn train --out runs/seq --resume --epochs 20
+    torchrun --nproc_per_node=2 -m fused_rnn train ...   # data parallel (gloo / nccl)
+
+Every epoch: a progress bar (loss, characters/s), the validation loss, a sample of
+generated text, and a checkpoint (``OUT/checkpoint.pt``, written atomically) plus the
+logs ``OUT/log.csv`` and ``OUT/log.json``; at the end a plot of the losses,
+``OUT/loss.png`` (needs matplotlib). ``--resume`` continues from the checkpoint and
+gives the same losses as a run that was never interrupted (bit for bit on CPU with the
+same thread count): batches are drawn from (seed, epoch) alone and the RNG state is
+saved with the model.
+"""
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from torch import distributed as dist
+from torch.nn import functional as F
+
+from . import data
+from .checkpoint import load_checkpoint, save_checkpoint, write_atomic
+from .models import MODEL_NAMES, StatefulModel, build_model
+
+DEFAULT_MINUTES = 4.0
+# Input characters per example when --seq-len is not given: the lesson's 3 and 8
+# (n = 9) for the window models, 64 for the stateful model's truncated BPTT.
+DEFAULT_SEQ_LEN = {"3char": 3, "nchar": 8, "seq": 8, "onehot": 8, "stateful-lstm": 64, "stateful-irnn": 64}
+
+
+@dataclass
+class TrainConfig:
+    model: str = "stateful-lstm"
+    text: Optional[str] = None       # None: the standard library's source (data.default_corpus)
+    max_chars: int = data.DEFAULT_CORPUS_CHARS
+    epochs: Optional[int] = None     # None: as many as --minutes allows
+    minutes: Optional[float] = None
+    hidden: int = 256
+    layers: Optional[int] = None     # None: 2 for the stateful models, else 1
+    seq_len: Optional[int] = None    # None: DEFAULT_SEQ_LEN[model]
+    batch_size: int = 64
+    lr: float = 2e-3
+    clip: float = 1.0                # max gradient norm; 0 turns clipping off
+    dropout: float = 0.1
+    backend: str = "auto"
+    device: str = "cpu"
+    seed: int = 0
+    val_fraction: float = 0.1
+    sample_chars: int = 300
+    temperature: float = 0.8
+    out: str = "runs/char-rnn"
+
+    def resolved(self) -> "TrainConfig":
+        """Defaults filled in and values checked."""
+        if self.model not in MODEL_NAMES:
+            raise ValueError(f"--model must be one of {MODEL_NAMES}, got {self.model!r}")
+        seq_len = DEFAULT_SEQ_LEN[self.model] if self.seq_len is None else self.seq_len
+        if self.model == "3char" and seq_len != 3:
+            raise ValueError(f"the 3char model reads 3 characters; --seq-len {seq_len} does not apply (use --model nchar)")
+        layers = self.layers if self.layers is not None else (2 if is_stateful(self.model) else 1)
+        if not is_stateful(self.model) and layers != 1:
+            raise ValueError(f"--layers applies to the stateful models; {self.model} is one IRNN layer")
+        epochs, minutes = self.epochs, self.minutes
+        if epochs is None and minutes is None:
+            minutes = DEFAULT_MINUTES
+        for name, value, ok in (("--epochs", epochs, epochs is None or epochs >= 1),
+                                ("--minutes", minutes, minutes is None or minutes > 0),
+                                ("--hidden", self.hidden, self.hidden >= 1),
+                                ("--layers", layers, layers >= 1),
+                                ("--seq-len", seq_len, seq_len >= 1),
+                                ("--batch-size", self.batch_size, self.batch_size >= 1),
+                                ("--lr", self.lr, self.lr > 0),
+                                ("--clip", self.clip, self.clip >= 0),
+                                ("--dropout", self.dropout, 0 <= self.dropout < 1),
+                                ("--temperature", self.temperature, self.temperature > 0),
+                                ("--sample-chars", self.sample_chars, self.sample_chars >= 0)):
+            if not ok:
+                raise ValueError(f"{name}: invalid value {value!r}")
+        values = asdict(self)
+        values.update(seq_len=seq_len, layers=layers, epochs=epochs, minutes=minutes)
+        return TrainConfig(**values)
+
+
+# ---- one step, shared by the trainer and the data-parallel test ----
+
+def loss_of(model, inputs, targets):
+    """Mean sparse cross-entropy of the model's logits against integer targets."""
+    logits = model(inputs)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def train_step(model, optimizer, inputs, targets, clip: float):
+    """One optimiser step on one batch; returns the loss (a detached tensor)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_of(model, inputs, targets)
+    loss.backward()
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    return loss.detach()
+
+
+def is_stateful(name: str) -> bool:
+    return name.startswith("stateful")
+
+
+def batches(config: TrainConfig, encoded: torch.Tensor, *, shuffle: bool, epoch: int, rank: int = 0,
+            world_size: int = 1):
+    """(inputs, targets) pairs of one epoch for config.model (see fused_rnn.data)."""
+    if is_stateful(config.model):
+        return list(data.stream_batches(encoded, config.seq_len, config.batch_size, rank=rank,
+                                        world_size=world_size))
+    windows = data.window_batches(encoded, config.seq_len + 1, config.batch_size, shuffle=shuffle,
+                                  seed=config.seed, epoch=epoch, rank=rank, world_size=world_size)
+    if config.model in ("nchar", "3char"):
+        return [(w[:, :-1], w[:, -1]) for w in windows]
+    return [(w[:, :-1], w[:, 1:]) for w in windows]
+
+
+@torch.no_grad()
+def evaluate(model, config: TrainConfig, encoded: torch.Tensor, device) -> float:
+    """Mean validation loss per character (stateful models read the text in streams
+    from a fresh state). The model's mode and carried state are restored afterwards."""
+    was_training = model.training
+    saved_state = getattr(model, "state", None)
+    model.eval()
+    if isinstance(model, StatefulModel):
+        model.reset_state()
+    total, count = 0.0, 0
+    try:
+        for inputs, targets in batches(config, encoded, shuffle=False, epoch=0):
+            loss = loss_of(model, inputs.to(device), targets.to(device))
+            total += float(loss) * targets.numel()
+            count += targets.numel()
+    finally:
+        model.train(was_training)
+        if isinstance(model, StatefulModel):
+            model.state = saved_state
+    return total / count
+
+
+# ---- the training run ----
+
+class _Distributed:
+    """Rank and world size; initialises torch.distributed under torchrun."""
+
+    def __init__(self, device: str):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.started = False
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+            self.started = True
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.main = self.rank == 0
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.started:
+            dist.destroy_process_group()
+
+
+def _load_corpus(config: TrainConfig) -> str:
+    return data.load_text(config.text) if config.text else data.default_corpus(config.max_chars)
+
+
+def _write_logs(out: Path, config: TrainConfig, history: List[Dict]) -> None:
+    buffer = io.StringIO()
+    columns = ["epoch", "train_loss", "val_loss", "seconds", "chars_per_s"]
+    writer = csv.DictWriter(buffer, columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    write_atomic(out / "log.csv", buffer.getvalue())
+    write_atomic(out / "log.json", json.dumps({"config": asdict(config), "epochs": history}, indent=2))
+
+
+def plot_losses(out: Path, history: List[Dict], batch_losses: List[float]) -> Optional[Path]:
+    """Writes OUT/loss.png (training loss per batch, validation loss per epoch);
+    returns None, with a message, when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+    except ImportError:
+        print("loss plot skipped: matplotlib is not installed (pip install matplotlib); "
+              f"the losses are in {out / 'log.csv'}", file=sys.stderr)
+        return None
+    figure, axes = plt.subplots(figsize=(7, 4))
+    if batch_losses and history:
+        per_epoch = len(batch_losses) / len(history)
+        axes.plot([(k + 1) / per_epoch for k in range(len(batch_losses))], batch_losses, lw=0.6, alpha=0.6,
+                  label="training (per batch)")
+    axes.plot([h["epoch"] for h in history], [h["val_loss"] for h in history], "o-", label="validation")
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("cross-entropy (nats per character)")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    path = out / "loss.png"
+    tmp = out / ".loss.tmp.png"
+    figure.savefig(tmp, dpi=120)
+    plt.close(figure)
+    os.replace(tmp, path)
+    return path
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, log=print) -> Dict:
+    """Runs a training (or resumes one from ``config.out``) and returns
+    ``{"history": [...per epoch...], "model": the model, "checkpoint": path}``."""
+    config = config.resolved()
+    out = Path(config.out)
+    checkpoint_path = out / "checkpoint.pt"
+    ddp = _Distributed(config.device)
+    device = torch.device(config.device)
+    if device.type == "cuda" and ddp.world_size > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", ddp.rank)))
+    start_time = time.monotonic()
+    try:
+        history: List[Dict] = []
+        batch_losses: List[float] = []
+        checkpoint = None
+        if resume:
+            checkpoint = load_checkpoint(checkpoint_path)
+            saved = TrainConfig(**{f.name: checkpoint["config"][f.name] for f in fields(TrainConfig)
+                                   if f.name in checkpoint["config"]})
+            # the run continues with the saved settings; only how long it runs may change
+            config = TrainConfig(**dict(asdict(saved), epochs=config.epochs, minutes=config.minutes,
+                                        out=config.out)).resolved()
+            history, batch_losses = list(checkpoint.get("history", [])), list(checkpoint.get("batch_losses", []))
+        text = _load_corpus(config)
+        digest = data.text_digest(text)
+        if checkpoint is not None and checkpoint.get("text_digest") != digest:
+            raise ValueError(f"{checkpoint_path} was trained on another text (the corpus changed since): "
+                             "cannot resume; train afresh with another --out")
+        vocab = data.Vocab.from_text(text)
+        train_text, val_text = data.split_text(text, config.val_fraction)
+        train_data, val_data = vocab.encode(train_text), vocab.encode(val_text)
+
+        torch.manual_seed(config.seed)
+        model = build_model(config.model, vocab, hidden_size=config.hidden, num_layers=config.layers,
+                            context=config.seq_len, dropout=config.dropout, backend=config.backend).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        start_epoch = 0
+        if checkpoint is not None:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            torch.set_rng_state(checkpoint["rng"]["torch"])
+            start_epoch = checkpoint["epoch"]
+        trained = model
+        if ddp.world_size > 1:
+            trained = torch.nn.parallel.DistributedDataParallel(model)
+        if ddp.main:
+            log(f"fused-rnn train: {config.model}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+                f"{len(vocab)}-character vocabulary, {len(train_text):,} training / {len(val_text):,} "
+                f"validation characters{'' if config.text else ' (the Python standard library source)'}, "
+                f"backend {config.backend}, {ddp.world_size} process(es)"
+                + (f"; resuming after epoch {start_epoch}" if checkpoint is not None else ""))
+        seed_text = val_text[: max(model.min_seed_length(), 40)]
+
+        epoch, last_seconds = start_epoch, 0.0
+        while config.epochs is None or epoch < config.epochs:
+            # --minutes: another whole epoch only if, at the last one's pace, it ends in time
+            # (every run trains at least one epoch)
+            if config.minutes is not None and epoch > start_epoch:
+                if time.monotonic() - start_time + last_seconds > config.minutes * 60:
+                    break
+            epoch_batches = batches(config, train_data, shuffle=True, epoch=epoch, rank=ddp.rank,
+                                    world_size=ddp.world_size)
+            if isinstance(model, StatefulModel):
+                model.reset_state()
+            model.train()
+            began = time.monotonic()
+            total, chars = 0.0, 0
+            total_label = "?" if config.epochs is None else str(config.epochs)
+            bar = _progress(len(epoch_batches), f"epoch {epoch + 1}/{total_label}", progress and ddp.main)
+            for k, (inputs, targets) in enumerate(epoch_batches):
+                loss = float(train_step(trained, optimizer, inputs.to(device), targets.to(device), config.clip))
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"the training loss became {loss} in epoch {epoch + 1}, batch {k + 1}: "
+                                             "lower --lr or keep --clip on")
+                total += loss
+                chars += inputs.numel() * ddp.world_size
+                batch_losses.append(loss)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{total / (k + 1):.3f}",
+                                    chars_per_s=f"{chars / max(time.monotonic() - began, 1e-9):,.0f}")
+                    bar.update()
+            if bar is not None:
+                bar.close()
+            last_seconds = time.monotonic() - began
+            epoch += 1
+            if ddp.main:
+                val_loss = evaluate(model, config, val_data, device)
+                record = {"epoch": epoch, "train_loss": total / len(epoch_batches), "val_loss": val_loss,
+                          "seconds": round(last_seconds, 3), "chars_per_s": round(chars / last_seconds)}
+                history.append(record)
+                generator = torch.Generator().manual_seed(config.seed + epoch)
+                sample = model.generate(seed_text, config.sample_chars, config.temperature, generator=generator)
+                log(f"epoch {epoch}: train loss {record['train_loss']:.4f}, validation loss {val_loss:.4f}, "
+                    f"{record['chars_per_s']:,} chars/s")
+                log(f"--- sample (temperature {config.temperature}) ---\n{seed_text}{sample}\n---")
+                save_checkpoint({"config": asdict(config), "vocab": vocab.chars, "model": model.state_dict(),
+                                 "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
+                                 "batch_losses": batch_losses, "rng": {"torch": torch.get_rng_state()},
+                                 "text_digest": digest}, checkpoint_path)
+                _write_logs(out, config, history)
+            ddp.barrier()
+        if ddp.main and history:
+            plot = plot_losses(out, history, batch_losses)
+            log(f"checkpoint: {checkpoint_path}; logs: {out / 'log.csv'}" + (f"; plot: {plot}" if plot else ""))
+        return {"history": history, "model": model, "checkpoint": checkpoint_path}
+    finally:
+        ddp.close()
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="batch", leave=True, dynamic_ncols=True)
+
+
+# ---- command line ----
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    parser.add_argument("--model", choices=MODEL_NAMES, default=defaults.model,
+                        help="which model of the char-RNN lesson (default: %(default)s)")
+    parser.add_argument("--text", help="a UTF-8 text file (default: the Python standard library source)")
+    parser.add_argument("--max-chars", type=int, default=defaults.max_chars,
+                        help="size of the default corpus in characters (default: %(default)s)")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, help="number of epochs")
+    length.add_argument("--minutes", type=float,
+                        help=f"train whole epochs while they fit in this many minutes (default without --epochs: "
+                             f"{DEFAULT_MINUTES:g})")
+    parser.add_argument("--hidden", type=int, default=defaults.hidden, help="hidden units (default: %(default)s)")
+    parser.add_argument("--layers", type=int, help="recurrent layers of the stateful models (default: 2)")
+    parser.add_argument("--seq-len", type=int, help="input characters per example / per truncated-BPTT chunk "
+                                                    "(default: 3 for 3char, 8 for nchar/seq/onehot, 64 stateful)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate (default: %(default)s)")
+    parser.add_argument("--clip", type=float, default=defaults.clip,
+                        help="max gradient norm, 0 for none (default: %(default)s)")
+    parser.add_argument("--dropout", type=float, default=defaults.dropout,
+                        help="input, recurrent and output dropout of the stateful models (default: %(default)s)")
+    parser.add_argument("--backend", choices=("auto", "cpp", "triton", "cuda", "torch"), default=defaults.backend,
+                        help="kernel backend (default: %(default)s)")
+    parser.add_argument("--device", default=defaults.device, help="cpu or cuda (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default: %(default)s)")
+    parser.add_argument("--sample-chars", type=int, default=defaults.sample_chars,
+                        help="characters generated after each epoch (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature,
+                        help="sampling temperature (default: %(default)s)")
+    parser.add_argument("--out", default=defaults.out, help="folder for checkpoint and logs (default: %(default)s)")
+    parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_command(args: argparse.Namespace, command: str = "") -> int:
+    names = {f.name for f in fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    try:
+        train(config, resume=args.resume, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+        print(f"fused-rnn train: error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,118 @@
+"""fused-rnn train / sample: resume, checkpoints, logs, errors."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from fused_rnn import checkpoint as ckpt
+from fused_rnn.__main__ import main
+from fused_rnn.train import TrainConfig, train
+
+TEXT = "".join(f"def f{i}(x):\n    return (x + {i}) * 'ab'[{i % 2}]\n" for i in range(300))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+def tiny(corpus, out, model="stateful-lstm", **kwargs):
+    return TrainConfig(model=model, text=str(corpus), hidden=16, seq_len=kwargs.pop("seq_len", 12), batch_size=8,
+                       sample_chars=20, out=str(out), **kwargs)
+
+
+@pytest.mark.parametrize("model", ["stateful-lstm", "seq"])
+def test_resume_gives_the_uninterrupted_run(corpus, tmp_path, model):
+    """Two epochs straight against one epoch, then --resume for the second: the same
+    losses and parameters bit for bit (dropout and shuffling included)."""
+    quiet = dict(progress=False, log=lambda *a: None)
+    straight = train(tiny(corpus, tmp_path / "a", model, epochs=2), **quiet)
+    train(tiny(corpus, tmp_path / "b", model, epochs=1), **quiet)
+    resumed = train(tiny(corpus, tmp_path / "b", model, epochs=2), resume=True, **quiet)
+    assert len(straight["history"]) == len(resumed["history"]) == 2
+    for a, b in zip(straight["history"], resumed["history"]):
+        assert (a["train_loss"], a["val_loss"]) == (b["train_loss"], b["val_loss"])
+    for (name, a), (_, b) in zip(straight["model"].state_dict().items(), resumed["model"].state_dict().items()):
+        assert torch.equal(a, b), name
+    first, second = straight["history"]
+    assert second["train_loss"] < first["train_loss"]
+
+
+def test_outputs_and_sample_command(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    status = main(["train", "--model", "3char", "--text", str(corpus), "--epochs", "2", "--hidden", "16",
+                   "--batch-size", "16", "--out", str(out), "--no-progress", "--sample-chars", "30"])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "epoch 2: train loss" in printed and "--- sample" in printed
+    for name in ("checkpoint.pt", "log.csv", "log.json", "loss.png"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob(".*tmp*"))
+    log = json.loads((out / "log.json").read_text())
+    assert [e["epoch"] for e in log["epochs"]] == [1, 2] and log["config"]["model"] == "3char"
+    assert (out / "log.csv").read_text().splitlines()[0] == "epoch,train_loss,val_loss,seconds,chars_per_s"
+    # checkpoints hold only plain data: they load with weights_only=True
+    loaded = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert loaded["epoch"] == 2 and loaded["format"] == ckpt.FORMAT
+    assert main(["sample", str(out / "checkpoint.pt"), "--seed", "def", "--chars", "40", "--random-seed", "1"]) == 0
+    sampled = capsys.readouterr().out
+    assert sampled.startswith("def") and len(sampled.rstrip("\n")) >= 40
+    assert main(["sample", str(out / "checkpoint.pt"), "--seed", "deé", "--chars", "5"]) == 2
+    assert "'é' at position 2 is not in the vocabulary" in capsys.readouterr().err
+
+
+def test_bad_checkpoints_get_clear_errors(tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="is not a readable fused_rnn checkpoint"):
+        ckpt.load_checkpoint(garbage)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    with pytest.raises(ValueError, match="not a fused_rnn character-model checkpoint"):
+        ckpt.load_checkpoint(foreign)
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as f:
+        pickle.dump(print, f)  # a pickle that would call code: refused by weights_only
+    with pytest.raises(ValueError, match="weights_only=True"):
+        ckpt.load_checkpoint(evil)
+    with pytest.raises(FileNotFoundError):
+        ckpt.load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    ckpt.save_checkpoint({"config": {}, "vocab": "ab", "model": {}, "epoch": 1}, path)
+
+    def crash(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint({"config": {}, "vocab": "ab", "model": {}, "epoch": 2}, path)
+    monkeypatch.undo()
+    assert ckpt.load_checkpoint(path)["epoch"] == 1        # the previous checkpoint survives
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_bad_text_and_arguments(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["train", "--text", str(empty), "--epochs", "1", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "a language model needs at least 2" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--layers applies to the stateful models"):
+        TrainConfig(model="seq", layers=3).resolved()
+    with pytest.raises(ValueError, match="3char model reads 3 characters"):
+        TrainConfig(model="3char", seq_len=5).resolved()
+    assert TrainConfig().resolved().minutes == 4.0           # the default run is time-boxed
+    assert main(["train", "--resume", "--out", str(tmp_path / "nothing"), "--no-progress"]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_time_budget_stops_between_epochs(corpus, tmp_path):
+    result = train(tiny(corpus, tmp_path / "t", minutes=1e-6), progress=False, log=lambda *a: None)
+    assert len(result["history"]) == 1   # the first epoch always runs, then the budget is spent
