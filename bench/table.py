@@ -19,13 +19,14 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- bench:cpu:start -->", "<!-- bench:cpu:end -->"
 
 
-def replace_readme_table(table: str, readme: Path = README) -> None:
+def replace_readme_table(table: str, readme: Path = README, start: str = START, end: str = END) -> None:
+    """Puts `table` into README.md between the `start` and `end` marker lines."""
     text = readme.read_text(encoding="utf-8")
-    if START not in text or END not in text:
-        raise SystemExit(f"{readme} has no {START} ... {END} block to replace")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{table.rstrip()}\n{END}{tail}", encoding="utf-8")
+    if start not in text or end not in text:
+        raise SystemExit(f"{readme} has no {start} ... {end} block to replace")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{table.rstrip()}\n{end}{tail}", encoding="utf-8")
 
 
 def main(argv=None) -> int:

@@ -7,7 +7,7 @@ import torch
 import fused_rnn
 from fused_rnn import data
 from fused_rnn.models import (MODEL_NAMES, NCharModel, OneHotModel, SequenceModel, StatefulModel,
-                              ThreeCharModel, build_model)
+                              ThreeCharModel, build_model, with_torch_nn_layers)
 from fused_rnn.train import batches, loss_of, TrainConfig
 
 TEXT = "the quick brown fox jumps over the lazy dog; (brackets) and 'quotes' close.\n" * 40
@@ -143,3 +143,23 @@ def test_bad_arguments():
         StatefulModel(VOCAB, recurrent_dropout=1.0)
     with pytest.raises(TypeError, match="integer tensor"):
         SequenceModel(VOCAB, **SMALL)(torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_torch_nn_twin_matches(name):
+    """with_torch_nn_layers (what bench/char_models.py compares against): the same
+    model on nn.RNN / nn.LSTM gives the same loss and gradients."""
+    torch.manual_seed(0)
+    fused = build_model(name, VOCAB, hidden_size=24, num_layers=2, context=6, embed_dim=10, dropout=0.0)
+    twin = with_torch_nn_layers(fused)
+    assert not any(isinstance(m, (fused_rnn.IRNN, fused_rnn.LSTM)) for m in twin.modules())
+    inputs, targets = example_batch(name)
+    losses = []
+    for model in (fused, twin):
+        loss = loss_of(model, inputs, targets) + loss_of(model, inputs, targets)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=RTOL, atol=ATOL)
+    grads = dict(twin.named_parameters())
+    for key, p in fused.named_parameters():
+        torch.testing.assert_close(p.grad, grads[key].grad, rtol=RTOL, atol=ATOL, msg=key)

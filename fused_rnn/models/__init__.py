@@ -10,6 +10,7 @@ from .char_rnn import (
     StatefulModel,
     ThreeCharModel,
     build_model,
+    with_torch_nn_layers,
 )
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "StatefulModel",
     "ThreeCharModel",
     "build_model",
+    "with_torch_nn_layers",
 ]

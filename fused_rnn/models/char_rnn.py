@@ -22,6 +22,7 @@ arrow"), a ReLU, and an output layer ("blue arrow") reads the last state (n-char
 models) or every state (sequence models, Keras' TimeDistributed).
 """
 
+import copy
 from typing import List, Optional, Tuple
 
 import torch
@@ -267,15 +268,20 @@ class StatefulModel(CharModel):
         return x * mask
 
     def _layer(self, layer: nn.Module, x: Tensor, state: Optional[Tuple[Tensor, ...]]):
-        w_ih, w_hh, b_ih, b_hh = layer.weight_ih_l0, layer.weight_hh_l0, layer.bias_ih_l0, layer.bias_hh_l0
+        """One recurrent layer on x [T, B, F] from `state` ((h,) or (h, c), each [B, H])."""
         if self.training and self.recurrent_dropout > 0.0:
-            w_hh = F.dropout(w_hh, self.recurrent_dropout, training=True)
-        if self.cell == "lstm":
-            y, (h, c) = functional.lstm(x, state, w_ih, w_hh, b_ih, b_hh, backend=layer.backend)
-            return y, (h, c)
-        y, h = functional.irnn(x, None if state is None else state[0], w_ih, w_hh, b_ih, b_hh,
-                               backend=layer.backend)
-        return y, (h,)
+            w_hh = F.dropout(layer.weight_hh_l0, self.recurrent_dropout, training=True)
+            weights = (layer.weight_ih_l0, w_hh, layer.bias_ih_l0, layer.bias_hh_l0)
+            if self.cell == "lstm":
+                y, (h, c) = functional.lstm(x, state, *weights, backend=layer.backend)
+                return y, (h, c)
+            y, h = functional.irnn(x, None if state is None else state[0], *weights, backend=layer.backend)
+            return y, (h,)
+        # no weight dropout: the layer module itself, which may also be a torch.nn.RNN /
+        # torch.nn.LSTM with the same parameters (bench/char_models.py compares the two)
+        hx = None if state is None else tuple(s.unsqueeze(0) for s in state)
+        y, out = layer(x, hx if hx is None or self.cell == "lstm" else hx[0])
+        return y, tuple(s.squeeze(0) for s in (out if self.cell == "lstm" else (out,)))
 
     def forward(self, chars: Tensor) -> Tensor:
         self._check_chars(chars)
@@ -329,3 +335,23 @@ def build_model(name: str, vocab: Vocab, *, hidden_size: int = HIDDEN_SIZE, num_
     if name == "onehot":
         return OneHotModel(vocab, hidden_size=hidden_size, backend=backend)
     raise ValueError(f"model must be one of {MODEL_NAMES}, got {name!r}")
+
+
+def with_torch_nn_layers(model: CharModel) -> CharModel:
+    """A copy of `model` whose fused IRNN / LSTM layers are replaced by the torch.nn
+    layers they are drop-ins for (``nn.RNN(nonlinearity="relu")``, ``nn.LSTM``), holding
+    the same parameters: the same model on PyTorch's own kernels, for comparisons.
+    (A stateful model's recurrent dropout needs the fused layers; set it to 0.)"""
+    twin = copy.deepcopy(model)
+    for parent in twin.modules():
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (IRNN, LSTM)):
+                kwargs = dict(num_layers=child.num_layers, bias=child.bias, batch_first=child.batch_first,
+                              dropout=child.dropout, bidirectional=child.bidirectional)
+                if isinstance(child, IRNN):
+                    layer = nn.RNN(child.input_size, child.hidden_size, nonlinearity="relu", **kwargs)
+                else:
+                    layer = nn.LSTM(child.input_size, child.hidden_size, **kwargs)
+                layer.load_state_dict(child.state_dict())
+                setattr(parent, name, layer)
+    return twin
