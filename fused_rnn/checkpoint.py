@@ -32,9 +32,23 @@ def save_checkpoint(checkpoint: Dict[str, Any], path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_folder(path.parent)  # make the rename itself durable
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not possible on every platform / filesystem
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path, text: str) -> None:
@@ -49,10 +63,11 @@ def write_atomic(path, text: str) -> None:
             tmp.unlink()
 
 
-def load_checkpoint(path) -> Dict[str, Any]:
+def load_checkpoint(path, for_resume: bool = False) -> Dict[str, Any]:
     """The checkpoint at `path`, loaded with ``weights_only=True`` onto the CPU. A file
-    that is not a fused_rnn character-model checkpoint (corrupt, truncated, foreign)
-    raises ValueError saying so."""
+    that is not a fused_rnn character-model checkpoint (corrupt, truncated, foreign,
+    or missing what sampling, or with `for_resume` resuming, needs) raises ValueError
+    saying so."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -67,7 +82,8 @@ def load_checkpoint(path) -> Dict[str, Any]:
         found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(f"{path} is not a fused_rnn character-model checkpoint "
                          f"(expected format {FORMAT!r}, found {found!r})")
-    missing = {"config", "vocab", "model", "epoch"} - checkpoint.keys()
+    needed = {"config", "vocab", "model", "epoch"} | ({"optimizer", "rng", "text_digest"} if for_resume else set())
+    missing = needed - checkpoint.keys()
     if missing:
         raise ValueError(f"{path} is an incomplete checkpoint: missing {sorted(missing)}")
     return checkpoint
@@ -76,8 +92,12 @@ def load_checkpoint(path) -> Dict[str, Any]:
 def model_from_checkpoint(checkpoint: Dict[str, Any], backend: str = None) -> CharModel:
     """The trained model of a checkpoint, rebuilt from its config and vocabulary."""
     config = checkpoint["config"]
-    model = build_model(config["model"], Vocab(checkpoint["vocab"]), hidden_size=config["hidden"],
-                        num_layers=config["layers"], context=config["seq_len"], dropout=config["dropout"],
-                        backend=backend or config["backend"])
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model = build_model(config["model"], Vocab(checkpoint["vocab"]), hidden_size=config["hidden"],
+                            num_layers=config["layers"], context=config["seq_len"], dropout=config["dropout"],
+                            backend=backend or config["backend"])
+        model.load_state_dict(checkpoint["model"])
+    except (KeyError, TypeError, RuntimeError, ValueError) as error:
+        raise ValueError(f"the checkpoint's model cannot be rebuilt from its config and weights: "
+                         f"{type(error).__name__}: {error}") from None
     return model

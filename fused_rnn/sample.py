@@ -14,8 +14,7 @@ from .checkpoint import load_checkpoint, model_from_checkpoint
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a checkpoint written by fused-rnn train (OUT/checkpoint.pt)")
     parser.add_argument("--seed", default=None,
-                        help="text to start from (default: the first characters of the validation text "
-                             "are not stored, so a newline)")
+                        help="text to start from (default: newlines, enough for the model's context)")
     parser.add_argument("--chars", type=int, default=500, help="characters to generate (default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.8,
                         help="sampling temperature; lower is more conservative (default: %(default)s)")
@@ -28,7 +27,8 @@ def run_command(args: argparse.Namespace, command: str = "") -> int:
     try:
         checkpoint = load_checkpoint(args.checkpoint)
         model = model_from_checkpoint(checkpoint, backend=args.backend)
-        seed = args.seed if args.seed is not None else "\n" * model.min_seed_length()
+        start = "\n" if "\n" in model.vocab.chars else model.vocab.chars[0]
+        seed = args.seed if args.seed is not None else start * model.min_seed_length()
         generator = None if args.random_seed is None else torch.Generator().manual_seed(args.random_seed)
         text = model.generate(seed, args.chars, args.temperature, generator=generator)
     except (ValueError, FileNotFoundError) as error:

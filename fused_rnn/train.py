@@ -155,21 +155,45 @@ def evaluate(model, config: TrainConfig, encoded: torch.Tensor, device) -> float
 # ---- the training run ----
 
 class _Distributed:
-    """Rank and world size; initialises torch.distributed under torchrun."""
+    """Rank and world size; initialises torch.distributed under torchrun. Decisions
+    that end or stop the loop are made collectively, so no rank is left waiting in a
+    collective that the others have abandoned."""
 
     def __init__(self, device: str):
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.started = False
+        self.cuda = device.startswith("cuda")
         if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+            if self.cuda:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl" if self.cuda else "gloo")
             self.started = True
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.main = self.rank == 0
 
-    def barrier(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1 and dist.is_initialized()
+
+    def _tensor(self, value: float) -> torch.Tensor:
+        return torch.tensor([value], dtype=torch.float64, device="cuda" if self.cuda else "cpu")
+
+    def mean(self, value: float) -> float:
+        """The mean of `value` over the ranks."""
+        if not self.active:
+            return value
+        tensor = self._tensor(value)
+        dist.all_reduce(tensor)
+        return float(tensor) / self.world_size
+
+    def rank0_says(self, flag: bool) -> bool:
+        """Rank 0's `flag`, on every rank."""
+        if not self.active:
+            return flag
+        tensor = self._tensor(float(flag))
+        dist.broadcast(tensor, 0)
+        return bool(tensor)
 
     def close(self) -> None:
         if self.started:
@@ -220,28 +244,57 @@ def plot_losses(out: Path, history: List[Dict], batch_losses: List[float]) -> Op
     return path
 
 
+# what --resume takes from the command line rather than from the checkpoint
+_RESUME_OVERRIDES = ("epochs", "minutes", "out", "backend", "device")
+
+
+def _resumed_config(config: TrainConfig, saved_values: Dict) -> TrainConfig:
+    """The saved run's config with only _RESUME_OVERRIDES taken from `config`. A
+    setting given on the command line (anything but its default) that contradicts the
+    checkpoint is an error, not silently dropped."""
+    names = {f.name for f in fields(TrainConfig)}
+    saved = TrainConfig(**{k: v for k, v in saved_values.items() if k in names})
+    defaults = TrainConfig()
+    conflicts = [f"--{f.replace('_', '-')} {getattr(config, f)!r} (checkpoint: {getattr(saved, f)!r})"
+                 for f in sorted(names - set(_RESUME_OVERRIDES))
+                 if getattr(config, f) != getattr(defaults, f) and getattr(config, f) != getattr(saved, f)]
+    if conflicts:
+        raise ValueError("--resume continues the saved run with its own settings; these differ: "
+                         + "; ".join(conflicts))
+    return TrainConfig(**dict(asdict(saved), **{k: getattr(config, k) for k in _RESUME_OVERRIDES})).resolved()
+
+
+def _rng_state() -> Dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, log=print) -> Dict:
     """Runs a training (or resumes one from ``config.out``) and returns
     ``{"history": [...per epoch...], "model": the model, "checkpoint": path}``."""
-    config = config.resolved()
+    requested, config = config, config.resolved()
     out = Path(config.out)
     checkpoint_path = out / "checkpoint.pt"
     ddp = _Distributed(config.device)
     device = torch.device(config.device)
     if device.type == "cuda" and ddp.world_size > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", ddp.rank)))
+        device = torch.device("cuda", torch.cuda.current_device())
     start_time = time.monotonic()
     try:
         history: List[Dict] = []
         batch_losses: List[float] = []
         checkpoint = None
         if resume:
-            checkpoint = load_checkpoint(checkpoint_path)
-            saved = TrainConfig(**{f.name: checkpoint["config"][f.name] for f in fields(TrainConfig)
-                                   if f.name in checkpoint["config"]})
-            # the run continues with the saved settings; only how long it runs may change
-            config = TrainConfig(**dict(asdict(saved), epochs=config.epochs, minutes=config.minutes,
-                                        out=config.out)).resolved()
+            checkpoint = load_checkpoint(checkpoint_path, for_resume=True)
+            config = _resumed_config(requested, checkpoint["config"])
             history, batch_losses = list(checkpoint.get("history", [])), list(checkpoint.get("batch_losses", []))
         text = _load_corpus(config)
         digest = data.text_digest(text)
@@ -256,29 +309,36 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, l
         model = build_model(config.model, vocab, hidden_size=config.hidden, num_layers=config.layers,
                             context=config.seq_len, dropout=config.dropout, backend=config.backend).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        # what the end of every epoch needs, checked before the first one trains
+        batches(config, val_data, shuffle=False, epoch=0)  # raises if the validation text is too short
+        if len(val_text) < model.min_seed_length():
+            raise ValueError(f"the validation text ({len(val_text)} characters) is shorter than the "
+                             f"{model.min_seed_length()} characters a sample starts from")
+        seed_text = val_text[: max(model.min_seed_length(), 40)]
         start_epoch = 0
         if checkpoint is not None:
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
-            torch.set_rng_state(checkpoint["rng"]["torch"])
+            _set_rng_state(checkpoint["rng"])
             start_epoch = checkpoint["epoch"]
         trained = model
         if ddp.world_size > 1:
-            trained = torch.nn.parallel.DistributedDataParallel(model)
+            device_ids = [device.index] if device.type == "cuda" else None
+            trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         if ddp.main:
             log(f"fused-rnn train: {config.model}, {sum(p.numel() for p in model.parameters()):,} parameters, "
                 f"{len(vocab)}-character vocabulary, {len(train_text):,} training / {len(val_text):,} "
                 f"validation characters{'' if config.text else ' (the Python standard library source)'}, "
                 f"backend {config.backend}, {ddp.world_size} process(es)"
                 + (f"; resuming after epoch {start_epoch}" if checkpoint is not None else ""))
-        seed_text = val_text[: max(model.min_seed_length(), 40)]
 
         epoch, last_seconds = start_epoch, 0.0
         while config.epochs is None or epoch < config.epochs:
-            # --minutes: another whole epoch only if, at the last one's pace, it ends in time
-            # (every run trains at least one epoch)
+            # --minutes: another whole epoch only if, at the last one's pace, it ends in
+            # time (every run trains at least one); rank 0's clock decides for all ranks
             if config.minutes is not None and epoch > start_epoch:
-                if time.monotonic() - start_time + last_seconds > config.minutes * 60:
+                late = time.monotonic() - start_time + last_seconds > config.minutes * 60
+                if ddp.rank0_says(late):
                     break
             epoch_batches = batches(config, train_data, shuffle=True, epoch=epoch, rank=ddp.rank,
                                     world_size=ddp.world_size)
@@ -286,41 +346,50 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, l
                 model.reset_state()
             model.train()
             began = time.monotonic()
-            total, chars = 0.0, 0
+            total, counted, chars = 0.0, 0, 0
             total_label = "?" if config.epochs is None else str(config.epochs)
             bar = _progress(len(epoch_batches), f"epoch {epoch + 1}/{total_label}", progress and ddp.main)
             for k, (inputs, targets) in enumerate(epoch_batches):
                 loss = float(train_step(trained, optimizer, inputs.to(device), targets.to(device), config.clip))
+                loss = ddp.mean(loss)  # every rank sees the same value, and stops together on a NaN
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"the training loss became {loss} in epoch {epoch + 1}, batch {k + 1}: "
                                              "lower --lr or keep --clip on")
-                total += loss
+                total += loss * targets.numel()
+                counted += targets.numel()
                 chars += inputs.numel() * ddp.world_size
                 batch_losses.append(loss)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{total / (k + 1):.3f}",
+                    bar.set_postfix(loss=f"{total / counted:.3f}",
                                     chars_per_s=f"{chars / max(time.monotonic() - began, 1e-9):,.0f}")
                     bar.update()
             if bar is not None:
                 bar.close()
             last_seconds = time.monotonic() - began
             epoch += 1
+            failure = None
             if ddp.main:
-                val_loss = evaluate(model, config, val_data, device)
-                record = {"epoch": epoch, "train_loss": total / len(epoch_batches), "val_loss": val_loss,
-                          "seconds": round(last_seconds, 3), "chars_per_s": round(chars / last_seconds)}
-                history.append(record)
-                generator = torch.Generator().manual_seed(config.seed + epoch)
-                sample = model.generate(seed_text, config.sample_chars, config.temperature, generator=generator)
-                log(f"epoch {epoch}: train loss {record['train_loss']:.4f}, validation loss {val_loss:.4f}, "
-                    f"{record['chars_per_s']:,} chars/s")
-                log(f"--- sample (temperature {config.temperature}) ---\n{seed_text}{sample}\n---")
-                save_checkpoint({"config": asdict(config), "vocab": vocab.chars, "model": model.state_dict(),
-                                 "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
-                                 "batch_losses": batch_losses, "rng": {"torch": torch.get_rng_state()},
-                                 "text_digest": digest}, checkpoint_path)
-                _write_logs(out, config, history)
-            ddp.barrier()
+                try:
+                    val_loss = evaluate(model, config, val_data, device)
+                    record = {"epoch": epoch, "train_loss": total / counted, "val_loss": val_loss,
+                              "seconds": round(last_seconds, 3), "chars_per_s": round(chars / last_seconds)}
+                    history.append(record)
+                    generator = torch.Generator().manual_seed(config.seed + epoch)
+                    sample = model.generate(seed_text, config.sample_chars, config.temperature, generator=generator)
+                    log(f"epoch {epoch}: train loss {record['train_loss']:.4f}, validation loss {val_loss:.4f}, "
+                        f"{record['chars_per_s']:,} chars/s")
+                    log(f"--- sample (temperature {config.temperature}) ---\n{seed_text}{sample}\n---")
+                    save_checkpoint({"config": asdict(config), "vocab": vocab.chars, "model": model.state_dict(),
+                                     "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
+                                     "batch_losses": batch_losses, "rng": _rng_state(), "text_digest": digest},
+                                    checkpoint_path)
+                    _write_logs(out, config, history)
+                except Exception as error:  # re-raised below, after telling the other ranks
+                    failure = error
+            if ddp.rank0_says(failure is not None):
+                if failure is not None:
+                    raise failure
+                raise RuntimeError(f"rank 0 failed at the end of epoch {epoch}; see its error")
         if ddp.main and history:
             plot = plot_losses(out, history, batch_losses)
             log(f"checkpoint: {checkpoint_path}; logs: {out / 'log.csv'}" + (f"; plot: {plot}" if plot else ""))

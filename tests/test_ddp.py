@@ -42,12 +42,14 @@ def _ddp_step(rank, init_file, result):
         dist.destroy_process_group()
 
 
-def _ddp_train(rank, corpus, out, port):
+def _ddp_train(rank, corpus, out, params, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    train(TrainConfig(model="stateful-lstm", text=corpus, hidden=16, seq_len=8, batch_size=4, epochs=1,
-                      sample_chars=10, out=out), progress=False, log=lambda *a: None)
+    # a time budget spent after the first epoch: rank 0's clock must stop both ranks
+    result = train(TrainConfig(model="stateful-lstm", text=corpus, hidden=16, seq_len=8, batch_size=4,
+                               minutes=1e-6, sample_chars=10, out=out), progress=False, log=lambda *a: None)
+    torch.save(result["model"].state_dict(), f"{params}.{rank}")
 
 
 def _free_port():
@@ -78,8 +80,14 @@ def test_one_ddp_step_equals_a_step_on_the_whole_batch(tmp_path):
 def test_train_command_runs_data_parallel(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT * 3)
-    out = tmp_path / "run"
-    mp.spawn(_ddp_train, args=(str(corpus), str(out), _free_port()), nprocs=WORLD, join=True)
+    out, params = tmp_path / "run", tmp_path / "params"
+    mp.spawn(_ddp_train, args=(str(corpus), str(out), str(params), _free_port()), nprocs=WORLD, join=True)
     files = sorted(p.name for p in out.iterdir())
     assert files == ["checkpoint.pt", "log.csv", "log.json", "loss.png"]   # written by rank 0 only, no leftovers
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert saved["epoch"] == 1
+    ranks = [torch.load(f"{params}.{r}", weights_only=True) for r in range(WORLD)]
+    for name, tensor in ranks[0].items():
+        # weights: all-reduced gradients; batch-norm buffers: DDP broadcasts rank 0's
+        assert torch.equal(tensor, ranks[1][name]), name
+        assert torch.equal(tensor, saved["model"][name]), name

@@ -8,7 +8,9 @@ import torch
 
 from fused_rnn import checkpoint as ckpt
 from fused_rnn.__main__ import main
-from fused_rnn.train import TrainConfig, train
+from fused_rnn.models import build_model
+from fused_rnn.train import TrainConfig, evaluate, train
+from fused_rnn import data
 
 TEXT = "".join(f"def f{i}(x):\n    return (x + {i}) * 'ab'[{i % 2}]\n" for i in range(300))
 
@@ -116,3 +118,39 @@ def test_bad_text_and_arguments(tmp_path, capsys):
 def test_time_budget_stops_between_epochs(corpus, tmp_path):
     result = train(tiny(corpus, tmp_path / "t", minutes=1e-6), progress=False, log=lambda *a: None)
     assert len(result["history"]) == 1   # the first epoch always runs, then the budget is spent
+
+
+def test_too_short_validation_fails_before_training(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text(TEXT[:9000])   # 900 validation characters: no batch of 64 streams of 65
+    with pytest.raises(ValueError, match="too short"):
+        train(TrainConfig(text=str(short), hidden=16, epochs=1, out=str(tmp_path / "o")), progress=False,
+              log=lambda *a: None)
+    assert not (tmp_path / "o" / "checkpoint.pt").exists()
+
+
+def test_resume_refuses_conflicting_settings(corpus, tmp_path):
+    quiet = dict(progress=False, log=lambda *a: None)
+    train(tiny(corpus, tmp_path / "r", "seq", epochs=1), **quiet)
+    with pytest.raises(ValueError, match=r"--lr 0.5 \(checkpoint: 0.002\)"):
+        train(tiny(corpus, tmp_path / "r", "seq", epochs=2, lr=0.5), resume=True, **quiet)
+    result = train(TrainConfig(out=str(tmp_path / "r"), epochs=2), resume=True, **quiet)  # defaults: fine
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+
+
+def test_evaluate_restores_mode_and_state(corpus):
+    vocab = data.Vocab.from_text(TEXT)
+    config = TrainConfig(model="stateful-lstm", seq_len=12, batch_size=8).resolved()
+    model = build_model("stateful-lstm", vocab, hidden_size=16)
+    model(vocab.encode(TEXT[:8 * 12]).view(8, 12))
+    carried = [tuple(t.clone() for t in layer) for layer in model.state]
+    evaluate(model, config, vocab.encode(TEXT[:3000]), "cpu")
+    assert model.training
+    assert all(torch.equal(a, b) for la, lb in zip(carried, model.state) for a, b in zip(la, lb))
+
+
+def test_sample_reports_a_broken_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    ckpt.save_checkpoint({"config": {"model": "seq"}, "vocab": "ab", "model": {}, "epoch": 1}, bad)
+    assert main(["sample", str(bad), "--seed", "ab"]) == 2
+    assert "cannot be rebuilt" in capsys.readouterr().err
