@@ -1,10 +1,16 @@
 """Shared test setup: the NumPy reference on sys.path, one thread, and helpers."""
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run under the interpreter on CPU tensors; the switch
+# must be set before Triton decorates them (fused_rnn.triton is only imported lazily).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))

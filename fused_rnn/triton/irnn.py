@@ -1,0 +1,187 @@
+"""IRNN forward and backward scans in Triton, one launch per sequence.
+
+Maths (DESIGN.md): pre = x W_ih^T + b (one GEMM, in PyTorch); the scan
+z_t = pre_t + h_{t-1} W_hh^T, h_t = relu(z_t); backward, in reverse time,
+g = dy_t + dz_{t+1} W_hh (dh_T at t = T), dz_t = g * [h_t > 0], dh_0 = dz_1 W_hh; the
+weight gradients are GEMMs after the scan (PyTorch).
+
+Each program owns BLOCK_B batch rows and every hidden unit of them, and runs the whole
+time loop. A step is tiled over output columns (BLOCK_N) and the reduction (BLOCK_K):
+it reads h_{t-1} in K-tiles from the previous step's output rows, which the program
+itself has just written (so they are in L1/L2), and W_hh in K x N tiles, which every
+step of every program reads (L2-resident for H up to ~1k at fp32). A barrier between
+steps makes the step's stores visible to all the program's warps. Tiling both ways
+means any H works, not just what fits in registers.
+
+Offsets are int64 (T * B * H can pass 2^31). Rows and columns are masked, so any B
+and H work. float32 only for now, with IEEE-precision dot products unless
+``allow_tf32``: TF32 rounds h to 10 mantissa bits at every step, an error that the
+recurrence carries forward.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# One config for now, chosen from the ahead-of-time compile (bench/triton_resources.py):
+# 16-row batch tiles (tl.dot's minimum M), 64-column output tiles, 16-deep reductions,
+# 8 warps, no software pipelining. fp32 IEEE dot products run on FMA units, where each
+# thread holds a slice of both operand tiles: 32-deep tiles or 4 warps took 160-255
+# registers and spilled on sm_80/sm_90, and pipelining (num_stages 2-3) multiplied the
+# staging registers; this config needs 80-126 registers and never spills.
+BLOCK_B, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 16, 64, 16, 8, 1
+
+
+@triton.jit
+def _relu(z):
+    return tl.where(z < 0.0, 0.0, z)  # NaN < 0 is false: NaN propagates, as in torch.relu
+
+
+@triton.jit
+def _irnn_forward_step(pre_t, prev, w, y_t, rows, row_ok, H, HAS_PREV: tl.constexpr, TF32: tl.constexpr,
+                       BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # y_t[rows, :] = relu(pre_t[rows, :] + prev[rows, :] @ W^T); prev, pre_t, y_t: [B, H]
+    row_offsets = rows.to(tl.int64)[:, None] * H                     # [BB, 1]
+    for n0 in range(0, H, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        mask = row_ok[:, None] & (cols < H)[None, :]
+        acc = tl.load(pre_t + row_offsets + cols[None, :], mask=mask, other=0.0).to(tl.float32)  # [BB, BN]
+        if HAS_PREV:
+            for k0 in range(0, H, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                h = tl.load(prev + row_offsets + ks[None, :], mask=row_ok[:, None] & (ks < H)[None, :],
+                            other=0.0)                                                 # [BB, BK]
+                # W^T[k, n] = W[n, k]
+                w_tile = tl.load(w + cols[None, :].to(tl.int64) * H + ks[:, None],
+                                 mask=(ks < H)[:, None] & (cols < H)[None, :], other=0.0)  # [BK, BN]
+                if TF32:
+                    acc += tl.dot(h, w_tile, input_precision="tf32")
+                else:
+                    acc += tl.dot(h, w_tile, input_precision="ieee")
+        tl.store(y_t + row_offsets + cols[None, :], _relu(acc), mask=mask)
+
+
+@triton.jit
+def irnn_scan_forward_kernel(pre, h0, w, y, T, B, H, HAS_H0: tl.constexpr, TF32: tl.constexpr,
+                             BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """pre [T, B, H] (x W_ih^T + b), h0 [B, H] (unused unless HAS_H0), w [H, H] -> y [T, B, H]."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    step = B.to(tl.int64) * H
+    _irnn_forward_step(pre, h0, w, y, rows, row_ok, H, HAS_H0, TF32, BLOCK_B, BLOCK_N, BLOCK_K)
+    tl.debug_barrier()
+    for t in range(1, T):
+        # step is int64, so t * step is too
+        _irnn_forward_step(pre + t * step, y + (t - 1) * step, w, y + t * step, rows, row_ok, H, True, TF32,
+                           BLOCK_B, BLOCK_N, BLOCK_K)
+        tl.debug_barrier()
+
+
+@triton.jit
+def _irnn_backward_step(dy_t, carry, dz_next, w, y_t, dz_t, rows, row_ok, H, FROM_DZ: tl.constexpr,
+                        HAS_DY: tl.constexpr, MASK_RELU: tl.constexpr, TF32: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # g = dy_t + (dz_next @ W if FROM_DZ else carry); dz_t = g * [y_t > 0] if MASK_RELU else g
+    row_offsets = rows.to(tl.int64)[:, None] * H
+    for n0 in range(0, H, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        mask = row_ok[:, None] & (cols < H)[None, :]
+        if FROM_DZ:
+            g = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, H, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                dz = tl.load(dz_next + row_offsets + ks[None, :], mask=row_ok[:, None] & (ks < H)[None, :],
+                             other=0.0)                                                # [BB, BK]
+                w_tile = tl.load(w + ks[:, None].to(tl.int64) * H + cols[None, :],
+                                 mask=(ks < H)[:, None] & (cols < H)[None, :], other=0.0)  # W[k, n]: [BK, BN]
+                if TF32:
+                    g += tl.dot(dz, w_tile, input_precision="tf32")
+                else:
+                    g += tl.dot(dz, w_tile, input_precision="ieee")
+        else:
+            g = tl.load(carry + row_offsets + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_DY:
+            g += tl.load(dy_t + row_offsets + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if MASK_RELU:
+            h = tl.load(y_t + row_offsets + cols[None, :], mask=mask, other=0.0)
+            g = tl.where(h <= 0.0, 0.0, g)  # as torch's threshold_backward: NaN h passes the gradient
+        tl.store(dz_t + row_offsets + cols[None, :], g, mask=mask)
+
+
+@triton.jit
+def irnn_scan_backward_kernel(dy, dh_n, y, w, dz, dh0, T, B, H, TF32: tl.constexpr, BLOCK_B: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dy [T, B, H], dh_n [B, H], y [T, B, H] (h_1..h_T), w [H, H] -> dz [T, B, H], dh0 [B, H]."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    step = B.to(tl.int64) * H
+    last = (T - 1) * step
+    _irnn_backward_step(dy + last, dh_n, dz, w, y + last, dz + last, rows, row_ok, H, False, True, True, TF32,
+                        BLOCK_B, BLOCK_N, BLOCK_K)
+    tl.debug_barrier()
+    for i in range(1, T):
+        t = T - 1 - i
+        _irnn_backward_step(dy + t * step, dh_n, dz + (t + 1) * step, w, y + t * step, dz + t * step,
+                            rows, row_ok, H, True, True, True, TF32, BLOCK_B, BLOCK_N, BLOCK_K)
+        tl.debug_barrier()
+    # dh_0 = dz_1 @ W_hh
+    _irnn_backward_step(dy, dh_n, dz, w, y, dh0, rows, row_ok, H, True, False, False, TF32,
+                        BLOCK_B, BLOCK_N, BLOCK_K)
+
+
+def _grid(batch: int):
+    return (triton.cdiv(batch, BLOCK_B),)
+
+
+def _check(x: Tensor, w_hh: Tensor) -> None:
+    if x.dtype != torch.float32:
+        raise TypeError(f"the Triton IRNN kernels take float32 for now, got {x.dtype}")
+
+
+def irnn_scan_forward(x: Tensor, h0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor],
+                      allow_tf32: bool = False) -> Tuple[Tensor, Tensor]:
+    """x [T, B, I], h0 [B, H] or None (zeros), w_ih [H, I], w_hh [H, H], bias [H] or None
+    (b_ih + b_hh) -> (y [T, B, H], h_T [B, H])."""
+    _check(x, w_hh)
+    steps, batch, _ = x.shape
+    hidden = w_hh.shape[0]
+    x, w_hh = x.contiguous(), w_hh.contiguous()
+    pre2d = x.reshape(steps * batch, x.shape[2])
+    pre = (torch.addmm(bias, pre2d, w_ih.t()) if bias is not None else pre2d @ w_ih.t()).view(steps, batch, hidden)
+    y = torch.empty_like(pre)
+    if steps == 0 or batch == 0:
+        h_n = h0.clone() if h0 is not None else x.new_zeros(batch, hidden)
+        return y, h_n
+    h0_arg = h0.contiguous() if h0 is not None else w_hh  # a placeholder pointer when there is no h0
+    irnn_scan_forward_kernel[_grid(batch)](pre, h0_arg, w_hh, y, steps, batch, hidden, HAS_H0=h0 is not None,
+                                           TF32=allow_tf32, BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                                           num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    return y, y[-1].clone()
+
+
+def irnn_scan_backward(grad_y: Tensor, grad_h_n: Tensor, x: Tensor, h0: Optional[Tensor], w_ih: Tensor,
+                       w_hh: Tensor, y: Tensor, need_dx: bool = True, allow_tf32: bool = False):
+    """Gradients of irnn_scan_forward: (dx or None, dh0, dw_ih, dw_hh, dbias)."""
+    _check(x, w_hh)
+    steps, batch, _ = x.shape
+    hidden = w_hh.shape[0]
+    if steps == 0 or batch == 0:
+        return ((torch.zeros_like(x) if need_dx else None), grad_h_n.clone(), torch.zeros_like(w_ih),
+                torch.zeros_like(w_hh), w_hh.new_zeros(hidden))
+    dz = torch.empty_like(y)
+    dh0 = torch.empty(batch, hidden, dtype=y.dtype, device=y.device)
+    irnn_scan_backward_kernel[_grid(batch)](grad_y.contiguous(), grad_h_n.contiguous(), y.contiguous(),
+                                            w_hh.contiguous(), dz, dh0, steps, batch, hidden, TF32=allow_tf32,
+                                            BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS,
+                                            num_stages=NUM_STAGES)
+    # the sums over time, as GEMMs over all steps
+    dz2d = dz.reshape(steps * batch, hidden)
+    h_prev = torch.cat([(h0 if h0 is not None else y.new_zeros(batch, hidden)).unsqueeze(0), y[:-1]])
+    dw_hh = dz2d.t() @ h_prev.reshape(steps * batch, hidden)
+    dw_ih = dz2d.t() @ x.reshape(steps * batch, x.shape[2])
+    dbias = dz2d.sum(0)
+    dx = (dz2d @ w_ih).view(x.shape) if need_dx else None
+    return dx, dh0, dw_ih, dw_hh, dbias
