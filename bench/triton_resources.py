@@ -45,7 +45,7 @@ def kernel_specs(hidden_sizes):
     kernel and config dispatch may launch. The kernels' loops run over H at run time,
     so the compiled code, and its resources, do not depend on H; it is listed per H
     because the issue's table asks for it and a future per-H config must show here."""
-    from fused_rnn.triton import irnn
+    from fused_rnn.triton import irnn, lstm
 
     blocks = dict(BLOCK_B=irnn.BLOCK_B, BLOCK_N=irnn.BLOCK_N, BLOCK_K=irnn.BLOCK_K)
     for hidden in hidden_sizes:
@@ -60,6 +60,18 @@ def kernel_specs(hidden_sizes):
                         "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
             yield ("irnn_scan_backward" + ("[tf32]" if tf32 else ""), irnn.irnn_scan_backward_kernel, backward,
                    dict(TF32=tf32, **blocks), irnn.NUM_WARPS, irnn.NUM_STAGES, hidden)
+            lstm_blocks = dict(BLOCK_B=lstm.BLOCK_B, BLOCK_N=lstm.BLOCK_N, BLOCK_K=lstm.BLOCK_K)
+            forward = {"gates": "*fp32", "h0": "*fp32", "c0": "*fp32", "w": "*fp32", "y": "*fp32", "cells": "*fp32",
+                       "T": "i32", "B": "i32", "H": "i32", "HAS_STATE": "constexpr", "TF32": "constexpr",
+                       "BLOCK_B": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+            yield ("lstm_scan_forward" + ("[tf32]" if tf32 else ""), lstm.lstm_scan_forward_kernel, forward,
+                   dict(HAS_STATE=True, TF32=tf32, **lstm_blocks), lstm.NUM_WARPS, lstm.NUM_STAGES, hidden)
+            backward = {"dy": "*fp32", "dh_n": "*fp32", "c0": "*fp32", "cells": "*fp32", "gates": "*fp32",
+                        "w": "*fp32", "dgates": "*fp32", "dc": "*fp32", "dh0": "*fp32", "T": "i32", "B": "i32",
+                        "H": "i32", "HAS_C0": "constexpr", "TF32": "constexpr", "BLOCK_B": "constexpr",
+                        "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+            yield ("lstm_scan_backward" + ("[tf32]" if tf32 else ""), lstm.lstm_scan_backward_kernel, backward,
+                   dict(HAS_C0=True, TF32=tf32, **lstm_blocks), lstm.NUM_WARPS, lstm.NUM_STAGES, hidden)
 
 
 def triton_version() -> str:

@@ -1,0 +1,248 @@
+"""LSTM forward and backward scans in Triton, one launch per sequence.
+
+The layout of irnn.py (a program owns BLOCK_B batch rows and all their units, runs
+the time loop, tiles each step over units and the reduction), with PyTorch's gate
+order i, f, g, o. A tile of units computes the four gates of those units together,
+so the cell update needs nothing from other tiles:
+    gates_t = pre_t + h_{t-1} W_hh^T,  i, f, o = sigmoid, g = tanh,
+    c_t = f c_{t-1} + i g,  h_t = o tanh(c_t).
+The forward writes the activated gates over the input projection and keeps c_t for
+the backward, which runs in reverse time:
+    dh = dy_t + dgates_{t+1} W_hh (dh_T at t = T),  dc += dh o (1 - tanh^2 c_t),
+    da_i = dc g i (1 - i), da_f = dc c_{t-1} f (1 - f), da_g = dc i (1 - g^2),
+    da_o = dh tanh(c_t) o (1 - o),  dc <- dc f,
+and ends with dh_0 = dgates_1 W_hh, dc_0 = dc. dc is carried in a [B, H] buffer that
+only the program owning its rows touches. The weight gradients are GEMMs after the
+scan (PyTorch). float32 only for now.
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# From the ahead-of-time compile (bench/triton_resources.py): four gate accumulators
+# and four W tiles per step need narrower unit tiles than the IRNN's. 16 x 16 x 16
+# tiles with 4 warps use 56-154 registers and never spill on sm_80/sm_90; 32- or
+# 64-wide unit tiles, 32-deep reductions, or 8 warps each spilled in some variant.
+BLOCK_B, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 16, 16, 16, 4, 1
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * _sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _dot(a, b, TF32: tl.constexpr):
+    if TF32:
+        return tl.dot(a, b, input_precision="tf32")
+    else:
+        return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _lstm_forward_step(gates_t, h_prev, c_prev, w, y_t, c_t, rows, row_ok, H, HAS_PREV: tl.constexpr,
+                       TF32: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # gates_t [B, 4H]: pre-activations in, activations out; h_prev, c_prev, y_t, c_t [B, H]
+    rows64 = rows.to(tl.int64)[:, None]
+    for n0 in range(0, H, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < H
+        mask = row_ok[:, None] & col_ok[None, :]
+        g_row = gates_t + rows64 * (4 * H) + cols[None, :]
+        a_i = tl.load(g_row, mask=mask, other=0.0).to(tl.float32)
+        a_f = tl.load(g_row + H, mask=mask, other=0.0).to(tl.float32)
+        a_g = tl.load(g_row + 2 * H, mask=mask, other=0.0).to(tl.float32)
+        a_o = tl.load(g_row + 3 * H, mask=mask, other=0.0).to(tl.float32)
+        c_before = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+        if HAS_PREV:
+            for k0 in range(0, H, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < H
+                h = tl.load(h_prev + rows64 * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                # W^T[k, n] of gate q = W[q H + n, k]
+                w_t = w + cols[None, :].to(tl.int64) * H + ks[:, None]
+                w_mask = k_ok[:, None] & col_ok[None, :]
+                a_i += _dot(h, tl.load(w_t, mask=w_mask, other=0.0), TF32)
+                a_f += _dot(h, tl.load(w_t + H * H, mask=w_mask, other=0.0), TF32)
+                a_g += _dot(h, tl.load(w_t + 2 * H * H, mask=w_mask, other=0.0), TF32)
+                a_o += _dot(h, tl.load(w_t + 3 * H * H, mask=w_mask, other=0.0), TF32)
+            c_before = tl.load(c_prev + rows64 * H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        i = _sigmoid(a_i)
+        f = _sigmoid(a_f)
+        g = _tanh(a_g)
+        o = _sigmoid(a_o)
+        c = f * c_before + i * g
+        tl.store(g_row, i, mask=mask)
+        tl.store(g_row + H, f, mask=mask)
+        tl.store(g_row + 2 * H, g, mask=mask)
+        tl.store(g_row + 3 * H, o, mask=mask)
+        tl.store(c_t + rows64 * H + cols[None, :], c, mask=mask)
+        tl.store(y_t + rows64 * H + cols[None, :], o * _tanh(c), mask=mask)
+
+
+@triton.jit
+def lstm_scan_forward_kernel(gates, h0, c0, w, y, cells, T, B, H, HAS_STATE: tl.constexpr, TF32: tl.constexpr,
+                             BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """gates [T, B, 4H] (x W_ih^T + b in, activated gates out), h0, c0 [B, H] (unused
+    unless HAS_STATE), w [4H, H] -> y, cells [T, B, H]."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    step = B.to(tl.int64) * H
+    _lstm_forward_step(gates, h0, c0, w, y, cells, rows, row_ok, H, HAS_STATE, TF32, BLOCK_B, BLOCK_N, BLOCK_K)
+    tl.debug_barrier()
+    for t in range(1, T):
+        # step is int64, so t * step is too
+        _lstm_forward_step(gates + 4 * t * step, y + (t - 1) * step, cells + (t - 1) * step, w, y + t * step,
+                           cells + t * step, rows, row_ok, H, True, TF32, BLOCK_B, BLOCK_N, BLOCK_K)
+        tl.debug_barrier()
+
+
+@triton.jit
+def _recurrent_grad(dgates_next, w, rows64, row_ok, cols, col_ok, H, TF32: tl.constexpr, BLOCK_B: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # (dgates_next [B, 4H] @ W [4H, H])[rows, cols], the reduction running over 4H
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, 4 * H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < 4 * H
+        dg = tl.load(dgates_next + rows64 * (4 * H) + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_tile = tl.load(w + ks[:, None].to(tl.int64) * H + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
+                         other=0.0)
+        acc += _dot(dg, w_tile, TF32)
+    return acc
+
+
+@triton.jit
+def _lstm_backward_step(dy_t, dh_n, dgates_next, w, gates_t, c_t, c_prev, dc, dgates_t, rows, row_ok, H,
+                        from_dgates, HAS_PREV: tl.constexpr, TF32: tl.constexpr, BLOCK_B: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # from_dgates (run time): dh comes from the next step's dgates, else from dh_n (t = T)
+    rows64 = rows.to(tl.int64)[:, None]
+    for n0 in range(0, H, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < H
+        mask = row_ok[:, None] & col_ok[None, :]
+        unit = rows64 * H + cols[None, :]
+        if from_dgates:
+            dh = _recurrent_grad(dgates_next, w, rows64, row_ok, cols, col_ok, H, TF32, BLOCK_B, BLOCK_N, BLOCK_K)
+        else:
+            dh = tl.load(dh_n + unit, mask=mask, other=0.0).to(tl.float32)
+        dh += tl.load(dy_t + unit, mask=mask, other=0.0).to(tl.float32)
+        g_row = gates_t + rows64 * (4 * H) + cols[None, :]
+        i = tl.load(g_row, mask=mask, other=0.0)
+        f = tl.load(g_row + H, mask=mask, other=0.0)
+        g = tl.load(g_row + 2 * H, mask=mask, other=0.0)
+        o = tl.load(g_row + 3 * H, mask=mask, other=0.0)
+        tc = _tanh(tl.load(c_t + unit, mask=mask, other=0.0))
+        c_before = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+        if HAS_PREV:
+            c_before = tl.load(c_prev + unit, mask=mask, other=0.0)
+        d_c = tl.load(dc + unit, mask=mask, other=0.0) + dh * o * (1.0 - tc * tc)
+        dg_row = dgates_t + rows64 * (4 * H) + cols[None, :]
+        tl.store(dg_row, d_c * g * i * (1.0 - i), mask=mask)
+        tl.store(dg_row + H, d_c * c_before * f * (1.0 - f), mask=mask)
+        tl.store(dg_row + 2 * H, d_c * i * (1.0 - g * g), mask=mask)
+        tl.store(dg_row + 3 * H, dh * tc * o * (1.0 - o), mask=mask)
+        tl.store(dc + unit, d_c * f, mask=mask)
+
+
+@triton.jit
+def lstm_scan_backward_kernel(dy, dh_n, c0, cells, gates, w, dgates, dc, dh0, T, B, H, HAS_C0: tl.constexpr,
+                              TF32: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr):
+    """dy [T, B, H], dh_n [B, H], c0 [B, H] (unused unless HAS_C0), cells [T, B, H],
+    gates [T, B, 4H] (activated), w [4H, H]; dc [B, H]: dc_T in, dc_0 out ->
+    dgates [T, B, 4H], dh0 [B, H]."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    step = B.to(tl.int64) * H
+    for i in range(0, T - 1):  # t = T-1 .. 1
+        t = T - 1 - i
+        _lstm_backward_step(dy + t * step, dh_n, dgates + 4 * (t + 1) * step, w, gates + 4 * t * step,
+                            cells + t * step, cells + (t - 1) * step, dc, dgates + 4 * t * step, rows, row_ok, H,
+                            i > 0, True, TF32, BLOCK_B, BLOCK_N, BLOCK_K)
+        tl.debug_barrier()
+    _lstm_backward_step(dy, dh_n, dgates + 4 * step, w, gates, cells, c0, dc, dgates, rows, row_ok, H, T > 1,
+                        HAS_C0, TF32, BLOCK_B, BLOCK_N, BLOCK_K)
+    tl.debug_barrier()
+    # dh_0 = dgates_1 @ W_hh
+    rows64 = rows.to(tl.int64)[:, None]
+    for n0 in range(0, H, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < H
+        dh = _recurrent_grad(dgates, w, rows64, row_ok, cols, col_ok, H, TF32, BLOCK_B, BLOCK_N, BLOCK_K)
+        tl.store(dh0 + rows64 * H + cols[None, :], dh, mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _grid(batch: int):
+    return (triton.cdiv(batch, BLOCK_B),)
+
+
+def _check(x: Tensor) -> None:
+    if x.dtype != torch.float32:
+        raise TypeError(f"the Triton LSTM kernels take float32 for now, got {x.dtype}")
+
+
+def lstm_scan_forward(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
+                      bias: Optional[Tensor], allow_tf32: bool = False):
+    """x [T, B, I], h0 and c0 [B, H] or None (zeros), w_ih [4H, I], w_hh [4H, H], bias [4H]
+    or None (b_ih + b_hh) -> (y [T, B, H], h_T, c_T [B, H], cells [T, B, H], gates
+    [T, B, 4H], the activated gates; cells and gates are what the backward reads)."""
+    _check(x)
+    steps, batch, inputs = x.shape
+    hidden = w_hh.shape[1]
+    x, w_hh = x.contiguous(), w_hh.contiguous()
+    x2d = x.reshape(steps * batch, inputs)
+    gates = (torch.addmm(bias, x2d, w_ih.t()) if bias is not None else x2d @ w_ih.t()).view(steps, batch, 4 * hidden)
+    y = x.new_empty(steps, batch, hidden)
+    cells = torch.empty_like(y)
+    has_state = h0 is not None or c0 is not None
+    h0_t = (h0 if h0 is not None else x.new_zeros(batch, hidden)).contiguous() if has_state else None
+    c0_t = (c0 if c0 is not None else x.new_zeros(batch, hidden)).contiguous() if has_state else None
+    if steps == 0 or batch == 0:
+        zeros = x.new_zeros(batch, hidden)
+        return (y, (h0_t if has_state else zeros).clone(), (c0_t if has_state else zeros).clone(), cells, gates)
+    lstm_scan_forward_kernel[_grid(batch)](gates, h0_t if has_state else w_hh, c0_t if has_state else w_hh, w_hh, y,
+                                           cells, steps, batch, hidden, HAS_STATE=has_state, TF32=allow_tf32,
+                                           BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS,
+                                           num_stages=NUM_STAGES)
+    return y, y[-1].clone(), cells[-1].clone(), cells, gates
+
+
+def lstm_scan_backward(grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, x: Tensor, h0: Optional[Tensor],
+                       c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, y: Tensor, cells: Tensor, gates: Tensor,
+                       need_dx: bool = True, allow_tf32: bool = False):
+    """Gradients of lstm_scan_forward: (dx or None, dh0, dc0, dw_ih, dw_hh, dbias)."""
+    _check(x)
+    steps, batch, inputs = x.shape
+    hidden = w_hh.shape[1]
+    if steps == 0 or batch == 0:
+        return ((torch.zeros_like(x) if need_dx else None), grad_h_n.clone(), grad_c_n.clone(),
+                torch.zeros_like(w_ih), torch.zeros_like(w_hh), w_hh.new_zeros(4 * hidden))
+    dgates = torch.empty_like(gates)
+    dc = grad_c_n.to(torch.float32).contiguous().clone()  # dc_T in, dc_0 out
+    dh0 = x.new_empty(batch, hidden)
+    lstm_scan_backward_kernel[_grid(batch)](grad_y.contiguous(), grad_h_n.contiguous(),
+                                            c0.contiguous() if c0 is not None else w_hh, cells.contiguous(),
+                                            gates.contiguous(), w_hh.contiguous(), dgates, dc, dh0, steps, batch,
+                                            hidden, HAS_C0=c0 is not None, TF32=allow_tf32, BLOCK_B=BLOCK_B,
+                                            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS,
+                                            num_stages=NUM_STAGES)
+    # the sums over time, as GEMMs over all steps
+    dg2d = dgates.reshape(steps * batch, 4 * hidden)
+    h_first = h0 if h0 is not None else x.new_zeros(batch, hidden)
+    h_prev = torch.cat([h_first.unsqueeze(0), y[:-1]]).reshape(steps * batch, hidden)
+    dw_hh = dg2d.t() @ h_prev
+    dw_ih = dg2d.t() @ x.reshape(steps * batch, inputs)
+    dbias = dg2d.sum(0)
+    dx = (dg2d @ w_ih).view(x.shape) if need_dx else None
+    return dx, dh0, dc, dw_ih, dw_hh, dbias
