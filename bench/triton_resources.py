@@ -9,7 +9,8 @@ occupancy estimate is resident warps per SM over the SM's maximum (64 on both), 
 the register file (64K 32-bit registers per SM), the shared memory per SM (164 KB on
 sm_80, 228 KB on sm_90) and the 32-blocks-per-SM limit. Exits non-zero if a kernel
 spills or needs more shared memory than a block may have (163 KB on sm_80, 227 KB on
-sm_90). Run without TRITON_INTERPRET (the interpreter cannot compile).
+sm_90), or if its PTX loads through the non-coherent path (ld.global.nc): every step
+reads what the previous one stored. Run without TRITON_INTERPRET (the interpreter cannot compile).
 """
 
 import argparse
@@ -106,16 +107,20 @@ def measure(hidden_sizes):
                     ptx.write_text(kernel.asm["ptx"])
                     report = subprocess.run([ptxas, "-v", f"-arch={arch}", str(ptx), "-o", os.devnull],
                                             capture_output=True, text=True, check=True).stderr
+                # each step reads rows the previous step stored; that is only safe (after the
+                # barrier) with coherent loads, never through the non-coherent .nc path
+                nc_loads = len(re.findall(r"ld\.global\.nc", kernel.asm["ptx"]))
                 registers = int(re.search(r"Used (\d+) registers", report).group(1))
                 spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
-                compiled[key] = (registers, spills, kernel.metadata.shared)
-            registers, spills, shared = compiled[key]
+                compiled[key] = (registers, spills, kernel.metadata.shared, nc_loads)
+            registers, spills, shared, nc_loads = compiled[key]
             rows.append({"kernel": name, "arch": f"sm_{capability}", "hidden": hidden, "num_warps": num_warps,
                          "block": "x".join(str(constexprs[k]) for k in ("BLOCK_B", "BLOCK_N", "BLOCK_K")),
                          "registers": registers, "spill_bytes": spills, "shared_bytes": shared,
                          "shared_limit": shared_limit,
                          "occupancy": occupancy(registers, shared, num_warps, shared_per_sm),
-                         "ok": spills == 0 and shared <= shared_limit})
+                         "noncoherent_loads": nc_loads,
+                         "ok": spills == 0 and shared <= shared_limit and nc_loads == 0})
     return rows
 
 
@@ -150,7 +155,7 @@ def main(argv=None) -> int:
     bad = [r for r in rows if not r["ok"]]
     for r in bad:
         print(f"{r['kernel']} on {r['arch']}: {r['spill_bytes']} bytes spilled, {r['shared_bytes']} bytes shared "
-              f"(limit {r['shared_limit']})", file=sys.stderr)
+              f"(limit {r['shared_limit']}), {r['noncoherent_loads']} non-coherent loads", file=sys.stderr)
     return 1 if bad else 0
 
 

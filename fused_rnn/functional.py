@@ -3,6 +3,8 @@
 Backends:
 
 - ``"cpp"``: the fused C++ CPU kernels of ``fused_rnn._C`` (float32, float64; CPU tensors).
+- ``"triton"``: the Triton scans of ``fused_rnn.triton`` (float32; CUDA tensors, or CPU
+  tensors under the Triton interpreter, ``TRITON_INTERPRET=1``, when asked for by name).
 - ``"torch"``: a plain time loop over PyTorch ops (any dtype and device; always there).
 - ``"auto"`` (default): the fastest backend that can take the tensors' device and
   dtype, falling back to ``"torch"`` rather than failing. :func:`select_backend`
@@ -14,6 +16,7 @@ contiguous memory before a kernel sees them). NaN and Inf propagate like in the
 PyTorch ops.
 """
 
+import os
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -28,8 +31,19 @@ from ._validation import check_layer_args
 # Which dtypes and device types each compiled backend's kernels take.
 _KERNEL_SUPPORT = {
     "cpp": {"device_types": ("cpu",), "dtypes": (torch.float32, torch.float64)},
+    "triton": {"device_types": ("cuda",), "dtypes": (torch.float32,)},
 }
-BACKENDS = ("cpp", "torch")
+BACKENDS = ("cpp", "triton", "torch")
+
+
+def _triton_missing() -> Optional[str]:
+    """Why the Triton backend cannot run here (None if it can); imports triton lazily."""
+    from .triton import HAS_TRITON, TRITON_IMPORT_ERROR
+    return None if HAS_TRITON else f"triton is not importable ({TRITON_IMPORT_ERROR})"
+
+
+def _interpreting_triton() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def available_backends(device="cpu") -> List[str]:
@@ -37,9 +51,17 @@ def available_backends(device="cpu") -> List[str]:
     device_type = torch.device(device).type
     names = [
         name for name, support in _KERNEL_SUPPORT.items()
-        if HAS_C and device_type in support["device_types"]
+        if device_type in support["device_types"] and _missing_requirement(name) is None
     ]
     return names + ["torch"]
+
+
+def _missing_requirement(name: str) -> Optional[str]:
+    if name == "triton":
+        return _triton_missing()
+    if not HAS_C:
+        return f"fused_rnn._C is not available ({IMPORT_ERROR}); {REBUILD_HINT}"
+    return None
 
 
 class BackendChoice(NamedTuple):
@@ -47,16 +69,20 @@ class BackendChoice(NamedTuple):
     skipped: Dict[str, str]  # faster backend -> why it could not take these tensors
 
 
-def _unsupported_reason(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+def _unsupported_reason(name: str, device: torch.device, dtype: torch.dtype,
+                        explicit: bool = False) -> Optional[str]:
     if name == "torch":
         return None
     if name not in _KERNEL_SUPPORT:
         return f"unknown backend {name!r}; expected one of {('auto',) + BACKENDS}"
-    if not HAS_C:
-        return f"fused_rnn._C is not available ({IMPORT_ERROR}); {REBUILD_HINT}"
     support = _KERNEL_SUPPORT[name]
-    if device.type not in support["device_types"]:
+    # the Triton interpreter runs the kernels on CPU tensors: for tests, never for "auto"
+    interpreted = name == "triton" and explicit and device.type == "cpu" and _interpreting_triton()
+    if device.type not in support["device_types"] and not interpreted:
         return f"backend {name!r} runs on {'/'.join(support['device_types'])} tensors, got {device.type}"
+    missing = _missing_requirement(name)
+    if missing is not None:
+        return missing
     if dtype not in support["dtypes"]:
         names = ", ".join(str(d).replace("torch.", "") for d in support["dtypes"])
         return f"backend {name!r} takes {names}, got {str(dtype).replace('torch.', '')}"
@@ -68,7 +94,7 @@ def select_backend(device, dtype: torch.dtype, backend: str = "auto") -> Backend
     explicitly requested backend cannot)."""
     device = torch.device(device)
     if backend != "auto":
-        reason = _unsupported_reason(backend, device, dtype)
+        reason = _unsupported_reason(backend, device, dtype, explicit=True)
         if reason is not None:
             raise ValueError(f"backend={backend!r} cannot run these inputs: {reason}")
         return BackendChoice(backend, {})
@@ -219,9 +245,12 @@ def irnn(
     Returns (y [T, B, H], h_T [B, H]). Differentiable in every tensor argument.
     """
     check_layer_args(x, {"h0": h0}, w_ih, w_hh, b_ih, b_hh, gates=1, x_rank=3)
+    name = select_backend(x.device, x.dtype, backend).name
+    if name == "triton":  # takes h0=None as zeros without a zeros tensor
+        from .triton.ops import TritonIRNNFunction
+        return TritonIRNNFunction.apply(*_contiguous(x, h0, w_ih, w_hh, b_ih, b_hh), False)
     if h0 is None:
         h0 = _zero_state(x, w_hh.shape[1])
-    name = select_backend(x.device, x.dtype, backend).name
     if name == "torch":
         return torch_loop.irnn_loop(x, h0, w_ih, w_hh, b_ih, b_hh)
     return IRNNFunction.apply(*_contiguous(x, h0, w_ih, w_hh, b_ih, b_hh))
@@ -243,10 +272,14 @@ def lstm(
     """
     h0, c0 = _unpack_state(state)
     check_layer_args(x, {"h0": h0, "c0": c0}, w_ih, w_hh, b_ih, b_hh, gates=4, x_rank=3)
+    name = select_backend(x.device, x.dtype, backend).name
+    if name == "triton":  # takes h0/c0=None as zeros without zeros tensors
+        from .triton.ops import TritonLSTMFunction
+        y, h_n, c_n, _, _ = TritonLSTMFunction.apply(*_contiguous(x, h0, c0, w_ih, w_hh, b_ih, b_hh), False)
+        return y, (h_n, c_n)
     hidden = w_hh.shape[1]
     h0 = _zero_state(x, hidden) if h0 is None else h0
     c0 = _zero_state(x, hidden) if c0 is None else c0
-    name = select_backend(x.device, x.dtype, backend).name
     if name == "torch":
         y, h_n, c_n = torch_loop.lstm_loop(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     else:
@@ -259,6 +292,8 @@ def irnn_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, backend="auto") -> Tensor:
     check_layer_args(x, {"h": h}, w_ih, w_hh, b_ih, b_hh, gates=1, x_rank=2)
     h = _zero_state(x, w_hh.shape[1]) if h is None else h
     name = select_backend(x.device, x.dtype, backend).name
+    if name == "triton":  # one step is the scan with T = 1
+        return irnn(x.unsqueeze(0), h, w_ih, w_hh, b_ih, b_hh, backend=name)[1]
     if name == "torch":
         return torch_loop.irnn_step(x, h, w_ih, w_hh, b_ih, b_hh)
     return IRNNCellFunction.apply(*_contiguous(x, h, w_ih, w_hh, b_ih, b_hh))
@@ -272,6 +307,8 @@ def lstm_cell(x, state, w_ih, w_hh, b_ih=None, b_hh=None, backend="auto") -> Tup
     h = _zero_state(x, hidden) if h is None else h
     c = _zero_state(x, hidden) if c is None else c
     name = select_backend(x.device, x.dtype, backend).name
+    if name == "triton":  # one step is the scan with T = 1
+        return lstm(x.unsqueeze(0), (h, c), w_ih, w_hh, b_ih, b_hh, backend=name)[1]
     if name == "torch":
         return torch_loop.lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh)
     h_new, c_new, _ = LSTMCellFunction.apply(*_contiguous(x, h, c, w_ih, w_hh, b_ih, b_hh))

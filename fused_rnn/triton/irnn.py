@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
 # One config for now, chosen from the ahead-of-time compile (bench/triton_resources.py):
 # 16-row batch tiles (tl.dot's minimum M), 64-column output tiles, 16-deep reductions,
@@ -156,9 +157,9 @@ def irnn_scan_forward(x: Tensor, h0: Optional[Tensor], w_ih: Tensor, w_hh: Tenso
         h_n = h0.clone() if h0 is not None else x.new_zeros(batch, hidden)
         return y, h_n
     h0_arg = h0.contiguous() if h0 is not None else w_hh  # a placeholder pointer when there is no h0
-    irnn_scan_forward_kernel[_grid(batch)](pre, h0_arg, w_hh, y, steps, batch, hidden, HAS_H0=h0 is not None,
-                                           TF32=allow_tf32, BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                                           num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    launch = wrap_triton(irnn_scan_forward_kernel)[_grid(batch)]
+    launch(pre, h0_arg, w_hh, y, steps, batch, hidden, HAS_H0=h0 is not None, TF32=allow_tf32, BLOCK_B=BLOCK_B,
+           BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return y, y[-1].clone()
 
 
@@ -173,10 +174,10 @@ def irnn_scan_backward(grad_y: Tensor, grad_h_n: Tensor, x: Tensor, h0: Optional
                 torch.zeros_like(w_hh), w_hh.new_zeros(hidden))
     dz = torch.empty_like(y)
     dh0 = torch.empty(batch, hidden, dtype=y.dtype, device=y.device)
-    irnn_scan_backward_kernel[_grid(batch)](grad_y.contiguous(), grad_h_n.contiguous(), y.contiguous(),
-                                            w_hh.contiguous(), dz, dh0, steps, batch, hidden, TF32=allow_tf32,
-                                            BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS,
-                                            num_stages=NUM_STAGES)
+    launch = wrap_triton(irnn_scan_backward_kernel)[_grid(batch)]
+    launch(grad_y.contiguous(), grad_h_n.contiguous(), y.contiguous(), w_hh.contiguous(), dz, dh0, steps, batch,
+           hidden, TF32=allow_tf32, BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS,
+           num_stages=NUM_STAGES)
     # the sums over time, as GEMMs over all steps
     dz2d = dz.reshape(steps * batch, hidden)
     h_prev = torch.cat([(h0 if h0 is not None else y.new_zeros(batch, hidden)).unsqueeze(0), y[:-1]])

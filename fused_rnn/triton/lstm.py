@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
 # From the ahead-of-time compile (bench/triton_resources.py): four gate accumulators
 # and four W tiles per step need narrower unit tiles than the IRNN's. 16 x 16 x 16
@@ -211,10 +212,10 @@ def lstm_scan_forward(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], w_i
     if steps == 0 or batch == 0:
         zeros = x.new_zeros(batch, hidden)
         return (y, (h0_t if has_state else zeros).clone(), (c0_t if has_state else zeros).clone(), cells, gates)
-    lstm_scan_forward_kernel[_grid(batch)](gates, h0_t if has_state else w_hh, c0_t if has_state else w_hh, w_hh, y,
-                                           cells, steps, batch, hidden, HAS_STATE=has_state, TF32=allow_tf32,
-                                           BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS,
-                                           num_stages=NUM_STAGES)
+    launch = wrap_triton(lstm_scan_forward_kernel)[_grid(batch)]
+    launch(gates, h0_t if has_state else w_hh, c0_t if has_state else w_hh, w_hh, y, cells, steps, batch, hidden,
+           HAS_STATE=has_state, TF32=allow_tf32, BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+           num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return y, y[-1].clone(), cells[-1].clone(), cells, gates
 
 
@@ -231,12 +232,11 @@ def lstm_scan_backward(grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, x: Te
     dgates = torch.empty_like(gates)
     dc = grad_c_n.to(torch.float32).contiguous().clone()  # dc_T in, dc_0 out
     dh0 = x.new_empty(batch, hidden)
-    lstm_scan_backward_kernel[_grid(batch)](grad_y.contiguous(), grad_h_n.contiguous(),
-                                            c0.contiguous() if c0 is not None else w_hh, cells.contiguous(),
-                                            gates.contiguous(), w_hh.contiguous(), dgates, dc, dh0, steps, batch,
-                                            hidden, HAS_C0=c0 is not None, TF32=allow_tf32, BLOCK_B=BLOCK_B,
-                                            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS,
-                                            num_stages=NUM_STAGES)
+    launch = wrap_triton(lstm_scan_backward_kernel)[_grid(batch)]
+    launch(grad_y.contiguous(), grad_h_n.contiguous(), c0.contiguous() if c0 is not None else w_hh,
+           cells.contiguous(), gates.contiguous(), w_hh.contiguous(), dgates, dc, dh0, steps, batch, hidden,
+           HAS_C0=c0 is not None, TF32=allow_tf32, BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+           num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     # the sums over time, as GEMMs over all steps
     dg2d = dgates.reshape(steps * batch, 4 * hidden)
     h_first = h0 if h0 is not None else x.new_zeros(batch, hidden)
