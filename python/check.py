@@ -1,6 +1,7 @@
 """Check every available fused_rnn backend on every available device against the NumPy reference.
 
     python python/check.py [--device cpu|cuda|all] [--backends NAME ...] [--dtype float32|float64|all]
+    TRITON_INTERPRET=1 python python/check.py --device cpu --backends triton --dtype float32
 
 For each cell (IRNN, LSTM), device, backend, dtype and shape it runs the forward and
 the backward (autograd with random upstream gradients on y, h_T and, for the LSTM,
@@ -302,11 +303,12 @@ def parse_arguments(argv):
 
 
 def unsupported_reason(backend: str, device: str, dtype: torch.dtype) -> Optional[str]:
-    """Why `backend` declines these tensors by design (not a failure), or None."""
-    if backend != "auto" and backend not in fused_rnn.available_backends(device):
-        return f"not available on {device}"
+    """Why `backend` declines these tensors by design (not a failure), or None. A backend
+    named explicitly is asked directly (select_backend), so that, for instance, the Triton
+    kernels can be checked on CPU tensors under TRITON_INTERPRET=1."""
     if not hasattr(fused_rnn, "select_backend"):
-        return None
+        return None if backend == "auto" or backend in fused_rnn.available_backends(device) else \
+            f"not available on {device}"
     try:
         fused_rnn.select_backend(device, dtype, backend)
     except ValueError as error:

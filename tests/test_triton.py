@@ -261,3 +261,19 @@ def test_triton_ops_opcheck():
     _opcheck(torch.ops.fused_rnn.triton_lstm_scan_backward,
                           (torch.randn_like(out[0]), torch.randn_like(h0), torch.randn_like(c0), x, h0, c0, w_ih4,
                            w_hh4, out[0], out[3], out[4], False))
+
+
+def test_gpu_benchmark_script_runs(tmp_path):
+    """bench/gpu_bench.py, the one-command GPU benchmark: a dry run of its tiny cases on
+    CPU under the interpreter (correctness check included), and a clean exit without a GPU."""
+    script = str(REPO / "bench" / "gpu_bench.py")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = tmp_path / "gpu.md"
+    result = subprocess.run([sys.executable, script, "--device", "cpu", "--quick", "--rounds", "1", "--calls", "1",
+                             "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| irnn") or line.startswith("| lstm")]
+    assert len(rows) == 4   # 2 cells x 2 modes
+    if not torch.cuda.is_available():
+        result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and "no CUDA device" in result.stderr
