@@ -43,36 +43,47 @@ def ptxas_path() -> str:
 
 def kernel_specs(hidden_sizes):
     """(kernel name, JITFunction, signature, constexprs, num_warps, num_stages, hidden) for every
-    kernel and config dispatch may launch. The kernels' loops run over H at run time,
-    so the compiled code, and its resources, do not depend on H; it is listed per H
-    because the issue's table asks for it and a future per-H config must show here."""
+    kernel and config dispatch may launch: float32 (IEEE and TF32 products), bfloat16
+    and float16 weights (state buffers are float32 in every case). The kernels' loops
+    run over H at run time, so the compiled code, and its resources, do not depend on
+    H; it is listed per H because the issue's table asks for it and a future per-H
+    config must show here."""
     from fused_rnn.triton import irnn, lstm
 
-    blocks = dict(BLOCK_B=irnn.BLOCK_B, BLOCK_N=irnn.BLOCK_N, BLOCK_K=irnn.BLOCK_K)
+    import torch
+
+    f32 = "*fp32"
+    variants = [("fp32", False, ""), ("fp32", True, "[tf32]"), ("bf16", False, "[bf16]"), ("fp16", False, "[fp16]")]
+    torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     for hidden in hidden_sizes:
-        for tf32 in (False, True):
-            forward = {"pre": "*fp32", "h0": "*fp32", "w": "*fp32", "y": "*fp32", "T": "i32", "B": "i32",
-                       "H": "i32", "HAS_H0": "constexpr", "TF32": "constexpr", "BLOCK_B": "constexpr",
+        for dtype, tf32, label in variants:
+            io = f"*{dtype}"  # the inputs' / weights' / outputs' dtype
+            config = irnn.CONFIGS[torch_dtypes[dtype]]
+            blocks = config.constexprs()
+            common = dict(TF32=tf32, UPCAST=False)
+            forward = {"pre": f32, "h0": f32, "w": io, "y": f32, "T": "i32", "B": "i32", "H": "i32",
+                       "HAS_H0": "constexpr", "TF32": "constexpr", "UPCAST": "constexpr", "BLOCK_B": "constexpr",
                        "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-            yield ("irnn_scan_forward" + ("[tf32]" if tf32 else ""), irnn.irnn_scan_forward_kernel, forward,
-                   dict(HAS_H0=True, TF32=tf32, **blocks), irnn.NUM_WARPS, irnn.NUM_STAGES, hidden)
-            backward = {"dy": "*fp32", "dh_n": "*fp32", "y": "*fp32", "w": "*fp32", "dz": "*fp32", "dh0": "*fp32",
-                        "T": "i32", "B": "i32", "H": "i32", "TF32": "constexpr", "BLOCK_B": "constexpr",
+            yield ("irnn_scan_forward" + label, irnn.irnn_scan_forward_kernel, forward,
+                   dict(HAS_H0=True, **common, **blocks), config.num_warps, config.num_stages, hidden)
+            backward = {"dy": io, "dh_n": io, "y": io, "w": io, "dz": f32, "dh0": f32, "T": "i32", "B": "i32",
+                        "H": "i32", "TF32": "constexpr", "UPCAST": "constexpr", "BLOCK_B": "constexpr",
                         "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-            yield ("irnn_scan_backward" + ("[tf32]" if tf32 else ""), irnn.irnn_scan_backward_kernel, backward,
-                   dict(TF32=tf32, **blocks), irnn.NUM_WARPS, irnn.NUM_STAGES, hidden)
-            lstm_blocks = dict(BLOCK_B=lstm.BLOCK_B, BLOCK_N=lstm.BLOCK_N, BLOCK_K=lstm.BLOCK_K)
-            forward = {"gates": "*fp32", "h0": "*fp32", "c0": "*fp32", "w": "*fp32", "y": "*fp32", "cells": "*fp32",
-                       "T": "i32", "B": "i32", "H": "i32", "HAS_STATE": "constexpr", "TF32": "constexpr",
+            yield ("irnn_scan_backward" + label, irnn.irnn_scan_backward_kernel, backward,
+                   dict(**common, **blocks), config.num_warps, config.num_stages, hidden)
+            config = lstm.CONFIGS[torch_dtypes[dtype]]
+            blocks = config.constexprs()
+            forward = {"gates": f32, "h0": f32, "c0": f32, "w": io, "y": f32, "cells": f32, "T": "i32", "B": "i32",
+                       "H": "i32", "HAS_STATE": "constexpr", "TF32": "constexpr", "UPCAST": "constexpr",
                        "BLOCK_B": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-            yield ("lstm_scan_forward" + ("[tf32]" if tf32 else ""), lstm.lstm_scan_forward_kernel, forward,
-                   dict(HAS_STATE=True, TF32=tf32, **lstm_blocks), lstm.NUM_WARPS, lstm.NUM_STAGES, hidden)
-            backward = {"dy": "*fp32", "dh_n": "*fp32", "c0": "*fp32", "cells": "*fp32", "gates": "*fp32",
-                        "w": "*fp32", "dgates": "*fp32", "dc": "*fp32", "dh0": "*fp32", "T": "i32", "B": "i32",
-                        "H": "i32", "HAS_C0": "constexpr", "TF32": "constexpr", "BLOCK_B": "constexpr",
-                        "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-            yield ("lstm_scan_backward" + ("[tf32]" if tf32 else ""), lstm.lstm_scan_backward_kernel, backward,
-                   dict(HAS_C0=True, TF32=tf32, **lstm_blocks), lstm.NUM_WARPS, lstm.NUM_STAGES, hidden)
+            yield ("lstm_scan_forward" + label, lstm.lstm_scan_forward_kernel, forward,
+                   dict(HAS_STATE=True, **common, **blocks), config.num_warps, config.num_stages, hidden)
+            backward = {"dy": io, "dh_n": io, "c0": f32, "cells": f32, "gates": f32, "w": io, "dgates": f32,
+                        "dc": f32, "dh0": f32, "T": "i32", "B": "i32", "H": "i32", "HAS_C0": "constexpr",
+                        "TF32": "constexpr", "UPCAST": "constexpr", "BLOCK_B": "constexpr", "BLOCK_N": "constexpr",
+                        "BLOCK_K": "constexpr"}
+            yield ("lstm_scan_backward" + label, lstm.lstm_scan_backward_kernel, backward,
+                   dict(HAS_C0=True, **common, **blocks), config.num_warps, config.num_stages, hidden)
 
 
 def triton_version() -> str:

@@ -3,7 +3,8 @@
 Backends:
 
 - ``"cpp"``: the fused C++ CPU kernels of ``fused_rnn._C`` (float32, float64; CPU tensors).
-- ``"triton"``: the Triton scans of ``fused_rnn.triton`` (float32; CUDA tensors, or CPU
+- ``"triton"``: the Triton scans of ``fused_rnn.triton`` (float32, bfloat16 and float16
+  with float32 state and accumulation; CUDA tensors, or CPU
   tensors under the Triton interpreter, ``TRITON_INTERPRET=1``, when asked for by name).
 - ``"torch"``: a plain time loop over PyTorch ops (any dtype and device; always there).
 - ``"auto"`` (default): the fastest backend that can take the tensors' device and
@@ -31,7 +32,7 @@ from ._validation import check_layer_args
 # Which dtypes and device types each compiled backend's kernels take.
 _KERNEL_SUPPORT = {
     "cpp": {"device_types": ("cpu",), "dtypes": (torch.float32, torch.float64)},
-    "triton": {"device_types": ("cuda",), "dtypes": (torch.float32,)},
+    "triton": {"device_types": ("cuda",), "dtypes": (torch.float32, torch.bfloat16, torch.float16)},
 }
 BACKENDS = ("cpp", "triton", "torch")
 

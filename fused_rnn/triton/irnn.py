@@ -14,9 +14,11 @@ steps makes the step's stores visible to all the program's warps. Tiling both wa
 means any H works, not just what fits in registers.
 
 Offsets are int64 (T * B * H can pass 2^31). Rows and columns are masked, so any B
-and H work. float32 only for now, with IEEE-precision dot products unless
-``allow_tf32``: TF32 rounds h to 10 mantissa bits at every step, an error that the
-recurrence carries forward.
+and H work. float32 inputs use IEEE-precision dot products unless ``allow_tf32``: TF32
+rounds h to 10 mantissa bits at every step, an error that the recurrence carries
+forward. bfloat16/float16 inputs and weights: the input projection, the state h and
+every accumulation are float32; only the recurrent product's operands are rounded to
+the weights' dtype (tensor cores); outputs are returned in the inputs' dtype.
 """
 
 from typing import Optional, Tuple
@@ -27,13 +29,16 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
+from .common import Config, check_dtype, dot_state_weight, input_projection, upcast_dots, weight_grads
+
 # One config for now, chosen from the ahead-of-time compile (bench/triton_resources.py):
 # 16-row batch tiles (tl.dot's minimum M), 64-column output tiles, 16-deep reductions,
 # 8 warps, no software pipelining. fp32 IEEE dot products run on FMA units, where each
 # thread holds a slice of both operand tiles: 32-deep tiles or 4 warps took 160-255
 # registers and spilled on sm_80/sm_90, and pipelining (num_stages 2-3) multiplied the
 # staging registers; this config needs 80-126 registers and never spills.
-BLOCK_B, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 16, 64, 16, 8, 1
+_CONFIG = Config(block_b=16, block_n=64, block_k=16, num_warps=8, num_stages=1)
+CONFIGS = {torch.float32: _CONFIG, torch.bfloat16: _CONFIG, torch.float16: _CONFIG}  # by the weights' dtype
 
 
 @triton.jit
@@ -43,7 +48,7 @@ def _relu(z):
 
 @triton.jit
 def _irnn_forward_step(pre_t, prev, w, y_t, rows, row_ok, H, HAS_PREV: tl.constexpr, TF32: tl.constexpr,
-                       BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # y_t[rows, :] = relu(pre_t[rows, :] + prev[rows, :] @ W^T); prev, pre_t, y_t: [B, H]
     row_offsets = rows.to(tl.int64)[:, None] * H                     # [BB, 1]
     for n0 in range(0, H, BLOCK_N):
@@ -58,32 +63,29 @@ def _irnn_forward_step(pre_t, prev, w, y_t, rows, row_ok, H, HAS_PREV: tl.conste
                 # W^T[k, n] = W[n, k]
                 w_tile = tl.load(w + cols[None, :].to(tl.int64) * H + ks[:, None],
                                  mask=(ks < H)[:, None] & (cols < H)[None, :], other=0.0)  # [BK, BN]
-                if TF32:
-                    acc += tl.dot(h, w_tile, input_precision="tf32")
-                else:
-                    acc += tl.dot(h, w_tile, input_precision="ieee")
+                acc += dot_state_weight(h, w_tile, TF32, UPCAST)
         tl.store(y_t + row_offsets + cols[None, :], _relu(acc), mask=mask)
 
 
 @triton.jit
 def irnn_scan_forward_kernel(pre, h0, w, y, T, B, H, HAS_H0: tl.constexpr, TF32: tl.constexpr,
-                             BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                             UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """pre [T, B, H] (x W_ih^T + b), h0 [B, H] (unused unless HAS_H0), w [H, H] -> y [T, B, H]."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     step = B.to(tl.int64) * H
-    _irnn_forward_step(pre, h0, w, y, rows, row_ok, H, HAS_H0, TF32, BLOCK_B, BLOCK_N, BLOCK_K)
+    _irnn_forward_step(pre, h0, w, y, rows, row_ok, H, HAS_H0, TF32, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
     tl.debug_barrier()
     for t in range(1, T):
         # step is int64, so t * step is too
         _irnn_forward_step(pre + t * step, y + (t - 1) * step, w, y + t * step, rows, row_ok, H, True, TF32,
-                           BLOCK_B, BLOCK_N, BLOCK_K)
+                           UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
         tl.debug_barrier()
 
 
 @triton.jit
 def _irnn_backward_step(dy_t, carry, dz_next, w, y_t, dz_t, rows, row_ok, H, FROM_DZ: tl.constexpr,
-                        HAS_DY: tl.constexpr, MASK_RELU: tl.constexpr, TF32: tl.constexpr,
+                        HAS_DY: tl.constexpr, MASK_RELU: tl.constexpr, TF32: tl.constexpr, UPCAST: tl.constexpr,
                         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # g = dy_t + (dz_next @ W if FROM_DZ else carry); dz_t = g * [y_t > 0] if MASK_RELU else g
     row_offsets = rows.to(tl.int64)[:, None] * H
@@ -98,10 +100,7 @@ def _irnn_backward_step(dy_t, carry, dz_next, w, y_t, dz_t, rows, row_ok, H, FRO
                              other=0.0)                                                # [BB, BK]
                 w_tile = tl.load(w + ks[:, None].to(tl.int64) * H + cols[None, :],
                                  mask=(ks < H)[:, None] & (cols < H)[None, :], other=0.0)  # W[k, n]: [BK, BN]
-                if TF32:
-                    g += tl.dot(dz, w_tile, input_precision="tf32")
-                else:
-                    g += tl.dot(dz, w_tile, input_precision="ieee")
+                g += dot_state_weight(dz, w_tile, TF32, UPCAST)
         else:
             g = tl.load(carry + row_offsets + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_DY:
@@ -113,7 +112,8 @@ def _irnn_backward_step(dy_t, carry, dz_next, w, y_t, dz_t, rows, row_ok, H, FRO
 
 
 @triton.jit
-def irnn_scan_backward_kernel(dy, dh_n, y, w, dz, dh0, T, B, H, TF32: tl.constexpr, BLOCK_B: tl.constexpr,
+def irnn_scan_backward_kernel(dy, dh_n, y, w, dz, dh0, T, B, H, TF32: tl.constexpr, UPCAST: tl.constexpr,
+                              BLOCK_B: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dy [T, B, H], dh_n [B, H], y [T, B, H] (h_1..h_T), w [H, H] -> dz [T, B, H], dh0 [B, H]."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -121,68 +121,60 @@ def irnn_scan_backward_kernel(dy, dh_n, y, w, dz, dh0, T, B, H, TF32: tl.constex
     step = B.to(tl.int64) * H
     last = (T - 1) * step
     _irnn_backward_step(dy + last, dh_n, dz, w, y + last, dz + last, rows, row_ok, H, False, True, True, TF32,
-                        BLOCK_B, BLOCK_N, BLOCK_K)
+                        UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
     tl.debug_barrier()
     for i in range(1, T):
         t = T - 1 - i
         _irnn_backward_step(dy + t * step, dh_n, dz + (t + 1) * step, w, y + t * step, dz + t * step,
-                            rows, row_ok, H, True, True, True, TF32, BLOCK_B, BLOCK_N, BLOCK_K)
+                            rows, row_ok, H, True, True, True, TF32, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
         tl.debug_barrier()
     # dh_0 = dz_1 @ W_hh
     _irnn_backward_step(dy, dh_n, dz, w, y, dh0, rows, row_ok, H, True, False, False, TF32,
-                        BLOCK_B, BLOCK_N, BLOCK_K)
+                        UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
 
 
-def _grid(batch: int):
-    return (triton.cdiv(batch, BLOCK_B),)
-
-
-def _check(x: Tensor, w_hh: Tensor) -> None:
-    if x.dtype != torch.float32:
-        raise TypeError(f"the Triton IRNN kernels take float32 for now, got {x.dtype}")
+def _grid(batch: int, config: Config):
+    return (triton.cdiv(batch, config.block_b),)
 
 
 def irnn_scan_forward(x: Tensor, h0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor],
                       allow_tf32: bool = False) -> Tuple[Tensor, Tensor]:
     """x [T, B, I], h0 [B, H] or None (zeros), w_ih [H, I], w_hh [H, H], bias [H] or None
-    (b_ih + b_hh) -> (y [T, B, H], h_T [B, H])."""
-    _check(x, w_hh)
+    (b_ih + b_hh), all float32, bfloat16 or float16 -> (y [T, B, H], h_T [B, H]) in x's
+    dtype. The recurrence runs in float32 whatever the dtype."""
+    check_dtype(x)
     steps, batch, _ = x.shape
     hidden = w_hh.shape[0]
-    x, w_hh = x.contiguous(), w_hh.contiguous()
-    pre2d = x.reshape(steps * batch, x.shape[2])
-    pre = (torch.addmm(bias, pre2d, w_ih.t()) if bias is not None else pre2d @ w_ih.t()).view(steps, batch, hidden)
-    y = torch.empty_like(pre)
+    w_hh = w_hh.contiguous()
+    states = input_projection(x.contiguous(), w_ih, bias)  # [T, B, H] float32: z_t, then h_t in place
     if steps == 0 or batch == 0:
         h_n = h0.clone() if h0 is not None else x.new_zeros(batch, hidden)
-        return y, h_n
-    h0_arg = h0.contiguous() if h0 is not None else w_hh  # a placeholder pointer when there is no h0
-    launch = wrap_triton(irnn_scan_forward_kernel)[_grid(batch)]
-    launch(pre, h0_arg, w_hh, y, steps, batch, hidden, HAS_H0=h0 is not None, TF32=allow_tf32, BLOCK_B=BLOCK_B,
-           BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    return y, y[-1].clone()
+        return states.to(x.dtype), h_n
+    h0_arg = h0.float().contiguous() if h0 is not None else w_hh  # a placeholder pointer when there is no h0
+    config = CONFIGS[w_hh.dtype]
+    launch = wrap_triton(irnn_scan_forward_kernel)[_grid(batch, config)]
+    launch(states, h0_arg, w_hh, states, steps, batch, hidden, HAS_H0=h0 is not None, TF32=allow_tf32,
+           UPCAST=upcast_dots(w_hh), **config.constexprs(), num_warps=config.num_warps,
+           num_stages=config.num_stages)
+    return states.to(x.dtype), states[-1].to(x.dtype, copy=True)
 
 
 def irnn_scan_backward(grad_y: Tensor, grad_h_n: Tensor, x: Tensor, h0: Optional[Tensor], w_ih: Tensor,
                        w_hh: Tensor, y: Tensor, need_dx: bool = True, allow_tf32: bool = False):
-    """Gradients of irnn_scan_forward: (dx or None, dh0, dw_ih, dw_hh, dbias)."""
-    _check(x, w_hh)
-    steps, batch, _ = x.shape
+    """Gradients of irnn_scan_forward: (dx or None, dh0, dw_ih, dw_hh, dbias), in the
+    inputs' dtype, computed in float32."""
+    check_dtype(x)
+    steps, batch, inputs = x.shape
     hidden = w_hh.shape[0]
     if steps == 0 or batch == 0:
         return ((torch.zeros_like(x) if need_dx else None), grad_h_n.clone(), torch.zeros_like(w_ih),
                 torch.zeros_like(w_hh), w_hh.new_zeros(hidden))
-    dz = torch.empty_like(y)
-    dh0 = torch.empty(batch, hidden, dtype=y.dtype, device=y.device)
-    launch = wrap_triton(irnn_scan_backward_kernel)[_grid(batch)]
+    dz = torch.empty(steps, batch, hidden, dtype=torch.float32, device=x.device)
+    dh0 = torch.empty(batch, hidden, dtype=torch.float32, device=x.device)
+    config = CONFIGS[w_hh.dtype]
+    launch = wrap_triton(irnn_scan_backward_kernel)[_grid(batch, config)]
     launch(grad_y.contiguous(), grad_h_n.contiguous(), y.contiguous(), w_hh.contiguous(), dz, dh0, steps, batch,
-           hidden, TF32=allow_tf32, BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS,
-           num_stages=NUM_STAGES)
-    # the sums over time, as GEMMs over all steps
-    dz2d = dz.reshape(steps * batch, hidden)
-    h_prev = torch.cat([(h0 if h0 is not None else y.new_zeros(batch, hidden)).unsqueeze(0), y[:-1]])
-    dw_hh = dz2d.t() @ h_prev.reshape(steps * batch, hidden)
-    dw_ih = dz2d.t() @ x.reshape(steps * batch, x.shape[2])
-    dbias = dz2d.sum(0)
-    dx = (dz2d @ w_ih).view(x.shape) if need_dx else None
-    return dx, dh0, dw_ih, dw_hh, dbias
+           hidden, TF32=allow_tf32, UPCAST=upcast_dots(w_hh), **config.constexprs(), num_warps=config.num_warps,
+           num_stages=config.num_stages)
+    dx, dw_ih, dw_hh, dbias = weight_grads(dz, x, h0, y, w_ih, need_dx)
+    return dx, dh0.to(x.dtype), dw_ih, dw_hh, dbias

@@ -13,7 +13,7 @@ the backward, which runs in reverse time:
     da_o = dh tanh(c_t) o (1 - o),  dc <- dc f,
 and ends with dh_0 = dgates_1 W_hh, dc_0 = dc. dc is carried in a [B, H] buffer that
 only the program owning its rows touches. The weight gradients are GEMMs after the
-scan (PyTorch). float32 only for now.
+scan (PyTorch). dtypes as in irnn.py: h, c, gates and every accumulation in float32.
 """
 
 from typing import Optional
@@ -24,34 +24,24 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
+from .common import Config, check_dtype, dot_state_weight, input_projection, sigmoid, tanh, upcast_dots, weight_grads
+
 # From the ahead-of-time compile (bench/triton_resources.py): four gate accumulators
 # and four W tiles per step need narrower unit tiles than the IRNN's. 16 x 16 x 16
 # tiles with 4 warps use 56-154 registers and never spill on sm_80/sm_90; 32- or
 # 64-wide unit tiles, 32-deep reductions, or 8 warps each spilled in some variant.
-BLOCK_B, BLOCK_N, BLOCK_K, NUM_WARPS, NUM_STAGES = 16, 16, 16, 4, 1
-
-
-@triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
-
-
-@triton.jit
-def _tanh(x):
-    return 2.0 * _sigmoid(2.0 * x) - 1.0
-
-
-@triton.jit
-def _dot(a, b, TF32: tl.constexpr):
-    if TF32:
-        return tl.dot(a, b, input_precision="tf32")
-    else:
-        return tl.dot(a, b, input_precision="ieee")
+# bfloat16/float16 weights: that config spilled 8-24 bytes (sm_80 forward, sm_90
+# backward); 8 warps do not.
+CONFIGS = {  # by the weights' dtype
+    torch.float32: Config(block_b=16, block_n=16, block_k=16, num_warps=4, num_stages=1),
+    torch.bfloat16: Config(block_b=16, block_n=16, block_k=16, num_warps=8, num_stages=1),
+    torch.float16: Config(block_b=16, block_n=16, block_k=16, num_warps=8, num_stages=1),
+}
 
 
 @triton.jit
 def _lstm_forward_step(gates_t, h_prev, c_prev, w, y_t, c_t, rows, row_ok, H, HAS_PREV: tl.constexpr,
-                       TF32: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       TF32: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # gates_t [B, 4H]: pre-activations in, activations out; h_prev, c_prev, y_t, c_t [B, H]
     rows64 = rows.to(tl.int64)[:, None]
     for n0 in range(0, H, BLOCK_N):
@@ -72,43 +62,44 @@ def _lstm_forward_step(gates_t, h_prev, c_prev, w, y_t, c_t, rows, row_ok, H, HA
                 # W^T[k, n] of gate q = W[q H + n, k]
                 w_t = w + cols[None, :].to(tl.int64) * H + ks[:, None]
                 w_mask = k_ok[:, None] & col_ok[None, :]
-                a_i += _dot(h, tl.load(w_t, mask=w_mask, other=0.0), TF32)
-                a_f += _dot(h, tl.load(w_t + H * H, mask=w_mask, other=0.0), TF32)
-                a_g += _dot(h, tl.load(w_t + 2 * H * H, mask=w_mask, other=0.0), TF32)
-                a_o += _dot(h, tl.load(w_t + 3 * H * H, mask=w_mask, other=0.0), TF32)
+                a_i += dot_state_weight(h, tl.load(w_t, mask=w_mask, other=0.0), TF32, UPCAST)
+                a_f += dot_state_weight(h, tl.load(w_t + H * H, mask=w_mask, other=0.0), TF32, UPCAST)
+                a_g += dot_state_weight(h, tl.load(w_t + 2 * H * H, mask=w_mask, other=0.0), TF32, UPCAST)
+                a_o += dot_state_weight(h, tl.load(w_t + 3 * H * H, mask=w_mask, other=0.0), TF32, UPCAST)
             c_before = tl.load(c_prev + rows64 * H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        i = _sigmoid(a_i)
-        f = _sigmoid(a_f)
-        g = _tanh(a_g)
-        o = _sigmoid(a_o)
+        i = sigmoid(a_i)
+        f = sigmoid(a_f)
+        g = tanh(a_g)
+        o = sigmoid(a_o)
         c = f * c_before + i * g
         tl.store(g_row, i, mask=mask)
         tl.store(g_row + H, f, mask=mask)
         tl.store(g_row + 2 * H, g, mask=mask)
         tl.store(g_row + 3 * H, o, mask=mask)
         tl.store(c_t + rows64 * H + cols[None, :], c, mask=mask)
-        tl.store(y_t + rows64 * H + cols[None, :], o * _tanh(c), mask=mask)
+        tl.store(y_t + rows64 * H + cols[None, :], o * tanh(c), mask=mask)
 
 
 @triton.jit
 def lstm_scan_forward_kernel(gates, h0, c0, w, y, cells, T, B, H, HAS_STATE: tl.constexpr, TF32: tl.constexpr,
-                             BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                             UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """gates [T, B, 4H] (x W_ih^T + b in, activated gates out), h0, c0 [B, H] (unused
     unless HAS_STATE), w [4H, H] -> y, cells [T, B, H]."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     step = B.to(tl.int64) * H
-    _lstm_forward_step(gates, h0, c0, w, y, cells, rows, row_ok, H, HAS_STATE, TF32, BLOCK_B, BLOCK_N, BLOCK_K)
+    _lstm_forward_step(gates, h0, c0, w, y, cells, rows, row_ok, H, HAS_STATE, TF32, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
     tl.debug_barrier()
     for t in range(1, T):
         # step is int64, so t * step is too
         _lstm_forward_step(gates + 4 * t * step, y + (t - 1) * step, cells + (t - 1) * step, w, y + t * step,
-                           cells + t * step, rows, row_ok, H, True, TF32, BLOCK_B, BLOCK_N, BLOCK_K)
+                           cells + t * step, rows, row_ok, H, True, TF32, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
         tl.debug_barrier()
 
 
 @triton.jit
-def _recurrent_grad(dgates_next, w, rows64, row_ok, cols, col_ok, H, TF32: tl.constexpr, BLOCK_B: tl.constexpr,
+def _recurrent_grad(dgates_next, w, rows64, row_ok, cols, col_ok, H, TF32: tl.constexpr, UPCAST: tl.constexpr,
+                    BLOCK_B: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # (dgates_next [B, 4H] @ W [4H, H])[rows, cols], the reduction running over 4H
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
@@ -118,13 +109,14 @@ def _recurrent_grad(dgates_next, w, rows64, row_ok, cols, col_ok, H, TF32: tl.co
         dg = tl.load(dgates_next + rows64 * (4 * H) + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w_tile = tl.load(w + ks[:, None].to(tl.int64) * H + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
                          other=0.0)
-        acc += _dot(dg, w_tile, TF32)
+        acc += dot_state_weight(dg, w_tile, TF32, UPCAST)
     return acc
 
 
 @triton.jit
 def _lstm_backward_step(dy_t, dh_n, dgates_next, w, gates_t, c_t, c_prev, dc, dgates_t, rows, row_ok, H,
-                        from_dgates, HAS_PREV: tl.constexpr, TF32: tl.constexpr, BLOCK_B: tl.constexpr,
+                        from_dgates, HAS_PREV: tl.constexpr, TF32: tl.constexpr, UPCAST: tl.constexpr,
+                        BLOCK_B: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # from_dgates (run time): dh comes from the next step's dgates, else from dh_n (t = T)
     rows64 = rows.to(tl.int64)[:, None]
@@ -134,7 +126,7 @@ def _lstm_backward_step(dy_t, dh_n, dgates_next, w, gates_t, c_t, c_prev, dc, dg
         mask = row_ok[:, None] & col_ok[None, :]
         unit = rows64 * H + cols[None, :]
         if from_dgates:
-            dh = _recurrent_grad(dgates_next, w, rows64, row_ok, cols, col_ok, H, TF32, BLOCK_B, BLOCK_N, BLOCK_K)
+            dh = _recurrent_grad(dgates_next, w, rows64, row_ok, cols, col_ok, H, TF32, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
         else:
             dh = tl.load(dh_n + unit, mask=mask, other=0.0).to(tl.float32)
         dh += tl.load(dy_t + unit, mask=mask, other=0.0).to(tl.float32)
@@ -143,7 +135,7 @@ def _lstm_backward_step(dy_t, dh_n, dgates_next, w, gates_t, c_t, c_prev, dc, dg
         f = tl.load(g_row + H, mask=mask, other=0.0)
         g = tl.load(g_row + 2 * H, mask=mask, other=0.0)
         o = tl.load(g_row + 3 * H, mask=mask, other=0.0)
-        tc = _tanh(tl.load(c_t + unit, mask=mask, other=0.0))
+        tc = tanh(tl.load(c_t + unit, mask=mask, other=0.0))
         c_before = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
         if HAS_PREV:
             c_before = tl.load(c_prev + unit, mask=mask, other=0.0)
@@ -158,7 +150,7 @@ def _lstm_backward_step(dy_t, dh_n, dgates_next, w, gates_t, c_t, c_prev, dc, dg
 
 @triton.jit
 def lstm_scan_backward_kernel(dy, dh_n, c0, cells, gates, w, dgates, dc, dh0, T, B, H, HAS_C0: tl.constexpr,
-                              TF32: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                              TF32: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr):
     """dy [T, B, H], dh_n [B, H], c0 [B, H] (unused unless HAS_C0), cells [T, B, H],
     gates [T, B, 4H] (activated), w [4H, H]; dc [B, H]: dc_T in, dc_0 out ->
@@ -170,79 +162,73 @@ def lstm_scan_backward_kernel(dy, dh_n, c0, cells, gates, w, dgates, dc, dh0, T,
         t = T - 1 - i
         _lstm_backward_step(dy + t * step, dh_n, dgates + 4 * (t + 1) * step, w, gates + 4 * t * step,
                             cells + t * step, cells + (t - 1) * step, dc, dgates + 4 * t * step, rows, row_ok, H,
-                            i > 0, True, TF32, BLOCK_B, BLOCK_N, BLOCK_K)
+                            i > 0, True, TF32, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
         tl.debug_barrier()
     _lstm_backward_step(dy, dh_n, dgates + 4 * step, w, gates, cells, c0, dc, dgates, rows, row_ok, H, T > 1,
-                        HAS_C0, TF32, BLOCK_B, BLOCK_N, BLOCK_K)
+                        HAS_C0, TF32, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
     tl.debug_barrier()
     # dh_0 = dgates_1 @ W_hh
     rows64 = rows.to(tl.int64)[:, None]
     for n0 in range(0, H, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < H
-        dh = _recurrent_grad(dgates, w, rows64, row_ok, cols, col_ok, H, TF32, BLOCK_B, BLOCK_N, BLOCK_K)
+        dh = _recurrent_grad(dgates, w, rows64, row_ok, cols, col_ok, H, TF32, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
         tl.store(dh0 + rows64 * H + cols[None, :], dh, mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _grid(batch: int):
-    return (triton.cdiv(batch, BLOCK_B),)
-
-
-def _check(x: Tensor) -> None:
-    if x.dtype != torch.float32:
-        raise TypeError(f"the Triton LSTM kernels take float32 for now, got {x.dtype}")
+def _grid(batch: int, config: Config):
+    return (triton.cdiv(batch, config.block_b),)
 
 
 def lstm_scan_forward(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
                       bias: Optional[Tensor], allow_tf32: bool = False):
     """x [T, B, I], h0 and c0 [B, H] or None (zeros), w_ih [4H, I], w_hh [4H, H], bias [4H]
-    or None (b_ih + b_hh) -> (y [T, B, H], h_T, c_T [B, H], cells [T, B, H], gates
-    [T, B, 4H], the activated gates; cells and gates are what the backward reads)."""
-    _check(x)
-    steps, batch, inputs = x.shape
+    or None (b_ih + b_hh), all float32, bfloat16 or float16 -> (y [T, B, H], h_T, c_T
+    [B, H] in x's dtype; cells [T, B, H] and gates [T, B, 4H], the activated gates, in
+    float32: what the backward reads). The recurrence runs in float32."""
+    check_dtype(x)
+    steps, batch, _ = x.shape
     hidden = w_hh.shape[1]
-    x, w_hh = x.contiguous(), w_hh.contiguous()
-    x2d = x.reshape(steps * batch, inputs)
-    gates = (torch.addmm(bias, x2d, w_ih.t()) if bias is not None else x2d @ w_ih.t()).view(steps, batch, 4 * hidden)
-    y = x.new_empty(steps, batch, hidden)
-    cells = torch.empty_like(y)
+    w_hh = w_hh.contiguous()
+    gates = input_projection(x.contiguous(), w_ih, bias)  # float32: pre-activations, then activations
+    states = torch.empty(steps, batch, hidden, dtype=torch.float32, device=x.device)  # h_t in float32
+    cells = torch.empty_like(states)
     has_state = h0 is not None or c0 is not None
-    h0_t = (h0 if h0 is not None else x.new_zeros(batch, hidden)).contiguous() if has_state else None
-    c0_t = (c0 if c0 is not None else x.new_zeros(batch, hidden)).contiguous() if has_state else None
+    h0_t = (h0 if h0 is not None else x.new_zeros(batch, hidden)).float().contiguous() if has_state else None
+    c0_t = (c0 if c0 is not None else x.new_zeros(batch, hidden)).float().contiguous() if has_state else None
     if steps == 0 or batch == 0:
         zeros = x.new_zeros(batch, hidden)
-        return (y, (h0_t if has_state else zeros).clone(), (c0_t if has_state else zeros).clone(), cells, gates)
-    launch = wrap_triton(lstm_scan_forward_kernel)[_grid(batch)]
-    launch(gates, h0_t if has_state else w_hh, c0_t if has_state else w_hh, w_hh, y, cells, steps, batch, hidden,
-           HAS_STATE=has_state, TF32=allow_tf32, BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-           num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    return y, y[-1].clone(), cells[-1].clone(), cells, gates
+        h_n = h0_t.to(x.dtype, copy=True) if has_state else zeros
+        c_n = c0_t.to(x.dtype, copy=True) if has_state else zeros.clone()
+        return states.to(x.dtype), h_n, c_n, cells, gates
+    config = CONFIGS[w_hh.dtype]
+    launch = wrap_triton(lstm_scan_forward_kernel)[_grid(batch, config)]
+    launch(gates, h0_t if has_state else w_hh, c0_t if has_state else w_hh, w_hh, states, cells, steps, batch,
+           hidden, HAS_STATE=has_state, TF32=allow_tf32, UPCAST=upcast_dots(w_hh), **config.constexprs(),
+           num_warps=config.num_warps, num_stages=config.num_stages)
+    return (states.to(x.dtype), states[-1].to(x.dtype, copy=True), cells[-1].to(x.dtype, copy=True), cells,
+            gates)
 
 
 def lstm_scan_backward(grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, x: Tensor, h0: Optional[Tensor],
                        c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, y: Tensor, cells: Tensor, gates: Tensor,
                        need_dx: bool = True, allow_tf32: bool = False):
-    """Gradients of lstm_scan_forward: (dx or None, dh0, dc0, dw_ih, dw_hh, dbias)."""
-    _check(x)
+    """Gradients of lstm_scan_forward: (dx or None, dh0, dc0, dw_ih, dw_hh, dbias), in
+    the inputs' dtype, computed in float32."""
+    check_dtype(x)
     steps, batch, inputs = x.shape
     hidden = w_hh.shape[1]
     if steps == 0 or batch == 0:
         return ((torch.zeros_like(x) if need_dx else None), grad_h_n.clone(), grad_c_n.clone(),
                 torch.zeros_like(w_ih), torch.zeros_like(w_hh), w_hh.new_zeros(4 * hidden))
-    dgates = torch.empty_like(gates)
-    dc = grad_c_n.to(torch.float32).contiguous().clone()  # dc_T in, dc_0 out
-    dh0 = x.new_empty(batch, hidden)
-    launch = wrap_triton(lstm_scan_backward_kernel)[_grid(batch)]
-    launch(grad_y.contiguous(), grad_h_n.contiguous(), c0.contiguous() if c0 is not None else w_hh,
+    dgates = torch.empty(steps, batch, 4 * hidden, dtype=torch.float32, device=x.device)
+    dc = grad_c_n.to(torch.float32, copy=True).contiguous()  # dc_T in, dc_0 out
+    dh0 = torch.empty(batch, hidden, dtype=torch.float32, device=x.device)
+    config = CONFIGS[w_hh.dtype]
+    launch = wrap_triton(lstm_scan_backward_kernel)[_grid(batch, config)]
+    launch(grad_y.contiguous(), grad_h_n.contiguous(), c0.float().contiguous() if c0 is not None else w_hh,
            cells.contiguous(), gates.contiguous(), w_hh.contiguous(), dgates, dc, dh0, steps, batch, hidden,
-           HAS_C0=c0 is not None, TF32=allow_tf32, BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-           num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    # the sums over time, as GEMMs over all steps
-    dg2d = dgates.reshape(steps * batch, 4 * hidden)
-    h_first = h0 if h0 is not None else x.new_zeros(batch, hidden)
-    h_prev = torch.cat([h_first.unsqueeze(0), y[:-1]]).reshape(steps * batch, hidden)
-    dw_hh = dg2d.t() @ h_prev
-    dw_ih = dg2d.t() @ x.reshape(steps * batch, inputs)
-    dbias = dg2d.sum(0)
-    dx = (dg2d @ w_ih).view(x.shape) if need_dx else None
-    return dx, dh0, dc, dw_ih, dw_hh, dbias
+           HAS_C0=c0 is not None, TF32=allow_tf32, UPCAST=upcast_dots(w_hh), **config.constexprs(),
+           num_warps=config.num_warps, num_stages=config.num_stages)
+    dx, dw_ih, dw_hh, dbias = weight_grads(dgates, x, h0, y, w_ih, need_dx)
+    return dx, dh0.to(x.dtype), dc.to(x.dtype), dw_ih, dw_hh, dbias

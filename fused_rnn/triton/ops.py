@@ -12,7 +12,8 @@ meaning zeros, without a zeros tensor):
     triton_lstm_scan_backward(grad_y, grad_h_n, grad_c_n, x, h0?, c0?, w_ih, w_hh, y, cells, gates,
                               grad_x, allow_tf32) -> (dx, dh0, dc0, dw_ih, dw_hh, dbias)
 
-With ``grad_x=False`` dx is an empty tensor. Selected by ``backend="triton"`` (and by
+With ``grad_x=False`` dx is an empty tensor. Inputs are float32, bfloat16 or float16;
+outputs come in the inputs' dtype, except the LSTM's cells and gates (float32 state). Selected by ``backend="triton"`` (and by
 ``"auto"`` for CUDA tensors) through :mod:`fused_rnn.functional`.
 """
 
@@ -77,7 +78,8 @@ def _(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, grad_x=True, allow_tf32=False):
 def _(x, h0, c0, w_ih, w_hh, bias, allow_tf32=False):
     steps, batch, hidden = x.shape[0], x.shape[1], w_hh.shape[1]
     return (x.new_empty(steps, batch, hidden), _state_like(x, w_hh), _state_like(x, w_hh),
-            x.new_empty(steps, batch, hidden), x.new_empty(steps, batch, 4 * hidden))
+            x.new_empty(steps, batch, hidden, dtype=torch.float32), x.new_empty(steps, batch, 4 * hidden,
+                                                                                dtype=torch.float32))
 
 
 @triton_lstm_scan_backward.register_fake
