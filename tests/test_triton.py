@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fused_rnn
 from test_backends import SHAPES, assert_matches, make_layer, to_torch
 import rnn_reference as ref
 
@@ -116,6 +117,18 @@ def test_irnn_nan_propagates():
     assert torch.isnan(y[1:, 0]).all() and not torch.isnan(y[:, 1]).any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "fp16"])
+def test_nan_propagates_in_every_dtype(dtype):
+    x = torch.randn(4, 2, 3, device=DEVICE, dtype=dtype)
+    x[1, 0, 0] = float("nan")
+    w_ih = torch.randn(20, 3, device=DEVICE, dtype=dtype)
+    w_hh = torch.randn(20, 5, device=DEVICE, dtype=dtype) * 0.3
+    y, _ = fused_rnn.lstm(x, None, w_ih, w_hh, backend="triton")
+    assert torch.isnan(y[1:, 0]).all() and not torch.isnan(y[:, 1]).any()
+    y, _ = fused_rnn.irnn(x, None, w_ih[:5], torch.eye(5, device=DEVICE, dtype=dtype), backend="triton")
+    assert torch.isnan(y[1:, 0]).all() and not torch.isnan(y[:, 1]).any()
+
+
 def test_irnn_rejects_other_dtypes():
     x = torch.randn(2, 2, 3, dtype=torch.float64, device=DEVICE)
     with pytest.raises(TypeError, match="float32"):
@@ -149,7 +162,6 @@ def test_kernels_compile_for_sm80_sm90_without_spills(tmp_path):
 
 # ---- the Triton backend through the public API (ops, autograd, modules, dispatch) ----
 
-import fused_rnn  # noqa: E402
 from fused_rnn.triton import ops as triton_ops  # noqa: E402
 
 BACKEND_SHAPES = [(1, 1, 3, 5), (7, 5, 4, 9), (5, 18, 6, 20)]

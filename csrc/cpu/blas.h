@@ -100,7 +100,6 @@ class RecurrentGemm {
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (m == 0 || n == 0) return;
       if (own_gemm_enabled()) {
-        // at::empty aligns CPU storage to 64 bytes, as the kernel's aligned loads need
         packed_ = at::empty({avx2::packed_size(n, k)}, at::TensorOptions().dtype(at::kFloat));
         avx2::pack(w, trans_w, n, k, packed_.data_ptr<float>());
         own_ = true;

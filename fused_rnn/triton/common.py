@@ -41,10 +41,10 @@ def dot_state_weight(state, weight, TF32: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _round_to_bfloat16(x):
     """float32 -> the nearest bfloat16 (ties to even), kept in float32, on the bits: as
-    cvt.rn.bf16.f32 on a GPU. NaN stays NaN (a quiet NaN's top mantissa bit survives)."""
+    cvt.rn.bf16.f32 on a GPU. NaN stays NaN."""
     bits = x.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # NaN payloads can carry into inf/0
 
 
 @triton.jit
@@ -58,6 +58,12 @@ def tanh(x):
 
 
 # ---- host side ----
+
+# Triton compiles an integer argument equal to 1 as a constant, which has no .to() and
+# would fail to compile for B = 1 (the cells, sampling) though every other size works;
+# the kernels' size arguments are never specialized.
+SIZE_ARGUMENTS = ("T", "B", "H")
+
 
 class Config(NamedTuple):
     """A launch configuration: batch rows per program, unit (output) tile, reduction

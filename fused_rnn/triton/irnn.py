@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from .common import Config, check_dtype, dot_state_weight, input_projection, upcast_dots, weight_grads
+from .common import SIZE_ARGUMENTS, Config, check_dtype, dot_state_weight, input_projection, upcast_dots, weight_grads
 
 # One config for now, chosen from the ahead-of-time compile (bench/triton_resources.py):
 # 16-row batch tiles (tl.dot's minimum M), 64-column output tiles, 16-deep reductions,
@@ -67,7 +67,7 @@ def _irnn_forward_step(pre_t, prev, w, y_t, rows, row_ok, H, HAS_PREV: tl.conste
         tl.store(y_t + row_offsets + cols[None, :], _relu(acc), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZE_ARGUMENTS)
 def irnn_scan_forward_kernel(pre, h0, w, y, T, B, H, HAS_H0: tl.constexpr, TF32: tl.constexpr,
                              UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """pre [T, B, H] (x W_ih^T + b), h0 [B, H] (unused unless HAS_H0), w [H, H] -> y [T, B, H]."""
@@ -111,7 +111,7 @@ def _irnn_backward_step(dy_t, carry, dz_next, w, y_t, dz_t, rows, row_ok, H, FRO
         tl.store(dz_t + row_offsets + cols[None, :], g, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZE_ARGUMENTS)
 def irnn_scan_backward_kernel(dy, dh_n, y, w, dz, dh0, T, B, H, TF32: tl.constexpr, UPCAST: tl.constexpr,
                               BLOCK_B: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):

@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from .common import Config, check_dtype, dot_state_weight, input_projection, sigmoid, tanh, upcast_dots, weight_grads
+from .common import SIZE_ARGUMENTS, Config, check_dtype, dot_state_weight, input_projection, sigmoid, tanh, upcast_dots, weight_grads
 
 # From the ahead-of-time compile (bench/triton_resources.py): four gate accumulators
 # and four W tiles per step need narrower unit tiles than the IRNN's. 16 x 16 x 16
@@ -63,9 +63,10 @@ def _lstm_forward_step(gates_t, h_prev, c_prev, w, y_t, c_t, rows, row_ok, H, HA
                 w_t = w + cols[None, :].to(tl.int64) * H + ks[:, None]
                 w_mask = k_ok[:, None] & col_ok[None, :]
                 a_i += dot_state_weight(h, tl.load(w_t, mask=w_mask, other=0.0), TF32, UPCAST)
-                a_f += dot_state_weight(h, tl.load(w_t + H * H, mask=w_mask, other=0.0), TF32, UPCAST)
-                a_g += dot_state_weight(h, tl.load(w_t + 2 * H * H, mask=w_mask, other=0.0), TF32, UPCAST)
-                a_o += dot_state_weight(h, tl.load(w_t + 3 * H * H, mask=w_mask, other=0.0), TF32, UPCAST)
+                gate = H.to(tl.int64) * H  # one gate's block of W_hh; 3 H^2 passes int32 at H ~ 27k
+                a_f += dot_state_weight(h, tl.load(w_t + gate, mask=w_mask, other=0.0), TF32, UPCAST)
+                a_g += dot_state_weight(h, tl.load(w_t + 2 * gate, mask=w_mask, other=0.0), TF32, UPCAST)
+                a_o += dot_state_weight(h, tl.load(w_t + 3 * gate, mask=w_mask, other=0.0), TF32, UPCAST)
             c_before = tl.load(c_prev + rows64 * H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         i = sigmoid(a_i)
         f = sigmoid(a_f)
@@ -80,7 +81,7 @@ def _lstm_forward_step(gates_t, h_prev, c_prev, w, y_t, c_t, rows, row_ok, H, HA
         tl.store(y_t + rows64 * H + cols[None, :], o * tanh(c), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZE_ARGUMENTS)
 def lstm_scan_forward_kernel(gates, h0, c0, w, y, cells, T, B, H, HAS_STATE: tl.constexpr, TF32: tl.constexpr,
                              UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """gates [T, B, 4H] (x W_ih^T + b in, activated gates out), h0, c0 [B, H] (unused
@@ -148,7 +149,7 @@ def _lstm_backward_step(dy_t, dh_n, dgates_next, w, gates_t, c_t, c_prev, dc, dg
         tl.store(dc + unit, d_c * f, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZE_ARGUMENTS)
 def lstm_scan_backward_kernel(dy, dh_n, c0, cells, gates, w, dgates, dc, dh0, T, B, H, HAS_C0: tl.constexpr,
                               TF32: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr):

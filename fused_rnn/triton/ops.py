@@ -70,8 +70,9 @@ def _(x, h0, w_ih, w_hh, bias, allow_tf32=False):
 
 @triton_irnn_scan_backward.register_fake
 def _(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, grad_x=True, allow_tf32=False):
-    return (torch.empty_like(x) if grad_x else x.new_empty(0), _state_like(x, w_hh), torch.empty_like(w_ih),
-            torch.empty_like(w_hh), w_hh.new_empty(w_hh.shape[0]))
+    # the gradients come back in x's dtype (common.weight_grads)
+    return (torch.empty_like(x) if grad_x else x.new_empty(0), _state_like(x, w_hh), x.new_empty(w_ih.shape),
+            x.new_empty(w_hh.shape), x.new_empty(w_hh.shape[0]))
 
 
 @triton_lstm_scan_forward.register_fake
@@ -85,7 +86,7 @@ def _(x, h0, c0, w_ih, w_hh, bias, allow_tf32=False):
 @triton_lstm_scan_backward.register_fake
 def _(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, y, cells, gates, grad_x=True, allow_tf32=False):
     return (torch.empty_like(x) if grad_x else x.new_empty(0), _state_like(x, w_hh), _state_like(x, w_hh),
-            torch.empty_like(w_ih), torch.empty_like(w_hh), w_hh.new_empty(w_hh.shape[0]))
+            x.new_empty(w_ih.shape), x.new_empty(w_hh.shape), x.new_empty(w_hh.shape[0]))
 
 
 def _zeros_if_none(grad, like):
