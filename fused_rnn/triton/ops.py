@@ -24,6 +24,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.library import triton_op
 
+from ..functional import _combined_bias, _split_bias_grad
+from ..ops import _zeros_if_none
 from . import irnn as _irnn
 from . import lstm as _lstm
 
@@ -87,20 +89,6 @@ def _(x, h0, c0, w_ih, w_hh, bias, allow_tf32=False):
 def _(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, y, cells, gates, grad_x=True, allow_tf32=False):
     return (torch.empty_like(x) if grad_x else x.new_empty(0), _state_like(x, w_hh), _state_like(x, w_hh),
             x.new_empty(w_ih.shape), x.new_empty(w_hh.shape), x.new_empty(w_hh.shape[0]))
-
-
-def _zeros_if_none(grad, like):
-    return torch.zeros_like(like) if grad is None else grad
-
-
-def _split_bias_grad(dbias, b_ih, b_hh):
-    from ..functional import _split_bias_grad as split
-    return split(dbias, b_ih, b_hh)
-
-
-def _combined_bias(b_ih, b_hh):
-    from ..functional import _combined_bias as combine
-    return combine(b_ih, b_hh)
 
 
 class TritonIRNNFunction(torch.autograd.Function):
