@@ -1,16 +1,26 @@
-"""Per-kernel GPU resources of the Triton kernels, compiled ahead of time (no GPU needed).
+"""GPU resources of the Triton kernels and their launch configs, compiled ahead of time
+(no GPU needed).
 
-    python bench/triton_resources.py [--json PATH] [--hidden 64,128,256,512,1024]
+    python bench/triton_resources.py [--json PATH] [--readme] [--write-configs]
 
-Each kernel with its launch config (the one dispatch uses) is compiled with
+Every kernel, variant (fp32, fp32 with TF32, bf16, fp16 weights) and candidate
+config (``CANDIDATES`` in fused_rnn/triton/irnn.py and lstm.py) is compiled with
 ``triton.compile`` for sm_80 and sm_90, and ``ptxas -v`` on the generated PTX reports
-registers per thread and spills; Triton's metadata gives the shared memory. The
-occupancy estimate is resident warps per SM over the SM's maximum (64 on both), from
-the register file (64K 32-bit registers per SM), the shared memory per SM (164 KB on
-sm_80, 228 KB on sm_90) and the 32-blocks-per-SM limit. Exits non-zero if a kernel
-spills or needs more shared memory than a block may have (163 KB on sm_80, 227 KB on
-sm_90), or if its PTX loads through the non-coherent path (ld.global.nc): every step
-reads what the previous one stored. Run without TRITON_INTERPRET (the interpreter cannot compile).
+registers per thread and spills; Triton's metadata gives the shared memory. A config
+is usable when it spills nothing and its shared memory fits a block (163 KB on sm_80,
+227 KB on sm_90) on both architectures, and its PTX never loads through the
+non-coherent path (ld.global.nc): every step reads what the previous one stored.
+Dispatch autotunes over the usable configs only: ``--write-configs`` writes them to
+fused_rnn/triton/_configs.py. The sizes T, B, H are run-time arguments that Triton
+never specializes (checked here), so one binary serves every hidden size and these
+resources hold for all of them.
+
+The occupancy estimate is resident warps per SM over the SM's maximum (64 on both),
+from the register file (64K 32-bit registers per SM), the shared memory per SM (164
+KB on sm_80, 228 KB on sm_90) and the 32-blocks-per-SM limit. Exits non-zero if a
+config dispatch uses is not usable, if a kernel has no usable config for a variant,
+or if _configs.py does not match this compile (with the Triton version it was
+written with). Run without TRITON_INTERPRET (the interpreter cannot compile).
 """
 
 import argparse
@@ -21,13 +31,25 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS_FILE = REPO / "fused_rnn" / "triton" / "_configs.py"
 ARCHS = {  # capability -> (ptxas arch, shared memory per block, per SM, in bytes)
     80: ("sm_80", 163 * 1024, 164 * 1024),
     90: ("sm_90a", 227 * 1024, 228 * 1024),
 }
 REGISTERS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM = 65536, 64, 32
+SIZES = ("T", "B", "H")
+# per kernel: the pointer arguments in the inputs' dtype (the rest are float32 state
+# buffers), and the constexpr switches fixed at the values with the most code
+KERNELS = {
+    "irnn_scan_forward": ({"w"}, dict(HAS_H0=True)),
+    "irnn_scan_backward": ({"dy", "dh_n", "y", "w"}, {}),
+    "lstm_scan_forward": ({"w"}, dict(HAS_STATE=True)),
+    "lstm_scan_backward": ({"dy", "dh_n", "w"}, dict(HAS_C0=True)),
+}
 
 
 def ptxas_path() -> str:
@@ -41,49 +63,56 @@ def ptxas_path() -> str:
     return found
 
 
-def kernel_specs(hidden_sizes):
-    """(kernel name, JITFunction, signature, constexprs, num_warps, num_stages, hidden) for every
-    kernel and config dispatch may launch: float32 (IEEE and TF32 products), bfloat16
-    and float16 weights (state buffers are float32 in every case). The kernels' loops
-    run over H at run time, so the compiled code, and its resources, do not depend on
-    H; it is listed per H because the issue's table asks for it and a future per-H
-    config must show here."""
+def _kernels():
     from fused_rnn.triton import irnn, lstm
+    for module, cell in ((irnn, "irnn"), (lstm, "lstm")):
+        for direction in ("forward", "backward"):
+            name = f"{cell}_scan_{direction}"
+            yield name, getattr(module, f"SCAN_{direction.upper()}").kernel, module.CANDIDATES
 
-    import torch
 
-    f32 = "*fp32"
-    variants = [("fp32", False, ""), ("fp32", True, "[tf32]"), ("bf16", False, "[bf16]"), ("fp16", False, "[fp16]")]
-    torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    for hidden in hidden_sizes:
-        for dtype, tf32, label in variants:
-            io = f"*{dtype}"  # the inputs' / weights' / outputs' dtype
-            config = irnn.CONFIGS[torch_dtypes[dtype]]
-            blocks = config.constexprs()
-            common = dict(TF32=tf32, UPCAST=False)
-            forward = {"pre": f32, "h0": f32, "w": io, "y": f32, "T": "i32", "B": "i32", "H": "i32",
-                       "HAS_H0": "constexpr", "TF32": "constexpr", "UPCAST": "constexpr", "BLOCK_B": "constexpr",
-                       "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-            yield ("irnn_scan_forward" + label, irnn.irnn_scan_forward_kernel, forward,
-                   dict(HAS_H0=True, **common, **blocks), config.num_warps, config.num_stages, hidden)
-            backward = {"dy": io, "dh_n": io, "y": io, "w": io, "dz": f32, "dh0": f32, "T": "i32", "B": "i32",
-                        "H": "i32", "TF32": "constexpr", "UPCAST": "constexpr", "BLOCK_B": "constexpr",
-                        "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-            yield ("irnn_scan_backward" + label, irnn.irnn_scan_backward_kernel, backward,
-                   dict(**common, **blocks), config.num_warps, config.num_stages, hidden)
-            config = lstm.CONFIGS[torch_dtypes[dtype]]
-            blocks = config.constexprs()
-            forward = {"gates": f32, "h0": f32, "c0": f32, "w": io, "y": f32, "cells": f32, "T": "i32", "B": "i32",
-                       "H": "i32", "HAS_STATE": "constexpr", "TF32": "constexpr", "UPCAST": "constexpr",
-                       "BLOCK_B": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-            yield ("lstm_scan_forward" + label, lstm.lstm_scan_forward_kernel, forward,
-                   dict(HAS_STATE=True, **common, **blocks), config.num_warps, config.num_stages, hidden)
-            backward = {"dy": io, "dh_n": io, "c0": f32, "cells": f32, "gates": f32, "w": io, "dgates": f32,
-                        "dc": f32, "dh0": f32, "T": "i32", "B": "i32", "H": "i32", "HAS_C0": "constexpr",
-                        "TF32": "constexpr", "UPCAST": "constexpr", "BLOCK_B": "constexpr", "BLOCK_N": "constexpr",
-                        "BLOCK_K": "constexpr"}
-            yield ("lstm_scan_backward" + label, lstm.lstm_scan_backward_kernel, backward,
-                   dict(HAS_C0=True, **common, **blocks), config.num_warps, config.num_stages, hidden)
+def kernel_specs():
+    """(kernel name, variant, config) for every kernel, variant and candidate config."""
+    from fused_rnn.triton.common import VARIANTS
+    for name, fn, candidates in _kernels():
+        specialized = [p.name for p in fn.params if p.name in SIZES and not p.do_not_specialize]
+        if specialized:  # a size of 1 would become a constant, and B = 1 would not compile
+            raise SystemExit(f"{name}: size arguments {specialized} are specialized; add them to do_not_specialize")
+        for kernel_variant in VARIANTS:
+            for config in candidates:
+                yield name, kernel_variant, tuple(config)
+
+
+def compile_one(spec, capability):
+    """Registers, spill bytes, shared bytes and non-coherent loads of one compile."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from fused_rnn.triton.common import Config
+
+    name, kernel_variant, config = spec
+    config = Config(*config)
+    fn = {n: f for n, f, _ in _kernels()}[name]
+    io_args, switches = KERNELS[name]
+    io = "*" + ("fp32" if kernel_variant == "tf32" else kernel_variant)
+    constexprs = dict(switches, TF32=kernel_variant == "tf32", UPCAST=False, **config.constexprs())
+    signature = {p.name: ("constexpr" if p.name in constexprs else "i32" if p.name in SIZES
+                          else io if p.name in io_args else "*fp32") for p in fn.params}
+    kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", capability, 32),
+                            options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    arch = ARCHS[capability][0]
+    with tempfile.TemporaryDirectory() as folder:
+        ptx = Path(folder, "kernel.ptx")
+        ptx.write_text(kernel.asm["ptx"])
+        report = subprocess.run([ptxas_path(), "-v", f"-arch={arch}", str(ptx), "-o", os.devnull],
+                                capture_output=True, text=True, check=True).stderr
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
+    return registers, spills, kernel.metadata.shared, len(re.findall(r"ld\.global\.nc", kernel.asm["ptx"]))
+
+
+def _compile_job(job):
+    return compile_one(*job)
 
 
 def triton_version() -> str:
@@ -99,80 +128,137 @@ def occupancy(registers: int, shared: int, num_warps: int, shared_per_sm: int) -
     return blocks * num_warps / MAX_WARPS_PER_SM
 
 
-def measure(hidden_sizes):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+def measure(jobs: int = 2):
+    """One row per kernel, variant, candidate config and architecture."""
+    from fused_rnn.triton.common import Config
 
-    ptxas = ptxas_path()
-    rows, compiled = [], {}
-    for name, fn, signature, constexprs, num_warps, num_stages, hidden in kernel_specs(hidden_sizes):
-        # compiled here with T, B, H as i32: true at run time only if Triton never turns a
-        # size of 1 into a constant (it would, and B = 1 would fail to compile)
-        specialized = [p.name for p in fn.params if p.name in ("T", "B", "H") and not p.do_not_specialize]
-        if specialized:
-            raise SystemExit(f"{name}: size arguments {specialized} are specialized; add them to do_not_specialize")
-        for capability, (arch, shared_limit, shared_per_sm) in ARCHS.items():
-            key = (name, capability)
-            if key not in compiled:
-                kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs),
-                                        target=GPUTarget("cuda", capability, 32),
-                                        options={"num_warps": num_warps, "num_stages": num_stages})
-                with tempfile.TemporaryDirectory() as folder:
-                    ptx = Path(folder, "kernel.ptx")
-                    ptx.write_text(kernel.asm["ptx"])
-                    report = subprocess.run([ptxas, "-v", f"-arch={arch}", str(ptx), "-o", os.devnull],
-                                            capture_output=True, text=True, check=True).stderr
-                # each step reads rows the previous step stored; that is only safe (after the
-                # barrier) with coherent loads, never through the non-coherent .nc path
-                nc_loads = len(re.findall(r"ld\.global\.nc", kernel.asm["ptx"]))
-                registers = int(re.search(r"Used (\d+) registers", report).group(1))
-                spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
-                compiled[key] = (registers, spills, kernel.metadata.shared, nc_loads)
-            registers, spills, shared, nc_loads = compiled[key]
-            rows.append({"kernel": name, "arch": f"sm_{capability}", "hidden": hidden, "num_warps": num_warps,
-                         "block": "x".join(str(constexprs[k]) for k in ("BLOCK_B", "BLOCK_N", "BLOCK_K")),
-                         "registers": registers, "spill_bytes": spills, "shared_bytes": shared,
-                         "shared_limit": shared_limit,
-                         "occupancy": occupancy(registers, shared, num_warps, shared_per_sm),
-                         "noncoherent_loads": nc_loads,
-                         "ok": spills == 0 and shared <= shared_limit and nc_loads == 0})
+    specs = list(kernel_specs())
+    work = [(spec, capability) for spec in specs for capability in ARCHS]
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        results = list(pool.map(_compile_job, work, chunksize=4))
+    rows = []
+    for (spec, capability), (registers, spills, shared, nc_loads) in zip(work, results):
+        name, kernel_variant, config = spec
+        config = Config(*config)
+        _, shared_limit, shared_per_sm = ARCHS[capability]
+        rows.append({"kernel": name, "variant": kernel_variant, "arch": f"sm_{capability}", "config": str(config),
+                     "config_tuple": list(config), "num_warps": config.num_warps, "registers": registers,
+                     "spill_bytes": spills, "shared_bytes": shared, "shared_limit": shared_limit,
+                     "occupancy": occupancy(registers, shared, config.num_warps, shared_per_sm),
+                     "noncoherent_loads": nc_loads,
+                     "ok": spills == 0 and shared <= shared_limit and nc_loads == 0})
     return rows
 
 
-def format_table(rows) -> str:
-    lines = ["| kernel | arch | H | warps | BLOCK_B x N x K | registers | spills (B) | shared (KB) | occupancy |",
-             "|---|---|---:|---:|---|---:|---:|---:|---:|"]
+def usable_configs(rows):
+    """{(kernel, variant): [config tuples usable on every architecture, in candidate order]}."""
+    usable = {}
     for r in rows:
-        lines.append(f"| {r['kernel']} | {r['arch']} | {r['hidden']} | {r['num_warps']} | {r['block']} | "
-                     f"{r['registers']} | {r['spill_bytes']} | {r['shared_bytes'] / 1024:.1f} | "
-                     f"{r['occupancy']:.0%} |")
+        key, config = (r["kernel"], r["variant"]), tuple(r["config_tuple"])
+        usable.setdefault(key, {}).setdefault(config, True)
+        usable[key][config] &= r["ok"]
+    return {key: [c for c, ok in configs.items() if ok] for key, configs in usable.items()}
+
+
+def write_configs(usable, path: Path = CONFIGS_FILE) -> None:
+    lines = [f"    {key!r}: (" + "".join(f"{c!r}, " for c in configs).rstrip() + "),"
+             for key, configs in sorted(usable.items())]
+    path.write_text('''"""Launch configs the Triton scans may be dispatched with: for each (kernel,
+variant), the candidates of irnn.py / lstm.py that compiled for sm_80 and sm_90 with
+no register spills, shared memory within a block's limit and no non-coherent loads,
+as (BLOCK_B, BLOCK_N, BLOCK_K, num_warps, num_stages). Generated by
+`python bench/triton_resources.py --write-configs`: do not edit."""
+
+TRITON_VERSION = %r
+
+DISPATCH = {
+%s
+}
+''' % (triton_version(), "\n".join(lines)))
+
+
+def current_dispatch():
+    """(DISPATCH, the Triton version it was written with) from _configs.py."""
+    from fused_rnn.triton import _configs
+    return {key: [tuple(c) for c in configs] for key, configs in _configs.DISPATCH.items()}, _configs.TRITON_VERSION
+
+
+def problems(rows, dispatch, written_with):
+    """Why dispatch's configs cannot be trusted with this compile (empty: they can)."""
+    usable = usable_configs(rows)
+    found = []
+    for key, configs in sorted(usable.items()):
+        if not configs:
+            found.append(f"{key[0]} [{key[1]}]: no candidate config is usable")
+        for config in dispatch.get(key, []):
+            if config not in configs:
+                found.append(f"{key[0]} [{key[1]}]: dispatch config {config} spills or does not fit")
+        if written_with == triton_version() and dispatch.get(key, []) != configs:
+            found.append(f"{key[0]} [{key[1]}]: _configs.py lists {dispatch.get(key, [])}, this compile finds "
+                         f"{configs} usable; run bench/triton_resources.py --write-configs")
+    return found
+
+
+def format_table(rows, dispatch) -> str:
+    """The configs dispatch may use, sm_80 and sm_90 side by side, and what was excluded."""
+    by_key = {(r["kernel"], r["variant"], tuple(r["config_tuple"]), r["arch"]): r for r in rows}
+    lines = ["| kernel | variant | config | sm_80 regs / spills / shared KB / occupancy "
+             "| sm_90 regs / spills / shared KB / occupancy |", "|---|---|---|---|---|"]
+    excluded = []
+    seen = []
+    for r in rows:
+        key = (r["kernel"], r["variant"], tuple(r["config_tuple"]))
+        if key in seen:
+            continue
+        seen.append(key)
+        if list(key[2]) not in [list(c) for c in dispatch.get(key[:2], [])]:
+            if not all(by_key[key + (f"sm_{c}",)]["ok"] for c in ARCHS):
+                excluded.append(f"{key[0]} [{key[1]}] {r['config']}")
+            continue
+        cells = []
+        for capability in ARCHS:
+            a = by_key[key + (f"sm_{capability}",)]
+            cells.append(f"{a['registers']} / {a['spill_bytes']} / {a['shared_bytes'] / 1024:.1f} / "
+                         f"{a['occupancy']:.0%}")
+        lines.append(f"| {key[0]} | {key[1]} | {r['config']} | {cells[0]} | {cells[1]} |")
+    lines.append("")
+    lines.append(f"Config: BLOCK_B x BLOCK_N x BLOCK_K / warps / stages. Excluded from dispatch "
+                 f"(spills or does not fit on sm_80 or sm_90), {len(excluded)} of {len(seen)}: "
+                 + ("; ".join(excluded) if excluded else "none") + ".")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", default="64,128,256,512,1024", help="comma-separated hidden sizes")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     parser.add_argument("--readme", action="store_true", help="also put the table into README.md")
+    parser.add_argument("--write-configs", action="store_true",
+                        help=f"write the usable configs to {CONFIGS_FILE.relative_to(REPO)} (what dispatch tunes over)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter does not compile kernels")
-    rows = measure([int(h) for h in args.hidden.split(",") if h])
+    rows = measure(args.jobs)
+    if args.write_configs:
+        write_configs(usable_configs(rows))
+    dispatch, written_with = ({k: list(v) for k, v in usable_configs(rows).items()}, triton_version()) \
+        if args.write_configs else current_dispatch()
     command = " ".join(["python bench/triton_resources.py", *(sys.argv[1:] if argv is None else argv)])
-    table = f"Command: `{command}` (ahead-of-time compile, Triton {triton_version()}, ptxas -v)\n\n" + format_table(rows)
+    table = (f"Command: `{command}` (ahead-of-time compile, Triton {triton_version()}, ptxas -v; the same at every "
+             f"H, a run-time argument)\n\n" + format_table(rows, dispatch))
     print(table)
     if args.readme:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from table import replace_readme_table  # bench/table.py
         replace_readme_table(table, start="<!-- bench:triton:start -->", end="<!-- bench:triton:end -->")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
-    bad = [r for r in rows if not r["ok"]]
-    for r in bad:
-        print(f"{r['kernel']} on {r['arch']}: {r['spill_bytes']} bytes spilled, {r['shared_bytes']} bytes shared "
-              f"(limit {r['shared_limit']}), {r['noncoherent_loads']} non-coherent loads", file=sys.stderr)
-    return 1 if bad else 0
+        args.json.write_text(json.dumps({"triton": triton_version(), "rows": rows,
+                                         "dispatch": {f"{k[0]}[{k[1]}]": v for k, v in dispatch.items()}},
+                                        indent=1))
+    found = problems(rows, dispatch, written_with)
+    for problem in found:
+        print(problem, file=sys.stderr)
+    return 1 if found else 0
 
 
 if __name__ == "__main__":

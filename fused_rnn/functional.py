@@ -70,8 +70,8 @@ class BackendChoice(NamedTuple):
     skipped: Dict[str, str]  # faster backend -> why it could not take these tensors
 
 
-def _unsupported_reason(name: str, device: torch.device, dtype: torch.dtype,
-                        explicit: bool = False) -> Optional[str]:
+def _unsupported_reason(name: str, device: torch.device, dtype: torch.dtype, explicit: bool = False,
+                        cell: Optional[str] = None) -> Optional[str]:
     if name == "torch":
         return None
     if name not in _KERNEL_SUPPORT:
@@ -87,21 +87,25 @@ def _unsupported_reason(name: str, device: torch.device, dtype: torch.dtype,
     if dtype not in support["dtypes"]:
         names = ", ".join(str(d).replace("torch.", "") for d in support["dtypes"])
         return f"backend {name!r} takes {names}, got {str(dtype).replace('torch.', '')}"
+    if name == "triton" and cell is not None:
+        from .triton.common import missing_configs
+        return missing_configs(cell, dtype)
     return None
 
 
-def select_backend(device, dtype: torch.dtype, backend: str = "auto") -> BackendChoice:
+def select_backend(device, dtype: torch.dtype, backend: str = "auto", cell: Optional[str] = None) -> BackendChoice:
     """The backend that runs tensors of `device` and `dtype` (raises ValueError if an
-    explicitly requested backend cannot)."""
+    explicitly requested backend cannot). `cell` ("irnn" or "lstm"), when given, also
+    checks that backend's kernels for that cell have a launch config for the dtype."""
     device = torch.device(device)
     if backend != "auto":
-        reason = _unsupported_reason(backend, device, dtype, explicit=True)
+        reason = _unsupported_reason(backend, device, dtype, explicit=True, cell=cell)
         if reason is not None:
             raise ValueError(f"backend={backend!r} cannot run these inputs: {reason}")
         return BackendChoice(backend, {})
     skipped = {}
     for name in BACKENDS:
-        reason = _unsupported_reason(name, device, dtype)
+        reason = _unsupported_reason(name, device, dtype, cell=cell)
         if reason is None:
             return BackendChoice(name, skipped)
         skipped[name] = reason
@@ -246,7 +250,7 @@ def irnn(
     Returns (y [T, B, H], h_T [B, H]). Differentiable in every tensor argument.
     """
     check_layer_args(x, {"h0": h0}, w_ih, w_hh, b_ih, b_hh, gates=1, x_rank=3)
-    name = select_backend(x.device, x.dtype, backend).name
+    name = select_backend(x.device, x.dtype, backend, cell="irnn").name
     if name == "triton":  # takes h0=None as zeros without a zeros tensor
         from .triton.ops import TritonIRNNFunction
         return TritonIRNNFunction.apply(*_contiguous(x, h0, w_ih, w_hh, b_ih, b_hh), False)
@@ -273,7 +277,7 @@ def lstm(
     """
     h0, c0 = _unpack_state(state)
     check_layer_args(x, {"h0": h0, "c0": c0}, w_ih, w_hh, b_ih, b_hh, gates=4, x_rank=3)
-    name = select_backend(x.device, x.dtype, backend).name
+    name = select_backend(x.device, x.dtype, backend, cell="lstm").name
     if name == "triton":  # takes h0/c0=None as zeros without zeros tensors
         from .triton.ops import TritonLSTMFunction
         y, h_n, c_n, _, _ = TritonLSTMFunction.apply(*_contiguous(x, h0, c0, w_ih, w_hh, b_ih, b_hh), False)
@@ -292,7 +296,7 @@ def irnn_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, backend="auto") -> Tensor:
     """One IRNN step: x [B, I], h [B, H] or None -> h_new [B, H] (weights as in :func:`irnn`)."""
     check_layer_args(x, {"h": h}, w_ih, w_hh, b_ih, b_hh, gates=1, x_rank=2)
     h = _zero_state(x, w_hh.shape[1]) if h is None else h
-    name = select_backend(x.device, x.dtype, backend).name
+    name = select_backend(x.device, x.dtype, backend, cell="irnn").name
     if name == "triton":  # one step is the scan with T = 1
         return irnn(x.unsqueeze(0), h, w_ih, w_hh, b_ih, b_hh, backend=name)[1]
     if name == "torch":
@@ -307,7 +311,7 @@ def lstm_cell(x, state, w_ih, w_hh, b_ih=None, b_hh=None, backend="auto") -> Tup
     hidden = w_hh.shape[1]
     h = _zero_state(x, hidden) if h is None else h
     c = _zero_state(x, hidden) if c is None else c
-    name = select_backend(x.device, x.dtype, backend).name
+    name = select_backend(x.device, x.dtype, backend, cell="lstm").name
     if name == "triton":  # one step is the scan with T = 1
         return lstm(x.unsqueeze(0), (h, c), w_ih, w_hh, b_ih, b_hh, backend=name)[1]
     if name == "torch":

@@ -2,12 +2,13 @@
 the host-side GEMMs before and after a scan."""
 
 import os
-from typing import NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import wrap_triton
 
 
 @triton.jit
@@ -77,6 +78,88 @@ class Config(NamedTuple):
     def constexprs(self):
         return dict(BLOCK_B=self.block_b, BLOCK_N=self.block_n, BLOCK_K=self.block_k)
 
+    def triton(self) -> triton.Config:
+        return triton.Config(self.constexprs(), num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def __str__(self):
+        return f"{self.block_b}x{self.block_n}x{self.block_k}/w{self.num_warps}/s{self.num_stages}"
+
+
+# The compiled variants of every kernel: the weights' dtype, and for float32 whether
+# the products may use TF32 (a compile-time switch, so a separate binary).
+VARIANTS = ("fp32", "tf32", "bf16", "fp16")
+_VARIANT_OF_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def variant(dtype: torch.dtype, allow_tf32: bool) -> str:
+    return "tf32" if dtype == torch.float32 and allow_tf32 else _VARIANT_OF_DTYPE[dtype]
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def missing_configs(cell: str, dtype: torch.dtype, allow_tf32: bool = False) -> Optional[str]:
+    """Why the Triton scans of `cell` ("irnn", "lstm") cannot run `dtype` weights: no
+    launch config of the forward or backward kernel compiled without spills (None if
+    both have one). Dispatch then falls back to the next backend."""
+    from ._configs import DISPATCH
+    kernel_variant = variant(dtype, allow_tf32)
+    lacking = [d for d in ("forward", "backward") if not DISPATCH.get((f"{cell}_scan_{d}", kernel_variant))]
+    if not lacking:
+        return None
+    return (f"no launch config of the Triton {cell} {' and '.join(lacking)} scan compiles without register spills "
+            f"for {kernel_variant} (see bench/triton_resources.py)")
+
+
+class TunedKernel:
+    """A scan kernel and the launch configs dispatch may use for it.
+
+    The configs per variant come from ``_configs.DISPATCH``: the kernel's candidates
+    that compiled for sm_80 and sm_90 without spills (``python
+    bench/triton_resources.py --write-configs``). On a GPU, ``triton.autotune`` times
+    them on the first launch of each variant and hidden size and keeps the fastest. The
+    key is H alone: the cost of a step depends on H, while T only repeats steps and B
+    only changes the number of programs, and re-tuning at every batch size (the last
+    batch of an epoch, generation at B = 1) would stall training for a benchmark each
+    time. Buffers the kernel updates in place (``restore_value``) are restored after
+    each timed trial. Under the interpreter, or when a config is given, that config
+    runs (default: the first). `do_bench` replaces Triton's timing function (the tests
+    use it to run the autotuner's trials under the interpreter)."""
+
+    def __init__(self, kernel, name: str, restore_value: Tuple[str, ...] = ()):
+        self.kernel, self.name, self.restore_value = kernel, name, restore_value
+        self.do_bench = None
+        self._autotuners: Dict[Tuple[str, object], object] = {}
+
+    def configs(self, kernel_variant: str) -> Tuple[Config, ...]:
+        from ._configs import DISPATCH
+        return tuple(Config(*c) for c in DISPATCH.get((self.name, kernel_variant), ()))
+
+    def autotuner(self, kernel_variant: str):
+        """The ``triton.autotune`` wrapper for one variant (made once)."""
+        key = (kernel_variant, self.do_bench)
+        if key not in self._autotuners:
+            configs = [c.triton() for c in self.configs(kernel_variant)]
+            self._autotuners[key] = triton.autotune(configs, key=["H"], restore_value=list(self.restore_value),
+                                                    do_bench=self.do_bench)(self.kernel)
+        return self._autotuners[key]
+
+    def launch(self, batch: int, weight: Tensor, *args, config: Optional[Config] = None, **constexprs):
+        """Launch over `batch` rows; `weight` (W_hh) and ``constexprs["TF32"]`` give the variant."""
+        kernel_variant = variant(weight.dtype, constexprs["TF32"])
+        if config is None:
+            configs = self.configs(kernel_variant)
+            if not configs:  # select_backend checks this first (missing_configs)
+                raise RuntimeError(f"{self.name} has no spill-free launch config for {kernel_variant}")
+            if len(configs) > 1 and (not interpreting() or self.do_bench is not None):
+                grid = lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]),)  # noqa: E731
+                wrap_triton(self.autotuner(kernel_variant))[grid](*args, **constexprs)
+                return
+            config = configs[0]
+        wrap_triton(self.kernel)[(triton.cdiv(batch, config.block_b),)](
+            *args, **constexprs, **config.constexprs(), num_warps=config.num_warps, num_stages=config.num_stages)
+
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -89,7 +172,7 @@ def check_dtype(x: Tensor) -> None:
 def upcast_dots(weight: Tensor) -> bool:
     """Whether the kernels compute low-precision dot products in float32 (see
     common.dot_state_weight): under the interpreter only."""
-    return weight.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") == "1"
+    return weight.dtype != torch.float32 and interpreting()
 
 
 def input_projection(x: Tensor, w_ih: Tensor, bias: Optional[Tensor]) -> Tensor:

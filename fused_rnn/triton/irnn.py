@@ -27,18 +27,27 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
-from .common import SIZE_ARGUMENTS, Config, check_dtype, dot_state_weight, input_projection, upcast_dots, weight_grads
+from .common import (SIZE_ARGUMENTS, Config, TunedKernel, check_dtype, dot_state_weight, input_projection, upcast_dots,
+                     weight_grads)
 
-# One config for now, chosen from the ahead-of-time compile (bench/triton_resources.py):
-# 16-row batch tiles (tl.dot's minimum M), 64-column output tiles, 16-deep reductions,
-# 8 warps, no software pipelining. fp32 IEEE dot products run on FMA units, where each
-# thread holds a slice of both operand tiles: 32-deep tiles or 4 warps took 160-255
-# registers and spilled on sm_80/sm_90, and pipelining (num_stages 2-3) multiplied the
-# staging registers; this config needs 80-126 registers and never spills.
-_CONFIG = Config(block_b=16, block_n=64, block_k=16, num_warps=8, num_stages=1)
-CONFIGS = {torch.float32: _CONFIG, torch.bfloat16: _CONFIG, torch.float16: _CONFIG}  # by the weights' dtype
+# The launch configs bench/triton_resources.py compiles for every variant; dispatch
+# autotunes over those that never spill (_configs.py, generated from that compile).
+# 16-row batch tiles are tl.dot's minimum M and give the most programs. fp32 IEEE dot
+# products run on the FMA units, where each thread holds a slice of both operand tiles:
+# 32-deep reductions with 4 warps, or 128-wide unit tiles, spilled on sm_80/sm_90 (up
+# to 255 registers), and so do some TF32 variants of the larger tiles. 32-row tiles
+# halve how often each program reads W_hh from L2 (at H = 1024 fp32 that is 4 MB per
+# step per program), at half the programs: for large batches.
+CANDIDATES = (
+    Config(block_b=16, block_n=64, block_k=16, num_warps=8, num_stages=1),
+    Config(block_b=16, block_n=32, block_k=16, num_warps=4, num_stages=1),
+    Config(block_b=16, block_n=32, block_k=16, num_warps=8, num_stages=1),
+    Config(block_b=16, block_n=64, block_k=16, num_warps=8, num_stages=2),
+    Config(block_b=16, block_n=128, block_k=16, num_warps=8, num_stages=1),
+    Config(block_b=16, block_n=32, block_k=32, num_warps=4, num_stages=1),
+    Config(block_b=32, block_n=64, block_k=16, num_warps=8, num_stages=1),
+)
 
 
 @triton.jit
@@ -133,15 +142,17 @@ def irnn_scan_backward_kernel(dy, dh_n, y, w, dz, dh0, T, B, H, TF32: tl.constex
                         UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
 
 
-def _grid(batch: int, config: Config):
-    return (triton.cdiv(batch, config.block_b),)
+# the forward writes h_t over its input pre_t: autotuning trials must restore it
+SCAN_FORWARD = TunedKernel(irnn_scan_forward_kernel, "irnn_scan_forward", restore_value=("pre",))
+SCAN_BACKWARD = TunedKernel(irnn_scan_backward_kernel, "irnn_scan_backward")
 
 
 def irnn_scan_forward(x: Tensor, h0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor],
-                      allow_tf32: bool = False) -> Tuple[Tensor, Tensor]:
+                      allow_tf32: bool = False, config: Optional[Config] = None) -> Tuple[Tensor, Tensor]:
     """x [T, B, I], h0 [B, H] or None (zeros), w_ih [H, I], w_hh [H, H], bias [H] or None
     (b_ih + b_hh), all float32, bfloat16 or float16 -> (y [T, B, H], h_T [B, H]) in x's
-    dtype. The recurrence runs in float32 whatever the dtype."""
+    dtype. The recurrence runs in float32 whatever the dtype. `config`: launch with
+    this config instead of the tuned one (tests)."""
     check_dtype(x)
     steps, batch, _ = x.shape
     hidden = w_hh.shape[0]
@@ -151,16 +162,14 @@ def irnn_scan_forward(x: Tensor, h0: Optional[Tensor], w_ih: Tensor, w_hh: Tenso
         h_n = h0.clone() if h0 is not None else x.new_zeros(batch, hidden)
         return states.to(x.dtype), h_n
     h0_arg = h0.float().contiguous() if h0 is not None else w_hh  # a placeholder pointer when there is no h0
-    config = CONFIGS[w_hh.dtype]
-    launch = wrap_triton(irnn_scan_forward_kernel)[_grid(batch, config)]
-    launch(states, h0_arg, w_hh, states, steps, batch, hidden, HAS_H0=h0 is not None, TF32=allow_tf32,
-           UPCAST=upcast_dots(w_hh), **config.constexprs(), num_warps=config.num_warps,
-           num_stages=config.num_stages)
+    SCAN_FORWARD.launch(batch, w_hh, states, h0_arg, w_hh, states, steps, batch, hidden, config=config,
+                        HAS_H0=h0 is not None, TF32=allow_tf32, UPCAST=upcast_dots(w_hh))
     return states.to(x.dtype), states[-1].to(x.dtype, copy=True)
 
 
 def irnn_scan_backward(grad_y: Tensor, grad_h_n: Tensor, x: Tensor, h0: Optional[Tensor], w_ih: Tensor,
-                       w_hh: Tensor, y: Tensor, need_dx: bool = True, allow_tf32: bool = False):
+                       w_hh: Tensor, y: Tensor, need_dx: bool = True, allow_tf32: bool = False,
+                       config: Optional[Config] = None):
     """Gradients of irnn_scan_forward: (dx or None, dh0, dw_ih, dw_hh, dbias), in the
     inputs' dtype, computed in float32."""
     check_dtype(x)
@@ -171,10 +180,8 @@ def irnn_scan_backward(grad_y: Tensor, grad_h_n: Tensor, x: Tensor, h0: Optional
                 torch.zeros_like(w_hh), w_hh.new_zeros(hidden))
     dz = torch.empty(steps, batch, hidden, dtype=torch.float32, device=x.device)
     dh0 = torch.empty(batch, hidden, dtype=torch.float32, device=x.device)
-    config = CONFIGS[w_hh.dtype]
-    launch = wrap_triton(irnn_scan_backward_kernel)[_grid(batch, config)]
-    launch(grad_y.contiguous(), grad_h_n.contiguous(), y.contiguous(), w_hh.contiguous(), dz, dh0, steps, batch,
-           hidden, TF32=allow_tf32, UPCAST=upcast_dots(w_hh), **config.constexprs(), num_warps=config.num_warps,
-           num_stages=config.num_stages)
+    w_hh = w_hh.contiguous()
+    SCAN_BACKWARD.launch(batch, w_hh, grad_y.contiguous(), grad_h_n.contiguous(), y.contiguous(), w_hh, dz, dh0,
+                         steps, batch, hidden, config=config, TF32=allow_tf32, UPCAST=upcast_dots(w_hh))
     dx, dw_ih, dw_hh, dbias = weight_grads(dz, x, h0, y, w_ih, need_dx)
     return dx, dh0.to(x.dtype), dw_ih, dw_hh, dbias

@@ -22,21 +22,25 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
-from .common import SIZE_ARGUMENTS, Config, check_dtype, dot_state_weight, input_projection, sigmoid, tanh, upcast_dots, weight_grads
+from .common import (SIZE_ARGUMENTS, Config, TunedKernel, check_dtype, dot_state_weight, input_projection, sigmoid,
+                     tanh, upcast_dots, weight_grads)
 
-# From the ahead-of-time compile (bench/triton_resources.py): four gate accumulators
-# and four W tiles per step need narrower unit tiles than the IRNN's. 16 x 16 x 16
-# tiles with 4 warps use 56-154 registers and never spill on sm_80/sm_90; 32- or
-# 64-wide unit tiles, 32-deep reductions, or 8 warps each spilled in some variant.
-# bfloat16/float16 weights: that config spilled 8-24 bytes (sm_80 forward, sm_90
-# backward); 8 warps do not.
-CONFIGS = {  # by the weights' dtype
-    torch.float32: Config(block_b=16, block_n=16, block_k=16, num_warps=4, num_stages=1),
-    torch.bfloat16: Config(block_b=16, block_n=16, block_k=16, num_warps=8, num_stages=1),
-    torch.float16: Config(block_b=16, block_n=16, block_k=16, num_warps=8, num_stages=1),
-}
+# The launch configs bench/triton_resources.py compiles for every variant; dispatch
+# autotunes over those that never spill (_configs.py, generated from that compile).
+# Four gate accumulators and four W tiles per step need narrower unit tiles than the
+# IRNN's: 32- or 64-wide unit tiles and 32-deep reductions spill in most variants, and
+# whether 4 or 8 warps fit depends on the dtype (8 warps spill the fp32 backward, 4
+# warps the bf16/fp16 forward on sm_80).
+CANDIDATES = (
+    Config(block_b=16, block_n=16, block_k=16, num_warps=4, num_stages=1),
+    Config(block_b=16, block_n=16, block_k=16, num_warps=8, num_stages=1),
+    Config(block_b=16, block_n=16, block_k=16, num_warps=8, num_stages=2),
+    Config(block_b=16, block_n=32, block_k=16, num_warps=8, num_stages=1),
+    Config(block_b=16, block_n=32, block_k=16, num_warps=4, num_stages=1),
+    Config(block_b=16, block_n=16, block_k=32, num_warps=8, num_stages=1),
+    Config(block_b=32, block_n=16, block_k=16, num_warps=8, num_stages=1),
+)
 
 
 @triton.jit
@@ -177,16 +181,19 @@ def lstm_scan_backward_kernel(dy, dh_n, c0, cells, gates, w, dgates, dc, dh0, T,
         tl.store(dh0 + rows64 * H + cols[None, :], dh, mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _grid(batch: int, config: Config):
-    return (triton.cdiv(batch, config.block_b),)
+# the forward writes the activated gates over their pre-activations, and the backward
+# carries dc in place (dc_T in, dc_0 out): autotuning trials must restore both
+SCAN_FORWARD = TunedKernel(lstm_scan_forward_kernel, "lstm_scan_forward", restore_value=("gates",))
+SCAN_BACKWARD = TunedKernel(lstm_scan_backward_kernel, "lstm_scan_backward", restore_value=("dc",))
 
 
 def lstm_scan_forward(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
-                      bias: Optional[Tensor], allow_tf32: bool = False):
+                      bias: Optional[Tensor], allow_tf32: bool = False, config: Optional[Config] = None):
     """x [T, B, I], h0 and c0 [B, H] or None (zeros), w_ih [4H, I], w_hh [4H, H], bias [4H]
     or None (b_ih + b_hh), all float32, bfloat16 or float16 -> (y [T, B, H], h_T, c_T
     [B, H] in x's dtype; cells [T, B, H] and gates [T, B, 4H], the activated gates, in
-    float32: what the backward reads). The recurrence runs in float32."""
+    float32: what the backward reads). The recurrence runs in float32. `config`: launch
+    with this config instead of the tuned one (tests)."""
     check_dtype(x)
     steps, batch, _ = x.shape
     hidden = w_hh.shape[1]
@@ -202,18 +209,16 @@ def lstm_scan_forward(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], w_i
         h_n = h0_t.to(x.dtype, copy=True) if has_state else zeros
         c_n = c0_t.to(x.dtype, copy=True) if has_state else zeros.clone()
         return states.to(x.dtype), h_n, c_n, cells, gates
-    config = CONFIGS[w_hh.dtype]
-    launch = wrap_triton(lstm_scan_forward_kernel)[_grid(batch, config)]
-    launch(gates, h0_t if has_state else w_hh, c0_t if has_state else w_hh, w_hh, states, cells, steps, batch,
-           hidden, HAS_STATE=has_state, TF32=allow_tf32, UPCAST=upcast_dots(w_hh), **config.constexprs(),
-           num_warps=config.num_warps, num_stages=config.num_stages)
+    SCAN_FORWARD.launch(batch, w_hh, gates, h0_t if has_state else w_hh, c0_t if has_state else w_hh, w_hh, states,
+                        cells, steps, batch, hidden, config=config, HAS_STATE=has_state, TF32=allow_tf32,
+                        UPCAST=upcast_dots(w_hh))
     return (states.to(x.dtype), states[-1].to(x.dtype, copy=True), cells[-1].to(x.dtype, copy=True), cells,
             gates)
 
 
 def lstm_scan_backward(grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, x: Tensor, h0: Optional[Tensor],
                        c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, y: Tensor, cells: Tensor, gates: Tensor,
-                       need_dx: bool = True, allow_tf32: bool = False):
+                       need_dx: bool = True, allow_tf32: bool = False, config: Optional[Config] = None):
     """Gradients of lstm_scan_forward: (dx or None, dh0, dc0, dw_ih, dw_hh, dbias), in
     the inputs' dtype, computed in float32."""
     check_dtype(x)
@@ -225,11 +230,10 @@ def lstm_scan_backward(grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, x: Te
     dgates = torch.empty(steps, batch, 4 * hidden, dtype=torch.float32, device=x.device)
     dc = grad_c_n.to(torch.float32, copy=True).contiguous()  # dc_T in, dc_0 out
     dh0 = torch.empty(batch, hidden, dtype=torch.float32, device=x.device)
-    config = CONFIGS[w_hh.dtype]
-    launch = wrap_triton(lstm_scan_backward_kernel)[_grid(batch, config)]
-    launch(grad_y.contiguous(), grad_h_n.contiguous(), c0.float().contiguous() if c0 is not None else w_hh,
-           cells.contiguous(), gates.contiguous(), w_hh.contiguous(), dgates, dc, dh0, steps, batch, hidden,
-           HAS_C0=c0 is not None, TF32=allow_tf32, UPCAST=upcast_dots(w_hh), **config.constexprs(),
-           num_warps=config.num_warps, num_stages=config.num_stages)
+    w_hh = w_hh.contiguous()
+    SCAN_BACKWARD.launch(batch, w_hh, grad_y.contiguous(), grad_h_n.contiguous(),
+                         c0.float().contiguous() if c0 is not None else w_hh, cells.contiguous(), gates.contiguous(),
+                         w_hh, dgates, dc, dh0, steps, batch, hidden, config=config, HAS_C0=c0 is not None,
+                         TF32=allow_tf32, UPCAST=upcast_dots(w_hh))
     dx, dw_ih, dw_hh, dbias = weight_grads(dgates, x, h0, y, w_ih, need_dx)
     return dx, dh0.to(x.dtype), dc.to(x.dtype), dw_ih, dw_hh, dbias
