@@ -29,6 +29,13 @@ def replace_readme_table(table: str, readme: Path = README, start: str = START, 
     readme.write_text(f"{head}{start}\n{table.rstrip()}\n{end}{tail}", encoding="utf-8")
 
 
+def publish(table: str, block: str, readme: bool) -> None:
+    """Prints `table` and, with `readme`, puts it into README.md's bench:`block` markers."""
+    print(table)
+    if readme:
+        replace_readme_table(table, start=f"<!-- bench:{block}:start -->", end=f"<!-- bench:{block}:end -->")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="python bench/table.py", description=__doc__.split("\n\n")[0])

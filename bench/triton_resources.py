@@ -246,11 +246,9 @@ def main(argv=None) -> int:
     command = " ".join(["python bench/triton_resources.py", *(sys.argv[1:] if argv is None else argv)])
     table = (f"Command: `{command}` (ahead-of-time compile, Triton {triton_version()}, ptxas -v; the same at every "
              f"H, a run-time argument)\n\n" + format_table(rows, dispatch))
-    print(table)
-    if args.readme:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from table import replace_readme_table  # bench/table.py
-        replace_readme_table(table, start="<!-- bench:triton:start -->", end="<!-- bench:triton:end -->")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from table import publish  # bench/table.py
+    publish(table, "triton", args.readme)
     if args.json:
         args.json.write_text(json.dumps({"triton": triton_version(), "rows": rows,
                                          "dispatch": {f"{k[0]}[{k[1]}]": v for k, v in dispatch.items()}},

@@ -21,6 +21,7 @@ inline pybind11::dict build_info_dict() {
   backends.append("cpp");
   pybind11::list archs;
 #if defined(FUSED_RNN_WITH_CUDA)
+  backends.append("cuda");
   info["cuda_compiled"] = true;
   info["cuda_version"] = cuda_runtime_version_compiled();
   // FUSED_RNN_CUDA_ARCHS is "80;90": reported as ["sm_80", "sm_90"]

@@ -10,6 +10,43 @@
 #include <torch/library.h>
 
 #include "build_info.h"
+#include "cuda/scan_plan.h"
+
+#if defined(FUSED_RNN_WITH_CUDA)
+namespace fused_rnn {
+namespace cuda {
+// csrc/cuda/rnn_cuda.cu: why the persistent scan cannot take this layer on `device`
+// ("" if it can).
+std::string cuda_scan_unsupported(int device, int64_t gates, at::ScalarType dtype, int64_t hidden);
+}  // namespace cuda
+}  // namespace fused_rnn
+#endif
+
+namespace {
+
+#if defined(FUSED_RNN_WITH_CUDA)
+at::ScalarType scalar_type_named(const std::string& name) {
+  if (name == "float32") return at::kFloat;
+  if (name == "bfloat16") return at::kBFloat16;
+  if (name == "float16") return at::kHalf;
+  TORCH_CHECK(false, "fused_rnn: the CUDA kernels take float32, bfloat16 or float16, got ", name);
+}
+#endif
+
+pybind11::dict scan_plan_dict(int64_t gates, int64_t weight_size, int64_t hidden, bool backward, int64_t sm_count,
+                              int64_t smem_per_block) {
+  const auto plan = fused_rnn::cuda::plan_scan(gates, weight_size, hidden, backward, sm_count, smem_per_block);
+  pybind11::dict out;
+  out["units"] = plan.units;
+  out["blocks"] = plan.blocks;
+  out["weight_bytes"] = plan.weight_bytes;
+  out["stage_bytes"] = plan.stage_bytes;
+  out["smem_bytes"] = plan.smem_bytes;
+  out["fits"] = plan.fits;
+  return out;
+}
+
+}  // namespace
 
 TORCH_LIBRARY(fused_rnn, m) {
   // The fake (meta) kernels and autograd formulas live in fused_rnn/ops.py.
@@ -42,4 +79,18 @@ TORCH_LIBRARY(fused_rnn, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_rnn compiled kernels; importing this module registers the fused_rnn:: ops";
   m.def("build_info", &fused_rnn::build_info_dict, "How this extension was built (backends, CUDA archs, compiler)");
+  // The persistent CUDA scans' plan (csrc/cuda/scan_plan.h), for any device: plain
+  // arithmetic, available in CPU-only builds too.
+  m.def("cuda_scan_plan", &scan_plan_dict, "plan_scan(gates, weight_size, hidden, backward, sm_count, smem_per_block)");
+  m.def("cuda_max_hidden_on_chip", &fused_rnn::cuda::max_hidden_on_chip,
+        "max_hidden_on_chip(gates, weight_size, sm_count, smem_per_block)");
+  m.attr("CUDA_SCAN_MAX_BATCH") = fused_rnn::cuda::kMaxBatch;
+#if defined(FUSED_RNN_WITH_CUDA)
+  m.def(
+      "cuda_scan_unsupported",
+      [](int device, int64_t gates, const std::string& dtype, int64_t hidden) {
+        return fused_rnn::cuda::cuda_scan_unsupported(device, gates, scalar_type_named(dtype), hidden);
+      },
+      "Why the persistent CUDA scan cannot take (gates, dtype, hidden) on this device ('' if it can)");
+#endif
 }

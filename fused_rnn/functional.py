@@ -3,6 +3,9 @@
 Backends:
 
 - ``"cpp"``: the fused C++ CPU kernels of ``fused_rnn._C`` (float32, float64; CPU tensors).
+- ``"cuda"``: the persistent CUDA scans of ``fused_rnn._C`` (float32, bfloat16, float16
+  with float32 state; CUDA tensors), for layers whose W_hh fits in the GPU's shared
+  memory and batches of at most ``CUDA_SCAN_MAX_BATCH`` rows (csrc/cuda/scan_plan.h).
 - ``"triton"``: the Triton scans of ``fused_rnn.triton`` (float32, bfloat16 and float16
   with float32 state and accumulation; CUDA tensors, or CPU
   tensors under the Triton interpreter, ``TRITON_INTERPRET=1``, when asked for by name).
@@ -26,15 +29,17 @@ from torch.autograd.function import once_differentiable
 
 from . import ops as _ops
 from . import torch_loop
-from ._extension import HAS_C, IMPORT_ERROR, REBUILD_HINT
+from ._extension import _C, HAS_C, IMPORT_ERROR, REBUILD_HINT
 from ._validation import check_layer_args
 
 # Which dtypes and device types each compiled backend's kernels take.
 _KERNEL_SUPPORT = {
     "cpp": {"device_types": ("cpu",), "dtypes": (torch.float32, torch.float64)},
+    "cuda": {"device_types": ("cuda",), "dtypes": (torch.float32, torch.bfloat16, torch.float16)},
     "triton": {"device_types": ("cuda",), "dtypes": (torch.float32, torch.bfloat16, torch.float16)},
 }
-BACKENDS = ("cpp", "triton", "torch")
+BACKENDS = ("cpp", "cuda", "triton", "torch")
+_GATES = {"irnn": 1, "lstm": 4}
 
 
 def _triton_missing() -> Optional[str]:
@@ -62,7 +67,22 @@ def _missing_requirement(name: str) -> Optional[str]:
         return _triton_missing()
     if not HAS_C:
         return f"fused_rnn._C is not available ({IMPORT_ERROR}); {REBUILD_HINT}"
+    if name == "cuda" and not hasattr(_C, "cuda_scan_unsupported"):
+        return f"fused_rnn._C was built without CUDA (a CPU-only torch, or no nvcc at build time); {REBUILD_HINT}"
     return None
+
+
+def _cuda_scan_reason(device: torch.device, dtype: torch.dtype, cell: str, hidden: int,
+                      batch: Optional[int]) -> Optional[str]:
+    """Why the persistent CUDA scan cannot take this layer (None if it can)."""
+    if batch is not None and batch > _C.CUDA_SCAN_MAX_BATCH:
+        return (f"batch {batch} > {_C.CUDA_SCAN_MAX_BATCH}: the persistent CUDA scan is for small batches; a "
+                f"batch-tiled kernel reuses W_hh over more rows")
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    reason = _C.cuda_scan_unsupported(index, _GATES[cell], str(dtype).replace("torch.", ""), hidden)
+    return reason or None
 
 
 class BackendChoice(NamedTuple):
@@ -71,7 +91,8 @@ class BackendChoice(NamedTuple):
 
 
 def _unsupported_reason(name: str, device: torch.device, dtype: torch.dtype, explicit: bool = False,
-                        cell: Optional[str] = None) -> Optional[str]:
+                        cell: Optional[str] = None, hidden: Optional[int] = None,
+                        batch: Optional[int] = None) -> Optional[str]:
     if name == "torch":
         return None
     if name not in _KERNEL_SUPPORT:
@@ -90,22 +111,27 @@ def _unsupported_reason(name: str, device: torch.device, dtype: torch.dtype, exp
     if name == "triton" and cell is not None:
         from .triton.common import missing_configs
         return missing_configs(cell, dtype)
+    if name == "cuda" and cell is not None and hidden is not None:
+        return _cuda_scan_reason(device, dtype, cell, hidden, batch)
     return None
 
 
-def select_backend(device, dtype: torch.dtype, backend: str = "auto", cell: Optional[str] = None) -> BackendChoice:
+def select_backend(device, dtype: torch.dtype, backend: str = "auto", cell: Optional[str] = None,
+                   hidden: Optional[int] = None, batch: Optional[int] = None) -> BackendChoice:
     """The backend that runs tensors of `device` and `dtype` (raises ValueError if an
     explicitly requested backend cannot). `cell` ("irnn" or "lstm"), when given, also
-    checks that backend's kernels for that cell have a launch config for the dtype."""
+    checks that the backend's kernels for that cell have a launch config for the dtype;
+    with `hidden` (and `batch`) it checks the shape limits of a whole-sequence scan (the
+    CUDA scans keep W_hh on chip)."""
     device = torch.device(device)
     if backend != "auto":
-        reason = _unsupported_reason(backend, device, dtype, explicit=True, cell=cell)
+        reason = _unsupported_reason(backend, device, dtype, explicit=True, cell=cell, hidden=hidden, batch=batch)
         if reason is not None:
             raise ValueError(f"backend={backend!r} cannot run these inputs: {reason}")
         return BackendChoice(backend, {})
     skipped = {}
     for name in BACKENDS:
-        reason = _unsupported_reason(name, device, dtype, cell=cell)
+        reason = _unsupported_reason(name, device, dtype, cell=cell, hidden=hidden, batch=batch)
         if reason is None:
             return BackendChoice(name, skipped)
         skipped[name] = reason
@@ -250,7 +276,7 @@ def irnn(
     Returns (y [T, B, H], h_T [B, H]). Differentiable in every tensor argument.
     """
     check_layer_args(x, {"h0": h0}, w_ih, w_hh, b_ih, b_hh, gates=1, x_rank=3)
-    name = select_backend(x.device, x.dtype, backend, cell="irnn").name
+    name = select_backend(x.device, x.dtype, backend, cell="irnn", hidden=w_hh.shape[1], batch=x.shape[1]).name
     if name == "triton":  # takes h0=None as zeros without a zeros tensor
         from .triton.ops import TritonIRNNFunction
         return TritonIRNNFunction.apply(*_contiguous(x, h0, w_ih, w_hh, b_ih, b_hh), False)
@@ -277,7 +303,7 @@ def lstm(
     """
     h0, c0 = _unpack_state(state)
     check_layer_args(x, {"h0": h0, "c0": c0}, w_ih, w_hh, b_ih, b_hh, gates=4, x_rank=3)
-    name = select_backend(x.device, x.dtype, backend, cell="lstm").name
+    name = select_backend(x.device, x.dtype, backend, cell="lstm", hidden=w_hh.shape[1], batch=x.shape[1]).name
     if name == "triton":  # takes h0/c0=None as zeros without zeros tensors
         from .triton.ops import TritonLSTMFunction
         y, h_n, c_n, _, _ = TritonLSTMFunction.apply(*_contiguous(x, h0, c0, w_ih, w_hh, b_ih, b_hh), False)

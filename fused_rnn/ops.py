@@ -21,7 +21,9 @@ The ops (T steps, B batch, I inputs, H hidden, G = 1 for the IRNN and 4 for the 
         -> (dx, dh, dc, dw_ih, dw_hh, dbias)
 
 ``cells`` holds c_1..c_T and ``gates`` the activated gates (i, f, g, o after their
-sigmoid/tanh): what the LSTM backward scan needs, saved instead of recomputed. With
+sigmoid/tanh): what the LSTM backward scan needs, saved instead of recomputed; float32
+for bfloat16/float16 inputs (the CUDA kernels' state dtype), else the inputs' dtype.
+Kernels: CPU (csrc/cpu, float32/float64) and CUDA (csrc/cuda, float32/bfloat16/float16). With
 ``grad_x=False`` a scan backward skips dx and returns an empty tensor in its place.
 """
 
@@ -79,6 +81,11 @@ def lstm_step_grads(saved, grad_h_new, grad_c_new):
     )
 
 
+def _state_dtype(x):
+    # the CUDA kernels keep bfloat16/float16 layers' state (LSTM cells, gates) in float32
+    return torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+
+
 def _new_like(t):
     # the kernels return fresh contiguous tensors whatever the inputs' strides
     return t.new_empty(t.shape)
@@ -118,7 +125,8 @@ def _register():
     def _(x, h0, c0, w_ih, w_hh, bias):
         steps, batch, hidden = x.shape[0], x.shape[1], w_hh.shape[1]
         return (x.new_empty(steps, batch, hidden), _new_like(h0), _new_like(c0),
-                x.new_empty(steps, batch, hidden), x.new_empty(steps, batch, 4 * hidden))
+                x.new_empty(steps, batch, hidden, dtype=_state_dtype(x)),
+                x.new_empty(steps, batch, 4 * hidden, dtype=_state_dtype(x)))
 
     @torch.library.register_fake(lib + "lstm_scan_backward")
     def _(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, y, cells, gates, grad_x=True):
@@ -127,7 +135,7 @@ def _register():
 
     @torch.library.register_fake(lib + "lstm_step")
     def _(x, h, c, w_ih, w_hh, bias):
-        return _new_like(h), _new_like(c), x.new_empty(x.shape[0], w_hh.shape[0])
+        return _new_like(h), _new_like(c), x.new_empty(x.shape[0], w_hh.shape[0], dtype=_state_dtype(x))
 
     @torch.library.register_fake(lib + "lstm_step_backward")
     def _(grad_h_new, grad_c_new, x, h, c, w_ih, w_hh, c_new, gates):

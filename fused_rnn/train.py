@@ -195,8 +195,14 @@ class _Distributed:
         dist.broadcast(tensor, 0)
         return bool(tensor)
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
+        """Leave the process group. After a finished run, wait for every rank first: rank
+        0 hosts the group's store, and a rank still tearing down after rank 0 has exited
+        aborted (seen as "terminate called without an active exception" in a gloo
+        worker). After an error no barrier: the other ranks may never reach it."""
         if self.started:
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -288,6 +294,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, l
     if device.type == "cuda" and ddp.world_size > 1:
         device = torch.device("cuda", torch.cuda.current_device())
     start_time = time.monotonic()
+    finished = False
     try:
         history: List[Dict] = []
         batch_losses: List[float] = []
@@ -393,9 +400,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, l
         if ddp.main and history:
             plot = plot_losses(out, history, batch_losses)
             log(f"checkpoint: {checkpoint_path}; logs: {out / 'log.csv'}" + (f"; plot: {plot}" if plot else ""))
+        finished = True
         return {"history": history, "model": model, "checkpoint": checkpoint_path}
     finally:
-        ddp.close()
+        ddp.close(finished)
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -302,7 +302,8 @@ def parse_arguments(argv):
     return parser.parse_args(argv)
 
 
-def unsupported_reason(backend: str, device: str, dtype: torch.dtype) -> Optional[str]:
+def unsupported_reason(backend: str, device: str, dtype: torch.dtype, cell: Optional[str] = None,
+                       shape: Optional[Shape] = None) -> Optional[str]:
     """Why `backend` declines these tensors by design (not a failure), or None. A backend
     named explicitly is asked directly (select_backend), so that, for instance, the Triton
     kernels can be checked on CPU tensors under TRITON_INTERPRET=1."""
@@ -310,7 +311,10 @@ def unsupported_reason(backend: str, device: str, dtype: torch.dtype) -> Optiona
         return None if backend == "auto" or backend in fused_rnn.available_backends(device) else \
             f"not available on {device}"
     try:
-        fused_rnn.select_backend(device, dtype, backend)
+        try:  # with the layer's shape where this fused_rnn's dispatch takes it (the CUDA scans' limits)
+            fused_rnn.select_backend(device, dtype, backend, cell=cell, hidden=shape.hidden, batch=shape.batch)
+        except TypeError:
+            fused_rnn.select_backend(device, dtype, backend)
     except ValueError as error:
         return str(error).split(": ", 1)[-1]
     return None
@@ -336,7 +340,7 @@ def main(argv=None) -> int:
     for cell, device, backend, dtype_name, shape in cases(devices, arguments.backends, dtype_names):
         dtype = DTYPES[dtype_name]
         row = Row(cell, backend, device, dtype_name, shape)
-        row.skipped = unsupported_reason(backend, device, dtype)
+        row.skipped = unsupported_reason(backend, device, dtype, cell, shape)
         if row.skipped is None:
             # the same problem for every backend and device: the seed depends on cell and shape only
             seed = 100 * CELLS.index(cell) + SHAPES.index(shape)

@@ -21,6 +21,10 @@ import fused_rnn  # noqa: E402
 # second busy thread on a shared 2-core machine can stall every barrier. Tests that
 # exercise the threaded paths set the thread count themselves.
 torch.set_num_threads(1)
+# On a GPU, cuDNN's RNNs (the torch.nn oracle) would run float32 in TF32 by default, an
+# error of ~1e-3 against the float32 tolerances of these tests.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
 
 CPU_BACKENDS = fused_rnn.available_backends("cpu")
 

@@ -65,8 +65,8 @@ def make_layer(cell, steps, batch, inputs, hidden, bias, seed):
     return x, states, w_ih, w_hh, b_ih, b_hh, upstream
 
 
-def to_torch(array, dtype):
-    return None if array is None else torch.tensor(array, dtype=dtype, requires_grad=True)
+def to_torch(array, dtype, device="cpu"):
+    return None if array is None else torch.tensor(array, dtype=dtype, device=device, requires_grad=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -74,31 +74,37 @@ def to_torch(array, dtype):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
 @pytest.mark.parametrize("cell", ["irnn", "lstm"])
 def test_layer_matches_reference(cell, shape, bias, dtype, cpu_backend):
+    check_layer_against_reference(cell, shape, bias, dtype, cpu_backend)
+
+
+def check_layer_against_reference(cell, shape, bias, dtype, backend, device="cpu"):
+    """One layer of `backend` on `device` (functional API, autograd) against the NumPy
+    reference: outputs, final states and every gradient."""
     x, states, w_ih, w_hh, b_ih, b_hh, up = make_layer(cell, *shape, bias=bias, seed=sum(shape))
-    tx, tw_ih, tw_hh, tb_ih, tb_hh = (to_torch(a, dtype) for a in (x, w_ih, w_hh, b_ih, b_hh))
-    tstates = [to_torch(s, dtype) for s in states]
+    tx, tw_ih, tw_hh, tb_ih, tb_hh = (to_torch(a, dtype, device) for a in (x, w_ih, w_hh, b_ih, b_hh))
+    tstates = [to_torch(s, dtype, device) for s in states]
     if cell == "irnn":
-        y, h_n = fused_rnn.irnn(tx, tstates[0], tw_ih, tw_hh, tb_ih, tb_hh, backend=cpu_backend)
+        y, h_n = fused_rnn.irnn(tx, tstates[0], tw_ih, tw_hh, tb_ih, tb_hh, backend=backend)
         outputs, upstream = (y, h_n), (up["y"], up["h"])
         want_y, want_h, cache = ref.irnn_forward(x, states[0], w_ih, w_hh, b_ih, b_hh)
         want_out = {"y": want_y, "h_T": want_h}
         want_grads = ref.irnn_backward(up["y"], up["h"], cache)
         grad_names = {"dx": tx, "dh0": tstates[0]}
     else:
-        y, (h_n, c_n) = fused_rnn.lstm(tx, tuple(tstates), tw_ih, tw_hh, tb_ih, tb_hh, backend=cpu_backend)
+        y, (h_n, c_n) = fused_rnn.lstm(tx, tuple(tstates), tw_ih, tw_hh, tb_ih, tb_hh, backend=backend)
         outputs, upstream = (y, h_n, c_n), (up["y"], up["h"], up["c"])
         want_y, want_h, want_c, cache = ref.lstm_forward(x, *states, w_ih, w_hh, b_ih, b_hh)
         want_out = {"y": want_y, "h_T": want_h, "c_T": want_c}
         want_grads = ref.lstm_backward(up["y"], up["h"], up["c"], cache)
         grad_names = {"dx": tx, "dh0": tstates[0], "dc0": tstates[1]}
     for (name, want), got in zip(want_out.items(), outputs):
-        assert_matches(name, got, want, dtype)
-    torch.autograd.backward(outputs, [torch.tensor(u, dtype=dtype) for u in upstream])
+        assert_matches(name, got.cpu(), want, dtype)
+    torch.autograd.backward(outputs, [torch.tensor(u, dtype=dtype, device=device) for u in upstream])
     grad_names.update({"dw_ih": tw_ih, "dw_hh": tw_hh})
     if bias:
         grad_names.update({"db_ih": tb_ih, "db_hh": tb_hh})
     for name, tensor in grad_names.items():
-        assert_matches(name, tensor.grad, want_grads[name], dtype)
+        assert_matches(name, tensor.grad.cpu(), want_grads[name], dtype)
 
 
 @pytest.mark.parametrize("shape", [(63, 4, 7, 37), (4, 7, 5, 30), (9, 20, 7, 13)], ids=lambda s: "T{}B{}I{}H{}".format(*s))
@@ -238,29 +244,33 @@ def test_stacked_module_matches_reference(cell, bidirectional, batch_first, dtyp
 @pytest.mark.parametrize("cell", ["irnn", "lstm"])
 def test_cells_match_reference(cell, cpu_backend):
     """The single-step ops (IRNNCell/LSTMCell path) are the T = 1 reference."""
-    dtype = torch.float64
+    check_cells_against_reference(cell, cpu_backend, torch.float64)
+
+
+def check_cells_against_reference(cell, backend, dtype, device="cpu"):
     x, states, w_ih, w_hh, b_ih, b_hh, up = make_layer(cell, 1, 5, 4, 6, bias=True, seed=3)
-    tx, tw_ih, tw_hh, tb_ih, tb_hh = (to_torch(a, dtype) for a in (x[0], w_ih, w_hh, b_ih, b_hh))
-    tstates = [to_torch(s, dtype) for s in states]
+    tx, tw_ih, tw_hh, tb_ih, tb_hh = (to_torch(a, dtype, device) for a in (x[0], w_ih, w_hh, b_ih, b_hh))
+    tstates = [to_torch(s, dtype, device) for s in states]
     if cell == "irnn":
-        h = fused_rnn.irnn_cell(tx, tstates[0], tw_ih, tw_hh, tb_ih, tb_hh, backend=cpu_backend)
+        h = fused_rnn.irnn_cell(tx, tstates[0], tw_ih, tw_hh, tb_ih, tb_hh, backend=backend)
         _, want_h, cache = ref.irnn_forward(x, states[0], w_ih, w_hh, b_ih, b_hh)
-        assert_matches("h", h, want_h, dtype)
-        h.backward(torch.tensor(up["h"]))
+        assert_matches("h", h.cpu(), want_h, dtype)
+        h.backward(torch.tensor(up["h"], dtype=dtype, device=device))
         want = ref.irnn_backward(None, up["h"], cache)
         checks = {"dx": tx.grad, "dh0": tstates[0].grad}
     else:
-        h, c = fused_rnn.lstm_cell(tx, tuple(tstates), tw_ih, tw_hh, tb_ih, tb_hh, backend=cpu_backend)
+        h, c = fused_rnn.lstm_cell(tx, tuple(tstates), tw_ih, tw_hh, tb_ih, tb_hh, backend=backend)
         _, want_h, want_c, cache = ref.lstm_forward(x, *states, w_ih, w_hh, b_ih, b_hh)
-        assert_matches("h", h, want_h, dtype)
-        assert_matches("c", c, want_c, dtype)
-        torch.autograd.backward((h, c), (torch.tensor(up["h"]), torch.tensor(up["c"])))
+        assert_matches("h", h.cpu(), want_h, dtype)
+        assert_matches("c", c.cpu(), want_c, dtype)
+        torch.autograd.backward((h, c), (torch.tensor(up["h"], dtype=dtype, device=device),
+                                         torch.tensor(up["c"], dtype=dtype, device=device)))
         want = ref.lstm_backward(None, up["h"], up["c"], cache)
         checks = {"dx": tx.grad, "dh0": tstates[0].grad, "dc0": tstates[1].grad}
     checks.update({"dw_ih": tw_ih.grad, "dw_hh": tw_hh.grad, "db_ih": tb_ih.grad, "db_hh": tb_hh.grad})
     for name, got in checks.items():
         want_value = want[name][0] if name == "dx" else want[name]
-        assert_matches(name, got, want_value, dtype)
+        assert_matches(name, got.cpu(), want_value, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])

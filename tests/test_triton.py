@@ -28,6 +28,11 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and the Triton interpreter is off", allow_module_level=True)
 
 
+# The GPU backends that the backend-level tests below run: Triton everywhere (under the
+# interpreter without a GPU), and the CUDA scans of csrc/cuda on a GPU.
+GPU_BACKENDS = ["triton"] + (["cuda"] if DEVICE == "cuda" and "cuda" in fused_rnn.available_backends("cuda") else [])
+
+
 def _tensor(array):
     return None if array is None else torch.tensor(array, dtype=torch.float32, device=DEVICE)
 
@@ -117,15 +122,16 @@ def test_irnn_nan_propagates():
     assert torch.isnan(y[1:, 0]).all() and not torch.isnan(y[:, 1]).any()
 
 
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "fp16"])
-def test_nan_propagates_in_every_dtype(dtype):
+def test_nan_propagates_in_every_dtype(dtype, backend):
     x = torch.randn(4, 2, 3, device=DEVICE, dtype=dtype)
     x[1, 0, 0] = float("nan")
     w_ih = torch.randn(20, 3, device=DEVICE, dtype=dtype)
     w_hh = torch.randn(20, 5, device=DEVICE, dtype=dtype) * 0.3
-    y, _ = fused_rnn.lstm(x, None, w_ih, w_hh, backend="triton")
+    y, _ = fused_rnn.lstm(x, None, w_ih, w_hh, backend=backend)
     assert torch.isnan(y[1:, 0]).all() and not torch.isnan(y[:, 1]).any()
-    y, _ = fused_rnn.irnn(x, None, w_ih[:5], torch.eye(5, device=DEVICE, dtype=dtype), backend="triton")
+    y, _ = fused_rnn.irnn(x, None, w_ih[:5], torch.eye(5, device=DEVICE, dtype=dtype), backend=backend)
     assert torch.isnan(y[1:, 0]).all() and not torch.isnan(y[:, 1]).any()
 
 
@@ -267,9 +273,10 @@ def test_dispatch_falls_back_when_no_config_compiles(monkeypatch):
     dispatch = dict(_configs.DISPATCH)
     dispatch[("lstm_scan_backward", "bf16")] = ()
     monkeypatch.setattr(_configs, "DISPATCH", dispatch)
-    choice = fused_rnn.select_backend("cuda", torch.bfloat16, cell="lstm")
+    # a batch above the CUDA scans' limit, so that Triton would be next in line
+    choice = fused_rnn.select_backend("cuda", torch.bfloat16, cell="lstm", hidden=32, batch=100)
     assert choice.name == "torch" and "lstm backward scan" in choice.skipped["triton"]
-    assert fused_rnn.select_backend("cuda", torch.bfloat16, cell="irnn").name == "triton"
+    assert fused_rnn.select_backend("cuda", torch.bfloat16, cell="irnn", hidden=32, batch=100).name == "triton"
     with pytest.raises(ValueError, match="no launch config of the Triton lstm backward scan"):
         fused_rnn.lstm(torch.randn(2, 3, 4, dtype=torch.bfloat16, device=DEVICE), None,
                        torch.randn(8, 4, dtype=torch.bfloat16, device=DEVICE),
@@ -312,18 +319,19 @@ def test_functional_triton_backend_matches_reference(cell, shape):
         assert_matches(name, tensor.grad.cpu(), want_grads[name], torch.float32)
 
 
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("cell", ["irnn", "lstm"])
-def test_modules_on_triton_match_torch_nn(cell):
-    """Stacked, bidirectional, batch_first modules on backend="triton" against
+def test_modules_on_triton_match_torch_nn(cell, backend):
+    """Stacked, bidirectional, batch_first modules on the GPU backends against
     torch.nn.RNN / nn.LSTM with the same state_dict."""
     torch.manual_seed(0)
     kwargs = dict(num_layers=2, bidirectional=True, batch_first=True)
     if cell == "irnn":
         reference = torch.nn.RNN(4, 8, nonlinearity="relu", **kwargs).to(DEVICE)
-        fused = fused_rnn.IRNN(4, 8, backend="triton", **kwargs).to(DEVICE)
+        fused = fused_rnn.IRNN(4, 8, backend=backend, **kwargs).to(DEVICE)
     else:
         reference = torch.nn.LSTM(4, 8, **kwargs).to(DEVICE)
-        fused = fused_rnn.LSTM(4, 8, backend="triton", **kwargs).to(DEVICE)
+        fused = fused_rnn.LSTM(4, 8, backend=backend, **kwargs).to(DEVICE)
     fused.load_state_dict(reference.state_dict())
     x = torch.randn(3, 6, 4, device=DEVICE)
     outputs = []
@@ -405,7 +413,7 @@ def test_gpu_benchmark_script_runs(tmp_path):
                              "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in out.read_text().splitlines() if line.startswith("| irnn") or line.startswith("| lstm")]
-    assert len(rows) == 4   # 2 cells x 2 modes
+    assert len(rows) == 8   # 2 dtypes x 2 cells x 2 modes
     if not torch.cuda.is_available():
         result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0 and "no CUDA device" in result.stderr
@@ -425,17 +433,20 @@ LOW_PRECISION_TOLERANCE = {torch.bfloat16: 6e-2, torch.float16: 1e-2}
 LOW_PRECISION_CASES = ([("irnn", s) for s in SHAPES if s[0] <= 9] + [("lstm", s) for s in SHAPES])
 
 
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("cell, shape", LOW_PRECISION_CASES, ids=lambda c: c if isinstance(c, str) else
                          "T{}B{}I{}H{}".format(*c))
-def test_low_precision_matches_reference(cell, shape, dtype):
+def test_low_precision_matches_reference(cell, shape, dtype, backend):
+    if backend == "cuda" and shape[1] > fused_rnn._C.CUDA_SCAN_MAX_BATCH:
+        pytest.skip("above the CUDA scan's batch limit (dispatch sends it to Triton)")
     x, states, w_ih, w_hh, b_ih, b_hh, up = make_layer(cell, *shape, bias=True, seed=3)
     leaves = [torch.tensor(a, dtype=dtype, device=DEVICE, requires_grad=True)
               for a in (x, *states, w_ih, w_hh, b_ih, b_hh)]
     rounded = [t.detach().double().cpu().numpy() for t in leaves]
     up = {k: torch.tensor(v, dtype=dtype).double().numpy() for k, v in up.items()}
     if cell == "irnn":
-        y, h_n = fused_rnn.irnn(*leaves, backend="triton")
+        y, h_n = fused_rnn.irnn(*leaves, backend=backend)
         outputs, upstream = (y, h_n), (up["y"], up["h"])
         *want_out, cache = ref.irnn_forward(*rounded)
         # A pre-activation within the error band of 0 may come out with the other sign
@@ -447,7 +458,7 @@ def test_low_precision_matches_reference(cell, shape, dtype):
         want = ref.irnn_backward(up["y"], up["h"], cache)
         names = ["dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh"]
     else:
-        y, (h_n, c_n) = fused_rnn.lstm(leaves[0], (leaves[1], leaves[2]), *leaves[3:], backend="triton")
+        y, (h_n, c_n) = fused_rnn.lstm(leaves[0], (leaves[1], leaves[2]), *leaves[3:], backend=backend)
         outputs, upstream = (y, h_n, c_n), (up["y"], up["h"], up["c"])
         *want_out, cache = ref.lstm_forward(*rounded)
         want = ref.lstm_backward(up["y"], up["h"], up["c"], cache)

@@ -1,9 +1,8 @@
 // The CUDA half of the build switch: compiled by nvcc whenever setup.py finds a CUDA
 // build of torch and a CUDA toolkit. It reports the CUDA version the extension was
-// compiled against, and instantiates the shared cell maths (csrc/cell_math.h) in
-// device code for every target architecture, so that the header the CUDA scan
-// kernels will use is compiled for sm_80/sm_90 by every CI build. It registers no
-// op: the CUDA scan kernels are separate work (backend "cuda").
+// compiled against, and instantiates every function of the shared cell maths
+// (csrc/cell_math.h) in device code, float64 included, which the kernels of
+// scan_kernels.cu (float32 only) do not all use.
 #include <cuda_runtime_api.h>
 
 #include "../cell_math.h"

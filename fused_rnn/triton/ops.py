@@ -14,7 +14,7 @@ meaning zeros, without a zeros tensor):
 
 With ``grad_x=False`` dx is an empty tensor. Inputs are float32, bfloat16 or float16;
 outputs come in the inputs' dtype, except the LSTM's cells and gates (float32 state). Selected by ``backend="triton"`` (and by
-``"auto"`` for CUDA tensors) through :mod:`fused_rnn.functional`.
+``"auto"`` for CUDA tensors that the CUDA scans do not take) through :mod:`fused_rnn.functional`.
 """
 
 from typing import Optional, Tuple

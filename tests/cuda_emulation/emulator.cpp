@@ -1,0 +1,202 @@
+// A CPU emulation of the CUDA execution model, just enough to run the float32 kernels
+// of csrc/cuda/scan_kernels.cuh on a machine without a GPU: every CUDA thread is a host
+// thread; __syncthreads is a barrier of the block's threads, __shfl_xor_sync a barrier-
+// separated exchange within the warp, grid.sync() a barrier of the whole grid (all of a
+// cooperative launch's blocks are resident at once, here as on a GPU), and each block
+// has its own dynamic shared memory. The barriers order memory as the CUDA ones do, so
+// a kernel that forgot one can read a value before it is written, as on a GPU.
+//
+// Built by tests/test_cuda_emulation.py (g++ -std=c++20 -pthread -shared) and called
+// through ctypes: one extern "C" entry point per kernel, taking float32 buffers.
+#include <condition_variable>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace emu {
+
+class Barrier {
+ public:
+  explicit Barrier(int count) : count_(count) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const int generation = generation_;
+    if (++waiting_ == count_) {
+      waiting_ = 0;
+      ++generation_;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lock, [&] { return generation != generation_; });
+    }
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  int count_, waiting_ = 0, generation_ = 0;
+};
+
+struct Dim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+
+struct Block {
+  Block(int threads, size_t smem_bytes) : smem(smem_bytes + 16), barrier(threads), shuffle(threads) {
+    for (int w = 0; w < (threads + 31) / 32; ++w) warps.push_back(std::make_unique<Barrier>(32));
+  }
+  std::vector<unsigned char> smem;
+  Barrier barrier;
+  std::vector<std::unique_ptr<Barrier>> warps;
+  std::vector<float> shuffle;
+};
+
+thread_local Dim3 thread_index, block_index;
+thread_local Block* block = nullptr;
+Dim3 block_dim, grid_dim;
+Barrier* grid_barrier = nullptr;
+
+inline unsigned char* block_shared_memory() {
+  // 16-byte aligned, as the CUDA declaration asks
+  const auto address = reinterpret_cast<uintptr_t>(block->smem.data());
+  return block->smem.data() + ((16 - address % 16) % 16);
+}
+
+}  // namespace emu
+
+// ---- what the kernels use from CUDA ----
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define threadIdx (emu::thread_index)
+#define blockIdx (emu::block_index)
+#define blockDim (emu::block_dim)
+#define gridDim (emu::grid_dim)
+
+inline void __syncthreads() { emu::block->barrier.arrive_and_wait(); }
+
+inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
+  const int thread = static_cast<int>(threadIdx.x), warp = thread / 32, lane = thread % 32;
+  emu::block->shuffle[thread] = value;
+  emu::block->warps[warp]->arrive_and_wait();
+  const float other = emu::block->shuffle[warp * 32 + (lane ^ lane_mask)];
+  emu::block->warps[warp]->arrive_and_wait();
+  return other;
+}
+
+template <typename T>
+inline T __ldcg(const T* address) {
+  return *address;
+}
+
+namespace cooperative_groups {
+struct grid_group {
+  void sync() { emu::grid_barrier->arrive_and_wait(); }
+};
+inline grid_group this_grid() { return {}; }
+}  // namespace cooperative_groups
+
+#define FUSED_RNN_EMULATE_CUDA
+namespace fused_rnn {
+namespace cuda {
+namespace kernels {
+inline unsigned char* dynamic_shared_memory() { return emu::block_shared_memory(); }
+}  // namespace kernels
+}  // namespace cuda
+}  // namespace fused_rnn
+
+#include "cuda/scan_kernels.cuh"
+
+namespace {
+
+using namespace fused_rnn::cuda;
+
+// Runs kernel(args...) on `blocks` x `threads` host threads, all at once.
+template <typename Kernel, typename... Args>
+void launch(int64_t blocks, int threads, size_t smem_bytes, Kernel kernel, Args... args) {
+  emu::block_dim = {static_cast<unsigned>(threads), 1, 1};
+  emu::grid_dim = {static_cast<unsigned>(blocks), 1, 1};
+  emu::Barrier grid(static_cast<int>(blocks) * threads);
+  emu::grid_barrier = &grid;
+  std::vector<std::unique_ptr<emu::Block>> block_state;
+  for (int64_t b = 0; b < blocks; ++b) block_state.push_back(std::make_unique<emu::Block>(threads, smem_bytes));
+  std::vector<std::thread> pool;
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int t = 0; t < threads; ++t) {
+      pool.emplace_back([&, b, t] {
+        emu::thread_index = {static_cast<unsigned>(t), 0, 0};
+        emu::block_index = {static_cast<unsigned>(b), 0, 0};
+        emu::block = block_state[b].get();
+        kernel(args...);
+      });
+    }
+  }
+  for (auto& thread : pool) thread.join();
+  emu::grid_barrier = nullptr;
+}
+
+// The plan the launcher would make on a device with `sm_count` SMs and unlimited shared memory.
+ScanPlan plan(int64_t gates, int64_t hidden, bool backward, int64_t sm_count) {
+  return plan_scan(gates, sizeof(float), hidden, backward, sm_count, int64_t{1} << 40);
+}
+
+}  // namespace
+
+extern "C" {
+
+// gates: 1 (IRNN) or 4 (LSTM). Buffers as in ForwardArgs / BackwardArgs (scan_kernels.h).
+// Returns the number of blocks the plan used.
+int64_t emulate_scan_forward(int64_t gates, float* pre, const float* h0, const float* c0, const float* w_hh,
+                             float* y, float* state, float* cells, int64_t steps, int64_t batch, int64_t hidden,
+                             int64_t sm_count) {
+  const ScanPlan p = plan(gates, hidden, false, sm_count);
+  const ForwardArgs<float> args{pre, h0, c0, w_hh, y, state, cells, steps, batch, hidden};
+  if (gates == 1) {
+    launch(p.blocks, kThreads, p.smem_bytes, kernels::scan_forward_kernel<float, 1>, args, p);
+  } else {
+    launch(p.blocks, kThreads, p.smem_bytes, kernels::scan_forward_kernel<float, 4>, args, p);
+  }
+  return p.blocks;
+}
+
+int64_t emulate_scan_backward(int64_t gates, const float* grad_y, const float* grad_h_n, const float* y,
+                              const float* c0, const float* cells, const float* gate_values, const float* w_hh,
+                              float* dpre, float* grad_c, float* grad_h0, int64_t steps, int64_t batch,
+                              int64_t hidden, int64_t sm_count) {
+  const ScanPlan p = plan(gates, hidden, true, sm_count);
+  const BackwardArgs<float> args{grad_y, grad_h_n, y,    c0,    cells, gate_values, w_hh,
+                                 dpre,   grad_c,   grad_h0, steps, batch, hidden};
+  if (gates == 1) {
+    launch(p.blocks, kThreads, p.smem_bytes, kernels::scan_backward_kernel<float, 1>, args, p);
+  } else {
+    launch(p.blocks, kThreads, p.smem_bytes, kernels::scan_backward_kernel<float, 4>, args, p);
+  }
+  return p.blocks;
+}
+
+// The step kernels, with 2 blocks of 32 threads so that the grid-stride loops wrap.
+void emulate_lstm_step(float* gate_values, const float* c, float* c_new, float* h_new, int64_t batch,
+                       int64_t hidden) {
+  launch(2, 32, 0, kernels::lstm_step_kernel<float>, gate_values, c, c_new, h_new, batch, hidden);
+}
+
+void emulate_lstm_step_backward(const float* grad_h_new, const float* grad_c_new, const float* c,
+                                const float* c_new, const float* gate_values, float* dgates, float* grad_c,
+                                int64_t batch, int64_t hidden) {
+  launch(2, 32, 0, kernels::lstm_step_backward_kernel<float>, grad_h_new, grad_c_new, c, c_new, gate_values, dgates,
+         grad_c, batch, hidden);
+}
+
+void emulate_irnn_step(const float* z, float* h_new, int64_t n) {
+  launch(2, 32, 0, kernels::irnn_step_kernel<float>, z, h_new, n);
+}
+
+void emulate_irnn_step_backward(const float* grad_h_new, const float* h_new, float* dz, int64_t n) {
+  launch(2, 32, 0, kernels::irnn_step_backward_kernel<float>, grad_h_new, h_new, dz, n);
+}
+
+}  // extern "C"

@@ -1,0 +1,150 @@
+"""The float32 CUDA kernels of csrc/cuda/scan_kernels.cuh, compiled as C++ against the
+CPU emulation of the CUDA execution model in tests/cuda_emulation/ (every CUDA thread a
+host thread; block, warp and grid barriers) and run against the NumPy reference: the
+persistent scans' indexing, their split of the hidden units across blocks, the staged
+batch-row passes, the warp reductions and the grid barrier placement, without a GPU.
+The plans use small SM counts so that several blocks, partial blocks and several
+units per warp all occur at test sizes. On a GPU, test_cuda.py runs the real thing."""
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import rnn_reference as ref
+from test_backends import assert_matches, make_layer
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCE = REPO / "tests" / "cuda_emulation" / "emulator.cpp"
+
+# (T, B, I, H, SMs): one block with fewer units than warps; 3 blocks with a 5-row batch
+# (a full and a partial 4-row pass); a last block with fewer units than the others;
+# 18 units a block, so warps own 2 or 3 units each
+CASES = [(1, 1, 3, 5, 4), (7, 5, 4, 37, 3), (4, 9, 3, 20, 8), (3, 2, 2, 70, 4)]
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("g++ is not installed")
+    library = tmp_path_factory.mktemp("cuda_emulation") / "emulator.so"
+    subprocess.run([compiler, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
+                    "-Werror", "-I", str(REPO / "csrc"), str(SOURCE), "-o", str(library)], check=True)
+    lib = ctypes.CDLL(str(library))
+    lib.emulate_scan_forward.restype = ctypes.c_int64
+    lib.emulate_scan_backward.restype = ctypes.c_int64
+    return lib
+
+
+def _f32(array):
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _ptr(array):
+    return None if array is None else array.ctypes.data_as(ctypes.c_void_p)
+
+
+def _sizes(*values):
+    return [ctypes.c_int64(v) for v in values]
+
+
+def _check(name, got, want):
+    # float32 tolerances of test_backends (float32 accumulation throughout)
+    assert_matches(name, torch.from_numpy(np.asarray(got, dtype=np.float64)), want, torch.float32)
+
+
+def _weight_grads(dpre, x, h0, y, w_ih):
+    """What rnn_cuda.cu computes from the scan's dpre with ATen GEMMs (layer_common.h)."""
+    h_prev = np.concatenate([h0[None], y[:-1]]).astype(np.float64)
+    dpre = dpre.astype(np.float64)
+    return {"dx": dpre @ w_ih, "dw_ih": np.einsum("tbg,tbi->gi", dpre, x),
+            "dw_hh": np.einsum("tbg,tbh->gh", dpre, h_prev), "db_ih": dpre.sum((0, 1))}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}B{}I{}H{}-{}sm".format(*c))
+def test_irnn_scans_match_reference(emulator, case):
+    steps, batch, inputs, hidden, sm_count = case
+    x, (h0,), w_ih, w_hh, b_ih, b_hh, up = make_layer("irnn", steps, batch, inputs, hidden, bias=True, seed=hidden)
+    want_y, want_h, cache = ref.irnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh)
+    pre = _f32(x @ w_ih.T + b_ih + b_hh)
+    y, state = np.empty((steps, batch, hidden), np.float32), np.empty((2, batch, hidden), np.float32)
+    h0_f, w_hh_f = _f32(h0), _f32(w_hh)
+    blocks = emulator.emulate_scan_forward(ctypes.c_int64(1), _ptr(pre), _ptr(h0_f), None, _ptr(w_hh_f), _ptr(y),
+                                           _ptr(state), None, *_sizes(steps, batch, hidden, sm_count))
+    assert blocks == -(-hidden // max(8, -(-hidden // sm_count))) or hidden < 8
+    _check("y", y, want_y)
+    _check("h_T", state[(steps - 1) % 2], want_h)
+    dpre, grad_h0 = np.empty((steps, batch, hidden), np.float32), np.empty((batch, hidden), np.float32)
+    grad_y, grad_h_n = _f32(up["y"]), _f32(up["h"])
+    emulator.emulate_scan_backward(ctypes.c_int64(1), _ptr(grad_y), _ptr(grad_h_n), _ptr(y), None, None, None,
+                                   _ptr(w_hh_f), _ptr(dpre), None, _ptr(grad_h0),
+                                   *_sizes(steps, batch, hidden, sm_count))
+    want = ref.irnn_backward(up["y"], up["h"], cache)
+    _check("dh0", grad_h0, want["dh0"])
+    for name, got in _weight_grads(dpre, x, h0, y, w_ih).items():
+        _check(name, got, want[name])
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}B{}I{}H{}-{}sm".format(*c))
+def test_lstm_scans_match_reference(emulator, case):
+    steps, batch, inputs, hidden, sm_count = case
+    x, (h0, c0), w_ih, w_hh, b_ih, b_hh, up = make_layer("lstm", steps, batch, inputs, hidden, bias=True,
+                                                         seed=hidden + 1)
+    want_y, want_h, want_c, cache = ref.lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    gates = _f32(x @ w_ih.T + b_ih + b_hh)  # pre-activations in, activations out
+    y, state = np.empty((steps, batch, hidden), np.float32), np.empty((2, batch, hidden), np.float32)
+    cells = np.empty((steps, batch, hidden), np.float32)
+    h0_f, c0_f, w_hh_f = _f32(h0), _f32(c0), _f32(w_hh)
+    emulator.emulate_scan_forward(ctypes.c_int64(4), _ptr(gates), _ptr(h0_f), _ptr(c0_f), _ptr(w_hh_f), _ptr(y),
+                                  _ptr(state), _ptr(cells), *_sizes(steps, batch, hidden, sm_count))
+    _check("y", y, want_y)
+    _check("h_T", state[(steps - 1) % 2], want_h)
+    _check("c_T", cells[-1], want_c)
+    dpre, grad_h0 = np.empty((steps, batch, 4 * hidden), np.float32), np.empty((batch, hidden), np.float32)
+    grad_y, grad_h_n, grad_c = _f32(up["y"]), _f32(up["h"]), _f32(up["c"]).copy()  # grad_c: dc_T in, dc_0 out
+    emulator.emulate_scan_backward(ctypes.c_int64(4), _ptr(grad_y), _ptr(grad_h_n), _ptr(y), _ptr(c0_f),
+                                   _ptr(cells), _ptr(gates), _ptr(w_hh_f), _ptr(dpre), _ptr(grad_c), _ptr(grad_h0),
+                                   *_sizes(steps, batch, hidden, sm_count))
+    want = ref.lstm_backward(up["y"], up["h"], up["c"], cache)
+    _check("dh0", grad_h0, want["dh0"])
+    _check("dc0", grad_c, want["dc0"])
+    for name, got in _weight_grads(dpre, x, h0, y, w_ih).items():
+        _check(name, got, want[name])
+
+
+@pytest.mark.parametrize("cell", ["irnn", "lstm"])
+def test_step_kernels_match_reference(emulator, cell):
+    """The pointwise step kernels after the step's GEMMs, B * H = 70 elements over a
+    grid of 2 x 32 threads (the grid-stride loop wraps)."""
+    batch, inputs, hidden = 5, 3, 14
+    x, states, w_ih, w_hh, b_ih, b_hh, up = make_layer(cell, 1, batch, inputs, hidden, bias=True, seed=2)
+    pre = _f32(x[0] @ w_ih.T + b_ih + b_hh + states[0] @ w_hh.T)
+    if cell == "irnn":
+        _, want_h, cache = ref.irnn_forward(x, states[0], w_ih, w_hh, b_ih, b_hh)
+        h_new = np.empty((batch, hidden), np.float32)
+        emulator.emulate_irnn_step(_ptr(pre), _ptr(h_new), ctypes.c_int64(h_new.size))
+        _check("h", h_new, want_h)
+        grad_h_new, dz = _f32(up["h"]), np.empty((batch, hidden), np.float32)
+        emulator.emulate_irnn_step_backward(_ptr(grad_h_new), _ptr(h_new), _ptr(dz), ctypes.c_int64(dz.size))
+        want = ref.irnn_backward(None, up["h"], cache)
+        _check("dh", dz @ w_hh, want["dh0"])
+        _check("dw_hh", dz.T @ states[0], want["dw_hh"])
+        return
+    _, want_h, want_c, cache = ref.lstm_forward(x, *states, w_ih, w_hh, b_ih, b_hh)
+    c, h_new, c_new = _f32(states[1]), np.empty((batch, hidden), np.float32), np.empty((batch, hidden), np.float32)
+    emulator.emulate_lstm_step(_ptr(pre), _ptr(c), _ptr(c_new), _ptr(h_new), *_sizes(batch, hidden))
+    _check("h", h_new, want_h)
+    _check("c", c_new, want_c)
+    grad_h_new, grad_c_new = _f32(up["h"]), _f32(up["c"])
+    dgates, grad_c = np.empty((batch, 4 * hidden), np.float32), np.empty((batch, hidden), np.float32)
+    emulator.emulate_lstm_step_backward(_ptr(grad_h_new), _ptr(grad_c_new), _ptr(c), _ptr(c_new), _ptr(pre),
+                                        _ptr(dgates), _ptr(grad_c), *_sizes(batch, hidden))
+    want = ref.lstm_backward(None, up["h"], up["c"], cache)
+    _check("dh", dgates @ w_hh, want["dh0"])
+    _check("dc", grad_c, want["dc0"])
+    _check("dw_hh", dgates.T @ states[0], want["dw_hh"])
