@@ -82,3 +82,24 @@ def check_layer_args(
         check_shape(name, bias, (gates * hidden,), f"[{gates}*H] = [{gates * hidden}]")
     for name, state in states.items():
         check_shape(name, state, (batch, hidden), f"[B, H] = [{batch}, {hidden}]")
+
+
+def check_sequence_options(x: Tensor, hidden: int, recurrent_mask: Optional[Tensor], lengths: Optional[Tensor],
+                           hidden_clip: Optional[float]) -> None:
+    """The per-sequence options of fused_rnn.irnn / fused_rnn.lstm: recurrent_mask
+    [B, H] in x's dtype and device; lengths [B] integers in [0, T] (on any device);
+    hidden_clip a positive number."""
+    steps, batch = x.shape[0], x.shape[1]
+    if recurrent_mask is not None:
+        check_tensors({"x": x, "recurrent_mask": recurrent_mask})
+        check_shape("recurrent_mask", recurrent_mask, (batch, hidden), f"[B, H] = [{batch}, {hidden}]")
+    if lengths is not None:
+        if not isinstance(lengths, Tensor):
+            raise TypeError(f"lengths must be a torch.Tensor of integers, got {type(lengths).__name__}")
+        if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.is_complex():
+            raise TypeError(f"lengths must hold integers, got {lengths.dtype}")
+        check_shape("lengths", lengths, (batch,), f"[B] = [{batch}]")
+        if batch and (int(lengths.min()) < 0 or int(lengths.max()) > steps):
+            raise ValueError(f"lengths must lie in [0, T] = [0, {steps}], got {lengths.tolist()}")
+    if hidden_clip is not None and not (isinstance(hidden_clip, (int, float)) and hidden_clip > 0):
+        raise ValueError(f"hidden_clip must be a positive number, got {hidden_clip!r}")

@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 from . import ops as _ops
 from . import torch_loop
 from ._extension import _C, HAS_C, IMPORT_ERROR, REBUILD_HINT
-from ._validation import check_layer_args
+from ._validation import check_layer_args, check_sequence_options
 
 # Which dtypes and device types each compiled backend's kernels take.
 _KERNEL_SUPPORT = {
@@ -39,6 +39,10 @@ _KERNEL_SUPPORT = {
     "triton": {"device_types": ("cuda",), "dtypes": (torch.float32, torch.bfloat16, torch.float16)},
 }
 BACKENDS = ("cpp", "cuda", "triton", "torch")
+# The per-sequence options (recurrent_mask, lengths, hidden_clip) each backend takes;
+# "torch" takes them all. The fused kernels get them one at a time (issue: recurrent
+# dropout, variable lengths and bounded activations in every backend).
+OPTION_SUPPORT = {"cpp": (), "cuda": (), "triton": ()}
 _GATES = {"irnn": 1, "lstm": 4}
 
 
@@ -92,7 +96,7 @@ class BackendChoice(NamedTuple):
 
 def _unsupported_reason(name: str, device: torch.device, dtype: torch.dtype, explicit: bool = False,
                         cell: Optional[str] = None, hidden: Optional[int] = None,
-                        batch: Optional[int] = None) -> Optional[str]:
+                        batch: Optional[int] = None, options: Tuple[str, ...] = ()) -> Optional[str]:
     if name == "torch":
         return None
     if name not in _KERNEL_SUPPORT:
@@ -108,6 +112,9 @@ def _unsupported_reason(name: str, device: torch.device, dtype: torch.dtype, exp
     if dtype not in support["dtypes"]:
         names = ", ".join(str(d).replace("torch.", "") for d in support["dtypes"])
         return f"backend {name!r} takes {names}, got {str(dtype).replace('torch.', '')}"
+    missing_options = [o for o in options if o not in OPTION_SUPPORT[name]]
+    if missing_options:
+        return f"backend {name!r} does not implement {', '.join(missing_options)} yet"
     if name == "triton" and cell is not None:
         from .triton.common import missing_configs
         return missing_configs(cell, dtype)
@@ -117,21 +124,24 @@ def _unsupported_reason(name: str, device: torch.device, dtype: torch.dtype, exp
 
 
 def select_backend(device, dtype: torch.dtype, backend: str = "auto", cell: Optional[str] = None,
-                   hidden: Optional[int] = None, batch: Optional[int] = None) -> BackendChoice:
+                   hidden: Optional[int] = None, batch: Optional[int] = None,
+                   options: Tuple[str, ...] = ()) -> BackendChoice:
     """The backend that runs tensors of `device` and `dtype` (raises ValueError if an
     explicitly requested backend cannot). `cell` ("irnn" or "lstm"), when given, also
     checks that the backend's kernels for that cell have a launch config for the dtype;
     with `hidden` (and `batch`) it checks the shape limits of a whole-sequence scan (the
-    CUDA scans keep W_hh on chip)."""
+    CUDA scans keep W_hh on chip). `options` names the per-sequence options in use
+    ("recurrent_mask", "lengths", "hidden_clip"), which not every backend implements."""
     device = torch.device(device)
     if backend != "auto":
-        reason = _unsupported_reason(backend, device, dtype, explicit=True, cell=cell, hidden=hidden, batch=batch)
+        reason = _unsupported_reason(backend, device, dtype, explicit=True, cell=cell, hidden=hidden, batch=batch,
+                                     options=options)
         if reason is not None:
             raise ValueError(f"backend={backend!r} cannot run these inputs: {reason}")
         return BackendChoice(backend, {})
     skipped = {}
     for name in BACKENDS:
-        reason = _unsupported_reason(name, device, dtype, cell=cell, hidden=hidden, batch=batch)
+        reason = _unsupported_reason(name, device, dtype, cell=cell, hidden=hidden, batch=batch, options=options)
         if reason is None:
             return BackendChoice(name, skipped)
         skipped[name] = reason
@@ -261,6 +271,10 @@ def _zero_state(x: Tensor, hidden: int) -> Tensor:
     return x.new_zeros(x.shape[-2], hidden)
 
 
+def _options_in_use(**options) -> Tuple[str, ...]:
+    return tuple(name for name, value in options.items() if value is not None)
+
+
 def irnn(
     x: Tensor,
     h0: Optional[Tensor],
@@ -269,21 +283,34 @@ def irnn(
     b_ih: Optional[Tensor] = None,
     b_hh: Optional[Tensor] = None,
     backend: str = "auto",
+    *,
+    recurrent_mask: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
+    hidden_clip: Optional[float] = None,
 ) -> Tuple[Tensor, Tensor]:
     """One IRNN layer: ``h_t = relu(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)``.
 
     x [T, B, I]; h0 [B, H] or None (zeros); w_ih [H, I]; w_hh [H, H]; b_ih, b_hh [H] or None.
     Returns (y [T, B, H], h_T [B, H]). Differentiable in every tensor argument.
+
+    Options: ``recurrent_mask`` [B, H] multiplies h_{t-1} in the recurrent product at
+    every step (variational recurrent dropout: 0 or 1/(1-p), one mask per sequence);
+    ``lengths`` [B] integers: sequence b stops after lengths[b] steps (its state is then
+    frozen, so h_T is the state at its length, and y is zero beyond it);
+    ``hidden_clip`` c: ``h_t = min(relu(z_t), c)``.
     """
     check_layer_args(x, {"h0": h0}, w_ih, w_hh, b_ih, b_hh, gates=1, x_rank=3)
-    name = select_backend(x.device, x.dtype, backend, cell="irnn", hidden=w_hh.shape[1], batch=x.shape[1]).name
+    check_sequence_options(x, w_hh.shape[1], recurrent_mask, lengths, hidden_clip)
+    options = _options_in_use(recurrent_mask=recurrent_mask, lengths=lengths, hidden_clip=hidden_clip)
+    name = select_backend(x.device, x.dtype, backend, cell="irnn", hidden=w_hh.shape[1], batch=x.shape[1],
+                          options=options).name
     if name == "triton":  # takes h0=None as zeros without a zeros tensor
         from .triton.ops import TritonIRNNFunction
         return TritonIRNNFunction.apply(*_contiguous(x, h0, w_ih, w_hh, b_ih, b_hh), False)
     if h0 is None:
         h0 = _zero_state(x, w_hh.shape[1])
     if name == "torch":
-        return torch_loop.irnn_loop(x, h0, w_ih, w_hh, b_ih, b_hh)
+        return torch_loop.irnn_loop(x, h0, w_ih, w_hh, b_ih, b_hh, recurrent_mask, lengths, hidden_clip)
     return IRNNFunction.apply(*_contiguous(x, h0, w_ih, w_hh, b_ih, b_hh))
 
 
@@ -295,15 +322,23 @@ def lstm(
     b_ih: Optional[Tensor] = None,
     b_hh: Optional[Tensor] = None,
     backend: str = "auto",
+    *,
+    recurrent_mask: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
     """One LSTM layer in torch.nn.LSTM's gate order (i, f, g, o).
 
     x [T, B, I]; state (h0, c0) with each [B, H], or None (zeros); w_ih [4H, I];
     w_hh [4H, H]; b_ih, b_hh [4H] or None. Returns (y [T, B, H], (h_T, c_T)).
+    ``recurrent_mask`` and ``lengths`` as in :func:`irnn` (the mask applies to h, not c;
+    beyond its length a sequence keeps both h and c).
     """
     h0, c0 = _unpack_state(state)
     check_layer_args(x, {"h0": h0, "c0": c0}, w_ih, w_hh, b_ih, b_hh, gates=4, x_rank=3)
-    name = select_backend(x.device, x.dtype, backend, cell="lstm", hidden=w_hh.shape[1], batch=x.shape[1]).name
+    check_sequence_options(x, w_hh.shape[1], recurrent_mask, lengths, None)
+    options = _options_in_use(recurrent_mask=recurrent_mask, lengths=lengths)
+    name = select_backend(x.device, x.dtype, backend, cell="lstm", hidden=w_hh.shape[1], batch=x.shape[1],
+                          options=options).name
     if name == "triton":  # takes h0/c0=None as zeros without zeros tensors
         from .triton.ops import TritonLSTMFunction
         y, h_n, c_n, _, _ = TritonLSTMFunction.apply(*_contiguous(x, h0, c0, w_ih, w_hh, b_ih, b_hh), False)
@@ -312,7 +347,7 @@ def lstm(
     h0 = _zero_state(x, hidden) if h0 is None else h0
     c0 = _zero_state(x, hidden) if c0 is None else c0
     if name == "torch":
-        y, h_n, c_n = torch_loop.lstm_loop(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+        y, h_n, c_n = torch_loop.lstm_loop(x, h0, c0, w_ih, w_hh, b_ih, b_hh, recurrent_mask, lengths)
     else:
         y, h_n, c_n, _, _ = LSTMFunction.apply(*_contiguous(x, h0, c0, w_ih, w_hh, b_ih, b_hh))
     return y, (h_n, c_n)

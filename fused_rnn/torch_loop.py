@@ -20,14 +20,43 @@ def _input_projection(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Opt
     return pre
 
 
-def irnn_loop(x, h0, w_ih, w_hh, b_ih=None, b_hh=None) -> Tuple[Tensor, Tensor]:
-    """IRNN layer, x [T, B, I], h0 [B, H] -> (y [T, B, H], h_T [B, H])."""
+def active_steps(lengths: Optional[Tensor], steps: int, device) -> Optional[Tensor]:
+    """[T, B, 1] bool: step t is within sequence b's length (None without lengths)."""
+    if lengths is None:
+        return None
+    return (torch.arange(steps, device=device)[:, None] < lengths.to(device)[None, :])[:, :, None]
+
+
+def _recurrent_input(h: Tensor, mask: Optional[Tensor]) -> Tensor:
+    return h if mask is None else h * mask
+
+
+def _advance(new: Tensor, old: Tensor, active_t: Optional[Tensor]) -> Tensor:
+    # beyond a sequence's length its state stays what it was
+    return new if active_t is None else torch.where(active_t, new, old)
+
+
+def _output(h: Tensor, active_t: Optional[Tensor]) -> Tensor:
+    return h if active_t is None else torch.where(active_t, h, torch.zeros_like(h))
+
+
+def irnn_loop(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, recurrent_mask=None, lengths=None,
+              hidden_clip=None) -> Tuple[Tensor, Tensor]:
+    """IRNN layer, x [T, B, I], h0 [B, H] -> (y [T, B, H], h_T [B, H]). Options as in
+    :func:`fused_rnn.irnn`: recurrent_mask [B, H] multiplies h_{t-1} in the recurrent
+    product; lengths [B] stops each sequence (state frozen, y zero) after its length;
+    h_t = min(relu(z_t), hidden_clip)."""
     pre = _input_projection(x, w_ih, b_ih, b_hh)
+    active = active_steps(lengths, x.shape[0], x.device)
     h = h0
     outputs = []
-    for pre_t in pre:
-        h = torch.relu(torch.addmm(pre_t, h, w_hh.t()))
-        outputs.append(h)
+    for t, pre_t in enumerate(pre):
+        h_new = torch.relu(torch.addmm(pre_t, _recurrent_input(h, recurrent_mask), w_hh.t()))
+        if hidden_clip is not None:
+            h_new = torch.clamp(h_new, max=hidden_clip)
+        active_t = None if active is None else active[t]
+        h = _advance(h_new, h, active_t)
+        outputs.append(_output(h, active_t))
     if not outputs:
         return pre.new_empty(0, x.shape[1], w_hh.shape[1]), h0.clone()
     return torch.stack(outputs), h
@@ -41,14 +70,19 @@ def lstm_cell_update(gates: Tensor, c: Tensor) -> Tuple[Tensor, Tensor]:
     return h, c
 
 
-def lstm_loop(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None) -> Tuple[Tensor, Tensor, Tensor]:
-    """LSTM layer, x [T, B, I], h0, c0 [B, H] -> (y [T, B, H], h_T, c_T)."""
+def lstm_loop(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, recurrent_mask=None,
+              lengths=None) -> Tuple[Tensor, Tensor, Tensor]:
+    """LSTM layer, x [T, B, I], h0, c0 [B, H] -> (y [T, B, H], h_T, c_T); options as in
+    :func:`irnn_loop` (the mask applies to h only)."""
     pre = _input_projection(x, w_ih, b_ih, b_hh)
+    active = active_steps(lengths, x.shape[0], x.device)
     h, c = h0, c0
     outputs = []
-    for pre_t in pre:
-        h, c = lstm_cell_update(torch.addmm(pre_t, h, w_hh.t()), c)
-        outputs.append(h)
+    for t, pre_t in enumerate(pre):
+        h_new, c_new = lstm_cell_update(torch.addmm(pre_t, _recurrent_input(h, recurrent_mask), w_hh.t()), c)
+        active_t = None if active is None else active[t]
+        h, c = _advance(h_new, h, active_t), _advance(c_new, c, active_t)
+        outputs.append(_output(h, active_t))
     if not outputs:
         return pre.new_empty(0, x.shape[1], w_hh.shape[1]), h0.clone(), c0.clone()
     return torch.stack(outputs), h, c

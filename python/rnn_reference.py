@@ -87,6 +87,22 @@ and through the activations (sigmoid' = s (1 - s), tanh' = 1 - tanh**2):
 
 The parameter and input gradients are the same matrix products as for the IRNN with
 da_t in place of dz_t.
+
+Options (both cells unless said otherwise)
+------------------------------------------
+recurrent_mask m [B, H] (variational recurrent dropout, Gal & Ghahramani 2016): the
+recurrent product reads h_{t-1} * m instead of h_{t-1}, the same mask at every step, so
+    z_t = ... + (h_{t-1} * m) @ w_hh.T,   dL/dh_{t-1} = (dz_t @ w_hh) * m,
+    dw_hh = sum_t dz_t.T @ (h_{t-1} * m).
+The mask holds 0 and 1 / (1 - p); the cell state of the LSTM is not masked.
+
+lengths [B]: sequence b has lengths[b] steps. At t >= lengths[b] its state stops
+changing (h_t = h_{t-1}, c_t = c_{t-1}) and y_t is 0, so the final state is the state
+at its length. Backward, those steps pass dL/dh (and dL/dc) through unchanged, ignore
+dy_t, and contribute nothing to the parameter gradients.
+
+hidden_clip c (IRNN): h_t = min(relu(z_t), c), whose derivative is 1 where 0 < z_t < c
+and 0 elsewhere: a bound on the activations of long stateful ReLU recurrences.
 """
 
 from dataclasses import dataclass
@@ -159,28 +175,52 @@ class IRNNCache:
     preactivations: np.ndarray  # [T, B, H]: z_1, ..., z_T
     has_b_ih: bool
     has_b_hh: bool
+    recurrent_mask: np.ndarray = None  # [B, H]: h_{t-1} * mask feeds the recurrent product
+    active: np.ndarray = None  # [T, B, 1]: 1 where t < lengths[b]
+    hidden_clip: float = None
 
 
-def irnn_forward(x, h0, w_ih, w_hh, b_ih=None, b_hh=None):
+def _recurrent_input(h, mask):
+    return h if mask is None else h * mask
+
+
+def _active_steps(lengths, steps, batch):
+    """[T, B, 1]: 1.0 where step t is within sequence b's length (all ones without lengths)."""
+    if lengths is None:
+        return np.ones((steps, batch, 1))
+    lengths = np.asarray(lengths)
+    if lengths.shape != (batch,) or (lengths < 0).any() or (lengths > steps).any():
+        raise ValueError(f"lengths must be [{batch}] integers in [0, {steps}], got {lengths!r}")
+    return (np.arange(steps)[:, None] < lengths[None, :]).astype(np.float64)[:, :, None]
+
+
+def irnn_forward(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, recurrent_mask=None, lengths=None, hidden_clip=None):
     """One IRNN layer: h_t = relu(x_t @ w_ih.T + b_ih + h_{t-1} @ w_hh.T + b_hh).
 
-    x [T, B, I], h0 [B, H], w_ih [H, I], w_hh [H, H], b_ih and b_hh [H] or None.
-    Returns (y [T, B, H], h_T [B, H], cache); with T = 0, y is [0, B, H] and h_T = h0.
+    x [T, B, I], h0 [B, H], w_ih [H, I], w_hh [H, H], b_ih and b_hh [H] or None;
+    recurrent_mask [B, H], lengths [B], hidden_clip (a float) or None (see the module
+    docstring). Returns (y [T, B, H], h_T [B, H], cache); with T = 0, y is [0, B, H]
+    and h_T = h0.
     """
-    x, h0, w_ih, w_hh, b_ih, b_hh = map(_as_float64, (x, h0, w_ih, w_hh, b_ih, b_hh))
+    x, h0, w_ih, w_hh, b_ih, b_hh, mask = map(_as_float64, (x, h0, w_ih, w_hh, b_ih, b_hh, recurrent_mask))
     steps, batch, _ = x.shape
     hidden = w_hh.shape[1]
+    active = _active_steps(lengths, steps, batch)  # [T, B, 1]
 
     input_terms = _input_projection(x, w_ih, b_ih, b_hh)  # [T, B, H]
     hidden_states = np.empty((steps + 1, batch, hidden))  # [T + 1, B, H]
     preactivations = np.empty((steps, batch, hidden))  # [T, B, H]
     hidden_states[0] = h0
     for t in range(steps):
-        preactivations[t] = input_terms[t] + hidden_states[t] @ w_hh.T
-        hidden_states[t + 1] = np.maximum(preactivations[t], 0.0)
+        preactivations[t] = input_terms[t] + _recurrent_input(hidden_states[t], mask) @ w_hh.T
+        h = np.maximum(preactivations[t], 0.0)
+        if hidden_clip is not None:
+            h = np.minimum(h, hidden_clip)
+        hidden_states[t + 1] = np.where(active[t] > 0, h, hidden_states[t])
 
-    cache = IRNNCache(x, w_ih, w_hh, hidden_states, preactivations, b_ih is not None, b_hh is not None)
-    return hidden_states[1:].copy(), hidden_states[steps].copy(), cache
+    cache = IRNNCache(x, w_ih, w_hh, hidden_states, preactivations, b_ih is not None, b_hh is not None, mask,
+                      active, hidden_clip)
+    return hidden_states[1:] * active, hidden_states[steps].copy(), cache
 
 
 def irnn_backward(dy, dh_T, cache):
@@ -194,15 +234,22 @@ def irnn_backward(dy, dh_T, cache):
     dy = _upstream_or_zeros(dy, (steps, batch, hidden))  # [T, B, H]
     d_hidden = _upstream_or_zeros(dh_T, (batch, hidden)).copy()  # [B, H], dL/dh_t
 
+    active = cache.active if cache.active is not None else np.ones((steps, batch, 1))
     d_preactivations = np.empty((steps, batch, hidden))  # [T, B, H]
     for t in reversed(range(steps)):
-        d_hidden += dy[t]
-        d_preactivations[t] = d_hidden * (cache.preactivations[t] > 0.0)
-        d_hidden = d_preactivations[t] @ cache.w_hh
+        z = cache.preactivations[t]
+        d_hidden = d_hidden + dy[t] * active[t]
+        slope = z > 0.0
+        if cache.hidden_clip is not None:
+            slope = slope & (z < cache.hidden_clip)
+        d_preactivations[t] = d_hidden * slope * active[t]
+        d_recurrent = _recurrent_input(d_preactivations[t] @ cache.w_hh, cache.recurrent_mask)
+        # beyond a sequence's length h_t = h_{t-1}: dL/dh passes through unchanged
+        d_hidden = np.where(active[t] > 0, d_recurrent, d_hidden)
 
-    grads = _parameter_gradients(
-        d_preactivations, cache.x, cache.hidden_states[:-1], cache.w_ih, cache.has_b_ih, cache.has_b_hh
-    )
+    grads = _parameter_gradients(d_preactivations, cache.x,
+                                 _recurrent_input(cache.hidden_states[:-1], cache.recurrent_mask), cache.w_ih,
+                                 cache.has_b_ih, cache.has_b_hh)
     grads["dh0"] = d_hidden
     return grads
 
@@ -222,18 +269,22 @@ class LSTMCache:
     activated_gates: np.ndarray  # [T, B, 4H]: i, f, g, o after their sigmoid / tanh
     has_b_ih: bool
     has_b_hh: bool
+    recurrent_mask: np.ndarray = None  # [B, H]
+    active: np.ndarray = None  # [T, B, 1]
 
 
-def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None):
+def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, recurrent_mask=None, lengths=None):
     """One LSTM layer, gate order (i, f, g, o) as in torch.nn.LSTM.
 
-    x [T, B, I], h0 and c0 [B, H], w_ih [4H, I], w_hh [4H, H], b_ih and b_hh [4H] or None.
+    x [T, B, I], h0 and c0 [B, H], w_ih [4H, I], w_hh [4H, H], b_ih and b_hh [4H] or None;
+    recurrent_mask [B, H] and lengths [B] or None (see the module docstring).
     Returns (y [T, B, H], h_T [B, H], c_T [B, H], cache); with T = 0, y is [0, B, H]
     and (h_T, c_T) = (h0, c0).
     """
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh = map(_as_float64, (x, h0, c0, w_ih, w_hh, b_ih, b_hh))
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask = map(_as_float64, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, recurrent_mask))
     steps, batch, _ = x.shape
     hidden = w_hh.shape[1]
+    active = _active_steps(lengths, steps, batch)  # [T, B, 1]
 
     input_terms = _input_projection(x, w_ih, b_ih, b_hh)  # [T, B, 4H]
     hidden_states = np.empty((steps + 1, batch, hidden))  # [T + 1, B, H]
@@ -242,17 +293,18 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None):
     hidden_states[0] = h0
     cell_states[0] = c0
     for t in range(steps):
-        gate_preactivations = input_terms[t] + hidden_states[t] @ w_hh.T  # [B, 4H]
+        gate_preactivations = input_terms[t] + _recurrent_input(hidden_states[t], mask) @ w_hh.T  # [B, 4H]
         a_i, a_f, a_g, a_o = np.split(gate_preactivations, 4, axis=1)
         i, f, g, o = _sigmoid(a_i), _sigmoid(a_f), np.tanh(a_g), _sigmoid(a_o)
         activated_gates[t] = np.concatenate([i, f, g, o], axis=1)
-        cell_states[t + 1] = f * cell_states[t] + i * g
-        hidden_states[t + 1] = o * np.tanh(cell_states[t + 1])
+        c = f * cell_states[t] + i * g
+        cell_states[t + 1] = np.where(active[t] > 0, c, cell_states[t])
+        hidden_states[t + 1] = np.where(active[t] > 0, o * np.tanh(c), hidden_states[t])
 
     cache = LSTMCache(
-        x, w_ih, w_hh, hidden_states, cell_states, activated_gates, b_ih is not None, b_hh is not None
+        x, w_ih, w_hh, hidden_states, cell_states, activated_gates, b_ih is not None, b_hh is not None, mask, active
     )
-    return hidden_states[1:].copy(), hidden_states[steps].copy(), cell_states[steps].copy(), cache
+    return hidden_states[1:] * active, hidden_states[steps].copy(), cell_states[steps].copy(), cache
 
 
 def lstm_backward(dy, dh_T, dc_T, cache):
@@ -268,28 +320,31 @@ def lstm_backward(dy, dh_T, dc_T, cache):
     d_hidden = _upstream_or_zeros(dh_T, (batch, hidden)).copy()  # [B, H], dL/dh_t
     d_cell = _upstream_or_zeros(dc_T, (batch, hidden)).copy()  # [B, H], dL/dc_t
 
+    active = cache.active if cache.active is not None else np.ones((steps, batch, 1))
     d_gate_preactivations = np.empty((steps, batch, 4 * hidden))  # [T, B, 4H]
     for t in reversed(range(steps)):
-        d_hidden = d_hidden + dy[t]
+        d_hidden_in = d_hidden + dy[t] * active[t]
         i, f, g, o = np.split(cache.activated_gates[t], 4, axis=1)
         tanh_cell = np.tanh(cache.cell_states[t + 1])
 
-        d_o = d_hidden * tanh_cell
-        d_cell = d_cell + d_hidden * o * (1.0 - tanh_cell**2)
-        d_i = d_cell * g
-        d_g = d_cell * i
-        d_f = d_cell * cache.cell_states[t]
-        d_cell = d_cell * f
+        d_o = d_hidden_in * tanh_cell
+        d_cell_in = d_cell + d_hidden_in * o * (1.0 - tanh_cell**2)
+        d_i = d_cell_in * g
+        d_g = d_cell_in * i
+        d_f = d_cell_in * cache.cell_states[t]
 
-        d_gate_preactivations[t] = np.concatenate(
+        d_gate_preactivations[t] = active[t] * np.concatenate(
             [d_i * i * (1.0 - i), d_f * f * (1.0 - f), d_g * (1.0 - g**2), d_o * o * (1.0 - o)],
             axis=1,
         )
-        d_hidden = d_gate_preactivations[t] @ cache.w_hh
+        # beyond a sequence's length the state is carried: dL/dh and dL/dc pass unchanged
+        d_hidden = np.where(active[t] > 0,
+                            _recurrent_input(d_gate_preactivations[t] @ cache.w_hh, cache.recurrent_mask), d_hidden)
+        d_cell = np.where(active[t] > 0, d_cell_in * f, d_cell)
 
-    grads = _parameter_gradients(
-        d_gate_preactivations, cache.x, cache.hidden_states[:-1], cache.w_ih, cache.has_b_ih, cache.has_b_hh
-    )
+    grads = _parameter_gradients(d_gate_preactivations, cache.x,
+                                 _recurrent_input(cache.hidden_states[:-1], cache.recurrent_mask), cache.w_ih,
+                                 cache.has_b_ih, cache.has_b_hh)
     grads["dh0"] = d_hidden
     grads["dc0"] = d_cell
     return grads

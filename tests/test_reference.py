@@ -230,6 +230,90 @@ def test_lstm_backward_matches_finite_differences():
         )
 
 
+def _options(rng, batch, hidden, steps):
+    """A recurrent-dropout mask (0 or 1/(1-p)) and lengths that include 0, 1 and the full T."""
+    mask = (rng.random((batch, hidden)) > 0.3) / 0.7
+    lengths = np.array([steps, 0, 1, steps - 1][:batch] + [steps] * max(0, batch - 4))
+    return mask, lengths
+
+
+@pytest.mark.parametrize("cell", ["irnn", "lstm"])
+def test_backward_with_options_matches_finite_differences(cell):
+    """The recurrent mask, per-sequence lengths and (IRNN) the hidden clip, derived by
+    hand in the reference, against central differences of its own forward."""
+    gates = 1 if cell == "irnn" else 4
+    arrays, upstream = tiny_problem(np.random.default_rng(7), gates=gates)
+    steps, batch = arrays["x"].shape[:2]
+    mask, lengths = _options(np.random.default_rng(8), batch, arrays["w_hh"].shape[1], steps)
+    parameter_names = ["w_ih", "w_hh", "b_ih", "b_hh"]
+    clip = 0.6 if cell == "irnn" else None
+
+    def forward(a):
+        params = [a[n] for n in parameter_names]
+        if cell == "irnn":
+            return rnn_reference.irnn_forward(a["x"], a["h0"], *params, recurrent_mask=mask, lengths=lengths,
+                                              hidden_clip=clip)
+        return rnn_reference.lstm_forward(a["x"], a["h0"], a["c0"], *params, recurrent_mask=mask, lengths=lengths)
+
+    def loss_of(a):
+        outputs = forward(a)[:-1]
+        names = ("dy", "dh_T", "dc_T")
+        return sum(np.sum(upstream[n] * out) for n, out in zip(names, outputs))
+
+    cache = forward(arrays)[-1]
+    if cell == "irnn":
+        z = cache.preactivations  # keep away from relu's and the clip's kinks, compared with the step
+        assert np.min(np.abs(z)) > 1e-3 and np.min(np.abs(z - clip)) > 1e-3 and (z > clip).any()
+        grads = rnn_reference.irnn_backward(upstream["dy"], upstream["dh_T"], cache)
+    else:
+        grads = rnn_reference.lstm_backward(upstream["dy"], upstream["dh_T"], upstream["dc_T"], cache)
+    names = ["x", "h0", *parameter_names] + (["c0"] if cell == "lstm" else [])
+    for name in names:
+        np.testing.assert_allclose(
+            grads["d" + name], numerical_gradient(loss_of, arrays, name), err_msg=name, **FINITE_DIFFERENCE_TOLERANCE
+        )
+    y = forward(arrays)[0]
+    for b, length in enumerate(lengths):
+        assert not y[length:, b].any()  # outputs beyond a sequence's length are zero
+
+
+@pytest.mark.parametrize("cell", ["irnn", "lstm"])
+def test_options_match_torch_autograd(cell):
+    """The same options through the torch time loop (fused_rnn's "torch" backend),
+    differentiated by autograd: two independent derivations of every gradient."""
+    from fused_rnn import torch_loop
+
+    gates = 1 if cell == "irnn" else 4
+    rng = np.random.default_rng(11)
+    steps, batch, inputs, hidden = 6, 5, 3, 7
+    a = {"x": rng.normal(size=(steps, batch, inputs)), "h0": rng.normal(size=(batch, hidden)),
+         "c0": rng.normal(size=(batch, hidden)), "w_ih": rng.normal(size=(gates * hidden, inputs)) * 0.5,
+         "w_hh": rng.normal(size=(gates * hidden, hidden)) * 0.4, "b_ih": rng.normal(size=gates * hidden) * 0.1}
+    up = {"dy": rng.normal(size=(steps, batch, hidden)), "dh": rng.normal(size=(batch, hidden)),
+          "dc": rng.normal(size=(batch, hidden))}
+    mask, lengths = _options(rng, batch, hidden, steps)
+    t = {k: torch.tensor(v, requires_grad=True) for k, v in a.items()}
+    options = dict(recurrent_mask=torch.tensor(mask), lengths=torch.tensor(lengths))
+    if cell == "irnn":
+        *want_out, cache = rnn_reference.irnn_forward(a["x"], a["h0"], a["w_ih"], a["w_hh"], a["b_ih"], None,
+                                                      mask, lengths, 0.8)
+        outputs = torch_loop.irnn_loop(t["x"], t["h0"], t["w_ih"], t["w_hh"], t["b_ih"], None, **options,
+                                       hidden_clip=0.8)
+        want = rnn_reference.irnn_backward(up["dy"], up["dh"], cache)
+        upstream, names = (up["dy"], up["dh"]), ["x", "h0", "w_ih", "w_hh", "b_ih"]
+    else:
+        *want_out, cache = rnn_reference.lstm_forward(a["x"], a["h0"], a["c0"], a["w_ih"], a["w_hh"], a["b_ih"],
+                                                      None, mask, lengths)
+        outputs = torch_loop.lstm_loop(t["x"], t["h0"], t["c0"], t["w_ih"], t["w_hh"], t["b_ih"], None, **options)
+        want = rnn_reference.lstm_backward(up["dy"], up["dh"], up["dc"], cache)
+        upstream, names = (up["dy"], up["dh"], up["dc"]), ["x", "h0", "c0", "w_ih", "w_hh", "b_ih"]
+    for got, expected in zip(outputs, want_out):
+        np.testing.assert_allclose(got.detach().numpy(), expected, rtol=1e-12, atol=1e-12)
+    torch.autograd.backward(outputs, [torch.tensor(u) for u in upstream])
+    for name in names:
+        np.testing.assert_allclose(t[name].grad.numpy(), want["d" + name], rtol=1e-10, atol=1e-12, err_msg=name)
+
+
 # ------------------------------------------------------------ edge cases and contract
 
 

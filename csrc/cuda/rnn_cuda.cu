@@ -16,7 +16,10 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <map>
+#include <mutex>
 #include <string>
+#include <tuple>
 
 #include "../layer_common.h"
 #include "scan_kernels.h"
@@ -38,7 +41,9 @@ void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef sizes) {
 }
 
 void check_launch(cudaError_t error, const char* what) {
-  TORCH_CHECK(error == cudaSuccess, "fused_rnn: ", what, " failed: ", cudaGetErrorString(error));
+  if (error == cudaSuccess) return;
+  (void)cudaGetLastError();  // clear it, or the next kernel launch check would report it as its own
+  TORCH_CHECK(false, "fused_rnn: ", what, " failed: ", cudaGetErrorString(error));
 }
 
 // Calls fn with a value of the CUDA element type of `dtype`.
@@ -97,17 +102,45 @@ std::string scan_unsupported(int device, int64_t gates, at::ScalarType dtype, in
     error = gates == 1 ? check_scan_residency<scalar_t, 1>(plan, backward, &fits)
                        : check_scan_residency<scalar_t, 4>(plan, backward, &fits);
   });
-  if (error != cudaSuccess) return std::string("occupancy query failed: ") + cudaGetErrorString(error);
+  if (error != cudaSuccess) {
+    (void)cudaGetLastError();  // a reason to fall back, not an error for the next launch to find
+    return std::string("occupancy query failed: ") + cudaGetErrorString(error);
+  }
   if (!fits) return std::to_string(plan.blocks) + " blocks of " + std::to_string(kThreads) + " threads cannot all be resident";
   return "";
 }
 
-ScanPlan plan_or_fail(const at::Tensor& x, int64_t gates, int64_t hidden, bool backward) {
+struct ScanCheck {
+  std::string reason;  // empty: the scan can run
   ScanPlan plan;
-  const std::string reason = scan_unsupported(x.get_device(), gates, x.scalar_type(), hidden, backward, &plan);
-  TORCH_CHECK(reason.empty(), "fused_rnn: the CUDA ", gates == 1 ? "IRNN" : "LSTM", " scan keeps W_hh on chip: ",
-              reason, ". Use backend='triton' (backend='auto' does).");
-  return plan;
+};
+
+// scan_unsupported, cached per (device, cell, dtype, H, direction): the answer cannot
+// change, and the occupancy query costs microseconds on a backend meant for
+// latency-bound small batches.
+const ScanCheck& checked_scan(int device, int64_t gates, at::ScalarType dtype, int64_t hidden, bool backward) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, int64_t, int, int64_t, bool>, ScanCheck> cache;
+  const auto key = std::make_tuple(device, gates, static_cast<int>(dtype), hidden, backward);
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = cache.find(key);
+  if (found == cache.end()) {
+    ScanCheck check;
+    check.reason = scan_unsupported(device, gates, dtype, hidden, backward, &check.plan);
+    found = cache.emplace(key, std::move(check)).first;
+  }
+  return found->second;  // std::map never moves its elements
+}
+
+// The plan of one direction; both directions must fit, so that a forward never
+// succeeds only for its backward to fail.
+ScanPlan plan_or_fail(const at::Tensor& x, int64_t gates, int64_t hidden, bool backward) {
+  for (const bool direction : {false, true}) {
+    const ScanCheck& check = checked_scan(x.get_device(), gates, x.scalar_type(), hidden, direction);
+    TORCH_CHECK(check.reason.empty(), "fused_rnn: the CUDA ", gates == 1 ? "IRNN" : "LSTM",
+                " scan keeps W_hh on chip: ", check.reason, ". Use backend='triton' (backend='auto' does).");
+  }
+  return checked_scan(x.get_device(), gates, x.scalar_type(), hidden, backward).plan;
 }
 
 // ---------------------------------------------------------------------------
@@ -122,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor> irnn_scan_forward(const at::Tensor& x_in, con
   check_cuda_layer(x, {{&h0, "h0"}}, w_ih, w_hh, bias, 1);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t steps = x.size(0), batch = x.size(1), hidden = w_hh.size(1);
-  if (steps == 0 || batch == 0) return {x.new_empty({steps, batch, hidden}), h0.clone()};
+  if (steps == 0 || batch == 0 || hidden == 0) return {x.new_zeros({steps, batch, hidden}), h0.clone()};
   const ScanPlan plan = plan_or_fail(x, 1, hidden, false);
   auto pre = input_projection(f32(x), f32(w_ih), f32(bias));  // [T, B, H] float32
   auto y = at::empty({steps, batch, hidden}, x.options());
@@ -152,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> irnn_scan
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const auto dtype = x.scalar_type();
-  if (steps == 0 || batch == 0) {
+  if (steps == 0 || batch == 0 || hidden == 0) {
     return {grad_x ? at::zeros_like(x) : at::empty({0}, x.options()), grad_h_n.clone(), at::zeros_like(w_ih),
             at::zeros_like(w_hh), at::zeros({hidden}, w_hh.options())};
   }
@@ -255,9 +288,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_scan
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t steps = x.size(0), batch = x.size(1), hidden = w_hh.size(1);
   const auto options = x.options().dtype(at::kFloat);
-  if (steps == 0 || batch == 0) {
-    return {x.new_empty({steps, batch, hidden}), h0.clone(), c0.clone(), at::empty({steps, batch, hidden}, options),
-            at::empty({steps, batch, 4 * hidden}, options)};
+  if (steps == 0 || batch == 0 || hidden == 0) {
+    return {x.new_zeros({steps, batch, hidden}), h0.clone(), c0.clone(), at::zeros({steps, batch, hidden}, options),
+            at::zeros({steps, batch, 4 * hidden}, options)};
   }
   const ScanPlan plan = plan_or_fail(x, 4, hidden, false);
   auto gates = input_projection(f32(x), f32(w_ih), f32(bias));  // [T, B, 4H]: pre-activations, then activations
@@ -299,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_tensor(gates, "gates", c10::DeviceType::CUDA, at::kFloat, &x);
   check_shape(gates, "gates", {steps, batch, 4 * hidden});
   const c10::cuda::CUDAGuard guard(x.device());
-  if (steps == 0 || batch == 0) {
+  if (steps == 0 || batch == 0 || hidden == 0) {
     return {grad_x ? at::zeros_like(x) : at::empty({0}, x.options()), grad_h_n.clone(), grad_c_n.clone(),
             at::zeros_like(w_ih), at::zeros_like(w_hh), at::zeros({4 * hidden}, w_hh.options())};
   }
@@ -377,8 +410,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 std::string cuda_scan_unsupported(int device, int64_t gates, at::ScalarType dtype, int64_t hidden) {
   for (const bool backward : {false, true}) {
-    const std::string reason = scan_unsupported(device, gates, dtype, hidden, backward, nullptr);
-    if (!reason.empty()) return reason;
+    const ScanCheck& check = checked_scan(device, gates, dtype, hidden, backward);
+    if (!check.reason.empty()) return check.reason;
   }
   return "";
 }

@@ -2,6 +2,8 @@
 // which explains the design), and every instantiation the ATen side (rnn_cuda.cu)
 // uses. No torch include: bench/cuda_resources.py compiles this file on its own with
 // nvcc -Xptxas -v.
+#include <mutex>
+
 #include "scan_kernels.cuh"
 
 namespace fused_rnn {
@@ -11,13 +13,31 @@ using namespace kernels;
 
 namespace {
 
+constexpr int kMaxDevices = 64;
+
+// Raises `kernel`'s dynamic shared memory limit to the device's opt-in maximum, once
+// per device: a per-call value could be lowered by another host thread between its
+// set and this thread's launch. Every launch and occupancy query passes its own size.
+template <auto kernel>
+cudaError_t allow_opt_in_shared_memory() {
+  static std::mutex mutex;
+  static bool done[kMaxDevices] = {};
+  int device = 0, limit = 0;
+  cudaError_t error = cudaGetDevice(&device);
+  if (error != cudaSuccess) return error;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (device < kMaxDevices && done[device]) return cudaSuccess;
+  error = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (error == cudaSuccess) error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
+  if (error == cudaSuccess && device < kMaxDevices) done[device] = true;
+  return error;
+}
+
 // A cooperative launch of kernel(args, plan): plan.blocks blocks of kThreads threads
 // with plan.smem_bytes of dynamic shared memory.
-template <typename Args>
-cudaError_t cooperative_launch(void (*kernel)(Args, ScanPlan), const Args& args, const ScanPlan& plan,
-                               cudaStream_t stream) {
-  cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(plan.smem_bytes));
+template <auto kernel, typename Args>
+cudaError_t cooperative_launch(const Args& args, const ScanPlan& plan, cudaStream_t stream) {
+  cudaError_t error = allow_opt_in_shared_memory<kernel>();
   if (error != cudaSuccess) return error;
   Args kernel_args = args;
   ScanPlan kernel_plan = plan;
@@ -26,15 +46,13 @@ cudaError_t cooperative_launch(void (*kernel)(Args, ScanPlan), const Args& args,
                                      dim3(kThreads), params, static_cast<size_t>(plan.smem_bytes), stream);
 }
 
-template <typename Kernel>
-cudaError_t residency(Kernel kernel, const ScanPlan& plan, bool* fits) {
+template <auto kernel>
+cudaError_t residency(const ScanPlan& plan, bool* fits) {
   int device = 0, sm_count = 0, cooperative = 0, per_sm = 0;
   cudaError_t error = cudaGetDevice(&device);
   if (error == cudaSuccess) error = cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device);
   if (error == cudaSuccess) error = cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device);
-  if (error == cudaSuccess)
-    error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(plan.smem_bytes));
+  if (error == cudaSuccess) error = allow_opt_in_shared_memory<kernel>();
   if (error == cudaSuccess)
     error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads,
                                                           static_cast<size_t>(plan.smem_bytes));
@@ -46,18 +64,18 @@ cudaError_t residency(Kernel kernel, const ScanPlan& plan, bool* fits) {
 
 template <typename scalar_t, int G>
 cudaError_t launch_scan_forward(const ForwardArgs<scalar_t>& args, const ScanPlan& plan, cudaStream_t stream) {
-  return cooperative_launch(scan_forward_kernel<scalar_t, G>, args, plan, stream);
+  return cooperative_launch<scan_forward_kernel<scalar_t, G>>(args, plan, stream);
 }
 
 template <typename scalar_t, int G>
 cudaError_t launch_scan_backward(const BackwardArgs<scalar_t>& args, const ScanPlan& plan, cudaStream_t stream) {
-  return cooperative_launch(scan_backward_kernel<scalar_t, G>, args, plan, stream);
+  return cooperative_launch<scan_backward_kernel<scalar_t, G>>(args, plan, stream);
 }
 
 template <typename scalar_t, int G>
 cudaError_t check_scan_residency(const ScanPlan& plan, bool backward, bool* fits) {
-  return backward ? residency(scan_backward_kernel<scalar_t, G>, plan, fits)
-                  : residency(scan_forward_kernel<scalar_t, G>, plan, fits);
+  return backward ? residency<scan_backward_kernel<scalar_t, G>>(plan, fits)
+                  : residency<scan_forward_kernel<scalar_t, G>>(plan, fits);
 }
 
 template <typename scalar_t>

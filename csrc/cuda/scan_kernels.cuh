@@ -217,6 +217,8 @@ __global__ void __launch_bounds__(kThreads, 1) scan_backward_kernel(BackwardArgs
           const int64_t row = t * B + b;
           const float dh = to_float(a.grad_y[row * H + unit]) + (recurrent ? acc[0][r] : a.grad_h_n[b * H + unit]);
           if constexpr (G == 1) {
+            // relu' from the sign of h_t as stored in y (the inputs' dtype), as the Triton
+            // scan: a positive h below float16's smallest subnormal (6e-8) reads as 0
             a.dpre[row * H + unit] = cell::relu_backward(dh, to_float(a.y[row * H + unit]));
           } else {
             const float* gates = a.gates + row * GH + unit;

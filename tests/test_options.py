@@ -1,0 +1,81 @@
+"""The per-sequence options of fused_rnn.irnn / fused_rnn.lstm (recurrent_mask,
+lengths, hidden_clip): argument checks, dispatch to the backends that implement them,
+and every backend that does against the NumPy reference (outputs, final states and
+all gradients)."""
+
+import numpy as np
+import pytest
+import torch
+
+import fused_rnn
+import rnn_reference as ref
+from test_backends import assert_matches, make_layer, to_torch
+
+OPTION_BACKENDS = [name for name in fused_rnn.available_backends("cpu")
+                   if {"recurrent_mask", "lengths", "hidden_clip"} <= set(
+                       fused_rnn.functional.OPTION_SUPPORT.get(name, ("recurrent_mask", "lengths", "hidden_clip")))]
+SHAPES = [(1, 1, 3, 5), (9, 5, 4, 7), (20, 18, 6, 13)]  # (T, B, I, H)
+
+
+def _options(steps, batch, hidden, seed):
+    rng = np.random.default_rng(seed)
+    mask = (rng.random((batch, hidden)) > 0.25) / 0.75
+    lengths = rng.integers(0, steps + 1, size=batch)
+    lengths[0] = steps  # the longest sequence spans the batch, as after padding
+    return mask, lengths
+
+
+@pytest.mark.parametrize("backend", OPTION_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
+@pytest.mark.parametrize("cell", ["irnn", "lstm"])
+def test_options_match_reference(cell, shape, dtype, backend):
+    """Tolerances of test_backends: the options add one multiply or select per element."""
+    x, states, w_ih, w_hh, b_ih, b_hh, up = make_layer(cell, *shape, bias=True, seed=sum(shape))
+    mask, lengths = _options(shape[0], shape[1], shape[3], seed=shape[0])
+    tx, tw_ih, tw_hh, tb_ih, tb_hh = (to_torch(a, dtype) for a in (x, w_ih, w_hh, b_ih, b_hh))
+    tstates = [to_torch(s, dtype) for s in states]
+    options = dict(recurrent_mask=torch.tensor(mask, dtype=dtype), lengths=torch.tensor(lengths))
+    if cell == "irnn":
+        y, h_n = fused_rnn.irnn(tx, tstates[0], tw_ih, tw_hh, tb_ih, tb_hh, backend=backend, **options,
+                                hidden_clip=1.5)
+        outputs, upstream = (y, h_n), (up["y"], up["h"])
+        want_y, want_h, cache = ref.irnn_forward(x, states[0], w_ih, w_hh, b_ih, b_hh, mask, lengths, 1.5)
+        want_out, want = (want_y, want_h), ref.irnn_backward(up["y"], up["h"], cache)
+        grads = {"dx": tx, "dh0": tstates[0]}
+    else:
+        y, (h_n, c_n) = fused_rnn.lstm(tx, tuple(tstates), tw_ih, tw_hh, tb_ih, tb_hh, backend=backend, **options)
+        outputs, upstream = (y, h_n, c_n), (up["y"], up["h"], up["c"])
+        want_y, want_h, want_c, cache = ref.lstm_forward(x, *states, w_ih, w_hh, b_ih, b_hh, mask, lengths)
+        want_out, want = (want_y, want_h, want_c), ref.lstm_backward(up["y"], up["h"], up["c"], cache)
+        grads = {"dx": tx, "dh0": tstates[0], "dc0": tstates[1]}
+    for name, got, expected in zip(("y", "h_T", "c_T"), outputs, want_out):
+        assert_matches(name, got, expected, dtype)
+    torch.autograd.backward(outputs, [torch.tensor(u, dtype=dtype) for u in upstream])
+    grads.update({"dw_ih": tw_ih, "dw_hh": tw_hh, "db_ih": tb_ih, "db_hh": tb_hh})
+    for name, tensor in grads.items():
+        assert_matches(name, tensor.grad, want[name], dtype)
+
+
+def test_dispatch_takes_a_backend_that_implements_the_options():
+    x, w_ih, w_hh = torch.randn(3, 2, 4), torch.randn(5, 4), torch.eye(5)
+    choice = fused_rnn.select_backend("cpu", torch.float32, cell="irnn", options=("hidden_clip",))
+    assert choice.name in OPTION_BACKENDS
+    for name in set(fused_rnn.available_backends("cpu")) - set(OPTION_BACKENDS):
+        assert "does not implement hidden_clip" in choice.skipped[name]
+    y, _ = fused_rnn.irnn(x, None, w_ih, w_hh, hidden_clip=0.1)
+    assert y.max() == torch.tensor(0.1, dtype=y.dtype)  # the clip is reached and never exceeded
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(recurrent_mask=torch.ones(2, 4)), r"recurrent_mask must have shape \[B, H\] = \[2, 5\]"),
+    (dict(recurrent_mask=torch.ones(2, 5, dtype=torch.float64)), "one dtype"),
+    (dict(lengths=torch.tensor([1.0, 2.0])), "lengths must hold integers"),
+    (dict(lengths=torch.tensor([1, 2, 3])), r"lengths must have shape \[B\] = \[2\]"),
+    (dict(lengths=torch.tensor([1, 4])), r"lengths must lie in \[0, T\] = \[0, 3\]"),
+    (dict(lengths=[1, 2]), "lengths must be a torch.Tensor"),
+    (dict(hidden_clip=0.0), "hidden_clip must be a positive number"),
+])
+def test_bad_options_name_the_argument(bad, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        fused_rnn.irnn(torch.randn(3, 2, 4), None, torch.randn(5, 4), torch.eye(5), **bad)
