@@ -107,6 +107,18 @@ FUSED_RNN_HOST_DEVICE T relu_backward(T grad_h, T h) {
   return h <= T(0) ? T(0) : grad_h;  // as PyTorch's threshold_backward: NaN h passes the gradient
 }
 
+// The bounded ReLU of hidden_clip: h = min(relu(z), clip); dz = dh * [0 < h < clip]
+// (h == clip means z >= clip, where the bound holds h constant). NaN propagates.
+template <typename T>
+FUSED_RNN_HOST_DEVICE T relu_clipped(T z, T clip) {
+  return z < T(0) ? T(0) : (z > clip ? clip : z);
+}
+
+template <typename T>
+FUSED_RNN_HOST_DEVICE T relu_clipped_backward(T grad_h, T h, T clip) {
+  return (h <= T(0) || h >= clip) ? T(0) : grad_h;
+}
+
 // ---------------------------------------------------------------------------
 // LSTM, one element of one row:
 //   i = sigmoid(a_i), f = sigmoid(a_f), g = tanh(a_g), o = sigmoid(a_o)

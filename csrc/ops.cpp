@@ -6,6 +6,10 @@
 // activated gates, both saved by the LSTM forward for its backward. A scan backward
 // with grad_x=false skips dx = dpre @ W_ih (a skinny GEMM that costs as much as the
 // pointwise passes of the whole scan when I is small) and returns an empty grad_x.
+// Scan options (fused_rnn.irnn / lstm): recurrent_mask [B, H] multiplies h_{t-1} in the
+// recurrent product; lengths [B] (integers, any device) stop each sequence after its
+// length (state frozen, y zero beyond it); hidden_clip bounds the IRNN's h. The
+// backward takes the same options as its forward.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -51,21 +55,25 @@ pybind11::dict scan_plan_dict(int64_t gates, int64_t weight_size, int64_t hidden
 TORCH_LIBRARY(fused_rnn, m) {
   // The fake (meta) kernels and autograd formulas live in fused_rnn/ops.py.
   m.set_python_module("fused_rnn.ops");
-  m.def("irnn_scan_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? bias) -> (Tensor y, Tensor h_n)");
+  m.def(
+      "irnn_scan_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? bias, Tensor? recurrent_mask=None,"
+      " Tensor? lengths=None, float? hidden_clip=None) -> (Tensor y, Tensor h_n)");
   m.def(
       "irnn_scan_backward(Tensor grad_y, Tensor grad_h_n, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor y,"
-      " bool grad_x=True)"
+      " bool grad_x=True, Tensor? recurrent_mask=None, Tensor? lengths=None, float? hidden_clip=None)"
       " -> (Tensor grad_x, Tensor grad_h0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
   m.def("irnn_step(Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor? bias) -> Tensor h_new");
   m.def(
       "irnn_step_backward(Tensor grad_h_new, Tensor x, Tensor h, Tensor w_ih, Tensor w_hh, Tensor h_new)"
       " -> (Tensor grad_x, Tensor grad_h, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
   m.def(
-      "lstm_scan_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? bias)"
+      "lstm_scan_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? bias,"
+      " Tensor? recurrent_mask=None, Tensor? lengths=None)"
       " -> (Tensor y, Tensor h_n, Tensor c_n, Tensor cells, Tensor gates)");
   m.def(
       "lstm_scan_backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor h0, Tensor c0,"
-      " Tensor w_ih, Tensor w_hh, Tensor y, Tensor cells, Tensor gates, bool grad_x=True)"
+      " Tensor w_ih, Tensor w_hh, Tensor y, Tensor cells, Tensor gates, bool grad_x=True,"
+      " Tensor? recurrent_mask=None, Tensor? lengths=None)"
       " -> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
   m.def(
       "lstm_step(Tensor x, Tensor h, Tensor c, Tensor w_ih, Tensor w_hh, Tensor? bias)"

@@ -42,7 +42,7 @@ BACKENDS = ("cpp", "cuda", "triton", "torch")
 # The per-sequence options (recurrent_mask, lengths, hidden_clip) each backend takes;
 # "torch" takes them all. The fused kernels get them one at a time (issue: recurrent
 # dropout, variable lengths and bounded activations in every backend).
-OPTION_SUPPORT = {"cpp": (), "cuda": (), "triton": ()}
+OPTION_SUPPORT = {"cpp": ("recurrent_mask", "lengths", "hidden_clip"), "cuda": (), "triton": ()}
 _GATES = {"irnn": 1, "lstm": 4}
 
 
@@ -169,46 +169,53 @@ def _split_bias_grad(dbias: Tensor, b_ih, b_hh):
 class IRNNFunction(torch.autograd.Function):
     """Fused IRNN layer over a whole sequence on the compiled kernels.
 
-    ``IRNNFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh) -> (y, h_T)`` with x [T, B, I],
+    ``IRNNFunction.apply(x, h0, w_ih, w_hh, b_ih, b_hh[, recurrent_mask, lengths,
+    hidden_clip]) -> (y, h_T)`` with x [T, B, I],
     h0 [B, H], w_ih [H, I], w_hh [H, H], b_ih, b_hh [H] or None; y [T, B, H], h_T [B, H].
     All tensors contiguous, one dtype (float32/float64) and device. Most code should call
     :func:`irnn`, which checks arguments and picks the backend.
     """
 
     @staticmethod
-    def forward(x, h0, w_ih, w_hh, b_ih, b_hh):
-        return torch.ops.fused_rnn.irnn_scan_forward(x, h0, w_ih, w_hh, _combined_bias(b_ih, b_hh))
+    def forward(x, h0, w_ih, w_hh, b_ih, b_hh, recurrent_mask=None, lengths=None, hidden_clip=None):
+        return torch.ops.fused_rnn.irnn_scan_forward(x, h0, w_ih, w_hh, _combined_bias(b_ih, b_hh), recurrent_mask,
+                                                     lengths, hidden_clip)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, h0, w_ih, w_hh, b_ih, b_hh = inputs
+        x, h0, w_ih, w_hh, b_ih, b_hh, *options = inputs
         ctx.save_for_backward(x, h0, w_ih, w_hh, output[0])
-        ctx.biases = (b_ih, b_hh)
+        ctx.given_options = len(options)  # apply() may be called without the options
+        ctx.biases, ctx.options = (b_ih, b_hh), tuple(options) + (None,) * (3 - len(options))
         ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
 
     @staticmethod
     @once_differentiable  # the backward ops have no derivative of their own
     def backward(ctx, grad_y, grad_h_n):
         dx, dh0, dw_ih, dw_hh, dbias = _ops.irnn_scan_grads(ctx.saved_tensors, grad_y, grad_h_n,
-                                                            ctx.needs_input_grad[0])
-        return (dx, dh0, dw_ih, dw_hh, *_split_bias_grad(dbias, *ctx.biases))
+                                                            ctx.needs_input_grad[0], ctx.options)
+        return (dx, dh0, dw_ih, dw_hh, *_split_bias_grad(dbias, *ctx.biases)) + (None,) * ctx.given_options
 
 
 class LSTMFunction(torch.autograd.Function):
     """Fused LSTM layer over a whole sequence on the compiled kernels.
 
-    ``LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh) -> (y, h_T, c_T)`` with
+    ``LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh[, recurrent_mask, lengths])
+    -> (y, h_T, c_T, cells, gates)`` with
     x [T, B, I], h0, c0 [B, H], w_ih [4H, I], w_hh [4H, H], b_ih, b_hh [4H] or None
     (gate order i, f, g, o as in torch.nn.LSTM). Most code should call :func:`lstm`.
     """
 
     @staticmethod
-    def forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
-        return torch.ops.fused_rnn.lstm_scan_forward(x, h0, c0, w_ih, w_hh, _combined_bias(b_ih, b_hh))
+    def forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, recurrent_mask=None, lengths=None):
+        return torch.ops.fused_rnn.lstm_scan_forward(x, h0, c0, w_ih, w_hh, _combined_bias(b_ih, b_hh),
+                                                     recurrent_mask, lengths)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh = inputs
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, *options = inputs
+        ctx.given_options = len(options)  # apply() may be called without the options
+        ctx.options = tuple(options) + (None,) * (2 - len(options))
         y, _, _, cells, gates = output
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, y, cells, gates)
         ctx.mark_non_differentiable(cells, gates)
@@ -219,8 +226,8 @@ class LSTMFunction(torch.autograd.Function):
     @once_differentiable  # the backward ops have no derivative of their own
     def backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_cells, _grad_gates):
         dx, dh0, dc0, dw_ih, dw_hh, dbias = _ops.lstm_scan_grads(ctx.saved_tensors, grad_y, grad_h_n, grad_c_n,
-                                                                 ctx.needs_input_grad[0])
-        return (dx, dh0, dc0, dw_ih, dw_hh, *_split_bias_grad(dbias, *ctx.biases))
+                                                                 ctx.needs_input_grad[0], ctx.options)
+        return (dx, dh0, dc0, dw_ih, dw_hh, *_split_bias_grad(dbias, *ctx.biases)) + (None,) * ctx.given_options
 
 
 class IRNNCellFunction(torch.autograd.Function):
@@ -311,7 +318,7 @@ def irnn(
         h0 = _zero_state(x, w_hh.shape[1])
     if name == "torch":
         return torch_loop.irnn_loop(x, h0, w_ih, w_hh, b_ih, b_hh, recurrent_mask, lengths, hidden_clip)
-    return IRNNFunction.apply(*_contiguous(x, h0, w_ih, w_hh, b_ih, b_hh))
+    return IRNNFunction.apply(*_contiguous(x, h0, w_ih, w_hh, b_ih, b_hh, recurrent_mask), lengths, hidden_clip)
 
 
 def lstm(
@@ -349,7 +356,8 @@ def lstm(
     if name == "torch":
         y, h_n, c_n = torch_loop.lstm_loop(x, h0, c0, w_ih, w_hh, b_ih, b_hh, recurrent_mask, lengths)
     else:
-        y, h_n, c_n, _, _ = LSTMFunction.apply(*_contiguous(x, h0, c0, w_ih, w_hh, b_ih, b_hh))
+        y, h_n, c_n, _, _ = LSTMFunction.apply(*_contiguous(x, h0, c0, w_ih, w_hh, b_ih, b_hh, recurrent_mask),
+                                               lengths)
     return y, (h_n, c_n)
 
 

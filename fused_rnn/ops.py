@@ -9,13 +9,16 @@ one definition of each gradient.
 The ops (T steps, B batch, I inputs, H hidden, G = 1 for the IRNN and 4 for the LSTM;
 ``bias`` is b_ih + b_hh, [G*H], or None):
 
-    irnn_scan_forward(x, h0, w_ih, w_hh, bias) -> (y [T,B,H], h_n [B,H])
-    irnn_scan_backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, grad_x=True) -> (dx, dh0, dw_ih, dw_hh, dbias)
+    irnn_scan_forward(x, h0, w_ih, w_hh, bias, recurrent_mask=None, lengths=None, hidden_clip=None)
+        -> (y [T,B,H], h_n [B,H])
+    irnn_scan_backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, grad_x=True, recurrent_mask=None, lengths=None,
+                       hidden_clip=None) -> (dx, dh0, dw_ih, dw_hh, dbias)
     irnn_step(x [B,I], h, w_ih, w_hh, bias) -> h_new
     irnn_step_backward(grad_h_new, x, h, w_ih, w_hh, h_new) -> (dx, dh, dw_ih, dw_hh, dbias)
-    lstm_scan_forward(x, h0, c0, w_ih, w_hh, bias) -> (y, h_n, c_n, cells [T,B,H], gates [T,B,4H])
-    lstm_scan_backward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, y, cells, gates, grad_x=True)
-        -> (dx, dh0, dc0, dw_ih, dw_hh, dbias)
+    lstm_scan_forward(x, h0, c0, w_ih, w_hh, bias, recurrent_mask=None, lengths=None)
+        -> (y, h_n, c_n, cells [T,B,H], gates [T,B,4H])
+    lstm_scan_backward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, y, cells, gates, grad_x=True,
+                       recurrent_mask=None, lengths=None) -> (dx, dh0, dc0, dw_ih, dw_hh, dbias)
     lstm_step(x, h, c, w_ih, w_hh, bias) -> (h_new, c_new, gates [B,4H])
     lstm_step_backward(grad_h_new, grad_c_new, x, h, c, w_ih, w_hh, c_new, gates)
         -> (dx, dh, dc, dw_ih, dw_hh, dbias)
@@ -49,11 +52,12 @@ def _zeros_if_none(grad, like):
 
 # Backward helpers: `saved` is what the forward's setup_context stored.
 
-def irnn_scan_grads(saved, grad_y, grad_h_n, grad_x=True):
+def irnn_scan_grads(saved, grad_y, grad_h_n, grad_x=True, options=(None, None, None)):
+    """`options`: (recurrent_mask, lengths, hidden_clip) of the forward."""
     x, h0, w_ih, w_hh, y = saved
     grad_y = _zeros_if_none(grad_y, y)
     grad_h_n = _zeros_if_none(grad_h_n, h0)
-    dx, *rest = torch.ops.fused_rnn.irnn_scan_backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, grad_x)
+    dx, *rest = torch.ops.fused_rnn.irnn_scan_backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, grad_x, *options)
     return (dx if grad_x else None, *rest)
 
 
@@ -62,13 +66,14 @@ def irnn_step_grads(saved, grad_h_new):
     return torch.ops.fused_rnn.irnn_step_backward(_zeros_if_none(grad_h_new, h_new), x, h, w_ih, w_hh, h_new)
 
 
-def lstm_scan_grads(saved, grad_y, grad_h_n, grad_c_n, grad_x=True):
+def lstm_scan_grads(saved, grad_y, grad_h_n, grad_c_n, grad_x=True, options=(None, None)):
+    """`options`: (recurrent_mask, lengths) of the forward."""
     x, h0, c0, w_ih, w_hh, y, cells, gates = saved
     dx, *rest = torch.ops.fused_rnn.lstm_scan_backward(
         _zeros_if_none(grad_y, y),
         _zeros_if_none(grad_h_n, h0),
         _zeros_if_none(grad_c_n, c0),
-        x, h0, c0, w_ih, w_hh, y, cells, gates, grad_x,
+        x, h0, c0, w_ih, w_hh, y, cells, gates, grad_x, *options,
     )
     return (dx if grad_x else None, *rest)
 
@@ -104,11 +109,11 @@ def _register():
 
     # ---- fake implementations: shapes and dtypes only ----
     @torch.library.register_fake(lib + "irnn_scan_forward")
-    def _(x, h0, w_ih, w_hh, bias):
+    def _(x, h0, w_ih, w_hh, bias, recurrent_mask=None, lengths=None, hidden_clip=None):
         return x.new_empty(x.shape[0], x.shape[1], w_hh.shape[1]), _new_like(h0)
 
     @torch.library.register_fake(lib + "irnn_scan_backward")
-    def _(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, grad_x=True):
+    def _(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, grad_x=True, recurrent_mask=None, lengths=None, hidden_clip=None):
         return (_new_like(x) if grad_x else x.new_empty(0), _new_like(h0), _new_like(w_ih),
                 _new_like(w_hh), w_hh.new_empty(w_hh.shape[0]))
 
@@ -122,14 +127,15 @@ def _register():
                 _new_like(w_hh), w_hh.new_empty(w_hh.shape[0]))
 
     @torch.library.register_fake(lib + "lstm_scan_forward")
-    def _(x, h0, c0, w_ih, w_hh, bias):
+    def _(x, h0, c0, w_ih, w_hh, bias, recurrent_mask=None, lengths=None):
         steps, batch, hidden = x.shape[0], x.shape[1], w_hh.shape[1]
         return (x.new_empty(steps, batch, hidden), _new_like(h0), _new_like(c0),
                 x.new_empty(steps, batch, hidden, dtype=_state_dtype(x)),
                 x.new_empty(steps, batch, 4 * hidden, dtype=_state_dtype(x)))
 
     @torch.library.register_fake(lib + "lstm_scan_backward")
-    def _(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, y, cells, gates, grad_x=True):
+    def _(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, y, cells, gates, grad_x=True, recurrent_mask=None,
+          lengths=None):
         return (_new_like(x) if grad_x else x.new_empty(0), _new_like(h0), _new_like(c0), _new_like(w_ih),
                 _new_like(w_hh), w_hh.new_empty(w_hh.shape[0]))
 
@@ -145,15 +151,15 @@ def _register():
     # ---- autograd of the forward ops: each calls its backward op ----
     def irnn_scan_setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
-        x, h0, w_ih, w_hh, bias = inputs
+        x, h0, w_ih, w_hh, bias, *options = inputs
         ctx.save_for_backward(x, h0, w_ih, w_hh, output[0])
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.options = bias is not None, tuple(options)
 
     def irnn_scan_backward(ctx, grad_y, grad_h_n):
         _forbid_double_backward(ctx)
         dx, dh0, dw_ih, dw_hh, dbias = irnn_scan_grads(ctx.saved_tensors, grad_y, grad_h_n,
-                                                       ctx.needs_input_grad[0])
-        return dx, dh0, dw_ih, dw_hh, (dbias if ctx.has_bias else None)
+                                                       ctx.needs_input_grad[0], ctx.options)
+        return (dx, dh0, dw_ih, dw_hh, (dbias if ctx.has_bias else None)) + (None,) * len(ctx.options)
 
     torch.library.register_autograd(lib + "irnn_scan_forward", irnn_scan_backward, setup_context=irnn_scan_setup)
 
@@ -172,18 +178,18 @@ def _register():
 
     def lstm_scan_setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
-        x, h0, c0, w_ih, w_hh, bias = inputs
+        x, h0, c0, w_ih, w_hh, bias, *options = inputs
         y, _, _, cells, gates = output
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, y, cells, gates)
         ctx.mark_non_differentiable(cells, gates)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.options = bias is not None, tuple(options)
 
     def lstm_scan_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_cells, _grad_gates):
         _forbid_double_backward(ctx)
         # cells and gates are saved activations, not results: their gradients are not propagated
         dx, dh0, dc0, dw_ih, dw_hh, dbias = lstm_scan_grads(ctx.saved_tensors, grad_y, grad_h_n, grad_c_n,
-                                                            ctx.needs_input_grad[0])
-        return dx, dh0, dc0, dw_ih, dw_hh, (dbias if ctx.has_bias else None)
+                                                            ctx.needs_input_grad[0], ctx.options)
+        return (dx, dh0, dc0, dw_ih, dw_hh, (dbias if ctx.has_bias else None)) + (None,) * len(ctx.options)
 
     torch.library.register_autograd(lib + "lstm_scan_forward", lstm_scan_backward, setup_context=lstm_scan_setup)
 

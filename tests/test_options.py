@@ -15,6 +15,7 @@ OPTION_BACKENDS = [name for name in fused_rnn.available_backends("cpu")
                    if {"recurrent_mask", "lengths", "hidden_clip"} <= set(
                        fused_rnn.functional.OPTION_SUPPORT.get(name, ("recurrent_mask", "lengths", "hidden_clip")))]
 SHAPES = [(1, 1, 3, 5), (9, 5, 4, 7), (20, 18, 6, 13)]  # (T, B, I, H)
+COMBINATIONS = [("recurrent_mask",), ("lengths",), ("hidden_clip",), ("recurrent_mask", "lengths", "hidden_clip")]
 
 
 def _options(steps, batch, hidden, seed):
@@ -25,22 +26,50 @@ def _options(steps, batch, hidden, seed):
     return mask, lengths
 
 
+@pytest.mark.parametrize("used", COMBINATIONS, ids="+".join)
 @pytest.mark.parametrize("backend", OPTION_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
 @pytest.mark.parametrize("cell", ["irnn", "lstm"])
-def test_options_match_reference(cell, shape, dtype, backend):
+def test_options_match_reference(cell, shape, dtype, backend, used):
     """Tolerances of test_backends: the options add one multiply or select per element."""
+    if used == ("hidden_clip",) and cell == "lstm":
+        pytest.skip("hidden_clip is the IRNN's")
+    check_options(cell, shape, dtype, backend, used)
+
+
+def test_options_on_threads_match_reference():
+    """Two threads, each scanning its own slice of a 40-row batch (mask rows, frozen
+    rows and carried gradients per slice)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for cell in ("irnn", "lstm"):
+            for backend in OPTION_BACKENDS:
+                check_options(cell, (7, 40, 5, 24), torch.float64, backend, COMBINATIONS[-1])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_options(cell, shape, dtype, backend, used):
     x, states, w_ih, w_hh, b_ih, b_hh, up = make_layer(cell, *shape, bias=True, seed=sum(shape))
     mask, lengths = _options(shape[0], shape[1], shape[3], seed=shape[0])
+    mask = mask if "recurrent_mask" in used else None
+    lengths = lengths if "lengths" in used else None
+    clip = None
+    if "hidden_clip" in used and cell == "irnn":  # half the largest activation: some are clipped
+        clip = 0.5 * float(ref.irnn_forward(x, states[0], w_ih, w_hh, b_ih, b_hh, mask, lengths)[0].max())
     tx, tw_ih, tw_hh, tb_ih, tb_hh = (to_torch(a, dtype) for a in (x, w_ih, w_hh, b_ih, b_hh))
     tstates = [to_torch(s, dtype) for s in states]
-    options = dict(recurrent_mask=torch.tensor(mask, dtype=dtype), lengths=torch.tensor(lengths))
+    options = dict(recurrent_mask=None if mask is None else torch.tensor(mask, dtype=dtype),
+                   lengths=None if lengths is None else torch.tensor(lengths))
     if cell == "irnn":
         y, h_n = fused_rnn.irnn(tx, tstates[0], tw_ih, tw_hh, tb_ih, tb_hh, backend=backend, **options,
-                                hidden_clip=1.5)
+                                hidden_clip=clip)
         outputs, upstream = (y, h_n), (up["y"], up["h"])
-        want_y, want_h, cache = ref.irnn_forward(x, states[0], w_ih, w_hh, b_ih, b_hh, mask, lengths, 1.5)
+        want_y, want_h, cache = ref.irnn_forward(x, states[0], w_ih, w_hh, b_ih, b_hh, mask, lengths, clip)
+        if clip is not None:
+            assert (want_y == clip).any()  # the clip is reached
         want_out, want = (want_y, want_h), ref.irnn_backward(up["y"], up["h"], cache)
         grads = {"dx": tx, "dh0": tstates[0]}
     else:

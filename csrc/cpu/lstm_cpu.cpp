@@ -188,12 +188,15 @@ using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor
 
 ForwardOutputs lstm_scan_forward(const at::Tensor& x_in, const at::Tensor& h0_in, const at::Tensor& c0_in,
                                  const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
-                                 const std::optional<at::Tensor>& bias) {
+                                 const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& recurrent_mask,
+                                 const std::optional<at::Tensor>& lengths) {
   FUSED_RNN_EXCLUDE_AUTOCAST;
   const auto x = x_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
   const auto w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
   check_layer(x, {{&h0, "h0"}, {&c0, "c0"}}, w_ih, w_hh, bias, 4);
   const int64_t steps = x.size(0), batch = x.size(1), hidden = w_hh.size(1);
+  const ScanOptions options(x, hidden, recurrent_mask, lengths);
   if (steps == 0) {
     auto empty = x.new_empty({0, batch, hidden});
     return {empty, h0.clone(), c0.clone(), empty.clone(), x.new_empty({0, batch, 4 * hidden})};
@@ -206,12 +209,15 @@ ForwardOutputs lstm_scan_forward(const at::Tensor& x_in, const at::Tensor& h0_in
     scalar_t* y_data = y.data_ptr<scalar_t>();
     scalar_t* c_data = cells.data_ptr<scalar_t>();
     const int64_t step_elems = batch * hidden;
-    const int split = hidden_split_threads(batch, hidden);
+    const int split = options.any() ? 1 : hidden_split_threads(batch, hidden);
     if (split > 1) {
       lstm_forward_hidden_split<scalar_t>(split, steps, batch, hidden, w_hh, h0.const_data_ptr<scalar_t>(),
                                           c0.const_data_ptr<scalar_t>(), gates_data, y_data, c_data);
       return;
     }
+    const scalar_t* mask = options.mask_data<scalar_t>();
+    const int64_t* lengths_data = options.lengths_data();
+    std::vector<scalar_t> masked(mask != nullptr ? step_elems : 0);  // masked h_{t-1} rows, per thread
     parallel_batch(batch, [&](int64_t b0, int64_t b1) {
       const int64_t rows = b1 - b0;
       // gates_t [rows, 4H] += h_prev [rows, H] @ W_hh^T
@@ -222,15 +228,27 @@ ForwardOutputs lstm_scan_forward(const at::Tensor& x_in, const at::Tensor& h0_in
         scalar_t* gates_t = gates_data + t * 4 * step_elems;
         scalar_t* c_t = c_data + t * step_elems;
         scalar_t* h_t = y_data + t * step_elems;
-        recurrent(h_prev + b0 * hidden, 1, gates_t + b0 * 4 * hidden);
+        if (mask != nullptr) {
+          mask_rows(h_prev, mask, masked.data() + b0 * hidden, b0, b1, hidden);
+          recurrent(masked.data() + b0 * hidden, 1, gates_t + b0 * 4 * hidden);
+        } else {
+          recurrent(h_prev + b0 * hidden, 1, gates_t + b0 * 4 * hidden);
+        }
         for (int64_t b = b0; b < b1; ++b) {
+          if (!step_active(lengths_data, t, b)) {  // past its length a row keeps its state
+            std::memcpy(c_t + b * hidden, c_prev + b * hidden, hidden * sizeof(scalar_t));
+            std::memcpy(h_t + b * hidden, h_prev + b * hidden, hidden * sizeof(scalar_t));
+            continue;
+          }
           lstm_forward_row(gates_t + b * 4 * hidden, hidden, c_prev + b * hidden, c_t + b * hidden, h_t + b * hidden,
                            hidden);
         }
       }
     });
   });
-  return {y, y[steps - 1].clone(), cells[steps - 1].clone(), cells, gates};
+  auto h_n = y[steps - 1].clone();
+  options.zero_beyond_lengths(y);
+  return {y, h_n, cells[steps - 1].clone(), cells, gates};
 }
 
 using BackwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -239,11 +257,14 @@ using BackwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tenso
 BackwardOutputs lstm_backward_impl(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
                                    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
                                    const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& y,
-                                   const at::Tensor& cells, const at::Tensor& gates, bool grad_x) {
+                                   const at::Tensor& cells, const at::Tensor& gates, bool grad_x,
+                                   const std::optional<at::Tensor>& recurrent_mask = std::nullopt,
+                                   const std::optional<at::Tensor>& lengths = std::nullopt) {
   FUSED_RNN_EXCLUDE_AUTOCAST;
   check_layer(x, {{&h0, "h0"}, {&c0, "c0"}, {&grad_h_n, "grad_h_n"}, {&grad_c_n, "grad_c_n"}}, w_ih, w_hh,
               std::nullopt, 4);
   const int64_t steps = x.size(0), batch = x.size(1), hidden = w_hh.size(1);
+  const ScanOptions options(x, hidden, recurrent_mask, lengths);
   const auto dtype = x.scalar_type();
   // y (h_1..h_T) is read only as h_{t-1} for t >= 1, so it may be undefined when T = 1
   const bool check_y = y.defined() || steps != 1;
@@ -265,6 +286,7 @@ BackwardOutputs lstm_backward_impl(const at::Tensor& grad_y, const at::Tensor& g
   auto dgates = at::empty_like(gates);   // [T, B, 4H]
   auto dh_carry = grad_h_n.clone();      // [B, H]
   auto dc = grad_c_n.clone();            // [B, H]
+  auto saved = options.lengths.defined() ? at::empty_like(dh_carry) : at::Tensor();  // rows past their length
   AT_DISPATCH_FLOATING_TYPES(dtype, "lstm_scan_backward", [&] {
     const scalar_t* dy_data = grad_y.const_data_ptr<scalar_t>();
     const scalar_t* c_data = cells.const_data_ptr<scalar_t>();
@@ -273,12 +295,15 @@ BackwardOutputs lstm_backward_impl(const at::Tensor& grad_y, const at::Tensor& g
     scalar_t* dh = dh_carry.data_ptr<scalar_t>();
     scalar_t* dc_data = dc.data_ptr<scalar_t>();
     const int64_t step_elems = batch * hidden;
-    const int split = hidden_split_threads(batch, hidden);
+    const int split = options.any() ? 1 : hidden_split_threads(batch, hidden);
     if (split > 1) {
       lstm_backward_hidden_split<scalar_t>(split, steps, batch, hidden, w_hh, dy_data, c0.const_data_ptr<scalar_t>(),
                                            c_data, gates_data, dgates_data, dh, dc_data);
       return;
     }
+    const scalar_t* mask = options.mask_data<scalar_t>();
+    const int64_t* lengths_data = options.lengths_data();
+    scalar_t* saved_data = saved.defined() ? saved.data_ptr<scalar_t>() : nullptr;
     parallel_batch(batch, [&](int64_t b0, int64_t b1) {
       const int64_t rows = b1 - b0;
       // dh [rows, H] = dgates_t [rows, 4H] @ W_hh [4H, H]
@@ -290,14 +315,22 @@ BackwardOutputs lstm_backward_impl(const at::Tensor& grad_y, const at::Tensor& g
         const scalar_t* gates_t = gates_data + t * 4 * step_elems;
         scalar_t* dgates_t = dgates_data + t * 4 * step_elems;
         for (int64_t b = b0; b < b1; ++b) {
+          if (!step_active(lengths_data, t, b)) {  // no step past a row's length: dh and dc pass through
+            std::memset(dgates_t + b * 4 * hidden, 0, 4 * hidden * sizeof(scalar_t));
+            continue;
+          }
           lstm_backward_row(dy_t + b * hidden, dh + b * hidden, dc_data + b * hidden, gates_t + b * 4 * hidden,
                             hidden, c_t + b * hidden, c_prev + b * hidden, dgates_t + b * 4 * hidden, hidden);
         }
+        save_inactive(lengths_data, t, dh, saved_data, b0, b1, hidden);
         step_gemm(t, dgates_t + b0 * 4 * hidden, dh + b0 * hidden);
+        if (mask != nullptr || lengths_data != nullptr) finish_carry(lengths_data, mask, t, dh, saved_data, b0, b1,
+                                                                     hidden);
       }
     });
   });
-  auto grads = weight_grads(dgates, x, h0, y, w_ih, w_hh, grad_x && !plan.dx_in_step);
+  auto grads = weight_grads(dgates, x, options.masked(h0), y.defined() ? options.masked(y) : y, w_ih, w_hh,
+                            grad_x && !plan.dx_in_step);
   if (plan.dx_in_step) grads.dx = plan.dx;
   return {grads.dx, dh_carry, dc, grads.dw_ih, grads.dw_hh, grads.dbias};
 }
@@ -305,10 +338,12 @@ BackwardOutputs lstm_backward_impl(const at::Tensor& grad_y, const at::Tensor& g
 BackwardOutputs lstm_scan_backward(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
                                    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
                                    const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& y,
-                                   const at::Tensor& cells, const at::Tensor& gates, bool grad_x) {
+                                   const at::Tensor& cells, const at::Tensor& gates, bool grad_x,
+                                   const std::optional<at::Tensor>& recurrent_mask,
+                                   const std::optional<at::Tensor>& lengths) {
   return lstm_backward_impl(grad_y.contiguous(), grad_h_n.contiguous(), grad_c_n.contiguous(), x.contiguous(),
                             h0.contiguous(), c0.contiguous(), w_ih.contiguous(), w_hh.contiguous(), y.contiguous(),
-                            cells.contiguous(), gates.contiguous(), grad_x);
+                            cells.contiguous(), gates.contiguous(), grad_x, recurrent_mask, lengths);
 }
 
 // One step is the scan with T = 1, so the step and the scan cannot drift apart.
@@ -316,7 +351,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_step(const at::Tensor& x, co
                                                          const at::Tensor& w_ih, const at::Tensor& w_hh,
                                                          const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2, "fused_rnn: x must be 2-D [B, I], got ", x.sizes());
-  auto [y, h_new, c_new, cells, gates] = lstm_scan_forward(x.unsqueeze(0), h, c, w_ih, w_hh, bias);
+  auto [y, h_new, c_new, cells, gates] = lstm_scan_forward(x.unsqueeze(0), h, c, w_ih, w_hh, bias, std::nullopt,
+                                                           std::nullopt);
   return {h_new, c_new, gates.squeeze(0)};
 }
 

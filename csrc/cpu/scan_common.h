@@ -76,6 +76,92 @@ inline void check_layer(const at::Tensor& x, std::initializer_list<std::pair<con
   check_layer_tensors(x, states, w_ih, w_hh, bias, gates, c10::DeviceType::CPU, {at::kFloat, at::kDouble});
 }
 
+// The per-sequence options of a scan, resolved for the kernels: the recurrent mask
+// [B, H] in the inputs' dtype and the lengths [B] as int64 on the CPU (null when not
+// given). With either, the scans take the batch-split path (the hidden-split path of
+// the small-batch LSTM would need one more barrier per step for the masked state).
+struct ScanOptions {
+  at::Tensor mask, lengths;
+
+  ScanOptions(const at::Tensor& x, int64_t hidden, const std::optional<at::Tensor>& recurrent_mask,
+              const std::optional<at::Tensor>& lengths_in) {
+    const int64_t steps = x.size(0), batch = x.size(1);
+    if (recurrent_mask.has_value()) {
+      mask = recurrent_mask->contiguous();
+      check_cpu_float(mask, "recurrent_mask", x.scalar_type());
+      TORCH_CHECK(mask.dim() == 2 && mask.size(0) == batch && mask.size(1) == hidden,
+                  "fused_rnn: recurrent_mask must be [", batch, ", ", hidden, "], got ", mask.sizes());
+    }
+    if (lengths_in.has_value()) {
+      TORCH_CHECK(!at::isFloatingType(lengths_in->scalar_type()) && lengths_in->scalar_type() != at::kBool,
+                  "fused_rnn: lengths must hold integers, got ", lengths_in->scalar_type());
+      lengths = lengths_in->to(at::kCPU, at::kLong).contiguous();
+      TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == batch, "fused_rnn: lengths must be [", batch, "], got ",
+                  lengths.sizes());
+      if (batch > 0) {
+        TORCH_CHECK(lengths.min().item<int64_t>() >= 0 && lengths.max().item<int64_t>() <= steps,
+                    "fused_rnn: lengths must lie in [0, ", steps, "]");
+      }
+    }
+  }
+
+  bool any() const { return mask.defined() || lengths.defined(); }
+  template <typename scalar_t>
+  const scalar_t* mask_data() const {
+    return mask.defined() ? mask.const_data_ptr<scalar_t>() : nullptr;
+  }
+  const int64_t* lengths_data() const { return lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr; }
+
+  // y [T, B, H] is zero beyond each sequence's length (the scans keep the frozen state
+  // there while they run, since y doubles as their state).
+  void zero_beyond_lengths(at::Tensor& y) const {
+    if (!lengths.defined() || y.size(0) == 0) return;
+    auto steps = at::arange(y.size(0), lengths.options()).unsqueeze(1);  // [T, 1]
+    y.masked_fill_((steps >= lengths.unsqueeze(0)).unsqueeze(2), 0);
+  }
+
+  // h_{t-1} as the recurrent product reads it: times the mask (weight gradients too).
+  at::Tensor masked(const at::Tensor& h) const { return mask.defined() ? h * mask : h; }
+};
+
+inline bool step_active(const int64_t* lengths, int64_t t, int64_t b) { return lengths == nullptr || t < lengths[b]; }
+
+// rows [b0, b1) of h_prev [B, H] times mask [B, H] into out [b1 - b0, H].
+template <typename scalar_t>
+void mask_rows(const scalar_t* h_prev, const scalar_t* mask, scalar_t* out, int64_t b0, int64_t b1, int64_t hidden) {
+  const scalar_t* h = h_prev + b0 * hidden;
+  const scalar_t* m = mask + b0 * hidden;
+  const int64_t count = (b1 - b0) * hidden;
+#pragma omp simd
+  for (int64_t j = 0; j < count; ++j) out[j] = h[j] * m[j];
+}
+
+// A backward step's carried dL/dh for rows [b0, b1) after dh = dpre_t W_hh was written
+// into `dh`: active rows times the mask; rows past their length get back the value
+// they had before (`saved`, [B, H], filled by save_inactive), which passes through.
+template <typename scalar_t>
+void save_inactive(const int64_t* lengths, int64_t t, const scalar_t* dh, scalar_t* saved, int64_t b0, int64_t b1,
+                   int64_t hidden) {
+  for (int64_t b = b0; b < b1 && lengths != nullptr; ++b) {
+    if (!step_active(lengths, t, b)) std::memcpy(saved + b * hidden, dh + b * hidden, hidden * sizeof(scalar_t));
+  }
+}
+
+template <typename scalar_t>
+void finish_carry(const int64_t* lengths, const scalar_t* mask, int64_t t, scalar_t* dh, const scalar_t* saved,
+                  int64_t b0, int64_t b1, int64_t hidden) {
+  for (int64_t b = b0; b < b1; ++b) {
+    scalar_t* row = dh + b * hidden;
+    if (!step_active(lengths, t, b)) {
+      std::memcpy(row, saved + b * hidden, hidden * sizeof(scalar_t));
+    } else if (mask != nullptr) {
+      const scalar_t* m = mask + b * hidden;
+#pragma omp simd
+      for (int64_t j = 0; j < hidden; ++j) row[j] *= m[j];
+    }
+  }
+}
+
 // How a backward scan forms dh_{t-1} = dpre_t W_hh, and dx, chosen per call.
 //
 // Small batches compute dx = dpre W_ih after the scan (W_ih read once). Larger batches

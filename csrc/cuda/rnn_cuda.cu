@@ -134,6 +134,15 @@ const ScanCheck& checked_scan(int device, int64_t gates, at::ScalarType dtype, i
 
 // The plan of one direction; both directions must fit, so that a forward never
 // succeeds only for its backward to fail.
+// The scan options (recurrent mask, lengths, hidden clip) are not in the CUDA kernels
+// yet; dispatch (fused_rnn/functional.py, OPTION_SUPPORT) never sends them here.
+void check_no_options(const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& lengths,
+                      std::optional<double> hidden_clip = std::nullopt) {
+  TORCH_CHECK(!recurrent_mask.has_value() && !lengths.has_value() && !hidden_clip.has_value(),
+              "fused_rnn: the CUDA scans do not implement recurrent_mask, lengths or hidden_clip yet; "
+              "use backend='torch' (backend='auto' does)");
+}
+
 ScanPlan plan_or_fail(const at::Tensor& x, int64_t gates, int64_t hidden, bool backward) {
   for (const bool direction : {false, true}) {
     const ScanCheck& check = checked_scan(x.get_device(), gates, x.scalar_type(), hidden, direction);
@@ -148,8 +157,12 @@ ScanPlan plan_or_fail(const at::Tensor& x, int64_t gates, int64_t hidden, bool b
 // ---------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> irnn_scan_forward(const at::Tensor& x_in, const at::Tensor& h0_in,
                                                       const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
-                                                      const std::optional<at::Tensor>& bias) {
+                                                      const std::optional<at::Tensor>& bias,
+                                                      const std::optional<at::Tensor>& recurrent_mask,
+                                                      const std::optional<at::Tensor>& lengths,
+                                                      std::optional<double> hidden_clip) {
   FUSED_RNN_EXCLUDE_AUTOCAST;
+  check_no_options(recurrent_mask, lengths, hidden_clip);
   const auto x = x_in.contiguous(), h0 = h0_in.contiguous();
   const auto w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
   check_cuda_layer(x, {{&h0, "h0"}}, w_ih, w_hh, bias, 1);
@@ -172,8 +185,11 @@ std::tuple<at::Tensor, at::Tensor> irnn_scan_forward(const at::Tensor& x_in, con
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> irnn_scan_backward(
     const at::Tensor& grad_y_in, const at::Tensor& grad_h_n_in, const at::Tensor& x_in, const at::Tensor& h0_in,
-    const at::Tensor& w_ih_in, const at::Tensor& w_hh_in, const at::Tensor& y_in, bool grad_x) {
+    const at::Tensor& w_ih_in, const at::Tensor& w_hh_in, const at::Tensor& y_in, bool grad_x,
+    const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& lengths,
+    std::optional<double> hidden_clip) {
   FUSED_RNN_EXCLUDE_AUTOCAST;
+  check_no_options(recurrent_mask, lengths, hidden_clip);
   const auto grad_y = grad_y_in.contiguous(), grad_h_n = grad_h_n_in.contiguous();
   const auto x = x_in.contiguous(), h0 = h0_in.contiguous(), y = y_in.contiguous();
   const auto w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
@@ -280,8 +296,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> irnn_step
 // ---------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_scan_forward(
     const at::Tensor& x_in, const at::Tensor& h0_in, const at::Tensor& c0_in, const at::Tensor& w_ih_in,
-    const at::Tensor& w_hh_in, const std::optional<at::Tensor>& bias) {
+    const at::Tensor& w_hh_in, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& recurrent_mask,
+    const std::optional<at::Tensor>& lengths) {
   FUSED_RNN_EXCLUDE_AUTOCAST;
+  check_no_options(recurrent_mask, lengths);
   const auto x = x_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
   const auto w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
   check_cuda_layer(x, {{&h0, "h0"}, {&c0, "c0"}}, w_ih, w_hh, bias, 4);
@@ -311,8 +329,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_scan
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_scan_backward(
     const at::Tensor& grad_y_in, const at::Tensor& grad_h_n_in, const at::Tensor& grad_c_n_in, const at::Tensor& x_in,
     const at::Tensor& h0_in, const at::Tensor& c0_in, const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
-    const at::Tensor& y_in, const at::Tensor& cells_in, const at::Tensor& gates_in, bool grad_x) {
+    const at::Tensor& y_in, const at::Tensor& cells_in, const at::Tensor& gates_in, bool grad_x,
+    const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& lengths) {
   FUSED_RNN_EXCLUDE_AUTOCAST;
+  check_no_options(recurrent_mask, lengths);
   const auto grad_y = grad_y_in.contiguous(), grad_h_n = grad_h_n_in.contiguous();
   const auto grad_c_n = grad_c_n_in.contiguous(), x = x_in.contiguous();
   const auto h0 = h0_in.contiguous(), c0 = c0_in.contiguous(), y = y_in.contiguous();
