@@ -13,7 +13,10 @@ changed at any time (``"auto"``, ``"cpp"``, ``"torch"``; see
 
 What differs from PyTorch: :class:`IRNN` and :class:`IRNNCell` start from the IRNN
 initialisation of Le, Jaitly & Hinton (2015) instead of ``nn.RNN``'s uniform one, and
-``PackedSequence`` inputs and ``LSTM(proj_size>0)`` are not supported.
+``LSTM(proj_size>0)`` is not supported. What they add: ``recurrent_dropout`` (a
+variational mask on h_{t-1}, fixed over the sequence), ``weight_dropout`` (DropConnect
+on W_hh), ``hidden_clip`` for the IRNN, and a ``lengths=`` argument for padded input
+besides ``PackedSequence`` support.
 """
 
 import math
@@ -24,7 +27,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as torch_functional
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import functional
 from .functional import BACKENDS, select_backend
@@ -34,6 +37,22 @@ _HH_INITS = ("identity", "pytorch")
 _IH_INITS = ("normal", "pytorch")
 # Le et al. 2015: W_ih ~ N(0, 0.001^2) in all their experiments.
 _DEFAULT_IH_STD = 0.001
+
+
+def _check_probability(name: str, value) -> None:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
+
+
+def _reverse_within_lengths(x: Tensor, lengths: Optional[Tensor]) -> Tensor:
+    """x [T, B, *] with each sequence b reversed over its first lengths[b] steps and its
+    padding left in place (the whole sequence flipped without lengths): its own inverse."""
+    if lengths is None:
+        return x.flip(0)
+    steps = torch.arange(x.shape[0], device=x.device)[:, None]  # [T, 1]
+    ends = lengths.to(x.device)[None, :]                          # [1, B]
+    index = torch.where(steps < ends, ends - 1 - steps, steps)    # [T, B]
+    return x.gather(0, index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x))
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -108,14 +127,19 @@ class _StackedRNN(nn.Module):
     """Multi-layer, optionally bidirectional stack of single-direction fused layers.
 
     Subclasses set ``_gates`` (1 for the IRNN, 4 for the LSTM) and implement
-    ``_run_layer(x [T, B, I], state, weights) -> (y [T, B, H], final state)``.
+    ``_run_layer(x [T, B, I], state, weights, options) -> (y [T, B, H], final state)``,
+    options being the keyword arguments of the functional call (recurrent_mask, lengths).
     """
 
     _gates = 1
 
     def __init__(self, input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                 bidirectional, backend, device, dtype):
+                 bidirectional, backend, device, dtype, recurrent_dropout=0.0, weight_dropout=0.0):
         super().__init__()
+        _check_probability("recurrent_dropout", recurrent_dropout)
+        _check_probability("weight_dropout", weight_dropout)
+        self.recurrent_dropout = float(recurrent_dropout)
+        self.weight_dropout = float(weight_dropout)
         _check_positive_int("input_size", input_size)
         _check_positive_int("hidden_size", hidden_size)
         _check_positive_int("num_layers", num_layers)
@@ -177,11 +201,6 @@ class _StackedRNN(nn.Module):
 
     def _check_input(self, input) -> Tuple[Tensor, bool]:
         """Returns (input as [T, B, I], whether it was batched)."""
-        if isinstance(input, PackedSequence):
-            raise TypeError(
-                f"{type(self).__name__} does not take a PackedSequence; pass the padded tensor "
-                "(torch.nn.utils.rnn.pad_packed_sequence) instead"
-            )
         if not isinstance(input, Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
         layout = "[B, T, input_size]" if self.batch_first else "[T, B, input_size]"
@@ -218,8 +237,51 @@ class _StackedRNN(nn.Module):
             raise ValueError(f"{name} must have shape {meaning}, got shape {tuple(state.shape)}")
         return state if batched else state.unsqueeze(1)
 
-    def _run_stack(self, x: Tensor, states: Tuple[Optional[Tensor], ...]):
-        """x [T, B, I]; states: initial states, each [L*D, B, H] or None.
+    def _check_lengths(self, lengths, x: Tensor, batched: bool) -> Optional[Tensor]:
+        if lengths is None:
+            return None
+        if not batched:
+            raise ValueError("lengths is for batched input: an unbatched sequence has one length, its own")
+        lengths = torch.as_tensor(lengths)
+        if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or tuple(lengths.shape) != (x.shape[1],):
+            raise ValueError(f"lengths must be {x.shape[1]} integers (one per sequence), got {lengths!r}")
+        return lengths
+
+    def _prepare(self, input, lengths):
+        """(x [T, B, I], batched, lengths or None, PackedSequence or None) from the input."""
+        if isinstance(input, PackedSequence):
+            if lengths is not None:
+                raise ValueError("lengths is given by the PackedSequence; do not pass lengths= as well")
+            padded, lengths = pad_packed_sequence(input)  # [T, B, I], in the batch's original order
+            return padded, True, lengths, input
+        x, batched = self._check_input(input)
+        return x, batched, self._check_lengths(lengths, x, batched), None
+
+    def _finish(self, y: Tensor, batched: bool, lengths: Optional[Tensor], packed: Optional[PackedSequence]):
+        """The output in the input's form: a PackedSequence with the input's order, or the tensor layout."""
+        if packed is None:
+            return self._finish_output(y, batched)
+        if packed.sorted_indices is not None:
+            y, lengths = y.index_select(1, packed.sorted_indices), lengths[packed.sorted_indices.cpu()]
+        data = pack_padded_sequence(y, lengths.cpu(), enforce_sorted=True).data
+        return PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+
+    def _recurrent_mask(self, x: Tensor) -> Optional[Tensor]:
+        """A variational dropout mask on h_{t-1}, [B, H], drawn once per layer, direction
+        and call: in training only."""
+        if not self.training or self.recurrent_dropout == 0.0:
+            return None
+        keep = 1.0 - self.recurrent_dropout
+        return x.new_empty(x.shape[1], self.hidden_size).bernoulli_(keep) / keep
+
+    def _dropped_weights(self, index: int):
+        w_ih, w_hh, b_ih, b_hh = self._layer_weights(index)
+        if self.training and self.weight_dropout > 0.0:  # DropConnect on W_hh (AWD-LSTM)
+            w_hh = torch_functional.dropout(w_hh, self.weight_dropout, training=True)
+        return w_ih, w_hh, b_ih, b_hh
+
+    def _run_stack(self, x: Tensor, states: Tuple[Optional[Tensor], ...], lengths: Optional[Tensor] = None):
+        """x [T, B, I]; states: initial states, each [L*D, B, H] or None; lengths [B] or None.
 
         Returns (y [T, B, D*H], final states, each [L*D, B, H]).
         """
@@ -231,10 +293,12 @@ class _StackedRNN(nn.Module):
             for direction in range(num_directions):
                 index = layer * num_directions + direction
                 initial = tuple(None if s is None else s[index] for s in states)
-                # the reverse direction is the forward kernel on the time-flipped sequence
-                sequence = layer_input if direction == 0 else layer_input.flip(0)
-                y, final = self._run_layer(sequence, initial, self._layer_weights(index))
-                outputs.append(y if direction == 0 else y.flip(0))
+                # the reverse direction is the forward kernel on each sequence reversed
+                # within its length (padding stays at the end)
+                sequence = layer_input if direction == 0 else _reverse_within_lengths(layer_input, lengths)
+                options = dict(recurrent_mask=self._recurrent_mask(sequence), lengths=lengths)
+                y, final = self._run_layer(sequence, initial, self._dropped_weights(index), options)
+                outputs.append(y if direction == 0 else _reverse_within_lengths(y, lengths))
                 for kept, value in zip(finals, final):
                     kept.append(value)
             layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=2)
@@ -248,7 +312,7 @@ class _StackedRNN(nn.Module):
             return y.squeeze(1)
         return y.transpose(0, 1) if self.batch_first else y
 
-    def _run_layer(self, x, state, weights):
+    def _run_layer(self, x, state, weights, options):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -263,6 +327,10 @@ class _StackedRNN(nn.Module):
             parts.append(f"dropout={self.dropout}")
         if self.bidirectional is not False:
             parts.append(f"bidirectional={self.bidirectional}")
+        if self.recurrent_dropout != 0:
+            parts.append(f"recurrent_dropout={self.recurrent_dropout}")
+        if self.weight_dropout != 0:
+            parts.append(f"weight_dropout={self.weight_dropout}")
         parts.extend(self._init_repr())
         parts.append(_backend_repr(self.backend, self.weight_hh_l0))
         return ", ".join(parts)
@@ -293,14 +361,27 @@ class IRNN(_StackedRNN):
         ih_std: standard deviation of ``W_ih`` for ``ih_init="normal"`` (paper: 0.001).
         device, dtype: of the parameters. The fused CPU kernels take float32 and
             float64; other dtypes run on the ``"torch"`` backend.
+        recurrent_dropout: keyword-only; variational recurrent dropout (Gal &
+            Ghahramani 2016, Keras' ``dropout_U``): in training, h_{t-1} is multiplied in
+            the recurrent product by a mask of 0 and 1/(1-p) drawn once per layer,
+            direction and call and fixed over time. Identity in eval mode.
+        weight_dropout: keyword-only; DropConnect on W_hh (AWD-LSTM), redrawn per call,
+            training only.
+        hidden_clip: keyword-only; h_t = min(relu(z_t), hidden_clip), a bound on the
+            activations of long stateful ReLU recurrences (None: no bound).
 
     Parameters (D = 2 if bidirectional else 1): ``weight_ih_l{k}`` [H, I] for k = 0,
     [H, D*H] for k > 0; ``weight_hh_l{k}`` [H, H]; ``bias_ih_l{k}``, ``bias_hh_l{k}`` [H];
     the backward direction's carry the suffix ``_reverse``.
 
     Shapes of :meth:`forward` (all tensors of the parameters' dtype and device):
-        input: [T, B, I], [B, T, I] if ``batch_first``, or unbatched [T, I].
+        input: [T, B, I], [B, T, I] if ``batch_first``, or unbatched [T, I]; or a
+            ``PackedSequence`` (sorted or not), as for ``nn.RNN``: the output is then
+            packed the same way.
         hx: [num_layers * D, B, H] (unbatched: [num_layers * D, H]) or None for zeros.
+        lengths: keyword-only, [B] integers (any device) for padded input: sequence b
+            has lengths[b] steps; its output is zero beyond them, h_n is its state at
+            its length, and the reverse direction starts at its last real step.
         returns (output, h_n): output [T, B, D*H] ([B, T, D*H] if ``batch_first``,
         [T, D*H] unbatched), the last layer's h_t of both directions concatenated;
         h_n [num_layers * D, B, H] ([num_layers * D, H] unbatched), index
@@ -316,7 +397,11 @@ class IRNN(_StackedRNN):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  backend: str = "auto", hh_init: str = "identity", hh_scale: float = 1.0,
                  ih_init: str = "normal", ih_std: float = _DEFAULT_IH_STD, device=None, dtype=None,
-                 *, nonlinearity: str = "relu"):
+                 *, nonlinearity: str = "relu", recurrent_dropout: float = 0.0, weight_dropout: float = 0.0,
+                 hidden_clip: Optional[float] = None):
+        if hidden_clip is not None and not (isinstance(hidden_clip, numbers.Real) and hidden_clip > 0):
+            raise ValueError(f"hidden_clip must be a positive number or None, got {hidden_clip!r}")
+        self.hidden_clip = None if hidden_clip is None else float(hidden_clip)
         if nonlinearity != "relu":
             raise ValueError(
                 f"IRNN is a ReLU RNN: nonlinearity must be 'relu', got {nonlinearity!r} "
@@ -324,7 +409,7 @@ class IRNN(_StackedRNN):
             )
         _check_irnn_init(hh_init, hh_scale, ih_init, ih_std)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, backend, device, dtype)
+                         bidirectional, backend, device, dtype, recurrent_dropout, weight_dropout)
         self.hh_init = hh_init
         self.hh_scale = float(hh_scale)
         self.ih_init = ih_init
@@ -337,19 +422,21 @@ class IRNN(_StackedRNN):
             _init_irnn_weights(*self._layer_weights(index), self.hh_init, self.hh_scale,
                                self.ih_init, self.ih_std)
 
-    def _run_layer(self, x, state, weights):
-        y, h_n = functional.irnn(x, state[0], *weights, backend=self.backend)
+    def _run_layer(self, x, state, weights, options):
+        y, h_n = functional.irnn(x, state[0], *weights, backend=self.backend, hidden_clip=self.hidden_clip,
+                                 **options)
         return y, (h_n,)
 
-    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    def forward(self, input, hx: Optional[Tensor] = None, *, lengths=None):
         """(input, hx) -> (output, h_n); shapes in the class docstring."""
-        x, batched = self._check_input(input)
+        x, batched, lengths, packed = self._prepare(input, lengths)
         hx = self._check_state("hx", hx, x.shape[1], batched)
-        y, (h_n,) = self._run_stack(x, (hx,))
-        return self._finish_output(y, batched), (h_n if batched else h_n.squeeze(1))
+        y, (h_n,) = self._run_stack(x, (hx,), lengths)
+        return self._finish(y, batched, lengths, packed), (h_n if batched else h_n.squeeze(1))
 
     def _init_repr(self) -> List[str]:
-        return _irnn_init_repr(self.hh_init, self.hh_scale, self.ih_init, self.ih_std)
+        parts = _irnn_init_repr(self.hh_init, self.hh_scale, self.ih_init, self.ih_std)
+        return parts + ([f"hidden_clip={self.hidden_clip}"] if self.hidden_clip is not None else [])
 
 
 class LSTM(_StackedRNN):
@@ -367,13 +454,16 @@ class LSTM(_StackedRNN):
             may be changed later.
         device, dtype: of the parameters.
         proj_size: keyword-only; only 0 (no projection) is supported.
+        recurrent_dropout, weight_dropout: keyword-only, as in :class:`IRNN` (the mask
+            applies to h_{t-1}, not to the cell state).
 
     Parameters (D = 2 if bidirectional else 1): ``weight_ih_l{k}`` [4H, I] for k = 0,
     [4H, D*H] for k > 0; ``weight_hh_l{k}`` [4H, H]; ``bias_ih_l{k}``, ``bias_hh_l{k}``
     [4H]; ``_reverse`` suffix for the backward direction.
 
     Shapes of :meth:`forward` (all tensors of the parameters' dtype and device):
-        input: [T, B, I], [B, T, I] if ``batch_first``, or unbatched [T, I].
+        input: [T, B, I], [B, T, I] if ``batch_first``, or unbatched [T, I]; or a
+            ``PackedSequence``, as for ``nn.LSTM``. ``lengths``: as in :class:`IRNN`.
         hx: tuple (h_0, c_0), each [num_layers * D, B, H] (unbatched:
         [num_layers * D, H]), or None for zeros.
         returns (output, (h_n, c_n)): output [T, B, D*H] ([B, T, D*H] if
@@ -384,14 +474,15 @@ class LSTM(_StackedRNN):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 backend: str = "auto", device=None, dtype=None, *, proj_size: int = 0):
+                 backend: str = "auto", device=None, dtype=None, *, proj_size: int = 0,
+                 recurrent_dropout: float = 0.0, weight_dropout: float = 0.0):
         if proj_size != 0:
             raise ValueError(
                 f"proj_size={proj_size} is not supported: fused_rnn.LSTM has no output projection "
                 "(use torch.nn.LSTM for an LSTM with projections)"
             )
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, backend, device, dtype)
+                         bidirectional, backend, device, dtype, recurrent_dropout, weight_dropout)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -401,14 +492,14 @@ class LSTM(_StackedRNN):
         for parameter in self.parameters():
             parameter.uniform_(-bound, bound)
 
-    def _run_layer(self, x, state, weights):
+    def _run_layer(self, x, state, weights, options):
         h0, c0 = state
-        y, (h_n, c_n) = functional.lstm(x, (h0, c0), *weights, backend=self.backend)
+        y, (h_n, c_n) = functional.lstm(x, (h0, c0), *weights, backend=self.backend, **options)
         return y, (h_n, c_n)
 
-    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None):
+    def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None, *, lengths=None):
         """(input, (h_0, c_0)) -> (output, (h_n, c_n)); shapes in the class docstring."""
-        x, batched = self._check_input(input)
+        x, batched, lengths, packed = self._prepare(input, lengths)
         if hx is None:
             h0, c0 = None, None
         elif isinstance(hx, (tuple, list)) and len(hx) == 2:
@@ -416,10 +507,10 @@ class LSTM(_StackedRNN):
             c0 = self._check_state("hx[1] (c_0)", hx[1], x.shape[1], batched)
         else:
             raise TypeError(f"hx must be a tuple (h_0, c_0) of two tensors or None, got {type(hx).__name__}")
-        y, (h_n, c_n) = self._run_stack(x, (h0, c0))
+        y, (h_n, c_n) = self._run_stack(x, (h0, c0), lengths)
         if not batched:
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
-        return self._finish_output(y, batched), (h_n, c_n)
+        return self._finish(y, batched, lengths, packed), (h_n, c_n)
 
 
 class _Cell(nn.Module):

@@ -17,7 +17,6 @@ Tolerances:
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_rnn
 from fused_rnn.functional import select_backend
@@ -466,9 +465,7 @@ def test_unsupported_options_raise():
         fused_rnn.IRNN(4, 6, num_layers=2, dropout=1.5)
     with pytest.raises(ValueError, match="hidden_size"):
         fused_rnn.LSTM(4, 0)
-    packed = pack_padded_sequence(torch.randn(5, 2, 4), torch.tensor([5, 3]))
-    with pytest.raises(TypeError, match="PackedSequence"):
-        fused_rnn.IRNN(4, 6)(packed)
+    # PackedSequence input is supported (tests/test_module_options.py)
 
 
 def test_irnn_accepts_relu_nonlinearity_keyword():

@@ -108,3 +108,22 @@ def test_dispatch_takes_a_backend_that_implements_the_options():
 def test_bad_options_name_the_argument(bad, message):
     with pytest.raises((ValueError, TypeError), match=message):
         fused_rnn.irnn(torch.randn(3, 2, 4), None, torch.randn(5, 4), torch.eye(5), **bad)
+
+
+def test_feature_cost_benchmark_runs(tmp_path):
+    """bench/feature_costs.py (the README's feature-cost table) in its quick mode: its
+    correctness check of lengths= against packed nn.LSTM included."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "feature_costs.py"
+    out = tmp_path / "features.json"
+    result = subprocess.run([sys.executable, str(script), "--quick", "--json", str(out)], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    if "cpp" in fused_rnn.available_backends("cpu"):
+        assert {r["option"] for r in report["options"]} == {"recurrent_mask", "lengths", "hidden_clip"}
+        assert len(report["variable_lengths"]) == 2

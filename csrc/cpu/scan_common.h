@@ -113,11 +113,15 @@ struct ScanOptions {
   const int64_t* lengths_data() const { return lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr; }
 
   // y [T, B, H] is zero beyond each sequence's length (the scans keep the frozen state
-  // there while they run, since y doubles as their state).
+  // there while they run, since y doubles as their state): one memset per such row.
   void zero_beyond_lengths(at::Tensor& y) const {
-    if (!lengths.defined() || y.size(0) == 0) return;
-    auto steps = at::arange(y.size(0), lengths.options()).unsqueeze(1);  // [T, 1]
-    y.masked_fill_((steps >= lengths.unsqueeze(0)).unsqueeze(2), 0);
+    if (!lengths.defined()) return;
+    const int64_t steps = y.size(0), batch = y.size(1), row_bytes = y.size(2) * y.element_size();
+    auto* base = static_cast<char*>(y.data_ptr());
+    const int64_t* length = lengths_data();
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t t = length[b]; t < steps; ++t) std::memset(base + (t * batch + b) * row_bytes, 0, row_bytes);
+    }
   }
 
   // h_{t-1} as the recurrent product reads it: times the mask (weight gradients too).

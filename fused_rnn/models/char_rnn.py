@@ -29,7 +29,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .. import functional
 from ..data import Vocab
 from ..modules import IRNN, LSTM
 
@@ -212,10 +211,9 @@ class StatefulModel(CharModel):
         cell: ``"lstm"`` or ``"irnn"``.
         dropout: input dropout of every recurrent layer (Keras' ``dropout_W``), one
             mask per sequence and feature, fixed over time.
-        recurrent_dropout: Keras' ``dropout_U``. The kernels do not take a mask on
-            h_{t-1} yet, so for now this is DropConnect on W_hh (a fresh dropout mask
-            on the recurrent weight matrix at every call, as in AWD-LSTM), which drops
-            the same recurrent connections at every step of the sequence.
+        recurrent_dropout: Keras' ``dropout_U``: variational recurrent dropout, a
+            mask on h_{t-1} drawn per layer and call and fixed over its steps
+            (the layers' ``recurrent_dropout``, applied inside the scan).
         output_dropout: dropout before the output layer.
         irnn_hh_scale: the IRNN layers start from W_hh = irnn_hh_scale * I. Not 1:
             a state carried over a whole epoch makes an identity recurrence add up its
@@ -223,8 +221,6 @@ class StatefulModel(CharModel):
             epoch at lr 3e-3, identity with either input init), much as Le et al.
             (2015) found 1.0 unstable for speech and used 0.01.
     """
-
-    recurrent_dropout_mode = "weight"  # DropConnect on W_hh until the kernels take a mask
 
     def __init__(self, vocab: Vocab, cell: str = "lstm", num_layers: int = 2, embed_dim: int = EMBED_DIM,
                  hidden_size: int = HIDDEN_SIZE, dropout: float = 0.2, recurrent_dropout: float = 0.2,
@@ -244,17 +240,18 @@ class StatefulModel(CharModel):
         self.norm = nn.BatchNorm1d(embed_dim)
         sizes = [embed_dim] + [hidden_size] * num_layers
         if cell == "lstm":
-            layers = [LSTM(sizes[k], hidden_size, backend=backend) for k in range(num_layers)]
-        else:
-            layers = [IRNN(sizes[k], hidden_size, backend=backend, ih_init="pytorch", hh_scale=irnn_hh_scale)
+            layers = [LSTM(sizes[k], hidden_size, backend=backend, recurrent_dropout=recurrent_dropout)
                       for k in range(num_layers)]
+        else:
+            layers = [IRNN(sizes[k], hidden_size, backend=backend, ih_init="pytorch", hh_scale=irnn_hh_scale,
+                           recurrent_dropout=recurrent_dropout) for k in range(num_layers)]
         self.layers = nn.ModuleList(layers)
         self.output = nn.Linear(hidden_size, self.vocab_size)
         self.state: Optional[List[Tuple[Tensor, ...]]] = None
 
     def extra_repr(self) -> str:
-        return (f"cell={self.cell!r}, dropout={self.dropout}, recurrent_dropout={self.recurrent_dropout} "
-                f"({self.recurrent_dropout_mode} dropout on W_hh), output_dropout={self.output_dropout}")
+        return (f"cell={self.cell!r}, dropout={self.dropout}, recurrent_dropout={self.recurrent_dropout}, "
+                f"output_dropout={self.output_dropout}")
 
     def reset_state(self) -> None:
         """Forget the carried hidden state: the next call starts from zeros."""
@@ -268,17 +265,9 @@ class StatefulModel(CharModel):
         return x * mask
 
     def _layer(self, layer: nn.Module, x: Tensor, state: Optional[Tuple[Tensor, ...]]):
-        """One recurrent layer on x [T, B, F] from `state` ((h,) or (h, c), each [B, H])."""
-        if self.training and self.recurrent_dropout > 0.0:
-            w_hh = F.dropout(layer.weight_hh_l0, self.recurrent_dropout, training=True)
-            weights = (layer.weight_ih_l0, w_hh, layer.bias_ih_l0, layer.bias_hh_l0)
-            if self.cell == "lstm":
-                y, (h, c) = functional.lstm(x, state, *weights, backend=layer.backend)
-                return y, (h, c)
-            y, h = functional.irnn(x, None if state is None else state[0], *weights, backend=layer.backend)
-            return y, (h,)
-        # no weight dropout: the layer module itself, which may also be a torch.nn.RNN /
-        # torch.nn.LSTM with the same parameters (bench/char_models.py compares the two)
+        """One recurrent layer on x [T, B, F] from `state` ((h,) or (h, c), each [B, H]).
+        The layer may also be a torch.nn.RNN / torch.nn.LSTM with the same parameters
+        (bench/char_models.py compares the two; those have no recurrent dropout)."""
         hx = None if state is None else tuple(s.unsqueeze(0) for s in state)
         y, out = layer(x, hx if hx is None or self.cell == "lstm" else hx[0])
         return y, tuple(s.squeeze(0) for s in (out if self.cell == "lstm" else (out,)))
