@@ -50,6 +50,11 @@ KERNELS = {
     "lstm_scan_forward": ({"w"}, dict(HAS_STATE=True)),
     "lstm_scan_backward": ({"dy", "dh_n", "w"}, dict(HAS_C0=True)),
 }
+# the per-sequence options' arguments, and their switches: every config is compiled
+# with all of them off (the plain scan) and all on, and must fit both ways
+OPTION_TYPES = {"lengths": "*i64", "clip": "fp32"}
+OPTION_SWITCHES = ("HAS_MASK", "HAS_LENGTHS", "HAS_CLIP")
+OPTIONS_SUFFIX = "+options"  # fused_rnn.triton.common.variant()
 
 
 def ptxas_path() -> str:
@@ -83,7 +88,7 @@ def kernel_specs():
                 yield name, kernel_variant, tuple(config)
 
 
-def compile_one(spec, capability):
+def compile_one(spec, capability, with_options=False):
     """Registers, spill bytes, shared bytes and non-coherent loads of one compile."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -96,8 +101,9 @@ def compile_one(spec, capability):
     io_args, switches = KERNELS[name]
     io = "*" + ("fp32" if kernel_variant == "tf32" else kernel_variant)
     constexprs = dict(switches, TF32=kernel_variant == "tf32", UPCAST=False, **config.constexprs())
+    constexprs.update({flag: with_options for flag in OPTION_SWITCHES if flag in fn.arg_names})
     signature = {p.name: ("constexpr" if p.name in constexprs else "i32" if p.name in SIZES
-                          else io if p.name in io_args else "*fp32") for p in fn.params}
+                          else OPTION_TYPES.get(p.name) or (io if p.name in io_args else "*fp32")) for p in fn.params}
     kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", capability, 32),
                             options={"num_warps": config.num_warps, "num_stages": config.num_stages})
     arch = ARCHS[capability][0]
@@ -133,15 +139,17 @@ def measure(jobs: int = 2):
     from fused_rnn.triton.common import Config
 
     specs = list(kernel_specs())
-    work = [(spec, capability) for spec in specs for capability in ARCHS]
+    work = [(spec, capability, options) for spec in specs for capability in ARCHS for options in (False, True)]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         results = list(pool.map(_compile_job, work, chunksize=4))
     rows = []
-    for (spec, capability), (registers, spills, shared, nc_loads) in zip(work, results):
+    for (spec, capability, options), (registers, spills, shared, nc_loads) in zip(work, results):
         name, kernel_variant, config = spec
         config = Config(*config)
         _, shared_limit, shared_per_sm = ARCHS[capability]
-        rows.append({"kernel": name, "variant": kernel_variant, "arch": f"sm_{capability}", "config": str(config),
+        # the options (mask, lengths, clip) switched on are a variant of their own
+        rows.append({"kernel": name, "variant": kernel_variant + (OPTIONS_SUFFIX if options else ""),
+                     "arch": f"sm_{capability}", "config": str(config),
                      "config_tuple": list(config), "num_warps": config.num_warps, "registers": registers,
                      "spill_bytes": spills, "shared_bytes": shared, "shared_limit": shared_limit,
                      "occupancy": occupancy(registers, shared, config.num_warps, shared_per_sm),
@@ -151,7 +159,8 @@ def measure(jobs: int = 2):
 
 
 def usable_configs(rows):
-    """{(kernel, variant): [config tuples usable on every architecture, in candidate order]}."""
+    """{(kernel, variant): [config tuples usable on every architecture, with and without
+    the options, in candidate order]}."""
     usable = {}
     for r in rows:
         key, config = (r["kernel"], r["variant"]), tuple(r["config_tuple"])
@@ -222,9 +231,9 @@ def format_table(rows, dispatch) -> str:
                          f"{a['occupancy']:.0%}")
         lines.append(f"| {key[0]} | {key[1]} | {r['config']} | {cells[0]} | {cells[1]} |")
     lines.append("")
-    lines.append(f"Config: BLOCK_B x BLOCK_N x BLOCK_K / warps / stages. Excluded from dispatch "
-                 f"(spills or does not fit on sm_80 or sm_90), {len(excluded)} of {len(seen)}: "
-                 + ("; ".join(excluded) if excluded else "none") + ".")
+    lines.append(f"Config: BLOCK_B x BLOCK_N x BLOCK_K / warps / stages; `{OPTIONS_SUFFIX}`: the recurrent mask, "
+                 f"lengths (and clip) switched on. Excluded from dispatch (spills or does not fit on sm_80 or "
+                 f"sm_90), {len(excluded)} of {len(seen)}: " + ("; ".join(excluded) if excluded else "none") + ".")
     return "\n".join(lines)
 
 

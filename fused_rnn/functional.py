@@ -42,7 +42,8 @@ BACKENDS = ("cpp", "cuda", "triton", "torch")
 # The per-sequence options (recurrent_mask, lengths, hidden_clip) each backend takes;
 # "torch" takes them all. The fused kernels get them one at a time (issue: recurrent
 # dropout, variable lengths and bounded activations in every backend).
-OPTION_SUPPORT = {"cpp": ("recurrent_mask", "lengths", "hidden_clip"), "cuda": (), "triton": ()}
+OPTION_SUPPORT = {"cpp": ("recurrent_mask", "lengths", "hidden_clip"), "cuda": (),
+                  "triton": ("recurrent_mask", "lengths", "hidden_clip")}
 _GATES = {"irnn": 1, "lstm": 4}
 
 
@@ -117,7 +118,7 @@ def _unsupported_reason(name: str, device: torch.device, dtype: torch.dtype, exp
         return f"backend {name!r} does not implement {', '.join(missing_options)} yet"
     if name == "triton" and cell is not None:
         from .triton.common import missing_configs
-        return missing_configs(cell, dtype)
+        return missing_configs(cell, dtype, options=bool(options))
     if name == "cuda" and cell is not None and hidden is not None:
         return _cuda_scan_reason(device, dtype, cell, hidden, batch)
     return None
@@ -313,7 +314,8 @@ def irnn(
                           options=options).name
     if name == "triton":  # takes h0=None as zeros without a zeros tensor
         from .triton.ops import TritonIRNNFunction
-        return TritonIRNNFunction.apply(*_contiguous(x, h0, w_ih, w_hh, b_ih, b_hh), False)
+        return TritonIRNNFunction.apply(*_contiguous(x, h0, w_ih, w_hh, b_ih, b_hh), False, recurrent_mask, lengths,
+                                        hidden_clip)
     if h0 is None:
         h0 = _zero_state(x, w_hh.shape[1])
     if name == "torch":
@@ -348,7 +350,8 @@ def lstm(
                           options=options).name
     if name == "triton":  # takes h0/c0=None as zeros without zeros tensors
         from .triton.ops import TritonLSTMFunction
-        y, h_n, c_n, _, _ = TritonLSTMFunction.apply(*_contiguous(x, h0, c0, w_ih, w_hh, b_ih, b_hh), False)
+        y, h_n, c_n, _, _ = TritonLSTMFunction.apply(*_contiguous(x, h0, c0, w_ih, w_hh, b_ih, b_hh), False,
+                                                     recurrent_mask, lengths)
         return y, (h_n, c_n)
     hidden = w_hh.shape[1]
     h0 = _zero_state(x, hidden) if h0 is None else h0

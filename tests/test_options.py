@@ -3,6 +3,8 @@ lengths, hidden_clip): argument checks, dispatch to the backends that implement 
 and every backend that does against the NumPy reference (outputs, final states and
 all gradients)."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -11,9 +13,13 @@ import fused_rnn
 import rnn_reference as ref
 from test_backends import assert_matches, make_layer, to_torch
 
+# every backend that runs CPU tensors here and implements the options: the Triton
+# kernels too, under the interpreter (tests/conftest.py sets it without a GPU)
 OPTION_BACKENDS = [name for name in fused_rnn.available_backends("cpu")
                    if {"recurrent_mask", "lengths", "hidden_clip"} <= set(
                        fused_rnn.functional.OPTION_SUPPORT.get(name, ("recurrent_mask", "lengths", "hidden_clip")))]
+if os.environ.get("TRITON_INTERPRET") == "1":
+    OPTION_BACKENDS.append("triton")
 SHAPES = [(1, 1, 3, 5), (9, 5, 4, 7), (20, 18, 6, 13)]  # (T, B, I, H)
 COMBINATIONS = [("recurrent_mask",), ("lengths",), ("hidden_clip",), ("recurrent_mask", "lengths", "hidden_clip")]
 
@@ -35,6 +41,8 @@ def test_options_match_reference(cell, shape, dtype, backend, used):
     """Tolerances of test_backends: the options add one multiply or select per element."""
     if used == ("hidden_clip",) and cell == "lstm":
         pytest.skip("hidden_clip is the IRNN's")
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels take float32, bfloat16 and float16")
     check_options(cell, shape, dtype, backend, used)
 
 
@@ -46,7 +54,8 @@ def test_options_on_threads_match_reference():
     try:
         for cell in ("irnn", "lstm"):
             for backend in OPTION_BACKENDS:
-                check_options(cell, (7, 40, 5, 24), torch.float64, backend, COMBINATIONS[-1])
+                if backend != "triton":  # the interpreter runs no threads
+                    check_options(cell, (7, 40, 5, 24), torch.float64, backend, COMBINATIONS[-1])
     finally:
         torch.set_num_threads(threads)
 
@@ -90,7 +99,7 @@ def test_dispatch_takes_a_backend_that_implements_the_options():
     x, w_ih, w_hh = torch.randn(3, 2, 4), torch.randn(5, 4), torch.eye(5)
     choice = fused_rnn.select_backend("cpu", torch.float32, cell="irnn", options=("hidden_clip",))
     assert choice.name in OPTION_BACKENDS
-    for name in set(fused_rnn.available_backends("cpu")) - set(OPTION_BACKENDS):
+    for name in set(fused_rnn.available_backends("cpu")) - set(OPTION_BACKENDS) - {"triton"}:
         assert "does not implement hidden_clip" in choice.skipped[name]
     y, _ = fused_rnn.irnn(x, None, w_ih, w_hh, hidden_clip=0.1)
     assert y.max() == torch.tensor(0.1, dtype=y.dtype)  # the clip is reached and never exceeded
@@ -127,3 +136,33 @@ def test_feature_cost_benchmark_runs(tmp_path):
     if "cpp" in fused_rnn.available_backends("cpu"):
         assert {r["option"] for r in report["options"]} == {"recurrent_mask", "lengths", "hidden_clip"}
         assert len(report["variable_lengths"]) == 2
+
+
+@pytest.mark.parametrize("cell", ["irnn", "lstm"])
+def test_gradcheck_with_options(cell):
+    """float64 gradcheck of the fused CPU scans with every option on, tiny shapes."""
+    if "cpp" not in fused_rnn.available_backends("cpu"):
+        pytest.skip("the cpp backend is not built")
+    torch.manual_seed(0)
+    steps, batch, inputs, hidden = 4, 3, 2, 3
+    gates = 1 if cell == "irnn" else 4
+    x = torch.randn(steps, batch, inputs, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(batch, hidden, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(batch, hidden, dtype=torch.float64, requires_grad=True)
+    w_ih = (0.5 * torch.randn(gates * hidden, inputs, dtype=torch.float64)).requires_grad_()
+    w_hh = (0.5 * torch.randn(gates * hidden, hidden, dtype=torch.float64)).requires_grad_()
+    b = (0.1 * torch.randn(gates * hidden, dtype=torch.float64)).requires_grad_()
+    mask = ((torch.rand(batch, hidden) > 0.3) / 0.7).to(torch.float64)
+    lengths = torch.tensor([4, 0, 2])
+    if cell == "irnn":
+        def layer(x, h0, w_ih, w_hh, b):
+            return fused_rnn.irnn(x, h0, w_ih, w_hh, b, None, backend="cpp", recurrent_mask=mask, lengths=lengths,
+                                  hidden_clip=1.0)
+        inputs_ = (x, h0, w_ih, w_hh, b)
+    else:
+        def layer(x, h0, c0, w_ih, w_hh, b):
+            y, (h, c) = fused_rnn.lstm(x, (h0, c0), w_ih, w_hh, b, None, backend="cpp", recurrent_mask=mask,
+                                       lengths=lengths)
+            return y, h, c
+        inputs_ = (x, h0, c0, w_ih, w_hh, b)
+    assert torch.autograd.gradcheck(layer, inputs_)

@@ -86,25 +86,31 @@ class Config(NamedTuple):
 
 
 # The compiled variants of every kernel: the weights' dtype, and for float32 whether
-# the products may use TF32 (a compile-time switch, so a separate binary).
+# the products may use TF32 (a compile-time switch, so a separate binary); each also
+# with the per-sequence options (recurrent mask, lengths, clip) switched on, which
+# needs more registers and so may get other configs.
 VARIANTS = ("fp32", "tf32", "bf16", "fp16")
+OPTIONS_SUFFIX = "+options"
+OPTION_FLAGS = ("HAS_MASK", "HAS_LENGTHS", "HAS_CLIP")
 _VARIANT_OF_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def variant(dtype: torch.dtype, allow_tf32: bool) -> str:
-    return "tf32" if dtype == torch.float32 and allow_tf32 else _VARIANT_OF_DTYPE[dtype]
+def variant(dtype: torch.dtype, allow_tf32: bool, options: bool = False) -> str:
+    name = "tf32" if dtype == torch.float32 and allow_tf32 else _VARIANT_OF_DTYPE[dtype]
+    return name + (OPTIONS_SUFFIX if options else "")
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def missing_configs(cell: str, dtype: torch.dtype, allow_tf32: bool = False) -> Optional[str]:
-    """Why the Triton scans of `cell` ("irnn", "lstm") cannot run `dtype` weights: no
-    launch config of the forward or backward kernel compiled without spills (None if
-    both have one). Dispatch then falls back to the next backend."""
+def missing_configs(cell: str, dtype: torch.dtype, allow_tf32: bool = False, options: bool = False) -> Optional[str]:
+    """Why the Triton scans of `cell` ("irnn", "lstm") cannot run `dtype` weights (with
+    the per-sequence options if `options`): no launch config of the forward or backward
+    kernel compiled without spills (None if both have one). Dispatch then falls back to
+    the next backend."""
     from ._configs import DISPATCH
-    kernel_variant = variant(dtype, allow_tf32)
+    kernel_variant = variant(dtype, allow_tf32, options)
     lacking = [d for d in ("forward", "backward") if not DISPATCH.get((f"{cell}_scan_{d}", kernel_variant))]
     if not lacking:
         return None
@@ -146,8 +152,9 @@ class TunedKernel:
         return self._autotuners[key]
 
     def launch(self, batch: int, weight: Tensor, *args, config: Optional[Config] = None, **constexprs):
-        """Launch over `batch` rows; `weight` (W_hh) and ``constexprs["TF32"]`` give the variant."""
-        kernel_variant = variant(weight.dtype, constexprs["TF32"])
+        """Launch over `batch` rows; `weight` (W_hh), ``constexprs["TF32"]`` and the option
+        flags give the variant."""
+        kernel_variant = variant(weight.dtype, constexprs["TF32"], any(constexprs.get(f) for f in OPTION_FLAGS))
         if config is None:
             configs = self.configs(kernel_variant)
             if not configs:  # select_backend checks this first (missing_configs)
@@ -175,6 +182,32 @@ def upcast_dots(weight: Tensor) -> bool:
     return weight.dtype != torch.float32 and interpreting()
 
 
+class ScanOptions(NamedTuple):
+    """The per-sequence options as kernel arguments: keep (the recurrent mask, float32
+    [B, H]), lengths (int64 [B] on the inputs' device) and clip, with placeholders where
+    an option is off, and the constexpr flags that switch them on."""
+    keep: Tensor
+    lengths: Tensor
+    clip: float
+    flags: Dict[str, bool]
+
+    @staticmethod
+    def of(x: Tensor, placeholder: Tensor, recurrent_mask: Optional[Tensor] = None, lengths: Optional[Tensor] = None,
+           hidden_clip: Optional[float] = None) -> "ScanOptions":
+        keep = recurrent_mask.float().contiguous() if recurrent_mask is not None else placeholder
+        lens = lengths.to(device=x.device, dtype=torch.int64).contiguous() if lengths is not None else placeholder
+        flags = dict(HAS_MASK=recurrent_mask is not None, HAS_LENGTHS=lengths is not None,
+                     HAS_CLIP=hidden_clip is not None)
+        return ScanOptions(keep, lens, float(hidden_clip) if hidden_clip is not None else 0.0, flags)
+
+    def zero_beyond_lengths(self, y: Tensor) -> None:
+        """y [T, B, H] in place: zero past each row's length (the scan stores the frozen
+        state there, since y doubles as its state)."""
+        if self.flags["HAS_LENGTHS"]:
+            steps = torch.arange(y.shape[0], device=y.device)[:, None]
+            y.masked_fill_((steps >= self.lengths[None, :])[:, :, None], 0.0)
+
+
 def input_projection(x: Tensor, w_ih: Tensor, bias: Optional[Tensor]) -> Tensor:
     """[T, B, G*H] = x W_ih^T + bias in float32, the kernels' state and accumulation dtype
     (bf16/fp16 inputs are multiplied in float32: one GEMM, outside the recurrence)."""
@@ -185,15 +218,19 @@ def input_projection(x: Tensor, w_ih: Tensor, bias: Optional[Tensor]) -> Tensor:
     return pre.view(steps, batch, w_ih.shape[0])
 
 
-def weight_grads(dpre: Tensor, x: Tensor, h0: Optional[Tensor], y: Tensor, w_ih: Tensor, need_dx: bool):
+def weight_grads(dpre: Tensor, x: Tensor, h0: Optional[Tensor], y: Tensor, w_ih: Tensor, need_dx: bool,
+                 keep: Optional[Tensor] = None):
     """The sums over time as GEMMs over all steps, in float32, returned in the
     parameters' dtype: dpre [T, B, G*H] = dL/d(pre-activation) ->
-    (dx or None, dW_ih = dpre^T x, dW_hh = dpre^T h_{t-1}, dbias = sum dpre)."""
+    (dx or None, dW_ih = dpre^T x, dW_hh = dpre^T (h_{t-1} * keep), dbias = sum dpre)."""
     steps, batch, inputs = x.shape
     hidden = y.shape[2]
     dpre2d = dpre.reshape(steps * batch, dpre.shape[2])
     h_first = (h0 if h0 is not None else y.new_zeros(batch, hidden)).float()
-    h_prev = torch.cat([h_first.unsqueeze(0), y[:-1].float()]).reshape(steps * batch, hidden)
+    h_prev = torch.cat([h_first.unsqueeze(0), y[:-1].float()])
+    if keep is not None:
+        h_prev = h_prev * keep.float()
+    h_prev = h_prev.reshape(steps * batch, hidden)
     dw_hh = (dpre2d.t() @ h_prev).to(x.dtype)
     dw_ih = (dpre2d.t() @ x.reshape(steps * batch, inputs).float()).to(x.dtype)
     dbias = dpre2d.sum(0).to(x.dtype)

@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (SIZE_ARGUMENTS, Config, TunedKernel, check_dtype, dot_state_weight, input_projection, upcast_dots,
-                     weight_grads)
+from .common import (SIZE_ARGUMENTS, Config, ScanOptions, TunedKernel, check_dtype, dot_state_weight, input_projection,
+                     upcast_dots, weight_grads)
 
 # The launch configs bench/triton_resources.py compiles for every variant; dispatch
 # autotunes over those that never spill (_configs.py, generated from that compile).
@@ -57,8 +57,10 @@ def _relu(z):
 
 @triton.jit
 def _irnn_forward_step(pre_t, prev, w, y_t, rows, row_ok, H, HAS_PREV: tl.constexpr, TF32: tl.constexpr,
-                       UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # y_t[rows, :] = relu(pre_t[rows, :] + prev[rows, :] @ W^T); prev, pre_t, y_t: [B, H]
+                       UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       keep, active, clip, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_CLIP: tl.constexpr):
+    # y_t[rows, :] = relu(pre_t[rows, :] + (prev[rows, :] * keep) @ W^T); prev, pre_t, y_t, keep: [B, H];
+    # rows not `active` (past their length) keep prev; h is bounded by `clip`
     row_offsets = rows.to(tl.int64)[:, None] * H                     # [BB, 1]
     for n0 in range(0, H, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
@@ -67,36 +69,56 @@ def _irnn_forward_step(pre_t, prev, w, y_t, rows, row_ok, H, HAS_PREV: tl.conste
         if HAS_PREV:
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
-                h = tl.load(prev + row_offsets + ks[None, :], mask=row_ok[:, None] & (ks < H)[None, :],
-                            other=0.0)                                                 # [BB, BK]
+                k_mask = row_ok[:, None] & (ks < H)[None, :]
+                h = tl.load(prev + row_offsets + ks[None, :], mask=k_mask, other=0.0)   # [BB, BK]
+                if HAS_MASK:
+                    h = h * tl.load(keep + row_offsets + ks[None, :], mask=k_mask, other=0.0)
                 # W^T[k, n] = W[n, k]
                 w_tile = tl.load(w + cols[None, :].to(tl.int64) * H + ks[:, None],
                                  mask=(ks < H)[:, None] & (cols < H)[None, :], other=0.0)  # [BK, BN]
                 acc += dot_state_weight(h, w_tile, TF32, UPCAST)
-        tl.store(y_t + row_offsets + cols[None, :], _relu(acc), mask=mask)
+        h_new = _relu(acc)
+        if HAS_CLIP:
+            h_new = tl.where(h_new > clip, clip, h_new)  # not tl.minimum, which would drop a NaN
+        if HAS_LENGTHS:
+            old = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+            if HAS_PREV:
+                old = tl.load(prev + row_offsets + cols[None, :], mask=mask, other=0.0)
+            h_new = tl.where(active[:, None], h_new, old)
+        tl.store(y_t + row_offsets + cols[None, :], h_new, mask=mask)
 
 
 @triton.jit(do_not_specialize=SIZE_ARGUMENTS)
-def irnn_scan_forward_kernel(pre, h0, w, y, T, B, H, HAS_H0: tl.constexpr, TF32: tl.constexpr,
-                             UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """pre [T, B, H] (x W_ih^T + b), h0 [B, H] (unused unless HAS_H0), w [H, H] -> y [T, B, H]."""
+def irnn_scan_forward_kernel(pre, h0, w, y, keep, lengths, clip, T, B, H, HAS_H0: tl.constexpr, TF32: tl.constexpr,
+                             UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_CLIP: tl.constexpr):
+    """pre [T, B, H] (x W_ih^T + b), h0 [B, H] (unused unless HAS_H0), w [H, H] -> y [T, B, H].
+    Options: keep [B, H] float32 recurrent mask, lengths [B] int64, clip (each used only
+    with its HAS_ flag)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     step = B.to(tl.int64) * H
-    _irnn_forward_step(pre, h0, w, y, rows, row_ok, H, HAS_H0, TF32, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
+    lens = tl.full((BLOCK_B,), 0, tl.int64)
+    if HAS_LENGTHS:
+        lens = tl.load(lengths + rows, mask=row_ok, other=0)
+    _irnn_forward_step(pre, h0, w, y, rows, row_ok, H, HAS_H0, TF32, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K,
+                       keep, lens > 0, clip, HAS_MASK, HAS_LENGTHS, HAS_CLIP)
     tl.debug_barrier()
     for t in range(1, T):
         # step is int64, so t * step is too
         _irnn_forward_step(pre + t * step, y + (t - 1) * step, w, y + t * step, rows, row_ok, H, True, TF32,
-                           UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
+                           UPCAST, BLOCK_B, BLOCK_N, BLOCK_K, keep, lens > t, clip, HAS_MASK, HAS_LENGTHS, HAS_CLIP)
         tl.debug_barrier()
 
 
 @triton.jit
-def _irnn_backward_step(dy_t, carry, dz_next, w, y_t, dz_t, rows, row_ok, H, FROM_DZ: tl.constexpr,
+def _irnn_backward_step(dy_t, dh_n, dz_next, w, y_t, dz_t, rows, row_ok, H, FROM_DZ: tl.constexpr,
                         HAS_DY: tl.constexpr, MASK_RELU: tl.constexpr, TF32: tl.constexpr, UPCAST: tl.constexpr,
-                        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # g = dy_t + (dz_next @ W if FROM_DZ else carry); dz_t = g * [y_t > 0] if MASK_RELU else g
+                        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        keep, active, next_active, clip, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                        HAS_CLIP: tl.constexpr):
+    # g = dy_t + ((dz_next @ W) * keep if FROM_DZ and next_active else dh_n);
+    # dz_t = g * relu'(y_t) (zero past a row's length) if MASK_RELU else g
     row_offsets = rows.to(tl.int64)[:, None] * H
     for n0 in range(0, H, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
@@ -110,36 +132,53 @@ def _irnn_backward_step(dy_t, carry, dz_next, w, y_t, dz_t, rows, row_ok, H, FRO
                 w_tile = tl.load(w + ks[:, None].to(tl.int64) * H + cols[None, :],
                                  mask=(ks < H)[:, None] & (cols < H)[None, :], other=0.0)  # W[k, n]: [BK, BN]
                 g += dot_state_weight(dz, w_tile, TF32, UPCAST)
+            if HAS_MASK:
+                g = g * tl.load(keep + row_offsets + cols[None, :], mask=mask, other=0.0)
+            if HAS_LENGTHS:  # the next step is past the row's length: dL/dh_T passes through it
+                carried = tl.load(dh_n + row_offsets + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                g = tl.where(next_active[:, None], g, carried)
         else:
-            g = tl.load(carry + row_offsets + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(dh_n + row_offsets + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_DY:
             g += tl.load(dy_t + row_offsets + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if MASK_RELU:
             h = tl.load(y_t + row_offsets + cols[None, :], mask=mask, other=0.0)
             g = tl.where(h <= 0.0, 0.0, g)  # as torch's threshold_backward: NaN h passes the gradient
+            if HAS_CLIP:
+                g = tl.where(h >= clip, 0.0, g)
+            if HAS_LENGTHS:
+                g = tl.where(active[:, None], g, 0.0)
         tl.store(dz_t + row_offsets + cols[None, :], g, mask=mask)
 
 
 @triton.jit(do_not_specialize=SIZE_ARGUMENTS)
-def irnn_scan_backward_kernel(dy, dh_n, y, w, dz, dh0, T, B, H, TF32: tl.constexpr, UPCAST: tl.constexpr,
-                              BLOCK_B: tl.constexpr,
-                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dy [T, B, H], dh_n [B, H], y [T, B, H] (h_1..h_T), w [H, H] -> dz [T, B, H], dh0 [B, H]."""
+def irnn_scan_backward_kernel(dy, dh_n, y, w, dz, dh0, keep, lengths, clip, T, B, H, TF32: tl.constexpr,
+                              UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                              HAS_CLIP: tl.constexpr):
+    """dy [T, B, H], dh_n [B, H], y [T, B, H] (h_1..h_T), w [H, H] -> dz [T, B, H], dh0 [B, H].
+    Options as in irnn_scan_forward_kernel."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     step = B.to(tl.int64) * H
+    lens = tl.full((BLOCK_B,), 0, tl.int64)
+    if HAS_LENGTHS:
+        lens = tl.load(lengths + rows, mask=row_ok, other=0)
     last = (T - 1) * step
     _irnn_backward_step(dy + last, dh_n, dz, w, y + last, dz + last, rows, row_ok, H, False, True, True, TF32,
-                        UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
+                        UPCAST, BLOCK_B, BLOCK_N, BLOCK_K, keep, lens > T - 1, lens > T, clip, HAS_MASK, HAS_LENGTHS,
+                        HAS_CLIP)
     tl.debug_barrier()
     for i in range(1, T):
         t = T - 1 - i
         _irnn_backward_step(dy + t * step, dh_n, dz + (t + 1) * step, w, y + t * step, dz + t * step,
-                            rows, row_ok, H, True, True, True, TF32, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
+                            rows, row_ok, H, True, True, True, TF32, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K,
+                            keep, lens > t, lens > t + 1, clip, HAS_MASK, HAS_LENGTHS, HAS_CLIP)
         tl.debug_barrier()
-    # dh_0 = dz_1 @ W_hh
+    # dh_0 = (dz_1 @ W_hh) * keep, or dh_T for an empty sequence
     _irnn_backward_step(dy, dh_n, dz, w, y, dh0, rows, row_ok, H, True, False, False, TF32,
-                        UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
+                        UPCAST, BLOCK_B, BLOCK_N, BLOCK_K, keep, lens > 0, lens > 0, clip, HAS_MASK, HAS_LENGTHS,
+                        HAS_CLIP)
 
 
 # the forward writes h_t over its input pre_t: autotuning trials must restore it
@@ -148,11 +187,14 @@ SCAN_BACKWARD = TunedKernel(irnn_scan_backward_kernel, "irnn_scan_backward")
 
 
 def irnn_scan_forward(x: Tensor, h0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor],
-                      allow_tf32: bool = False, config: Optional[Config] = None) -> Tuple[Tensor, Tensor]:
+                      allow_tf32: bool = False, config: Optional[Config] = None,
+                      recurrent_mask: Optional[Tensor] = None, lengths: Optional[Tensor] = None,
+                      hidden_clip: Optional[float] = None) -> Tuple[Tensor, Tensor]:
     """x [T, B, I], h0 [B, H] or None (zeros), w_ih [H, I], w_hh [H, H], bias [H] or None
     (b_ih + b_hh), all float32, bfloat16 or float16 -> (y [T, B, H], h_T [B, H]) in x's
     dtype. The recurrence runs in float32 whatever the dtype. `config`: launch with
-    this config instead of the tuned one (tests)."""
+    this config instead of the tuned one (tests). recurrent_mask [B, H], lengths [B],
+    hidden_clip: as in fused_rnn.irnn."""
     check_dtype(x)
     steps, batch, _ = x.shape
     hidden = w_hh.shape[0]
@@ -162,16 +204,21 @@ def irnn_scan_forward(x: Tensor, h0: Optional[Tensor], w_ih: Tensor, w_hh: Tenso
         h_n = h0.clone() if h0 is not None else x.new_zeros(batch, hidden)
         return states.to(x.dtype), h_n
     h0_arg = h0.float().contiguous() if h0 is not None else w_hh  # a placeholder pointer when there is no h0
-    SCAN_FORWARD.launch(batch, w_hh, states, h0_arg, w_hh, states, steps, batch, hidden, config=config,
-                        HAS_H0=h0 is not None, TF32=allow_tf32, UPCAST=upcast_dots(w_hh))
-    return states.to(x.dtype), states[-1].to(x.dtype, copy=True)
+    options = ScanOptions.of(x, w_hh, recurrent_mask, lengths, hidden_clip)
+    SCAN_FORWARD.launch(batch, w_hh, states, h0_arg, w_hh, states, options.keep, options.lengths, options.clip,
+                        steps, batch, hidden, config=config, HAS_H0=h0 is not None, TF32=allow_tf32,
+                        UPCAST=upcast_dots(w_hh), **options.flags)
+    h_n = states[-1].to(x.dtype, copy=True)
+    options.zero_beyond_lengths(states)
+    return states.to(x.dtype), h_n
 
 
 def irnn_scan_backward(grad_y: Tensor, grad_h_n: Tensor, x: Tensor, h0: Optional[Tensor], w_ih: Tensor,
                        w_hh: Tensor, y: Tensor, need_dx: bool = True, allow_tf32: bool = False,
-                       config: Optional[Config] = None):
+                       config: Optional[Config] = None, recurrent_mask: Optional[Tensor] = None,
+                       lengths: Optional[Tensor] = None, hidden_clip: Optional[float] = None):
     """Gradients of irnn_scan_forward: (dx or None, dh0, dw_ih, dw_hh, dbias), in the
-    inputs' dtype, computed in float32."""
+    inputs' dtype, computed in float32; the options as given to the forward."""
     check_dtype(x)
     steps, batch, inputs = x.shape
     hidden = w_hh.shape[0]
@@ -181,7 +228,9 @@ def irnn_scan_backward(grad_y: Tensor, grad_h_n: Tensor, x: Tensor, h0: Optional
     dz = torch.empty(steps, batch, hidden, dtype=torch.float32, device=x.device)
     dh0 = torch.empty(batch, hidden, dtype=torch.float32, device=x.device)
     w_hh = w_hh.contiguous()
+    options = ScanOptions.of(x, w_hh, recurrent_mask, lengths, hidden_clip)
     SCAN_BACKWARD.launch(batch, w_hh, grad_y.contiguous(), grad_h_n.contiguous(), y.contiguous(), w_hh, dz, dh0,
-                         steps, batch, hidden, config=config, TF32=allow_tf32, UPCAST=upcast_dots(w_hh))
-    dx, dw_ih, dw_hh, dbias = weight_grads(dz, x, h0, y, w_ih, need_dx)
+                         options.keep, options.lengths, options.clip, steps, batch, hidden, config=config,
+                         TF32=allow_tf32, UPCAST=upcast_dots(w_hh), **options.flags)
+    dx, dw_ih, dw_hh, dbias = weight_grads(dz, x, h0, y, w_ih, need_dx, recurrent_mask)
     return dx, dh0.to(x.dtype), dw_ih, dw_hh, dbias

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (SIZE_ARGUMENTS, Config, TunedKernel, check_dtype, dot_state_weight, input_projection, sigmoid,
+from .common import (SIZE_ARGUMENTS, Config, ScanOptions, TunedKernel, check_dtype, dot_state_weight, input_projection, sigmoid,
                      tanh, upcast_dots, weight_grads)
 
 # The launch configs bench/triton_resources.py compiles for every variant; dispatch
@@ -45,8 +45,10 @@ CANDIDATES = (
 
 @triton.jit
 def _lstm_forward_step(gates_t, h_prev, c_prev, w, y_t, c_t, rows, row_ok, H, HAS_PREV: tl.constexpr,
-                       TF32: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # gates_t [B, 4H]: pre-activations in, activations out; h_prev, c_prev, y_t, c_t [B, H]
+                       TF32: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, keep, active, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    # gates_t [B, 4H]: pre-activations in, activations out; h_prev, c_prev, y_t, c_t [B, H];
+    # the recurrent product reads h_prev * keep; rows not `active` keep h_prev and c_prev
     rows64 = rows.to(tl.int64)[:, None]
     for n0 in range(0, H, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
@@ -63,6 +65,8 @@ def _lstm_forward_step(gates_t, h_prev, c_prev, w, y_t, c_t, rows, row_ok, H, HA
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < H
                 h = tl.load(h_prev + rows64 * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                if HAS_MASK:
+                    h = h * tl.load(keep + rows64 * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 # W^T[k, n] of gate q = W[q H + n, k]
                 w_t = w + cols[None, :].to(tl.int64) * H + ks[:, None]
                 w_mask = k_ok[:, None] & col_ok[None, :]
@@ -77,28 +81,42 @@ def _lstm_forward_step(gates_t, h_prev, c_prev, w, y_t, c_t, rows, row_ok, H, HA
         g = tanh(a_g)
         o = sigmoid(a_o)
         c = f * c_before + i * g
+        h_new = o * tanh(c)
+        if HAS_LENGTHS:
+            h_before = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+            if HAS_PREV:
+                h_before = tl.load(h_prev + rows64 * H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            c = tl.where(active[:, None], c, c_before)
+            h_new = tl.where(active[:, None], h_new, h_before)
         tl.store(g_row, i, mask=mask)
         tl.store(g_row + H, f, mask=mask)
         tl.store(g_row + 2 * H, g, mask=mask)
         tl.store(g_row + 3 * H, o, mask=mask)
         tl.store(c_t + rows64 * H + cols[None, :], c, mask=mask)
-        tl.store(y_t + rows64 * H + cols[None, :], o * tanh(c), mask=mask)
+        tl.store(y_t + rows64 * H + cols[None, :], h_new, mask=mask)
 
 
 @triton.jit(do_not_specialize=SIZE_ARGUMENTS)
-def lstm_scan_forward_kernel(gates, h0, c0, w, y, cells, T, B, H, HAS_STATE: tl.constexpr, TF32: tl.constexpr,
-                             UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def lstm_scan_forward_kernel(gates, h0, c0, w, y, cells, keep, lengths, T, B, H, HAS_STATE: tl.constexpr,
+                             TF32: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr):
     """gates [T, B, 4H] (x W_ih^T + b in, activated gates out), h0, c0 [B, H] (unused
-    unless HAS_STATE), w [4H, H] -> y, cells [T, B, H]."""
+    unless HAS_STATE), w [4H, H] -> y, cells [T, B, H]. Options: keep [B, H] float32
+    recurrent mask, lengths [B] int64 (each used only with its HAS_ flag)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     step = B.to(tl.int64) * H
-    _lstm_forward_step(gates, h0, c0, w, y, cells, rows, row_ok, H, HAS_STATE, TF32, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
+    lens = tl.full((BLOCK_B,), 0, tl.int64)
+    if HAS_LENGTHS:
+        lens = tl.load(lengths + rows, mask=row_ok, other=0)
+    _lstm_forward_step(gates, h0, c0, w, y, cells, rows, row_ok, H, HAS_STATE, TF32, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K,
+                       keep, lens > 0, HAS_MASK, HAS_LENGTHS)
     tl.debug_barrier()
     for t in range(1, T):
         # step is int64, so t * step is too
         _lstm_forward_step(gates + 4 * t * step, y + (t - 1) * step, cells + (t - 1) * step, w, y + t * step,
-                           cells + t * step, rows, row_ok, H, True, TF32, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
+                           cells + t * step, rows, row_ok, H, True, TF32, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K,
+                           keep, lens > t, HAS_MASK, HAS_LENGTHS)
         tl.debug_barrier()
 
 
@@ -121,9 +139,11 @@ def _recurrent_grad(dgates_next, w, rows64, row_ok, cols, col_ok, H, TF32: tl.co
 @triton.jit
 def _lstm_backward_step(dy_t, dh_n, dgates_next, w, gates_t, c_t, c_prev, dc, dgates_t, rows, row_ok, H,
                         from_dgates, HAS_PREV: tl.constexpr, TF32: tl.constexpr, UPCAST: tl.constexpr,
-                        BLOCK_B: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # from_dgates (run time): dh comes from the next step's dgates, else from dh_n (t = T)
+                        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        keep, active, next_active, HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    # from_dgates (run time): dh comes from the next step's dgates (times keep), else from
+    # dh_n (t = T, or the next step is past the row's length); rows not `active` pass dc
+    # through and get zero dgates
     rows64 = rows.to(tl.int64)[:, None]
     for n0 in range(0, H, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
@@ -132,6 +152,10 @@ def _lstm_backward_step(dy_t, dh_n, dgates_next, w, gates_t, c_t, c_prev, dc, dg
         unit = rows64 * H + cols[None, :]
         if from_dgates:
             dh = _recurrent_grad(dgates_next, w, rows64, row_ok, cols, col_ok, H, TF32, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
+            if HAS_MASK:
+                dh = dh * tl.load(keep + unit, mask=mask, other=0.0)
+            if HAS_LENGTHS:
+                dh = tl.where(next_active[:, None], dh, tl.load(dh_n + unit, mask=mask, other=0.0).to(tl.float32))
         else:
             dh = tl.load(dh_n + unit, mask=mask, other=0.0).to(tl.float32)
         dh += tl.load(dy_t + unit, mask=mask, other=0.0).to(tl.float32)
@@ -144,41 +168,66 @@ def _lstm_backward_step(dy_t, dh_n, dgates_next, w, gates_t, c_t, c_prev, dc, dg
         c_before = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
         if HAS_PREV:
             c_before = tl.load(c_prev + unit, mask=mask, other=0.0)
-        d_c = tl.load(dc + unit, mask=mask, other=0.0) + dh * o * (1.0 - tc * tc)
+        dc_in = tl.load(dc + unit, mask=mask, other=0.0)
+        d_c = dc_in + dh * o * (1.0 - tc * tc)
+        da_i = d_c * g * i * (1.0 - i)
+        da_f = d_c * c_before * f * (1.0 - f)
+        da_g = d_c * i * (1.0 - g * g)
+        da_o = dh * tc * o * (1.0 - o)
+        dc_out = d_c * f
+        if HAS_LENGTHS:
+            live = active[:, None]
+            da_i = tl.where(live, da_i, 0.0)
+            da_f = tl.where(live, da_f, 0.0)
+            da_g = tl.where(live, da_g, 0.0)
+            da_o = tl.where(live, da_o, 0.0)
+            dc_out = tl.where(live, dc_out, dc_in)
         dg_row = dgates_t + rows64 * (4 * H) + cols[None, :]
-        tl.store(dg_row, d_c * g * i * (1.0 - i), mask=mask)
-        tl.store(dg_row + H, d_c * c_before * f * (1.0 - f), mask=mask)
-        tl.store(dg_row + 2 * H, d_c * i * (1.0 - g * g), mask=mask)
-        tl.store(dg_row + 3 * H, dh * tc * o * (1.0 - o), mask=mask)
-        tl.store(dc + unit, d_c * f, mask=mask)
+        tl.store(dg_row, da_i, mask=mask)
+        tl.store(dg_row + H, da_f, mask=mask)
+        tl.store(dg_row + 2 * H, da_g, mask=mask)
+        tl.store(dg_row + 3 * H, da_o, mask=mask)
+        tl.store(dc + unit, dc_out, mask=mask)
 
 
 @triton.jit(do_not_specialize=SIZE_ARGUMENTS)
-def lstm_scan_backward_kernel(dy, dh_n, c0, cells, gates, w, dgates, dc, dh0, T, B, H, HAS_C0: tl.constexpr,
-                              TF32: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_K: tl.constexpr):
+def lstm_scan_backward_kernel(dy, dh_n, c0, cells, gates, w, dgates, dc, dh0, keep, lengths, T, B, H,
+                              HAS_C0: tl.constexpr, TF32: tl.constexpr, UPCAST: tl.constexpr, BLOCK_B: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_MASK: tl.constexpr,
+                              HAS_LENGTHS: tl.constexpr):
     """dy [T, B, H], dh_n [B, H], c0 [B, H] (unused unless HAS_C0), cells [T, B, H],
     gates [T, B, 4H] (activated), w [4H, H]; dc [B, H]: dc_T in, dc_0 out ->
     dgates [T, B, 4H], dh0 [B, H]."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     step = B.to(tl.int64) * H
+    lens = tl.full((BLOCK_B,), 0, tl.int64)
+    if HAS_LENGTHS:
+        lens = tl.load(lengths + rows, mask=row_ok, other=0)
     for i in range(0, T - 1):  # t = T-1 .. 1
         t = T - 1 - i
         _lstm_backward_step(dy + t * step, dh_n, dgates + 4 * (t + 1) * step, w, gates + 4 * t * step,
                             cells + t * step, cells + (t - 1) * step, dc, dgates + 4 * t * step, rows, row_ok, H,
-                            i > 0, True, TF32, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
+                            i > 0, True, TF32, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K, keep, lens > t, lens > t + 1,
+                            HAS_MASK, HAS_LENGTHS)
         tl.debug_barrier()
     _lstm_backward_step(dy, dh_n, dgates + 4 * step, w, gates, cells, c0, dc, dgates, rows, row_ok, H, T > 1,
-                        HAS_C0, TF32, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
+                        HAS_C0, TF32, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K, keep, lens > 0, lens > 1, HAS_MASK,
+                        HAS_LENGTHS)
     tl.debug_barrier()
-    # dh_0 = dgates_1 @ W_hh
+    # dh_0 = (dgates_1 @ W_hh) * keep, or dh_T for an empty sequence
     rows64 = rows.to(tl.int64)[:, None]
     for n0 in range(0, H, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < H
+        mask = row_ok[:, None] & col_ok[None, :]
         dh = _recurrent_grad(dgates, w, rows64, row_ok, cols, col_ok, H, TF32, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
-        tl.store(dh0 + rows64 * H + cols[None, :], dh, mask=row_ok[:, None] & col_ok[None, :])
+        if HAS_MASK:
+            dh = dh * tl.load(keep + rows64 * H + cols[None, :], mask=mask, other=0.0)
+        if HAS_LENGTHS:
+            carried = tl.load(dh_n + rows64 * H + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dh = tl.where((lens > 0)[:, None], dh, carried)
+        tl.store(dh0 + rows64 * H + cols[None, :], dh, mask=mask)
 
 
 # the forward writes the activated gates over their pre-activations, and the backward
@@ -188,12 +237,14 @@ SCAN_BACKWARD = TunedKernel(lstm_scan_backward_kernel, "lstm_scan_backward", res
 
 
 def lstm_scan_forward(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
-                      bias: Optional[Tensor], allow_tf32: bool = False, config: Optional[Config] = None):
+                      bias: Optional[Tensor], allow_tf32: bool = False, config: Optional[Config] = None,
+                      recurrent_mask: Optional[Tensor] = None, lengths: Optional[Tensor] = None):
     """x [T, B, I], h0 and c0 [B, H] or None (zeros), w_ih [4H, I], w_hh [4H, H], bias [4H]
     or None (b_ih + b_hh), all float32, bfloat16 or float16 -> (y [T, B, H], h_T, c_T
     [B, H] in x's dtype; cells [T, B, H] and gates [T, B, 4H], the activated gates, in
     float32: what the backward reads). The recurrence runs in float32. `config`: launch
-    with this config instead of the tuned one (tests)."""
+    with this config instead of the tuned one (tests). recurrent_mask [B, H] and
+    lengths [B]: as in fused_rnn.lstm."""
     check_dtype(x)
     steps, batch, _ = x.shape
     hidden = w_hh.shape[1]
@@ -209,18 +260,22 @@ def lstm_scan_forward(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], w_i
         h_n = h0_t.to(x.dtype, copy=True) if has_state else zeros
         c_n = c0_t.to(x.dtype, copy=True) if has_state else zeros.clone()
         return states.to(x.dtype), h_n, c_n, cells, gates
+    options = ScanOptions.of(x, w_hh, recurrent_mask, lengths)
     SCAN_FORWARD.launch(batch, w_hh, gates, h0_t if has_state else w_hh, c0_t if has_state else w_hh, w_hh, states,
-                        cells, steps, batch, hidden, config=config, HAS_STATE=has_state, TF32=allow_tf32,
-                        UPCAST=upcast_dots(w_hh))
-    return (states.to(x.dtype), states[-1].to(x.dtype, copy=True), cells[-1].to(x.dtype, copy=True), cells,
-            gates)
+                        cells, options.keep, options.lengths, steps, batch, hidden, config=config,
+                        HAS_STATE=has_state, TF32=allow_tf32, UPCAST=upcast_dots(w_hh), HAS_MASK=options.flags["HAS_MASK"],
+                        HAS_LENGTHS=options.flags["HAS_LENGTHS"])
+    h_n = states[-1].to(x.dtype, copy=True)
+    options.zero_beyond_lengths(states)
+    return states.to(x.dtype), h_n, cells[-1].to(x.dtype, copy=True), cells, gates
 
 
 def lstm_scan_backward(grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, x: Tensor, h0: Optional[Tensor],
                        c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, y: Tensor, cells: Tensor, gates: Tensor,
-                       need_dx: bool = True, allow_tf32: bool = False, config: Optional[Config] = None):
+                       need_dx: bool = True, allow_tf32: bool = False, config: Optional[Config] = None,
+                       recurrent_mask: Optional[Tensor] = None, lengths: Optional[Tensor] = None):
     """Gradients of lstm_scan_forward: (dx or None, dh0, dc0, dw_ih, dw_hh, dbias), in
-    the inputs' dtype, computed in float32."""
+    the inputs' dtype, computed in float32; the options as given to the forward."""
     check_dtype(x)
     steps, batch, inputs = x.shape
     hidden = w_hh.shape[1]
@@ -231,9 +286,11 @@ def lstm_scan_backward(grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, x: Te
     dc = grad_c_n.to(torch.float32, copy=True).contiguous()  # dc_T in, dc_0 out
     dh0 = torch.empty(batch, hidden, dtype=torch.float32, device=x.device)
     w_hh = w_hh.contiguous()
+    options = ScanOptions.of(x, w_hh, recurrent_mask, lengths)
     SCAN_BACKWARD.launch(batch, w_hh, grad_y.contiguous(), grad_h_n.contiguous(),
                          c0.float().contiguous() if c0 is not None else w_hh, cells.contiguous(), gates.contiguous(),
-                         w_hh, dgates, dc, dh0, steps, batch, hidden, config=config, HAS_C0=c0 is not None,
-                         TF32=allow_tf32, UPCAST=upcast_dots(w_hh))
-    dx, dw_ih, dw_hh, dbias = weight_grads(dgates, x, h0, y, w_ih, need_dx)
+                         w_hh, dgates, dc, dh0, options.keep, options.lengths, steps, batch, hidden, config=config,
+                         HAS_C0=c0 is not None, TF32=allow_tf32, UPCAST=upcast_dots(w_hh),
+                         HAS_MASK=options.flags["HAS_MASK"], HAS_LENGTHS=options.flags["HAS_LENGTHS"])
+    dx, dw_ih, dw_hh, dbias = weight_grads(dgates, x, h0, y, w_ih, need_dx, recurrent_mask)
     return dx, dh0.to(x.dtype), dc.to(x.dtype), dw_ih, dw_hh, dbias
