@@ -39,11 +39,10 @@ _KERNEL_SUPPORT = {
     "triton": {"device_types": ("cuda",), "dtypes": (torch.float32, torch.bfloat16, torch.float16)},
 }
 BACKENDS = ("cpp", "cuda", "triton", "torch")
-# The per-sequence options (recurrent_mask, lengths, hidden_clip) each backend takes;
-# "torch" takes them all. The fused kernels get them one at a time (issue: recurrent
-# dropout, variable lengths and bounded activations in every backend).
-OPTION_SUPPORT = {"cpp": ("recurrent_mask", "lengths", "hidden_clip"), "cuda": (),
-                  "triton": ("recurrent_mask", "lengths", "hidden_clip")}
+# The per-sequence options each compiled backend takes ("torch" takes them all); every
+# kernel implements all three today, and dispatch checks this table before using one.
+_OPTIONS = ("recurrent_mask", "lengths", "hidden_clip")
+OPTION_SUPPORT = {"cpp": _OPTIONS, "cuda": _OPTIONS, "triton": _OPTIONS}
 _GATES = {"irnn": 1, "lstm": 4}
 
 

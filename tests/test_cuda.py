@@ -115,6 +115,20 @@ def test_layer_matches_reference(cell, shape, bias):
 
 
 @needs_gpu
+@pytest.mark.parametrize("used", [("recurrent_mask",), ("lengths",), ("hidden_clip",),
+                                  ("recurrent_mask", "lengths", "hidden_clip")], ids="+".join)
+@pytest.mark.parametrize("shape", [(1, 1, 3, 5), (9, 5, 4, 7), (20, 18, 6, 13)], ids=lambda s: "T{}B{}I{}H{}".format(*s))
+@pytest.mark.parametrize("cell", ["irnn", "lstm"])
+def test_options_match_reference(cell, shape, used):
+    """The recurrent mask, lengths and hidden clip in the CUDA scans, float32."""
+    from test_options import check_options
+
+    if used == ("hidden_clip",) and cell == "lstm":
+        pytest.skip("hidden_clip is the IRNN's")
+    check_options(cell, shape, torch.float32, "cuda", used, device="cuda")
+
+
+@needs_gpu
 @pytest.mark.parametrize("cell", ["irnn", "lstm"])
 def test_cells_match_reference(cell):
     check_cells_against_reference(cell, "cuda", torch.float32, device="cuda")

@@ -53,6 +53,14 @@ def _sizes(*values):
     return [ctypes.c_int64(v) for v in values]
 
 
+NO_OPTIONS = (None, None, ctypes.c_float(0.0), ctypes.c_int(0))
+
+
+def _options(mask, lengths, clip):
+    """The emulator's option arguments (mask float32 [B, H], lengths int64 [B], clip)."""
+    return (_ptr(mask), _ptr(lengths), ctypes.c_float(clip or 0.0), ctypes.c_int(clip is not None))
+
+
 def _check(name, got, want):
     # float32 tolerances of test_backends (float32 accumulation throughout)
     assert_matches(name, torch.from_numpy(np.asarray(got, dtype=np.float64)), want, torch.float32)
@@ -75,7 +83,7 @@ def test_irnn_scans_match_reference(emulator, case):
     y, state = np.empty((steps, batch, hidden), np.float32), np.empty((2, batch, hidden), np.float32)
     h0_f, w_hh_f = _f32(h0), _f32(w_hh)
     blocks = emulator.emulate_scan_forward(ctypes.c_int64(1), _ptr(pre), _ptr(h0_f), None, _ptr(w_hh_f), _ptr(y),
-                                           _ptr(state), None, *_sizes(steps, batch, hidden, sm_count))
+                                           _ptr(state), None, *_sizes(steps, batch, hidden, sm_count), *NO_OPTIONS)
     assert blocks == -(-hidden // max(8, -(-hidden // sm_count))) or hidden < 8
     _check("y", y, want_y)
     _check("h_T", state[(steps - 1) % 2], want_h)
@@ -83,7 +91,7 @@ def test_irnn_scans_match_reference(emulator, case):
     grad_y, grad_h_n = _f32(up["y"]), _f32(up["h"])
     emulator.emulate_scan_backward(ctypes.c_int64(1), _ptr(grad_y), _ptr(grad_h_n), _ptr(y), None, None, None,
                                    _ptr(w_hh_f), _ptr(dpre), None, _ptr(grad_h0),
-                                   *_sizes(steps, batch, hidden, sm_count))
+                                   *_sizes(steps, batch, hidden, sm_count), *NO_OPTIONS)
     want = ref.irnn_backward(up["y"], up["h"], cache)
     _check("dh0", grad_h0, want["dh0"])
     for name, got in _weight_grads(dpre, x, h0, y, w_ih).items():
@@ -101,7 +109,7 @@ def test_lstm_scans_match_reference(emulator, case):
     cells = np.empty((steps, batch, hidden), np.float32)
     h0_f, c0_f, w_hh_f = _f32(h0), _f32(c0), _f32(w_hh)
     emulator.emulate_scan_forward(ctypes.c_int64(4), _ptr(gates), _ptr(h0_f), _ptr(c0_f), _ptr(w_hh_f), _ptr(y),
-                                  _ptr(state), _ptr(cells), *_sizes(steps, batch, hidden, sm_count))
+                                  _ptr(state), _ptr(cells), *_sizes(steps, batch, hidden, sm_count), *NO_OPTIONS)
     _check("y", y, want_y)
     _check("h_T", state[(steps - 1) % 2], want_h)
     _check("c_T", cells[-1], want_c)
@@ -109,11 +117,56 @@ def test_lstm_scans_match_reference(emulator, case):
     grad_y, grad_h_n, grad_c = _f32(up["y"]), _f32(up["h"]), _f32(up["c"]).copy()  # grad_c: dc_T in, dc_0 out
     emulator.emulate_scan_backward(ctypes.c_int64(4), _ptr(grad_y), _ptr(grad_h_n), _ptr(y), _ptr(c0_f),
                                    _ptr(cells), _ptr(gates), _ptr(w_hh_f), _ptr(dpre), _ptr(grad_c), _ptr(grad_h0),
-                                   *_sizes(steps, batch, hidden, sm_count))
+                                   *_sizes(steps, batch, hidden, sm_count), *NO_OPTIONS)
     want = ref.lstm_backward(up["y"], up["h"], up["c"], cache)
     _check("dh0", grad_h0, want["dh0"])
     _check("dc0", grad_c, want["dc0"])
     for name, got in _weight_grads(dpre, x, h0, y, w_ih).items():
+        _check(name, got, want[name])
+
+
+@pytest.mark.parametrize("cell", ["irnn", "lstm"])
+def test_scans_with_options_match_reference(emulator, cell):
+    """The recurrent mask, per-sequence lengths (0, 1, partial and full) and the IRNN's
+    clip in the persistent scans, 3 blocks, a partial batch pass."""
+    steps, batch, inputs, hidden, sm_count = 6, 5, 3, 21, 3
+    gates = 1 if cell == "irnn" else 4
+    x, states, w_ih, w_hh, b_ih, b_hh, up = make_layer(cell, steps, batch, inputs, hidden, bias=True, seed=4)
+    rng = np.random.default_rng(5)
+    mask = _f32((rng.random((batch, hidden)) > 0.3) / 0.7)
+    lengths = np.array([6, 0, 1, 4, 6], dtype=np.int64)
+    clip = None
+    if cell == "irnn":
+        clip = 0.5 * float(ref.irnn_forward(x, states[0], w_ih, w_hh, b_ih, b_hh, mask, lengths)[0].max())
+        want_y, want_h, cache = ref.irnn_forward(x, states[0], w_ih, w_hh, b_ih, b_hh, mask, lengths, clip)
+        want_out = (want_y, want_h)
+    else:
+        want_y, want_h, want_c, cache = ref.lstm_forward(x, *states, w_ih, w_hh, b_ih, b_hh, mask, lengths)
+        want_out = (want_y, want_h, want_c)
+    pre = _f32(x @ w_ih.T + b_ih + b_hh)
+    y, state = np.empty((steps, batch, hidden), np.float32), np.empty((2, batch, hidden), np.float32)
+    cells = np.empty((steps, batch, hidden), np.float32) if cell == "lstm" else None
+    h0_f, w_hh_f = _f32(states[0]), _f32(w_hh)
+    c0_f = _f32(states[1]) if cell == "lstm" else None
+    options = _options(mask, lengths, clip)
+    emulator.emulate_scan_forward(ctypes.c_int64(gates), _ptr(pre), _ptr(h0_f), _ptr(c0_f), _ptr(w_hh_f), _ptr(y),
+                                  _ptr(state), _ptr(cells), *_sizes(steps, batch, hidden, sm_count), *options)
+    got_out = (y, state[(steps - 1) % 2]) + ((cells[-1],) if cell == "lstm" else ())
+    for name, got, want in zip(("y", "h_T", "c_T"), got_out, want_out):
+        _check(name, got, want)
+    dpre, grad_h0 = np.empty((steps, batch, gates * hidden), np.float32), np.empty((batch, hidden), np.float32)
+    grad_c = _f32(up["c"]).copy() if cell == "lstm" else None
+    emulator.emulate_scan_backward(ctypes.c_int64(gates), _ptr(_f32(up["y"])), _ptr(_f32(up["h"])), _ptr(y),
+                                   _ptr(c0_f), _ptr(cells), _ptr(pre if cell == "lstm" else None), _ptr(w_hh_f),
+                                   _ptr(dpre), _ptr(grad_c), _ptr(grad_h0), *_sizes(steps, batch, hidden, sm_count),
+                                   *options)
+    if cell == "irnn":
+        want = ref.irnn_backward(up["y"], up["h"], cache)
+    else:
+        want = ref.lstm_backward(up["y"], up["h"], up["c"], cache)
+        _check("dc0", grad_c, want["dc0"])
+    _check("dh0", grad_h0, want["dh0"])
+    for name, got in _weight_grads(dpre, x, states[0] * mask, y * mask, w_ih).items():
         _check(name, got, want[name])
 
 

@@ -60,7 +60,7 @@ def test_options_on_threads_match_reference():
         torch.set_num_threads(threads)
 
 
-def check_options(cell, shape, dtype, backend, used):
+def check_options(cell, shape, dtype, backend, used, device="cpu"):
     x, states, w_ih, w_hh, b_ih, b_hh, up = make_layer(cell, *shape, bias=True, seed=sum(shape))
     mask, lengths = _options(shape[0], shape[1], shape[3], seed=shape[0])
     mask = mask if "recurrent_mask" in used else None
@@ -68,9 +68,9 @@ def check_options(cell, shape, dtype, backend, used):
     clip = None
     if "hidden_clip" in used and cell == "irnn":  # half the largest activation: some are clipped
         clip = 0.5 * float(ref.irnn_forward(x, states[0], w_ih, w_hh, b_ih, b_hh, mask, lengths)[0].max())
-    tx, tw_ih, tw_hh, tb_ih, tb_hh = (to_torch(a, dtype) for a in (x, w_ih, w_hh, b_ih, b_hh))
-    tstates = [to_torch(s, dtype) for s in states]
-    options = dict(recurrent_mask=None if mask is None else torch.tensor(mask, dtype=dtype),
+    tx, tw_ih, tw_hh, tb_ih, tb_hh = (to_torch(a, dtype, device) for a in (x, w_ih, w_hh, b_ih, b_hh))
+    tstates = [to_torch(s, dtype, device) for s in states]
+    options = dict(recurrent_mask=None if mask is None else torch.tensor(mask, dtype=dtype, device=device),
                    lengths=None if lengths is None else torch.tensor(lengths))
     if cell == "irnn":
         y, h_n = fused_rnn.irnn(tx, tstates[0], tw_ih, tw_hh, tb_ih, tb_hh, backend=backend, **options,
@@ -88,21 +88,28 @@ def check_options(cell, shape, dtype, backend, used):
         want_out, want = (want_y, want_h, want_c), ref.lstm_backward(up["y"], up["h"], up["c"], cache)
         grads = {"dx": tx, "dh0": tstates[0], "dc0": tstates[1]}
     for name, got, expected in zip(("y", "h_T", "c_T"), outputs, want_out):
-        assert_matches(name, got, expected, dtype)
-    torch.autograd.backward(outputs, [torch.tensor(u, dtype=dtype) for u in upstream])
+        assert_matches(name, got.cpu(), expected, dtype)
+    torch.autograd.backward(outputs, [torch.tensor(u, dtype=dtype, device=device) for u in upstream])
     grads.update({"dw_ih": tw_ih, "dw_hh": tw_hh, "db_ih": tb_ih, "db_hh": tb_hh})
     for name, tensor in grads.items():
-        assert_matches(name, tensor.grad, want[name], dtype)
+        assert_matches(name, tensor.grad.cpu(), want[name], dtype)
 
 
-def test_dispatch_takes_a_backend_that_implements_the_options():
+def test_dispatch_takes_a_backend_that_implements_the_options(monkeypatch):
+    """Every kernel implements the options today; a backend that did not would be
+    skipped with the reason (OPTION_SUPPORT is the one table dispatch reads)."""
+    if "cpp" not in fused_rnn.available_backends("cpu"):
+        pytest.skip("the cpp backend is not built")
     x, w_ih, w_hh = torch.randn(3, 2, 4), torch.randn(5, 4), torch.eye(5)
     choice = fused_rnn.select_backend("cpu", torch.float32, cell="irnn", options=("hidden_clip",))
-    assert choice.name in OPTION_BACKENDS
-    for name in set(fused_rnn.available_backends("cpu")) - set(OPTION_BACKENDS) - {"triton"}:
-        assert "does not implement hidden_clip" in choice.skipped[name]
+    assert choice.name == fused_rnn.select_backend("cpu", torch.float32, cell="irnn").name
     y, _ = fused_rnn.irnn(x, None, w_ih, w_hh, hidden_clip=0.1)
     assert y.max() == torch.tensor(0.1, dtype=y.dtype)  # the clip is reached and never exceeded
+    monkeypatch.setitem(fused_rnn.functional.OPTION_SUPPORT, "cpp", ("recurrent_mask",))
+    choice = fused_rnn.select_backend("cpu", torch.float32, cell="irnn", options=("recurrent_mask", "hidden_clip"))
+    assert choice.name == "torch" and "does not implement hidden_clip" in choice.skipped["cpp"]
+    with pytest.raises(ValueError, match="does not implement hidden_clip"):
+        fused_rnn.irnn(x, None, w_ih, w_hh, hidden_clip=0.1, backend="cpp")
 
 
 @pytest.mark.parametrize("bad, message", [

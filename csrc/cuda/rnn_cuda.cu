@@ -8,7 +8,8 @@
 // inputs' dtype. The scans keep W_hh on chip (scan_plan.h): a layer whose H does not
 // fit, or a device that cannot launch cooperatively, gets an error naming the limit;
 // dispatch (fused_rnn/functional.py, through cuda_scan_unsupported below) sends such
-// layers to the Triton backend before they get here.
+// layers to the Triton backend before they get here. The scans take the per-sequence
+// options (recurrent mask, lengths, IRNN hidden clip) of fused_rnn.irnn / lstm.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -134,14 +135,50 @@ const ScanCheck& checked_scan(int device, int64_t gates, at::ScalarType dtype, i
 
 // The plan of one direction; both directions must fit, so that a forward never
 // succeeds only for its backward to fail.
-// The scan options (recurrent mask, lengths, hidden clip) are not in the CUDA kernels
-// yet; dispatch (fused_rnn/functional.py, OPTION_SUPPORT) never sends them here.
-void check_no_options(const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& lengths,
-                      std::optional<double> hidden_clip = std::nullopt) {
-  TORCH_CHECK(!recurrent_mask.has_value() && !lengths.has_value() && !hidden_clip.has_value(),
-              "fused_rnn: the CUDA scans do not implement recurrent_mask, lengths or hidden_clip yet; "
-              "use backend='torch' (backend='auto' does)");
-}
+// The per-sequence options as the kernels take them: the mask in float32 on the
+// device, the lengths as int64 on the device (checked to lie in [0, T]).
+struct CudaScanOptions {
+  at::Tensor mask, lengths;
+  float clip = 0.0f;
+  bool has_clip = false;
+
+  CudaScanOptions(const at::Tensor& x, int64_t hidden, const std::optional<at::Tensor>& recurrent_mask,
+                  const std::optional<at::Tensor>& lengths_in, std::optional<double> hidden_clip = std::nullopt) {
+    const int64_t steps = x.size(0), batch = x.size(1);
+    if (recurrent_mask.has_value()) {
+      check_tensor(*recurrent_mask, "recurrent_mask", c10::DeviceType::CUDA, x.scalar_type(), &x);
+      TORCH_CHECK(recurrent_mask->dim() == 2 && recurrent_mask->size(0) == batch && recurrent_mask->size(1) == hidden,
+                  "fused_rnn: recurrent_mask must be [", batch, ", ", hidden, "], got ", recurrent_mask->sizes());
+      mask = recurrent_mask->to(at::kFloat).contiguous();
+    }
+    if (lengths_in.has_value()) {
+      TORCH_CHECK(!at::isFloatingType(lengths_in->scalar_type()) && lengths_in->scalar_type() != at::kBool,
+                  "fused_rnn: lengths must hold integers, got ", lengths_in->scalar_type());
+      TORCH_CHECK(lengths_in->dim() == 1 && lengths_in->size(0) == batch, "fused_rnn: lengths must be [", batch,
+                  "], got ", lengths_in->sizes());
+      auto host = lengths_in->to(at::kCPU, at::kLong);
+      TORCH_CHECK(batch == 0 || (host.min().item<int64_t>() >= 0 && host.max().item<int64_t>() <= steps),
+                  "fused_rnn: lengths must lie in [0, ", steps, "]");
+      lengths = lengths_in->to(x.device(), at::kLong).contiguous();
+    }
+    if (hidden_clip.has_value()) {
+      TORCH_CHECK(*hidden_clip > 0, "fused_rnn: hidden_clip must be positive");
+      clip = static_cast<float>(*hidden_clip);
+      has_clip = true;
+    }
+  }
+
+  template <typename Args>
+  void fill(Args& args) const {
+    args.mask = mask.defined() ? mask.const_data_ptr<float>() : nullptr;
+    args.lengths = lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr;
+    args.clip = clip;
+    args.has_clip = has_clip;
+  }
+
+  // h_{t-1} as the recurrent product reads it (for the weight gradients)
+  at::Tensor masked(const at::Tensor& h) const { return mask.defined() ? h * mask : h; }
+};
 
 ScanPlan plan_or_fail(const at::Tensor& x, int64_t gates, int64_t hidden, bool backward) {
   for (const bool direction : {false, true}) {
@@ -162,12 +199,12 @@ std::tuple<at::Tensor, at::Tensor> irnn_scan_forward(const at::Tensor& x_in, con
                                                       const std::optional<at::Tensor>& lengths,
                                                       std::optional<double> hidden_clip) {
   FUSED_RNN_EXCLUDE_AUTOCAST;
-  check_no_options(recurrent_mask, lengths, hidden_clip);
   const auto x = x_in.contiguous(), h0 = h0_in.contiguous();
   const auto w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
   check_cuda_layer(x, {{&h0, "h0"}}, w_ih, w_hh, bias, 1);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t steps = x.size(0), batch = x.size(1), hidden = w_hh.size(1);
+  const CudaScanOptions scan_options(x, hidden, recurrent_mask, lengths, hidden_clip);
   if (steps == 0 || batch == 0 || hidden == 0) return {x.new_zeros({steps, batch, hidden}), h0.clone()};
   const ScanPlan plan = plan_or_fail(x, 1, hidden, false);
   auto pre = input_projection(f32(x), f32(w_ih), f32(bias));  // [T, B, H] float32
@@ -178,6 +215,7 @@ std::tuple<at::Tensor, at::Tensor> irnn_scan_forward(const at::Tensor& x_in, con
     using scalar_t = decltype(tag);
     ForwardArgs<scalar_t> args{ptr<float>(pre), ptr<float>(h0_f), nullptr, ptr<scalar_t>(w_hh), ptr<scalar_t>(y),
                                ptr<float>(state), nullptr, steps, batch, hidden};
+    scan_options.fill(args);
     check_launch(launch_scan_forward<scalar_t, 1>(args, plan, at::cuda::getCurrentCUDAStream()), "IRNN scan");
   });
   return {y, state[(steps - 1) % 2].to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true)};
@@ -189,7 +227,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> irnn_scan
     const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& lengths,
     std::optional<double> hidden_clip) {
   FUSED_RNN_EXCLUDE_AUTOCAST;
-  check_no_options(recurrent_mask, lengths, hidden_clip);
   const auto grad_y = grad_y_in.contiguous(), grad_h_n = grad_h_n_in.contiguous();
   const auto x = x_in.contiguous(), h0 = h0_in.contiguous(), y = y_in.contiguous();
   const auto w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
@@ -201,6 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> irnn_scan
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const auto dtype = x.scalar_type();
+  const CudaScanOptions scan_options(x, hidden, recurrent_mask, lengths, hidden_clip);
   if (steps == 0 || batch == 0 || hidden == 0) {
     return {grad_x ? at::zeros_like(x) : at::empty({0}, x.options()), grad_h_n.clone(), at::zeros_like(w_ih),
             at::zeros_like(w_hh), at::zeros({hidden}, w_hh.options())};
@@ -215,10 +253,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> irnn_scan
     BackwardArgs<scalar_t> args{ptr<scalar_t>(grad_y), ptr<float>(grad_h_n_f), ptr<scalar_t>(y), nullptr, nullptr,
                                 nullptr, ptr<scalar_t>(w_hh), ptr<float>(dz), nullptr, ptr<float>(dh0),
                                 steps, batch, hidden};
+    scan_options.fill(args);
     check_launch(launch_scan_backward<scalar_t, 1>(args, plan, at::cuda::getCurrentCUDAStream()),
                  "IRNN backward scan");
   });
-  auto grads = weight_grads(dz, f32(x), f32(h0), f32(y), f32(w_ih), f32(w_hh), grad_x);
+  auto grads = weight_grads(dz, f32(x), scan_options.masked(f32(h0)), scan_options.masked(f32(y)), f32(w_ih),
+                            f32(w_hh), grad_x);
   return {grads.dx.to(dtype), dh0.to(dtype), grads.dw_ih.to(dtype), grads.dw_hh.to(dtype), grads.dbias.to(dtype)};
 }
 
@@ -299,12 +339,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_scan
     const at::Tensor& w_hh_in, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& recurrent_mask,
     const std::optional<at::Tensor>& lengths) {
   FUSED_RNN_EXCLUDE_AUTOCAST;
-  check_no_options(recurrent_mask, lengths);
   const auto x = x_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
   const auto w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
   check_cuda_layer(x, {{&h0, "h0"}, {&c0, "c0"}}, w_ih, w_hh, bias, 4);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t steps = x.size(0), batch = x.size(1), hidden = w_hh.size(1);
+  const CudaScanOptions scan_options(x, hidden, recurrent_mask, lengths);
   const auto options = x.options().dtype(at::kFloat);
   if (steps == 0 || batch == 0 || hidden == 0) {
     return {x.new_zeros({steps, batch, hidden}), h0.clone(), c0.clone(), at::zeros({steps, batch, hidden}, options),
@@ -320,6 +360,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_scan
     using scalar_t = decltype(tag);
     ForwardArgs<scalar_t> args{ptr<float>(gates), ptr<float>(h0_f), ptr<float>(c0_f), ptr<scalar_t>(w_hh),
                                ptr<scalar_t>(y), ptr<float>(state), ptr<float>(cells), steps, batch, hidden};
+    scan_options.fill(args);
     check_launch(launch_scan_forward<scalar_t, 4>(args, plan, at::cuda::getCurrentCUDAStream()), "LSTM scan");
   });
   const auto dtype = x.scalar_type();
@@ -332,7 +373,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& y_in, const at::Tensor& cells_in, const at::Tensor& gates_in, bool grad_x,
     const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& lengths) {
   FUSED_RNN_EXCLUDE_AUTOCAST;
-  check_no_options(recurrent_mask, lengths);
   const auto grad_y = grad_y_in.contiguous(), grad_h_n = grad_h_n_in.contiguous();
   const auto grad_c_n = grad_c_n_in.contiguous(), x = x_in.contiguous();
   const auto h0 = h0_in.contiguous(), c0 = c0_in.contiguous(), y = y_in.contiguous();
@@ -352,6 +392,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_tensor(gates, "gates", c10::DeviceType::CUDA, at::kFloat, &x);
   check_shape(gates, "gates", {steps, batch, 4 * hidden});
   const c10::cuda::CUDAGuard guard(x.device());
+  const CudaScanOptions scan_options(x, hidden, recurrent_mask, lengths);
   if (steps == 0 || batch == 0 || hidden == 0) {
     return {grad_x ? at::zeros_like(x) : at::empty({0}, x.options()), grad_h_n.clone(), grad_c_n.clone(),
             at::zeros_like(w_ih), at::zeros_like(w_hh), at::zeros({4 * hidden}, w_hh.options())};
@@ -367,10 +408,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     BackwardArgs<scalar_t> args{ptr<scalar_t>(grad_y), ptr<float>(grad_h_n_f), ptr<scalar_t>(y), ptr<float>(c0_f),
                                 ptr<float>(cells), ptr<float>(gates), ptr<scalar_t>(w_hh), ptr<float>(dgates),
                                 ptr<float>(dc), ptr<float>(dh0), steps, batch, hidden};
+    scan_options.fill(args);
     check_launch(launch_scan_backward<scalar_t, 4>(args, plan, at::cuda::getCurrentCUDAStream()),
                  "LSTM backward scan");
   });
-  auto grads = weight_grads(dgates, f32(x), f32(h0), f32(y), f32(w_ih), f32(w_hh), grad_x);
+  auto grads = weight_grads(dgates, f32(x), scan_options.masked(f32(h0)), scan_options.masked(f32(y)), f32(w_ih),
+                            f32(w_hh), grad_x);
   return {grads.dx.to(dtype), dh0.to(dtype), dc.to(dtype), grads.dw_ih.to(dtype), grads.dw_hh.to(dtype),
           grads.dbias.to(dtype)};
 }

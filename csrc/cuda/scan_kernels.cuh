@@ -79,11 +79,20 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 // Stages `rows` rows of `width` floats, row b0 onwards of `src` ([*, width], written by
-// other blocks before the last grid barrier), into `stage` [kRows, width].
-__device__ __forceinline__ void stage_rows(float* stage, const float* src, int64_t b0, int rows, int64_t width) {
+// other blocks before the last grid barrier), into `stage` [kRows, width], times the
+// same rows of `mask` ([*, width], may be null).
+__device__ __forceinline__ void stage_rows(float* stage, const float* src, int64_t b0, int rows, int64_t width,
+                                           const float* mask = nullptr) {
   const float* first = src + b0 * width;
   const int64_t count = rows * width;
-  for (int64_t i = threadIdx.x; i < count; i += kThreads) stage[i] = __ldcg(first + i);
+  for (int64_t i = threadIdx.x; i < count; i += kThreads) {
+    const float value = __ldcg(first + i);
+    stage[i] = mask == nullptr ? value : value * mask[b0 * width + i];
+  }
+}
+
+__device__ __forceinline__ bool step_active(const int64_t* lengths, int64_t t, int64_t b) {
+  return lengths == nullptr || t < lengths[b];
 }
 
 // acc[q][r] = sum_k stage[r][k] * weights[q][k] for the kRows staged rows and G weight
@@ -136,7 +145,7 @@ __global__ void __launch_bounds__(kThreads, 1) scan_forward_kernel(ForwardArgs<s
     for (int64_t b0 = 0; b0 < B; b0 += kRows) {
       const int rows = B - b0 < kRows ? static_cast<int>(B - b0) : kRows;
       __syncthreads();  // the last pass (or the weight load) is done with h_s
-      stage_rows(h_s, h_prev, b0, rows, H);
+      stage_rows(h_s, h_prev, b0, rows, H, a.mask);
       __syncthreads();
       for (int64_t u = warp; u < my_units; u += kWarps) {
         float acc[G][kRows];
@@ -147,9 +156,16 @@ __global__ void __launch_bounds__(kThreads, 1) scan_forward_kernel(ForwardArgs<s
           if (r != lane || r >= rows) continue;  // lane r finishes row b0 + r (constant indices into acc)
           const int64_t b = b0 + r;
           const int64_t row = t * B + b;  // int64: the [T, B, *] offsets below pass 2^31
+          if (!step_active(a.lengths, t, b)) {  // past its length the row keeps its state; y is zero
+            h_next[b * H + unit] = __ldcg(h_prev + b * H + unit);
+            if constexpr (G != 1) a.cells[row * H + unit] = t == 0 ? a.c0[b * H + unit] : a.cells[(row - B) * H + unit];
+            a.y[row * H + unit] = from_float<scalar_t>(0.0f);
+            continue;
+          }
           float h;
           if constexpr (G == 1) {
-            h = cell::relu(a.pre[row * H + unit] + acc[0][r]);
+            const float z = a.pre[row * H + unit] + acc[0][r];
+            h = a.has_clip ? cell::relu_clipped(z, a.clip) : cell::relu(z);
           } else {
             float* gates = a.pre + row * (G * H) + unit;
             float gi = gates[0] + acc[0][r], gf = gates[H] + acc[1][r];
@@ -210,16 +226,29 @@ __global__ void __launch_bounds__(kThreads, 1) scan_backward_kernel(BackwardArgs
         for (int r = 0; r < kRows; ++r) {
           if (r != lane || r >= rows) continue;
           const int64_t b = b0 + r;
+          // dL/dh_t through h_{t+1}: (dpre_{t+1} W_hh) * mask, or dL/dh_T passed through the
+          // steps past the row's length
+          const float through_next = recurrent && step_active(a.lengths, t + 1, b)
+                                         ? acc[0][r] * (a.mask == nullptr ? 1.0f : a.mask[b * H + unit])
+                                         : a.grad_h_n[b * H + unit];
           if (t < 0) {
-            a.grad_h0[b * H + unit] = acc[0][r];
+            a.grad_h0[b * H + unit] = through_next;
             continue;
           }
           const int64_t row = t * B + b;
-          const float dh = to_float(a.grad_y[row * H + unit]) + (recurrent ? acc[0][r] : a.grad_h_n[b * H + unit]);
+          if (!step_active(a.lengths, t, b)) {  // no step here: zero dpre, dL/dc passes through
+            for (int q = 0; q < G; ++q) a.dpre[row * GH + q * H + unit] = 0.0f;
+            continue;
+          }
+          const float dh = to_float(a.grad_y[row * H + unit]) + through_next;
           if constexpr (G == 1) {
             // relu' from the sign of h_t as stored in y (the inputs' dtype), as the Triton
             // scan: a positive h below float16's smallest subnormal (6e-8) reads as 0
-            a.dpre[row * H + unit] = cell::relu_backward(dh, to_float(a.y[row * H + unit]));
+            // y holds h in scalar_t: compare with the bound as y stores it (a clip that bf16
+            // cannot represent rounds, and the clipped h with it)
+            const float h = to_float(a.y[row * H + unit]);
+            a.dpre[row * H + unit] = a.has_clip ? cell::relu_clipped_backward(dh, h, to_float(from_float<scalar_t>(a.clip)))
+                                                : cell::relu_backward(dh, h);
           } else {
             const float* gates = a.gates + row * GH + unit;
             const float c_prev = t == 0 ? a.c0[b * H + unit] : a.cells[(row - B) * H + unit];

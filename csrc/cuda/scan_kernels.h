@@ -30,6 +30,11 @@ struct ForwardArgs {
   float* state;             // [2, B, H]: h_t, exchanged between blocks (h_T ends in state[(T-1) % 2])
   float* cells;             // [T, B, H] c_1..c_T (LSTM)
   int64_t steps, batch, hidden;
+  // options (fused_rnn.irnn / lstm), null / false when off:
+  const float* mask = nullptr;       // [B, H] recurrent dropout mask on h_{t-1}
+  const int64_t* lengths = nullptr;  // [B]: rows stop after their length (state frozen, y zero)
+  float clip = 0.0f;                 // IRNN: h = min(relu(z), clip) when has_clip
+  bool has_clip = false;
 };
 
 template <typename scalar_t>
@@ -45,6 +50,10 @@ struct BackwardArgs {
   float* grad_c;            // [B, H] (LSTM): dL/dc_T in, dL/dc_0 out
   float* grad_h0;           // [B, H] out
   int64_t steps, batch, hidden;
+  const float* mask = nullptr;       // options as in ForwardArgs
+  const int64_t* lengths = nullptr;
+  float clip = 0.0f;
+  bool has_clip = false;
 };
 
 #if !defined(FUSED_RNN_EMULATE_CUDA)

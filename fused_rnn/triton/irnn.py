@@ -228,6 +228,8 @@ def irnn_scan_backward(grad_y: Tensor, grad_h_n: Tensor, x: Tensor, h0: Optional
     dz = torch.empty(steps, batch, hidden, dtype=torch.float32, device=x.device)
     dh0 = torch.empty(batch, hidden, dtype=torch.float32, device=x.device)
     w_hh = w_hh.contiguous()
+    if hidden_clip is not None:  # y holds h in x's dtype: compare it with the bound as y stores it
+        hidden_clip = float(torch.tensor(hidden_clip, dtype=x.dtype))
     options = ScanOptions.of(x, w_hh, recurrent_mask, lengths, hidden_clip)
     SCAN_BACKWARD.launch(batch, w_hh, grad_y.contiguous(), grad_h_n.contiguous(), y.contiguous(), w_hh, dz, dh0,
                          options.keep, options.lengths, options.clip, steps, batch, hidden, config=config,

@@ -150,11 +150,16 @@ extern "C" {
 
 // gates: 1 (IRNN) or 4 (LSTM). Buffers as in ForwardArgs / BackwardArgs (scan_kernels.h).
 // Returns the number of blocks the plan used.
+// mask [B, H], lengths [B] may be null; has_clip switches the IRNN's bound on.
 int64_t emulate_scan_forward(int64_t gates, float* pre, const float* h0, const float* c0, const float* w_hh,
                              float* y, float* state, float* cells, int64_t steps, int64_t batch, int64_t hidden,
-                             int64_t sm_count) {
+                             int64_t sm_count, const float* mask, const int64_t* lengths, float clip, int has_clip) {
   const ScanPlan p = plan(gates, hidden, false, sm_count);
-  const ForwardArgs<float> args{pre, h0, c0, w_hh, y, state, cells, steps, batch, hidden};
+  ForwardArgs<float> args{pre, h0, c0, w_hh, y, state, cells, steps, batch, hidden};
+  args.mask = mask;
+  args.lengths = lengths;
+  args.clip = clip;
+  args.has_clip = has_clip != 0;
   if (gates == 1) {
     launch(p.blocks, kThreads, p.smem_bytes, kernels::scan_forward_kernel<float, 1>, args, p);
   } else {
@@ -166,10 +171,15 @@ int64_t emulate_scan_forward(int64_t gates, float* pre, const float* h0, const f
 int64_t emulate_scan_backward(int64_t gates, const float* grad_y, const float* grad_h_n, const float* y,
                               const float* c0, const float* cells, const float* gate_values, const float* w_hh,
                               float* dpre, float* grad_c, float* grad_h0, int64_t steps, int64_t batch,
-                              int64_t hidden, int64_t sm_count) {
+                              int64_t hidden, int64_t sm_count, const float* mask, const int64_t* lengths, float clip,
+                              int has_clip) {
   const ScanPlan p = plan(gates, hidden, true, sm_count);
-  const BackwardArgs<float> args{grad_y, grad_h_n, y,    c0,    cells, gate_values, w_hh,
-                                 dpre,   grad_c,   grad_h0, steps, batch, hidden};
+  BackwardArgs<float> args{grad_y, grad_h_n, y,    c0,    cells, gate_values, w_hh,
+                           dpre,   grad_c,   grad_h0, steps, batch, hidden};
+  args.mask = mask;
+  args.lengths = lengths;
+  args.clip = clip;
+  args.has_clip = has_clip != 0;
   if (gates == 1) {
     launch(p.blocks, kThreads, p.smem_bytes, kernels::scan_backward_kernel<float, 1>, args, p);
   } else {
