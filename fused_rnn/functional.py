@@ -2,7 +2,8 @@
 
 Backends:
 
-- ``"cpp"``: the fused C++ CPU kernels of ``fused_rnn._C`` (float32, float64; CPU tensors).
+- ``"cpp"``: the fused C++ CPU kernels of ``fused_rnn._C`` (float32, float64; bfloat16 and
+  float16 with float32 state and accumulation; CPU tensors).
 - ``"cuda"``: the persistent CUDA scans of ``fused_rnn._C`` (float32, bfloat16, float16
   with float32 state; CUDA tensors), for layers whose W_hh fits in the GPU's shared
   memory and batches of at most ``CUDA_SCAN_MAX_BATCH`` rows (csrc/cuda/scan_plan.h).
@@ -34,7 +35,8 @@ from ._validation import check_layer_args, check_sequence_options
 
 # Which dtypes and device types each compiled backend's kernels take.
 _KERNEL_SUPPORT = {
-    "cpp": {"device_types": ("cpu",), "dtypes": (torch.float32, torch.float64)},
+    # bfloat16/float16: float32 state and accumulation, inputs converted at the call
+    "cpp": {"device_types": ("cpu",), "dtypes": (torch.float32, torch.float64, torch.bfloat16, torch.float16)},
     "cuda": {"device_types": ("cuda",), "dtypes": (torch.float32, torch.bfloat16, torch.float16)},
     "triton": {"device_types": ("cuda",), "dtypes": (torch.float32, torch.bfloat16, torch.float16)},
 }
@@ -278,6 +280,23 @@ def _zero_state(x: Tensor, hidden: int) -> Tensor:
     return x.new_zeros(x.shape[-2], hidden)
 
 
+def _autocast(x: Tensor, *tensors):
+    """Under torch.autocast on x's device, the float32 tensors in the autocast dtype
+    (bfloat16 or float16): the kernels then run that mixed precision, float32 state and
+    accumulation, as they do for such inputs. Gradients flow back to the float32
+    originals through the casts. Unchanged outside autocast."""
+    device_type = x.device.type
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type)
+    except TypeError:  # torch < 2.4: per-device functions
+        enabled = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+        dtype = torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+    if not enabled:
+        return (x, *tensors)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype == torch.float32 else t for t in (x, *tensors))
+
+
 def _options_in_use(**options) -> Tuple[str, ...]:
     return tuple(name for name, value in options.items() if value is not None)
 
@@ -306,6 +325,7 @@ def irnn(
     frozen, so h_T is the state at its length, and y is zero beyond it);
     ``hidden_clip`` c: ``h_t = min(relu(z_t), c)``.
     """
+    x, h0, w_ih, w_hh, b_ih, b_hh, recurrent_mask = _autocast(x, h0, w_ih, w_hh, b_ih, b_hh, recurrent_mask)
     check_layer_args(x, {"h0": h0}, w_ih, w_hh, b_ih, b_hh, gates=1, x_rank=3)
     check_sequence_options(x, w_hh.shape[1], recurrent_mask, lengths, hidden_clip)
     options = _options_in_use(recurrent_mask=recurrent_mask, lengths=lengths, hidden_clip=hidden_clip)
@@ -342,6 +362,7 @@ def lstm(
     beyond its length a sequence keeps both h and c).
     """
     h0, c0 = _unpack_state(state)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, recurrent_mask = _autocast(x, h0, c0, w_ih, w_hh, b_ih, b_hh, recurrent_mask)
     check_layer_args(x, {"h0": h0, "c0": c0}, w_ih, w_hh, b_ih, b_hh, gates=4, x_rank=3)
     check_sequence_options(x, w_hh.shape[1], recurrent_mask, lengths, None)
     options = _options_in_use(recurrent_mask=recurrent_mask, lengths=lengths)

@@ -360,7 +360,7 @@ class IRNN(_StackedRNN):
             ``"pytorch"``: uniform(-1/sqrt(H), 1/sqrt(H)) for ``W_ih`` and ``b_ih``.
         ih_std: standard deviation of ``W_ih`` for ``ih_init="normal"`` (paper: 0.001).
         device, dtype: of the parameters. The fused CPU kernels take float32 and
-            float64; other dtypes run on the ``"torch"`` backend.
+            float64, and bfloat16/float16 with float32 state and accumulation.
         recurrent_dropout: keyword-only; variational recurrent dropout (Gal &
             Ghahramani 2016, Keras' ``dropout_U``): in training, h_{t-1} is multiplied in
             the recurrent product by a mask of 0 and 1/(1-p) drawn once per layer,

@@ -311,3 +311,43 @@ def test_threaded_kernels_match_reference(cell, shape):
             test_layer_matches_reference(cell, shape, True, dtype, "cpp")
     finally:
         torch.set_num_threads(previous)
+
+
+# bfloat16 / float16 on the CPU kernels: float32 state and accumulation on inputs
+# converted at the call, against the float64 reference on the same rounded inputs.
+# Every product and sum is float32; only the outputs and the saved y (h_{t-1} of the
+# weight gradients, relu's sign) are rounded, once per step: errors stay within a few
+# units of the dtype's rounding (bf16 2^-8 = 3.9e-3, fp16 2^-11 = 4.9e-4): measured worst
+# 3.1e-3 (bf16, dw_hh of the LSTM) at T = 9. The bounds give 3-4x of margin and stay
+# far below the O(1) error of a wrong gate or index.
+REDUCED_TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("cell", ["irnn", "lstm"])
+def test_reduced_precision_on_cpu_matches_reference(cell, dtype):
+    if "cpp" not in fused_rnn.available_backends("cpu"):
+        pytest.skip("the cpp backend is not built")
+    x, states, w_ih, w_hh, b_ih, b_hh, up = make_layer(cell, 9, 5, 4, 13, bias=True, seed=6)
+    leaves = [torch.tensor(a, dtype=dtype, requires_grad=True) for a in (x, *states, w_ih, w_hh, b_ih, b_hh)]
+    rounded = [t.detach().double().numpy() for t in leaves]
+    up = {k: torch.tensor(v, dtype=dtype).double().numpy() for k, v in up.items()}
+    if cell == "irnn":
+        outputs = fused_rnn.irnn(*leaves, backend="cpp")
+        upstream = (up["y"], up["h"])
+        *want_out, cache = ref.irnn_forward(*rounded)
+        want = ref.irnn_backward(up["y"], up["h"], cache)
+        names = ["dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh"]
+    else:
+        y, (h_n, c_n) = fused_rnn.lstm(leaves[0], (leaves[1], leaves[2]), *leaves[3:], backend="cpp")
+        outputs, upstream = (y, h_n, c_n), (up["y"], up["h"], up["c"])
+        *want_out, cache = ref.lstm_forward(*rounded)
+        want = ref.lstm_backward(up["y"], up["h"], up["c"], cache)
+        names = ["dx", "dh0", "dc0", "dw_ih", "dw_hh", "db_ih", "db_hh"]
+    torch.autograd.backward(outputs, [torch.tensor(u, dtype=dtype) for u in upstream])
+    for name, got, expected in [*zip(["y", "h_T", "c_T"], outputs, want_out),
+                                *((n, t.grad, want[n]) for n, t in zip(names, leaves))]:
+        assert got.dtype == dtype, name
+        scale = max(1.0, float(np.abs(expected).max()))
+        error = float(np.abs(got.detach().double().numpy() - expected).max()) / scale
+        assert error <= REDUCED_TOLERANCE[dtype], f"{name}: error {error:.2e}"

@@ -186,14 +186,16 @@ def test_auto_picks_cpp_for_cpu_float():
 
 
 def test_auto_falls_back_for_dtypes_the_kernels_lack():
+    """bfloat16 runs on the CPU kernels (float32 state); a dtype a kernel lacks (float64
+    on the GPU backends) falls back with the reason."""
     choice = fused_rnn.select_backend("cpu", torch.bfloat16)
-    assert choice.name == "torch"
-    if "cpp" in fused_rnn.available_backends("cpu"):
-        assert "takes float32, float64, got bfloat16" in choice.skipped["cpp"]
-        with pytest.raises(ValueError, match="backend='cpp' cannot run these inputs"):
-            fused_rnn.irnn(*[t.bfloat16() for t in irnn_args(grad=False)], backend="cpp")
+    assert choice.name == ("cpp" if "cpp" in fused_rnn.available_backends("cpu") else "torch")
     y, _ = fused_rnn.irnn(*[t.bfloat16() for t in irnn_args(grad=False)])
     assert y.dtype == torch.bfloat16
+    choice = fused_rnn.select_backend("cuda", torch.float64)
+    assert choice.name == "torch" and "got float64" in choice.skipped["triton"]
+    with pytest.raises(ValueError, match="backend='triton' cannot run these inputs"):
+        fused_rnn.select_backend("cuda", torch.float64, "triton")
 
 
 def test_auto_on_cuda_tensors_uses_an_available_backend():
@@ -235,10 +237,11 @@ def test_nan_gradients_follow_pytorch(cell, cpu_backend):
         assert torch.equal(got, want)
 
 
-def test_autocast_runs_the_kernels_in_the_inputs_dtype(cpu_backend):
-    """Under torch.autocast("cpu") the compiled kernels compute in the parameters' dtype
-    (float32) instead of failing, so the result equals the one without autocast; the
-    torch loop backend is plain PyTorch code and follows autocast (its GEMMs in bfloat16)."""
+def test_autocast_runs_the_layers_in_bfloat16(cpu_backend):
+    """Under torch.autocast("cpu", bfloat16) a layer takes its float32 inputs and
+    parameters in bfloat16 (the compiled kernels then keep float32 state and
+    accumulation; the torch loop follows autocast op by op) and returns bfloat16;
+    gradients reach the float32 parameters."""
     torch.manual_seed(0)
     layers = [fused_rnn.IRNN(5, 7, backend=cpu_backend), fused_rnn.LSTM(5, 7, backend=cpu_backend)]
     x = torch.randn(4, 3, 5)
@@ -246,12 +249,11 @@ def test_autocast_runs_the_kernels_in_the_inputs_dtype(cpu_backend):
         want = layer(x)[0]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = layer(x)[0]
-        if cpu_backend == "torch":
-            # bfloat16 GEMMs keep 8 significant bits (eps 7.8e-3); a few roundings over 4 steps
-            torch.testing.assert_close(got.float(), want, rtol=5e-2, atol=1e-3)
-        else:
-            assert got.dtype == torch.float32
-            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert got.dtype == torch.bfloat16
+        # bfloat16 keeps 8 significant bits (eps 7.8e-3); a few roundings over 4 steps
+        torch.testing.assert_close(got.float(), want, rtol=5e-2, atol=1e-2)
+        got.float().sum().backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
 
 
 def test_double_backward_is_refused_not_wrong():

@@ -52,6 +52,13 @@ std::tuple<at::Tensor, at::Tensor> irnn_scan_forward(const at::Tensor& x_in, con
                                                       const std::optional<at::Tensor>& lengths,
                                                       std::optional<double> hidden_clip) {
   FUSED_RNN_EXCLUDE_AUTOCAST;
+  if (reduced_precision(x_in)) {
+    check_layer_tensors(x_in, {{&h0_in, "h0"}}, w_ih_in, w_hh_in, bias, 1, c10::DeviceType::CPU,
+                        {at::kBFloat16, at::kHalf});
+    auto [y, h_n] = irnn_scan_forward(to_float32(x_in), to_float32(h0_in), to_float32(w_ih_in), to_float32(w_hh_in),
+                                      to_float32(bias), to_float32(recurrent_mask), lengths, hidden_clip);
+    return {y.to(x_in.scalar_type()), h_n.to(x_in.scalar_type())};
+  }
   const auto x = x_in.contiguous(), h0 = h0_in.contiguous();
   const auto w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
   check_layer(x, {{&h0, "h0"}}, w_ih, w_hh, bias, 1);
@@ -102,8 +109,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> irnn_scan
     const at::Tensor& w_ih_in, const at::Tensor& w_hh_in, const at::Tensor& y_in, bool grad_x,
     const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& lengths,
     std::optional<double> hidden_clip) {
-  const auto grad_y = grad_y_in.contiguous(), grad_h_n = grad_h_n_in.contiguous();
   FUSED_RNN_EXCLUDE_AUTOCAST;
+  if (reduced_precision(x_in)) {
+    const auto dtype = x_in.scalar_type();
+    // y holds h in the inputs' dtype: compare it with the bound as y stores it
+    const auto clip = hidden_clip.has_value()
+                          ? std::optional<double>(at::scalar_tensor(*hidden_clip, at::TensorOptions(dtype)).item<double>())
+                          : std::nullopt;
+    auto [dx, dh0, dw_ih, dw_hh, dbias] = irnn_scan_backward(
+        to_float32(grad_y_in), to_float32(grad_h_n_in), to_float32(x_in), to_float32(h0_in), to_float32(w_ih_in),
+        to_float32(w_hh_in), to_float32(y_in), grad_x, to_float32(recurrent_mask), lengths, clip);
+    return {dx.to(dtype), dh0.to(dtype), dw_ih.to(dtype), dw_hh.to(dtype), dbias.to(dtype)};
+  }
+  const auto grad_y = grad_y_in.contiguous(), grad_h_n = grad_h_n_in.contiguous();
   const auto x = x_in.contiguous(), h0 = h0_in.contiguous(), y = y_in.contiguous();
   const auto w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
   check_layer(x, {{&h0, "h0"}, {&grad_h_n, "grad_h_n"}}, w_ih, w_hh, std::nullopt, 1);

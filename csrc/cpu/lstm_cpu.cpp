@@ -192,6 +192,15 @@ ForwardOutputs lstm_scan_forward(const at::Tensor& x_in, const at::Tensor& h0_in
                                  const std::optional<at::Tensor>& recurrent_mask,
                                  const std::optional<at::Tensor>& lengths) {
   FUSED_RNN_EXCLUDE_AUTOCAST;
+  if (reduced_precision(x_in)) {  // cells and gates stay float32 (the saved state)
+    check_layer_tensors(x_in, {{&h0_in, "h0"}, {&c0_in, "c0"}}, w_ih_in, w_hh_in, bias, 4, c10::DeviceType::CPU,
+                        {at::kBFloat16, at::kHalf});
+    auto [y, h_n, c_n, cells, gates] =
+        lstm_scan_forward(to_float32(x_in), to_float32(h0_in), to_float32(c0_in), to_float32(w_ih_in),
+                          to_float32(w_hh_in), to_float32(bias), to_float32(recurrent_mask), lengths);
+    const auto dtype = x_in.scalar_type();
+    return {y.to(dtype), h_n.to(dtype), c_n.to(dtype), cells, gates};
+  }
   const auto x = x_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
   const auto w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
   check_layer(x, {{&h0, "h0"}, {&c0, "c0"}}, w_ih, w_hh, bias, 4);
@@ -261,6 +270,14 @@ BackwardOutputs lstm_backward_impl(const at::Tensor& grad_y, const at::Tensor& g
                                    const std::optional<at::Tensor>& recurrent_mask = std::nullopt,
                                    const std::optional<at::Tensor>& lengths = std::nullopt) {
   FUSED_RNN_EXCLUDE_AUTOCAST;
+  if (reduced_precision(x)) {
+    auto [dx, dh0, dc0, dw_ih, dw_hh, dbias] = lstm_backward_impl(
+        to_float32(grad_y), to_float32(grad_h_n), to_float32(grad_c_n), to_float32(x), to_float32(h0),
+        to_float32(c0), to_float32(w_ih), to_float32(w_hh), to_float32(y), cells, gates, grad_x,
+        to_float32(recurrent_mask), lengths);
+    const auto dtype = x.scalar_type();
+    return {dx.to(dtype), dh0.to(dtype), dc0.to(dtype), dw_ih.to(dtype), dw_hh.to(dtype), dbias.to(dtype)};
+  }
   check_layer(x, {{&h0, "h0"}, {&c0, "c0"}, {&grad_h_n, "grad_h_n"}, {&grad_c_n, "grad_c_n"}}, w_ih, w_hh,
               std::nullopt, 4);
   const int64_t steps = x.size(0), batch = x.size(1), hidden = w_hh.size(1);

@@ -65,6 +65,24 @@ void parallel_batch(int64_t batch, const Fn& fn) {
 }
 
 
+// bfloat16 / float16 layers on the CPU: the kernels run in float32 (state, products and
+// accumulation), on inputs and weights converted once at the call; outputs and
+// gradients come back in the inputs' dtype, the LSTM's saved cells and gates in float32
+// (as on CUDA). There is no native bf16 dot product here (the CPUs this was built on
+// have no AVX-512 BF16): the conversion costs one pass over each tensor.
+inline bool reduced_precision(const at::Tensor& x) {
+  return x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+}
+
+// t in float32 if it is bfloat16/float16 (an undefined tensor stays undefined).
+inline at::Tensor to_float32(const at::Tensor& t) {
+  return t.defined() && (t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf) ? t.to(at::kFloat) : t;
+}
+
+inline std::optional<at::Tensor> to_float32(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(to_float32(*t)) : std::nullopt;
+}
+
 // The CPU kernels take float32 and float64 CPU tensors (csrc/layer_common.h checks).
 inline void check_cpu_float(const at::Tensor& t, const char* name, at::ScalarType dtype) {
   check_tensor(t, name, c10::DeviceType::CPU, dtype);
