@@ -49,6 +49,16 @@ def _round_to_bfloat16(x):
 
 
 @triton.jit
+def row_lengths(lengths, rows, row_ok, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr):
+    """[BLOCK_B] int64: the length of each of the program's rows (0 where lengths are
+    off; the kernels then never read them)."""
+    lens = tl.full((BLOCK_B,), 0, tl.int64)
+    if HAS_LENGTHS:
+        lens = tl.load(lengths + rows, mask=row_ok, other=0)
+    return lens
+
+
+@triton.jit
 def sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
 

@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (SIZE_ARGUMENTS, Config, ScanOptions, TunedKernel, check_dtype, dot_state_weight, input_projection,
-                     upcast_dots, weight_grads)
+                     row_lengths, upcast_dots, weight_grads)
 
 # The launch configs bench/triton_resources.py compiles for every variant; dispatch
 # autotunes over those that never spill (_configs.py, generated from that compile).
@@ -98,9 +98,7 @@ def irnn_scan_forward_kernel(pre, h0, w, y, keep, lengths, clip, T, B, H, HAS_H0
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     step = B.to(tl.int64) * H
-    lens = tl.full((BLOCK_B,), 0, tl.int64)
-    if HAS_LENGTHS:
-        lens = tl.load(lengths + rows, mask=row_ok, other=0)
+    lens = row_lengths(lengths, rows, row_ok, HAS_LENGTHS, BLOCK_B)
     _irnn_forward_step(pre, h0, w, y, rows, row_ok, H, HAS_H0, TF32, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K,
                        keep, lens > 0, clip, HAS_MASK, HAS_LENGTHS, HAS_CLIP)
     tl.debug_barrier()
@@ -161,9 +159,7 @@ def irnn_scan_backward_kernel(dy, dh_n, y, w, dz, dh0, keep, lengths, clip, T, B
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     step = B.to(tl.int64) * H
-    lens = tl.full((BLOCK_B,), 0, tl.int64)
-    if HAS_LENGTHS:
-        lens = tl.load(lengths + rows, mask=row_ok, other=0)
+    lens = row_lengths(lengths, rows, row_ok, HAS_LENGTHS, BLOCK_B)
     last = (T - 1) * step
     _irnn_backward_step(dy + last, dh_n, dz, w, y + last, dz + last, rows, row_ok, H, False, True, True, TF32,
                         UPCAST, BLOCK_B, BLOCK_N, BLOCK_K, keep, lens > T - 1, lens > T, clip, HAS_MASK, HAS_LENGTHS,

@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (SIZE_ARGUMENTS, Config, ScanOptions, TunedKernel, check_dtype, dot_state_weight, input_projection, sigmoid,
-                     tanh, upcast_dots, weight_grads)
+from .common import (SIZE_ARGUMENTS, Config, ScanOptions, TunedKernel, check_dtype, dot_state_weight, input_projection,
+                     row_lengths, sigmoid, tanh, upcast_dots, weight_grads)
 
 # The launch configs bench/triton_resources.py compiles for every variant; dispatch
 # autotunes over those that never spill (_configs.py, generated from that compile).
@@ -106,9 +106,7 @@ def lstm_scan_forward_kernel(gates, h0, c0, w, y, cells, keep, lengths, T, B, H,
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     step = B.to(tl.int64) * H
-    lens = tl.full((BLOCK_B,), 0, tl.int64)
-    if HAS_LENGTHS:
-        lens = tl.load(lengths + rows, mask=row_ok, other=0)
+    lens = row_lengths(lengths, rows, row_ok, HAS_LENGTHS, BLOCK_B)
     _lstm_forward_step(gates, h0, c0, w, y, cells, rows, row_ok, H, HAS_STATE, TF32, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K,
                        keep, lens > 0, HAS_MASK, HAS_LENGTHS)
     tl.debug_barrier()
@@ -201,9 +199,7 @@ def lstm_scan_backward_kernel(dy, dh_n, c0, cells, gates, w, dgates, dc, dh0, ke
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     step = B.to(tl.int64) * H
-    lens = tl.full((BLOCK_B,), 0, tl.int64)
-    if HAS_LENGTHS:
-        lens = tl.load(lengths + rows, mask=row_ok, other=0)
+    lens = row_lengths(lengths, rows, row_ok, HAS_LENGTHS, BLOCK_B)
     for i in range(0, T - 1):  # t = T-1 .. 1
         t = T - 1 - i
         _lstm_backward_step(dy + t * step, dh_n, dgates + 4 * (t + 1) * step, w, gates + 4 * t * step,
