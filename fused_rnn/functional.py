@@ -26,10 +26,11 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import ops as _ops
 from . import torch_loop
+from ._double_backward import (irnn_cell_grads, irnn_layer_grads, lstm_cell_grads, lstm_layer_grads,
+                               wants_graph)
 from ._extension import _C, HAS_C, IMPORT_ERROR, REBUILD_HINT
 from ._validation import check_layer_args, check_sequence_options
 
@@ -192,8 +193,12 @@ class IRNNFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
 
     @staticmethod
-    @once_differentiable  # the backward ops have no derivative of their own
     def backward(ctx, grad_y, grad_h_n):
+        if wants_graph():  # create_graph=True: the backward ops have no derivative of their own
+            x, h0, w_ih, w_hh, _ = ctx.saved_tensors
+            grads = irnn_layer_grads((x, h0, w_ih, w_hh, *ctx.biases), ctx.needs_input_grad, (grad_y, grad_h_n),
+                                     ctx.options)
+            return grads + (None,) * ctx.given_options
         dx, dh0, dw_ih, dw_hh, dbias = _ops.irnn_scan_grads(ctx.saved_tensors, grad_y, grad_h_n,
                                                             ctx.needs_input_grad[0], ctx.options)
         return (dx, dh0, dw_ih, dw_hh, *_split_bias_grad(dbias, *ctx.biases)) + (None,) * ctx.given_options
@@ -225,8 +230,12 @@ class LSTMFunction(torch.autograd.Function):
         ctx.biases = (b_ih, b_hh)
 
     @staticmethod
-    @once_differentiable  # the backward ops have no derivative of their own
     def backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_cells, _grad_gates):
+        if wants_graph():  # create_graph=True: the backward ops have no derivative of their own
+            x, h0, c0, w_ih, w_hh, *_ = ctx.saved_tensors
+            grads = lstm_layer_grads((x, h0, c0, w_ih, w_hh, *ctx.biases), ctx.needs_input_grad,
+                                     (grad_y, grad_h_n, grad_c_n), ctx.options)
+            return grads + (None,) * ctx.given_options
         dx, dh0, dc0, dw_ih, dw_hh, dbias = _ops.lstm_scan_grads(ctx.saved_tensors, grad_y, grad_h_n, grad_c_n,
                                                                  ctx.needs_input_grad[0], ctx.options)
         return (dx, dh0, dc0, dw_ih, dw_hh, *_split_bias_grad(dbias, *ctx.biases)) + (None,) * ctx.given_options
@@ -247,8 +256,10 @@ class IRNNCellFunction(torch.autograd.Function):
         ctx.biases = (b_ih, b_hh)
 
     @staticmethod
-    @once_differentiable  # the backward ops have no derivative of their own
     def backward(ctx, grad_h_new):
+        if wants_graph():  # create_graph=True: the backward ops have no derivative of their own
+            x, h, w_ih, w_hh, _ = ctx.saved_tensors
+            return irnn_cell_grads((x, h, w_ih, w_hh, *ctx.biases), ctx.needs_input_grad, grad_h_new)
         dx, dh, dw_ih, dw_hh, dbias = _ops.irnn_step_grads(ctx.saved_tensors, grad_h_new)
         return (dx, dh, dw_ih, dw_hh, *_split_bias_grad(dbias, *ctx.biases))
 
@@ -270,8 +281,11 @@ class LSTMCellFunction(torch.autograd.Function):
         ctx.biases = (b_ih, b_hh)
 
     @staticmethod
-    @once_differentiable  # the backward ops have no derivative of their own
     def backward(ctx, grad_h_new, grad_c_new, _grad_gates):
+        if wants_graph():  # create_graph=True: the backward ops have no derivative of their own
+            x, h, c, w_ih, w_hh, *_ = ctx.saved_tensors
+            return lstm_cell_grads((x, h, c, w_ih, w_hh, *ctx.biases), ctx.needs_input_grad,
+                                   (grad_h_new, grad_c_new))
         dx, dh, dc, dw_ih, dw_hh, dbias = _ops.lstm_step_grads(ctx.saved_tensors, grad_h_new, grad_c_new)
         return (dx, dh, dc, dw_ih, dw_hh, *_split_bias_grad(dbias, *ctx.biases))
 

@@ -32,6 +32,7 @@ Kernels: CPU (csrc/cpu, float32/float64) and CUDA (csrc/cuda, float32/bfloat16/f
 
 import torch
 
+from ._double_backward import irnn_cell_grads, irnn_layer_grads, lstm_cell_grads, lstm_layer_grads, wants_graph
 from ._extension import HAS_C
 
 OP_NAMES = (
@@ -96,12 +97,9 @@ def _new_like(t):
     return t.new_empty(t.shape)
 
 
-def _forbid_double_backward(ctx):
-    if torch.is_grad_enabled() and any(t.requires_grad for t in ctx.saved_tensors):
-        raise RuntimeError(
-            "fused_rnn: the fused kernels do not support double backward (create_graph=True); "
-            "use backend='torch' for higher-order gradients"
-        )
+def _padded(options, count):
+    # the options the op was called with, None for those left at their default
+    return tuple(options) + (None,) * (count - len(options))
 
 
 def _register():
@@ -153,10 +151,14 @@ def _register():
         ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
         x, h0, w_ih, w_hh, bias, *options = inputs
         ctx.save_for_backward(x, h0, w_ih, w_hh, output[0])
-        ctx.has_bias, ctx.options = bias is not None, tuple(options)
+        ctx.bias, ctx.has_bias, ctx.options = bias, bias is not None, tuple(options)
 
     def irnn_scan_backward(ctx, grad_y, grad_h_n):
-        _forbid_double_backward(ctx)
+        if wants_graph():  # create_graph=True: the backward op has no derivative of its own
+            x, h0, w_ih, w_hh, _ = ctx.saved_tensors
+            grads = irnn_layer_grads((x, h0, w_ih, w_hh, ctx.bias, None), ctx.needs_input_grad[:5] + (False,),
+                                     (grad_y, grad_h_n), _padded(ctx.options, 3))
+            return grads[:5] + (None,) * len(ctx.options)
         dx, dh0, dw_ih, dw_hh, dbias = irnn_scan_grads(ctx.saved_tensors, grad_y, grad_h_n,
                                                        ctx.needs_input_grad[0], ctx.options)
         return (dx, dh0, dw_ih, dw_hh, (dbias if ctx.has_bias else None)) + (None,) * len(ctx.options)
@@ -167,10 +169,12 @@ def _register():
         ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
         x, h, w_ih, w_hh, bias = inputs
         ctx.save_for_backward(x, h, w_ih, w_hh, output)
-        ctx.has_bias = bias is not None
+        ctx.bias, ctx.has_bias = bias, bias is not None
 
     def irnn_step_backward(ctx, grad_h_new):
-        _forbid_double_backward(ctx)
+        if wants_graph():
+            x, h, w_ih, w_hh, _ = ctx.saved_tensors
+            return irnn_cell_grads((x, h, w_ih, w_hh, ctx.bias, None), ctx.needs_input_grad + (False,), grad_h_new)[:5]
         dx, dh, dw_ih, dw_hh, dbias = irnn_step_grads(ctx.saved_tensors, grad_h_new)
         return dx, dh, dw_ih, dw_hh, (dbias if ctx.has_bias else None)
 
@@ -182,10 +186,14 @@ def _register():
         y, _, _, cells, gates = output
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, y, cells, gates)
         ctx.mark_non_differentiable(cells, gates)
-        ctx.has_bias, ctx.options = bias is not None, tuple(options)
+        ctx.bias, ctx.has_bias, ctx.options = bias, bias is not None, tuple(options)
 
     def lstm_scan_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_cells, _grad_gates):
-        _forbid_double_backward(ctx)
+        if wants_graph():
+            x, h0, c0, w_ih, w_hh, *_ = ctx.saved_tensors
+            grads = lstm_layer_grads((x, h0, c0, w_ih, w_hh, ctx.bias, None), ctx.needs_input_grad[:6] + (False,),
+                                     (grad_y, grad_h_n, grad_c_n), _padded(ctx.options, 2))
+            return grads[:6] + (None,) * len(ctx.options)
         # cells and gates are saved activations, not results: their gradients are not propagated
         dx, dh0, dc0, dw_ih, dw_hh, dbias = lstm_scan_grads(ctx.saved_tensors, grad_y, grad_h_n, grad_c_n,
                                                             ctx.needs_input_grad[0], ctx.options)
@@ -199,10 +207,13 @@ def _register():
         _, c_new, gates = output
         ctx.save_for_backward(x, h, c, w_ih, w_hh, c_new, gates)
         ctx.mark_non_differentiable(gates)
-        ctx.has_bias = bias is not None
+        ctx.bias, ctx.has_bias = bias, bias is not None
 
     def lstm_step_backward(ctx, grad_h_new, grad_c_new, _grad_gates):
-        _forbid_double_backward(ctx)
+        if wants_graph():
+            x, h, c, w_ih, w_hh, *_ = ctx.saved_tensors
+            return lstm_cell_grads((x, h, c, w_ih, w_hh, ctx.bias, None), ctx.needs_input_grad + (False,),
+                                   (grad_h_new, grad_c_new))[:6]
         dx, dh, dc, dw_ih, dw_hh, dbias = lstm_step_grads(ctx.saved_tensors, grad_h_new, grad_c_new)
         return dx, dh, dc, dw_ih, dw_hh, (dbias if ctx.has_bias else None)
 

@@ -71,15 +71,20 @@ def lstm_cell_update(gates: Tensor, c: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def lstm_loop(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, recurrent_mask=None,
-              lengths=None) -> Tuple[Tensor, Tensor, Tensor]:
+              lengths=None, w_hr=None) -> Tuple[Tensor, Tensor, Tensor]:
     """LSTM layer, x [T, B, I], h0, c0 [B, H] -> (y [T, B, H], h_T, c_T); options as in
-    :func:`irnn_loop` (the mask applies to h only)."""
+    :func:`irnn_loop` (the mask applies to h only).
+
+    With a projection w_hr [P, H] (``nn.LSTM(proj_size=P)``): h_t = (o * tanh(c_t)) @ w_hr^T,
+    so h0, y and h_T are [., B, P], w_hh is [4H, P] and the mask [B, P]; c stays [B, H]."""
     pre = _input_projection(x, w_ih, b_ih, b_hh)
     active = active_steps(lengths, x.shape[0], x.device)
     h, c = h0, c0
     outputs = []
     for t, pre_t in enumerate(pre):
         h_new, c_new = lstm_cell_update(torch.addmm(pre_t, _recurrent_input(h, recurrent_mask), w_hh.t()), c)
+        if w_hr is not None:
+            h_new = h_new @ w_hr.t()
         active_t = None if active is None else active[t]
         h, c = _advance(h_new, h, active_t), _advance(c_new, c, active_t)
         outputs.append(_output(h, active_t))

@@ -256,18 +256,79 @@ def test_autocast_runs_the_layers_in_bfloat16(cpu_backend):
         assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
 
 
-def test_double_backward_is_refused_not_wrong():
-    """The fused backward is not itself differentiable: create_graph=True must raise, not
-    return a wrong second derivative."""
+# ---- second derivatives (create_graph=True): float64 gradgradcheck, every backend ----
+# The fused backward kernels are not differentiable themselves; under create_graph=True
+# each autograd formula recomputes the layer through the torch loop (_double_backward.py).
+
+SEQUENCE_OPTIONS = {
+    "plain": {},
+    "options": {"recurrent_mask": "mask", "lengths": torch.tensor([4, 1, 3])},
+}
+
+
+def _options(name, hidden, cell):
+    options = dict(SEQUENCE_OPTIONS[name])
+    if "recurrent_mask" in options:
+        g = torch.Generator().manual_seed(5)
+        options["recurrent_mask"] = (torch.rand(3, hidden, generator=g) > 0.3).double() / 0.7
+        if cell == "irnn":
+            options["hidden_clip"] = 2.5
+    return options
+
+
+@pytest.mark.parametrize("options", SEQUENCE_OPTIONS)
+def test_irnn_gradgradcheck(cpu_backend, options):
+    kwargs = _options(options, 5, "irnn")
+    assert torch.autograd.gradgradcheck(lambda *a: fused_rnn.irnn(*a, backend=cpu_backend, **kwargs), irnn_args())
+
+
+@pytest.mark.parametrize("options", SEQUENCE_OPTIONS)
+def test_lstm_gradgradcheck(cpu_backend, options):
+    kwargs = _options(options, 5, "lstm")
+
+    def layer(x, h0, c0, *weights):
+        y, (h, c) = fused_rnn.lstm(x, (h0, c0), *weights, backend=cpu_backend, **kwargs)
+        return y, h, c
+
+    assert torch.autograd.gradgradcheck(layer, lstm_args())
+
+
+def test_cell_gradgradcheck(cpu_backend):
+    x, h0, *weights = irnn_args()
+    assert torch.autograd.gradgradcheck(lambda *a: fused_rnn.irnn_cell(*a, backend=cpu_backend), (x[0], h0, *weights))
+    x, h0, c0, *weights = lstm_args()
+    assert torch.autograd.gradgradcheck(lambda x, h, c, *w: fused_rnn.lstm_cell(x, (h, c), *w, backend=cpu_backend),
+                                        (x[0], h0, c0, *weights))
+
+
+def test_ops_gradgradcheck():
+    """The fused_rnn:: ops' own autograd registrations (used when an op is called
+    directly, or traced) are twice differentiable too."""
     if "cpp" not in fused_rnn.available_backends("cpu"):
         pytest.skip("the cpp backend is not built")
-    args = irnn_args()
-    y, _ = fused_rnn.irnn(*args, backend="cpp")
-    (dx,) = torch.autograd.grad(y.square().sum(), args[0], create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|double backward"):
-        dx.sum().backward()
-    # and through the op's own autograd registration
-    x, h0, w_ih, w_hh, b_ih, b_hh = irnn_args()
-    y, _ = torch.ops.fused_rnn.irnn_scan_forward(x, h0, w_ih, w_hh, b_ih)
-    with pytest.raises(RuntimeError, match="do not support double backward"):
-        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    ops = torch.ops.fused_rnn
+    x, h0, w_ih, w_hh, b_ih, _ = irnn_args()
+    mask = _options("options", 5, "irnn")["recurrent_mask"]
+    assert torch.autograd.gradgradcheck(lambda *a: ops.irnn_scan_forward(*a, mask, torch.tensor([4, 2, 0]), 2.0),
+                                        (x, h0, w_ih, w_hh, b_ih))
+    assert torch.autograd.gradgradcheck(ops.irnn_step, (x[0], h0, w_ih, w_hh, b_ih))
+    x, h0, c0, w_ih, w_hh, b_ih, _ = lstm_args()
+    assert torch.autograd.gradgradcheck(lambda *a: ops.lstm_scan_forward(*a)[:3], (x, h0, c0, w_ih, w_hh, b_ih))
+    assert torch.autograd.gradgradcheck(lambda *a: ops.lstm_step(*a)[:2], (x[0], h0, c0, w_ih, w_hh, b_ih))
+
+
+def test_second_derivatives_are_connected_even_when_the_upstream_gradient_is_constant(cpu_backend):
+    """The silent failure this guards against: with a constant grad_outputs, a backward
+    that is not differentiable returned first derivatives that did not require grad, so
+    a gradient penalty trained on the wrong gradient without a word."""
+    x, h0, *weights = irnn_args()
+    y, _ = fused_rnn.irnn(x, h0, *weights, backend=cpu_backend)
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y), create_graph=True)
+    assert dx.requires_grad
+    (second,) = torch.autograd.grad(dx.square().sum(), weights[1])
+    y_ref, _ = fused_rnn.irnn(x, h0, *weights, backend="torch")
+    (dx_ref,) = torch.autograd.grad(y_ref, x, torch.ones_like(y_ref), create_graph=True)
+    (second_ref,) = torch.autograd.grad(dx_ref.square().sum(), weights[1])
+    assert second_ref.abs().max() > 0
+    # float64, and under create_graph both sides differentiate the same torch loop
+    torch.testing.assert_close(second, second_ref, rtol=1e-12, atol=1e-12)

@@ -348,6 +348,33 @@ def test_modules_on_triton_match_torch_nn(cell, backend):
         torch.testing.assert_close(outputs[1][2][name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("cell", ["irnn", "lstm"])
+def test_gradient_penalty_on_gpu_backends_matches_torch_nn(cell, backend):
+    """create_graph=True through the GPU backends: a gradient penalty's gradients
+    equal torch.nn's (the backward recomputes through the torch loop for the graph)."""
+    torch.manual_seed(0)
+    if cell == "irnn":
+        reference = torch.nn.RNN(3, 5, nonlinearity="relu").to(DEVICE)
+        fused = fused_rnn.IRNN(3, 5, backend=backend).to(DEVICE)
+    else:
+        reference = torch.nn.LSTM(3, 5).to(DEVICE)
+        fused = fused_rnn.LSTM(3, 5, backend=backend).to(DEVICE)
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(4, 2, 3, device=DEVICE)
+    results = []
+    for module in (reference, fused):
+        inp = x.clone().requires_grad_()
+        with torch.backends.cudnn.flags(enabled=False):  # cuDNN's RNN backward is not differentiable
+            y, _ = module(inp)
+            (g,) = torch.autograd.grad(y, inp, torch.ones_like(y), create_graph=True)
+            loss = y.pow(2).mean() + 10 * g.pow(2).sum()
+            results.append(torch.autograd.grad(loss, [inp, *module.parameters()]))
+    # float32, a 4-step recurrence differentiated twice: summation order only
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_cells_on_triton():
     torch.manual_seed(0)
     x, h, c = (torch.randn(3, n, device=DEVICE) for n in (4, 5, 5))

@@ -23,9 +23,9 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 from torch.library import triton_op
 
+from .._double_backward import irnn_layer_grads, lstm_layer_grads, wants_graph
 from ..functional import _combined_bias, _split_bias_grad
 from ..ops import _zeros_if_none
 from . import irnn as _irnn
@@ -121,9 +121,12 @@ class TritonIRNNFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y, grad_h_n):
         x, h0, w_ih, w_hh, y = ctx.saved_tensors
+        if wants_graph():  # create_graph=True: the backward kernels have no derivative of their own
+            grads = irnn_layer_grads((x, h0, w_ih, w_hh, *ctx.biases), ctx.needs_input_grad, (grad_y, grad_h_n),
+                                     ctx.options)
+            return grads + (None,) * (1 + ctx.given_options)
         grad_x = ctx.needs_input_grad[0]
         state = x.new_zeros(x.shape[1], w_hh.shape[1])
         dx, dh0, dw_ih, dw_hh, dbias = torch.ops.fused_rnn.triton_irnn_scan_backward(
@@ -153,9 +156,12 @@ class TritonLSTMFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_cells, _grad_gates):
         x, h0, c0, w_ih, w_hh, y, cells, gates = ctx.saved_tensors
+        if wants_graph():  # create_graph=True: the backward kernels have no derivative of their own
+            grads = lstm_layer_grads((x, h0, c0, w_ih, w_hh, *ctx.biases), ctx.needs_input_grad,
+                                     (grad_y, grad_h_n, grad_c_n), ctx.options)
+            return grads + (None,) * (1 + ctx.given_options)
         grad_x = ctx.needs_input_grad[0]
         state = x.new_zeros(x.shape[1], w_hh.shape[1])
         dx, dh0, dc0, dw_ih, dw_hh, dbias = torch.ops.fused_rnn.triton_lstm_scan_backward(
