@@ -9,7 +9,9 @@
 // Scan options (fused_rnn.irnn / lstm): recurrent_mask [B, H] multiplies h_{t-1} in the
 // recurrent product; lengths [B] (integers, any device) stop each sequence after its
 // length (state frozen, y zero beyond it); hidden_clip bounds the IRNN's h. The
-// backward takes the same options as its forward.
+// backward takes the same options as its forward. w_hr [P, H] is the LSTM's output
+// projection (nn.LSTM(proj_size=P), CPU kernels only): h_t = (o * tanh(c_t)) w_hr^T, so
+// h0, h_n, y and the mask have P columns and w_hh is [4H, P]; grad_w_hr is empty without it.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -68,13 +70,14 @@ TORCH_LIBRARY(fused_rnn, m) {
       " -> (Tensor grad_x, Tensor grad_h, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
   m.def(
       "lstm_scan_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? bias,"
-      " Tensor? recurrent_mask=None, Tensor? lengths=None)"
+      " Tensor? recurrent_mask=None, Tensor? lengths=None, Tensor? w_hr=None)"
       " -> (Tensor y, Tensor h_n, Tensor c_n, Tensor cells, Tensor gates)");
   m.def(
       "lstm_scan_backward(Tensor grad_y, Tensor grad_h_n, Tensor grad_c_n, Tensor x, Tensor h0, Tensor c0,"
       " Tensor w_ih, Tensor w_hh, Tensor y, Tensor cells, Tensor gates, bool grad_x=True,"
-      " Tensor? recurrent_mask=None, Tensor? lengths=None)"
-      " -> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
+      " Tensor? recurrent_mask=None, Tensor? lengths=None, Tensor? w_hr=None)"
+      " -> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias,"
+      " Tensor grad_w_hr)");
   m.def(
       "lstm_step(Tensor x, Tensor h, Tensor c, Tensor w_ih, Tensor w_hh, Tensor? bias)"
       " -> (Tensor h_new, Tensor c_new, Tensor gates)");

@@ -10,9 +10,12 @@ Layers: :class:`IRNN`, :class:`LSTM` (drop-ins for ``torch.nn.RNN(nonlinearity="
 and ``torch.nn.LSTM``), :class:`IRNNCell`, :class:`LSTMCell`. Functional:
 :func:`irnn`, :func:`lstm`, :func:`irnn_cell`, :func:`lstm_cell`. Which kernels this
 install has: :func:`available_backends`, :func:`build_info`, :func:`select_backend`.
+Mistakes in the arguments raise :class:`InputError` (shapes, devices; a ``ValueError``
+and a ``RuntimeError``) or :class:`InputTypeError` (types, dtypes; also a ``TypeError``).
 """
 
 from ._extension import build_info
+from ._validation import InputError, InputTypeError
 from . import ops  # noqa: F401  (fake kernels and autograd of the fused_rnn:: ops)
 from .functional import (
     IRNNCellFunction,
@@ -39,6 +42,8 @@ __all__ = [
     "LSTMFunction",
     "IRNNCellFunction",
     "LSTMCellFunction",
+    "InputError",
+    "InputTypeError",
     "available_backends",
     "build_info",
     "irnn",

@@ -88,7 +88,7 @@ def irnn_layer_grads(inputs, needs_grad, grad_outputs, options=(None, None, None
     return recomputed_grads(layer, inputs, needs_grad, grad_outputs)
 
 
-def lstm_layer_grads(inputs, needs_grad, grad_outputs, options=(None, None), w_hr=None):
+def lstm_layer_grads(inputs, needs_grad, grad_outputs, options=(None, None)):
     """inputs (x, h0, c0, w_ih, w_hh, b_ih, b_hh[, w_hr]); grad_outputs (grad_y,
     grad_h_n, grad_c_n); options (recurrent_mask, lengths). One gradient per input."""
     mask, lengths = options

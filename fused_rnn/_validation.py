@@ -1,13 +1,29 @@
-"""Argument checks shared by every entry point.
+"""Argument checks shared by every entry point, and the exceptions they raise.
 
 Every error names the argument and what was expected, so that a shape mistake in
 training code is found at the call, not as a wrong number three layers later.
+
+The exception classes derive both from the class fused_rnn always raised and from the
+class torch.nn raises for the same mistake (``RuntimeError`` for a state or input whose
+size does not fit, ``ValueError`` for an input of another dtype than the weights), so
+code written against either keeps catching them.
 """
 
 from typing import Dict, Optional
 
 import torch
 from torch import Tensor
+
+
+class InputError(ValueError, RuntimeError):
+    """A tensor whose shape, rank or device does not fit the layer. A ``ValueError``
+    (fused_rnn's class) and a ``RuntimeError`` (torch.nn's class for these mistakes)."""
+
+
+class InputTypeError(TypeError, ValueError, RuntimeError):
+    """An argument of the wrong type or dtype. A ``TypeError`` (fused_rnn's class), a
+    ``ValueError`` (torch.nn's for an input whose dtype differs from the weights') and a
+    ``RuntimeError`` (torch.nn's for a state of another dtype)."""
 
 
 def _describe(t: Tensor) -> str:
@@ -21,9 +37,9 @@ def check_tensors(tensors: Dict[str, Optional[Tensor]]) -> None:
         if value is None:
             continue
         if not isinstance(value, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+            raise InputTypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
         if not value.dtype.is_floating_point:
-            raise TypeError(
+            raise InputTypeError(
                 f"{name} must be a floating-point tensor (float32, float64, bfloat16 or float16), "
                 f"got {value.dtype}"
             )
@@ -31,12 +47,12 @@ def check_tensors(tensors: Dict[str, Optional[Tensor]]) -> None:
             reference_name, reference = name, value
             continue
         if value.dtype != reference.dtype:
-            raise TypeError(
+            raise InputTypeError(
                 f"all tensors must share one dtype: {reference_name} is {reference.dtype} "
                 f"but {name} is {value.dtype}"
             )
         if value.device != reference.device:
-            raise ValueError(
+            raise InputError(
                 f"all tensors must be on one device: {reference_name} is on {reference.device} "
                 f"but {name} is on {value.device}"
             )
@@ -47,7 +63,20 @@ def check_shape(name: str, value: Optional[Tensor], expected: tuple, meaning: st
     if value is None:
         return
     if tuple(value.shape) != tuple(expected):
-        raise ValueError(f"{name} must have shape {meaning}, got {_describe(value)}")
+        raise InputError(f"{name} must have shape {meaning}, got {_describe(value)}")
+
+
+def layer_sizes(w_hh: Tensor, gates: int, w_hr: Optional[Tensor] = None):
+    """(H, P): the hidden units and the width of h (P = H without a projection), from
+    w_hh [G*H, P]."""
+    projected = w_hr is not None
+    if w_hh.dim() != 2 or (not projected and w_hh.shape[0] != gates * w_hh.shape[1]) or w_hh.shape[0] % gates:
+        shape = f"[{gates}*H, P]" if projected else f"[{gates}*H, H]"
+        raise InputError(
+            f"w_hh must be 2-D {shape}" + (" (gates i, f, g, o stacked)" if gates == 4 else "")
+            + f", got {_describe(w_hh)}"
+        )
+    return w_hh.shape[0] // gates, w_hh.shape[1]
 
 
 def check_layer_args(
@@ -59,47 +88,50 @@ def check_layer_args(
     b_hh: Optional[Tensor],
     gates: int,
     x_rank: int,
+    w_hr: Optional[Tensor] = None,
 ) -> None:
     """Checks one layer's arguments; `x_rank` is 3 for a sequence [T, B, I], 2 for a step [B, I].
 
     `gates` is 1 for the IRNN and 4 for the LSTM: the weights are [gates*H, I] and
     [gates*H, H], stacked in PyTorch's order, so nn.RNN / nn.LSTM weights load unchanged.
+    With a projection w_hr [P, H] (LSTM), w_hh is [4H, P], the state "h*" is [B, P] and
+    "c*" stays [B, H].
     """
-    check_tensors({"x": x, **states, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh})
+    check_tensors({"x": x, **states, "w_ih": w_ih, "w_hh": w_hh, "b_ih": b_ih, "b_hh": b_hh, "w_hr": w_hr})
     layout = "[T, B, I]" if x_rank == 3 else "[B, I]"
     if x.dim() != x_rank:
-        raise ValueError(f"x must be {x_rank}-D {layout}, got {_describe(x)}")
-    if w_hh.dim() != 2 or w_hh.shape[0] != gates * w_hh.shape[1]:
-        raise ValueError(
-            f"w_hh must be 2-D [{gates}*H, H]" + (" (gates i, f, g, o stacked)" if gates == 4 else "")
-            + f", got {_describe(w_hh)}"
-        )
-    hidden = w_hh.shape[1]
+        raise InputError(f"x must be {x_rank}-D {layout}, got {_describe(x)}")
+    hidden, width = layer_sizes(w_hh, gates, w_hr)
     batch, inputs = x.shape[-2], x.shape[-1]
     check_shape("w_ih", w_ih, (gates * hidden, inputs), f"[{gates}*H, I] = [{gates * hidden}, {inputs}]")
     for name in ("b_ih", "b_hh"):
         bias = b_ih if name == "b_ih" else b_hh
         check_shape(name, bias, (gates * hidden,), f"[{gates}*H] = [{gates * hidden}]")
+    check_shape("w_hr", w_hr, (width, hidden), f"[P, H] = [{width}, {hidden}]")
     for name, state in states.items():
-        check_shape(name, state, (batch, hidden), f"[B, H] = [{batch}, {hidden}]")
+        if name.startswith("c"):
+            check_shape(name, state, (batch, hidden), f"[B, H] = [{batch}, {hidden}]")
+        else:
+            letter = "P" if w_hr is not None else "H"
+            check_shape(name, state, (batch, width), f"[B, {letter}] = [{batch}, {width}]")
 
 
-def check_sequence_options(x: Tensor, hidden: int, recurrent_mask: Optional[Tensor], lengths: Optional[Tensor],
+def check_sequence_options(x: Tensor, width: int, recurrent_mask: Optional[Tensor], lengths: Optional[Tensor],
                            hidden_clip: Optional[float]) -> None:
     """The per-sequence options of fused_rnn.irnn / fused_rnn.lstm: recurrent_mask
-    [B, H] in x's dtype and device; lengths [B] integers in [0, T] (on any device);
-    hidden_clip a positive number."""
+    [B, width] (width: of h, H or the projection's P) in x's dtype and device; lengths
+    [B] integers in [0, T] (on any device); hidden_clip a positive number."""
     steps, batch = x.shape[0], x.shape[1]
     if recurrent_mask is not None:
         check_tensors({"x": x, "recurrent_mask": recurrent_mask})
-        check_shape("recurrent_mask", recurrent_mask, (batch, hidden), f"[B, H] = [{batch}, {hidden}]")
+        check_shape("recurrent_mask", recurrent_mask, (batch, width), f"[B, H] = [{batch}, {width}]")
     if lengths is not None:
         if not isinstance(lengths, Tensor):
-            raise TypeError(f"lengths must be a torch.Tensor of integers, got {type(lengths).__name__}")
+            raise InputTypeError(f"lengths must be a torch.Tensor of integers, got {type(lengths).__name__}")
         if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.is_complex():
-            raise TypeError(f"lengths must hold integers, got {lengths.dtype}")
+            raise InputTypeError(f"lengths must hold integers, got {lengths.dtype}")
         check_shape("lengths", lengths, (batch,), f"[B] = [{batch}]")
         if batch and (int(lengths.min()) < 0 or int(lengths.max()) > steps):
-            raise ValueError(f"lengths must lie in [0, T] = [0, {steps}], got {lengths.tolist()}")
+            raise InputError(f"lengths must lie in [0, T] = [0, {steps}], got {lengths.tolist()}")
     if hidden_clip is not None and not (isinstance(hidden_clip, (int, float)) and hidden_clip > 0):
         raise ValueError(f"hidden_clip must be a positive number, got {hidden_clip!r}")

@@ -32,7 +32,7 @@ from . import torch_loop
 from ._double_backward import (irnn_cell_grads, irnn_layer_grads, lstm_cell_grads, lstm_layer_grads,
                                wants_graph)
 from ._extension import _C, HAS_C, IMPORT_ERROR, REBUILD_HINT
-from ._validation import check_layer_args, check_sequence_options
+from ._validation import InputTypeError, check_layer_args, check_sequence_options
 
 # Which dtypes and device types each compiled backend's kernels take.
 _KERNEL_SUPPORT = {
@@ -42,10 +42,12 @@ _KERNEL_SUPPORT = {
     "triton": {"device_types": ("cuda",), "dtypes": (torch.float32, torch.bfloat16, torch.float16)},
 }
 BACKENDS = ("cpp", "cuda", "triton", "torch")
-# The per-sequence options each compiled backend takes ("torch" takes them all); every
-# kernel implements all three today, and dispatch checks this table before using one.
+# The options each compiled backend takes ("torch" takes them all): the per-sequence
+# options, which every kernel implements, and the LSTM's output projection
+# (nn.LSTM(proj_size=P), the w_hr argument), which only the CPU kernels do. Dispatch
+# checks this table before using a backend.
 _OPTIONS = ("recurrent_mask", "lengths", "hidden_clip")
-OPTION_SUPPORT = {"cpp": _OPTIONS, "cuda": _OPTIONS, "triton": _OPTIONS}
+OPTION_SUPPORT = {"cpp": _OPTIONS + ("proj_size",), "cuda": _OPTIONS, "triton": _OPTIONS}
 _GATES = {"irnn": 1, "lstm": 4}
 
 
@@ -117,7 +119,9 @@ def _unsupported_reason(name: str, device: torch.device, dtype: torch.dtype, exp
         return f"backend {name!r} takes {names}, got {str(dtype).replace('torch.', '')}"
     missing_options = [o for o in options if o not in OPTION_SUPPORT[name]]
     if missing_options:
-        return f"backend {name!r} does not implement {', '.join(missing_options)} yet"
+        return f"backend {name!r} does not implement {', '.join(missing_options)}"
+    if hidden == 0 and name in ("cuda", "triton"):
+        return "hidden_size 0: an empty layer, which the torch loop returns without launching a kernel"
     if name == "triton" and cell is not None:
         from .triton.common import missing_configs
         return missing_configs(cell, dtype, options=bool(options))
@@ -207,38 +211,43 @@ class IRNNFunction(torch.autograd.Function):
 class LSTMFunction(torch.autograd.Function):
     """Fused LSTM layer over a whole sequence on the compiled kernels.
 
-    ``LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh[, recurrent_mask, lengths])
-    -> (y, h_T, c_T, cells, gates)`` with
-    x [T, B, I], h0, c0 [B, H], w_ih [4H, I], w_hh [4H, H], b_ih, b_hh [4H] or None
-    (gate order i, f, g, o as in torch.nn.LSTM). Most code should call :func:`lstm`.
+    ``LSTMFunction.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh[, recurrent_mask, lengths[,
+    w_hr]]) -> (y, h_T, c_T, cells, gates)`` with x [T, B, I], h0 [B, P], c0 [B, H],
+    w_ih [4H, I], w_hh [4H, P], b_ih, b_hh [4H] or None (gate order i, f, g, o as in
+    torch.nn.LSTM), and the projection w_hr [P, H] or None (then P = H); y [T, B, P].
+    Most code should call :func:`lstm`.
     """
 
     @staticmethod
-    def forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, recurrent_mask=None, lengths=None):
+    def forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, recurrent_mask=None, lengths=None, w_hr=None):
         return torch.ops.fused_rnn.lstm_scan_forward(x, h0, c0, w_ih, w_hh, _combined_bias(b_ih, b_hh),
-                                                     recurrent_mask, lengths)
+                                                     recurrent_mask, lengths, w_hr)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, *options = inputs
         ctx.given_options = len(options)  # apply() may be called without the options
-        ctx.options = tuple(options) + (None,) * (2 - len(options))
+        options = tuple(options) + (None,) * (3 - len(options))
+        ctx.options, w_hr = options[:2], options[2]
         y, _, _, cells, gates = output
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, y, cells, gates)
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, y, cells, gates, w_hr)
         ctx.mark_non_differentiable(cells, gates)
         ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
         ctx.biases = (b_ih, b_hh)
 
     @staticmethod
     def backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_cells, _grad_gates):
+        x, h0, c0, w_ih, w_hh, y, cells, gates, w_hr = ctx.saved_tensors
         if wants_graph():  # create_graph=True: the backward ops have no derivative of their own
-            x, h0, c0, w_ih, w_hh, *_ = ctx.saved_tensors
-            grads = lstm_layer_grads((x, h0, c0, w_ih, w_hh, *ctx.biases), ctx.needs_input_grad,
-                                     (grad_y, grad_h_n, grad_c_n), ctx.options)
-            return grads + (None,) * ctx.given_options
-        dx, dh0, dc0, dw_ih, dw_hh, dbias = _ops.lstm_scan_grads(ctx.saved_tensors, grad_y, grad_h_n, grad_c_n,
-                                                                 ctx.needs_input_grad[0], ctx.options)
-        return (dx, dh0, dc0, dw_ih, dw_hh, *_split_bias_grad(dbias, *ctx.biases)) + (None,) * ctx.given_options
+            *grads, dw_hr = lstm_layer_grads((x, h0, c0, w_ih, w_hh, *ctx.biases, w_hr),
+                                             ctx.needs_input_grad[:7] + (ctx.needs_input_grad[9:] or (False,)),
+                                             (grad_y, grad_h_n, grad_c_n), ctx.options)
+        else:
+            dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr = _ops.lstm_scan_grads(
+                ctx.saved_tensors, grad_y, grad_h_n, grad_c_n, ctx.needs_input_grad[0], ctx.options)
+            grads = (dx, dh0, dc0, dw_ih, dw_hh, *_split_bias_grad(dbias, *ctx.biases))
+        # one gradient per argument given to apply(): none for the mask and lengths
+        return (*grads, None, None, dw_hr)[:7 + ctx.given_options]
 
 
 class IRNNCellFunction(torch.autograd.Function):
@@ -367,6 +376,7 @@ def lstm(
     *,
     recurrent_mask: Optional[Tensor] = None,
     lengths: Optional[Tensor] = None,
+    w_hr: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
     """One LSTM layer in torch.nn.LSTM's gate order (i, f, g, o).
 
@@ -374,27 +384,32 @@ def lstm(
     w_hh [4H, H]; b_ih, b_hh [4H] or None. Returns (y [T, B, H], (h_T, c_T)).
     ``recurrent_mask`` and ``lengths`` as in :func:`irnn` (the mask applies to h, not c;
     beyond its length a sequence keeps both h and c).
+
+    ``w_hr`` [P, H]: the output projection of ``nn.LSTM(proj_size=P)``,
+    ``h_t = (o_t * tanh(c_t)) @ w_hr^T``; then h0, h_T and the mask are [B, P], w_hh is
+    [4H, P] and y is [T, B, P], while c0 and c_T stay [B, H].
     """
     h0, c0 = _unpack_state(state)
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, recurrent_mask = _autocast(x, h0, c0, w_ih, w_hh, b_ih, b_hh, recurrent_mask)
-    check_layer_args(x, {"h0": h0, "c0": c0}, w_ih, w_hh, b_ih, b_hh, gates=4, x_rank=3)
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, recurrent_mask, w_hr = _autocast(x, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                                                        recurrent_mask, w_hr)
+    check_layer_args(x, {"h0": h0, "c0": c0}, w_ih, w_hh, b_ih, b_hh, gates=4, x_rank=3, w_hr=w_hr)
     check_sequence_options(x, w_hh.shape[1], recurrent_mask, lengths, None)
-    options = _options_in_use(recurrent_mask=recurrent_mask, lengths=lengths)
-    name = select_backend(x.device, x.dtype, backend, cell="lstm", hidden=w_hh.shape[1], batch=x.shape[1],
+    options = _options_in_use(recurrent_mask=recurrent_mask, lengths=lengths, proj_size=w_hr)
+    hidden = w_hh.shape[0] // 4
+    name = select_backend(x.device, x.dtype, backend, cell="lstm", hidden=hidden, batch=x.shape[1],
                           options=options).name
     if name == "triton":  # takes h0/c0=None as zeros without zeros tensors
         from .triton.ops import TritonLSTMFunction
         y, h_n, c_n, _, _ = TritonLSTMFunction.apply(*_contiguous(x, h0, c0, w_ih, w_hh, b_ih, b_hh), False,
                                                      recurrent_mask, lengths)
         return y, (h_n, c_n)
-    hidden = w_hh.shape[1]
-    h0 = _zero_state(x, hidden) if h0 is None else h0
+    h0 = _zero_state(x, w_hh.shape[1]) if h0 is None else h0
     c0 = _zero_state(x, hidden) if c0 is None else c0
     if name == "torch":
-        y, h_n, c_n = torch_loop.lstm_loop(x, h0, c0, w_ih, w_hh, b_ih, b_hh, recurrent_mask, lengths)
+        y, h_n, c_n = torch_loop.lstm_loop(x, h0, c0, w_ih, w_hh, b_ih, b_hh, recurrent_mask, lengths, w_hr=w_hr)
     else:
         y, h_n, c_n, _, _ = LSTMFunction.apply(*_contiguous(x, h0, c0, w_ih, w_hh, b_ih, b_hh, recurrent_mask),
-                                               lengths)
+                                               lengths, *_contiguous(w_hr))
     return y, (h_n, c_n)
 
 
@@ -402,7 +417,7 @@ def irnn_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, backend="auto") -> Tensor:
     """One IRNN step: x [B, I], h [B, H] or None -> h_new [B, H] (weights as in :func:`irnn`)."""
     check_layer_args(x, {"h": h}, w_ih, w_hh, b_ih, b_hh, gates=1, x_rank=2)
     h = _zero_state(x, w_hh.shape[1]) if h is None else h
-    name = select_backend(x.device, x.dtype, backend, cell="irnn").name
+    name = _cell_backend(select_backend(x.device, x.dtype, backend, cell="irnn").name, w_hh)
     if name == "triton":  # one step is the scan with T = 1
         return irnn(x.unsqueeze(0), h, w_ih, w_hh, b_ih, b_hh, backend=name)[1]
     if name == "torch":
@@ -417,7 +432,7 @@ def lstm_cell(x, state, w_ih, w_hh, b_ih=None, b_hh=None, backend="auto") -> Tup
     hidden = w_hh.shape[1]
     h = _zero_state(x, hidden) if h is None else h
     c = _zero_state(x, hidden) if c is None else c
-    name = select_backend(x.device, x.dtype, backend, cell="lstm").name
+    name = _cell_backend(select_backend(x.device, x.dtype, backend, cell="lstm").name, w_hh)
     if name == "triton":  # one step is the scan with T = 1
         return lstm(x.unsqueeze(0), (h, c), w_ih, w_hh, b_ih, b_hh, backend=name)[1]
     if name == "torch":
@@ -426,9 +441,14 @@ def lstm_cell(x, state, w_ih, w_hh, b_ih=None, b_hh=None, backend="auto") -> Tup
     return h_new, c_new
 
 
+def _cell_backend(name: str, w_hh: Tensor) -> str:
+    # a cell of hidden_size 0 (torch.nn.RNNCell allows it) has nothing for a kernel to do
+    return "torch" if w_hh.shape[1] == 0 else name
+
+
 def _unpack_state(state):
     if state is None:
         return None, None
     if not isinstance(state, (tuple, list)) or len(state) != 2:
-        raise TypeError(f"state must be a tuple (h, c) of two tensors or None, got {type(state).__name__}")
+        raise InputTypeError(f"state must be a tuple (h, c) of two tensors or None, got {type(state).__name__}")
     return state[0], state[1]

@@ -1,22 +1,26 @@
 """Layer modules: drop-in replacements for ``torch.nn.RNN(nonlinearity="relu")``,
 ``torch.nn.LSTM``, ``torch.nn.RNNCell(nonlinearity="relu")`` and ``torch.nn.LSTMCell``.
 
-Each module has the parameters of the PyTorch module it replaces, under the same names
-(``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``, ``..._reverse`` for
-the backward direction; ``weight_ih``, ... for the cells), so ``load_state_dict`` works
-in both directions and, given the same weights, outputs and gradients match the
-PyTorch module. Every layer and direction runs one call of the functional API
-(:func:`fused_rnn.functional.irnn` / :func:`~fused_rnn.functional.lstm`), which picks
-the kernel from ``backend``: a constructor argument and a plain attribute that can be
-changed at any time (``"auto"``, ``"cpp"``, ``"torch"``; see
-:func:`fused_rnn.select_backend`).
+Each module takes the arguments of the PyTorch module it replaces, in the same order and
+checked the same way, and has its parameters under the same names (``weight_ih_l0``,
+``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``, ``weight_hr_l0`` for an LSTM with
+``proj_size``, ``..._reverse`` for the backward direction; ``weight_ih``, ... for the
+cells), so ``load_state_dict`` works in both directions and, given the same weights,
+outputs, gradients and second derivatives match the PyTorch module. Mistakes raise
+exceptions that are instances of the class torch.nn raises for them (see
+:mod:`fused_rnn._validation`). Every layer and direction runs one call of the
+functional API (:func:`fused_rnn.functional.irnn` / :func:`~fused_rnn.functional.lstm`),
+which picks the kernel from ``backend``: a keyword-only constructor argument and a
+plain attribute that can be changed at any time (``"auto"``, ``"cpp"``, ``"cuda"``,
+``"triton"``, ``"torch"``; see :func:`fused_rnn.select_backend`).
 
 What differs from PyTorch: :class:`IRNN` and :class:`IRNNCell` start from the IRNN
 initialisation of Le, Jaitly & Hinton (2015) instead of ``nn.RNN``'s uniform one, and
-``LSTM(proj_size>0)`` is not supported. What they add: ``recurrent_dropout`` (a
+take only ``nonlinearity="relu"``; a sequence of length 0 returns the initial state
+(torch.nn raises). What they add, all keyword-only: ``recurrent_dropout`` (a
 variational mask on h_{t-1}, fixed over the sequence), ``weight_dropout`` (DropConnect
-on W_hh), ``hidden_clip`` for the IRNN, and a ``lengths=`` argument for padded input
-besides ``PackedSequence`` support.
+on W_hh), ``hidden_clip`` for the IRNN, the initialisation options, ``backend``, and a
+``lengths=`` argument of ``forward`` for padded input besides ``PackedSequence``.
 """
 
 import math
@@ -30,6 +34,7 @@ from torch.nn import functional as torch_functional
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import functional
+from ._validation import InputError, InputTypeError
 from .functional import BACKENDS, select_backend
 
 _BACKEND_NAMES = ("auto",) + BACKENDS
@@ -44,6 +49,32 @@ def _check_probability(name: str, value) -> None:
         raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
 
 
+def _check_bool(name: str, value) -> None:
+    # as torch.nn.RNNBase: batch_first="False" would otherwise silently mean True
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} should be of type bool, got: {type(value).__name__} ({value!r})")
+
+
+def _check_size(name: str, value, minimum: int) -> int:
+    """An integer size (TypeError otherwise, as torch.nn) of at least `minimum`: 1 for the
+    layers (ValueError, as torch.nn.RNNBase), 0 for the cells (torch.nn.RNNCell takes
+    hidden_size=0; a negative size is torch's RuntimeError there)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} should be of type int, got: {type(value).__name__} ({value!r})")
+    if value < minimum:
+        error = ValueError if minimum > 0 else InputError
+        raise error(f"{name} must be " + ("greater than zero" if minimum > 0 else "non-negative") + f", got {value}")
+    return int(value)
+
+
+def _check_nonlinearity(owner: str, value) -> None:
+    if value == "tanh":
+        raise ValueError(f"{owner} is a ReLU RNN: nonlinearity must be 'relu', got 'tanh' "
+                         "(use torch.nn.RNN / torch.nn.RNNCell for a tanh RNN)")
+    if value != "relu":
+        raise ValueError(f"Unknown nonlinearity {value!r}: {owner} takes only 'relu'")
+
+
 def _reverse_within_lengths(x: Tensor, lengths: Optional[Tensor]) -> Tensor:
     """x [T, B, *] with each sequence b reversed over its first lengths[b] steps and its
     padding left in place (the whole sequence flipped without lengths): its own inverse."""
@@ -53,11 +84,6 @@ def _reverse_within_lengths(x: Tensor, lengths: Optional[Tensor]) -> Tensor:
     ends = lengths.to(x.device)[None, :]                          # [1, B]
     index = torch.where(steps < ends, ends - 1 - steps, steps)    # [T, B]
     return x.gather(0, index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x))
-
-
-def _check_positive_int(name: str, value) -> None:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _check_backend(backend) -> None:
@@ -97,6 +123,11 @@ def _irnn_init_repr(hh_init: str, hh_scale: float, ih_init: str, ih_std: float) 
     return parts
 
 
+def _uniform_bound(hidden_size: int) -> float:
+    # torch.nn's init bound 1/sqrt(H); 0 for the empty cells of hidden_size=0, as there
+    return 1.0 / math.sqrt(hidden_size) if hidden_size > 0 else 0.0
+
+
 @torch.no_grad()
 def _init_irnn_weights(w_ih, w_hh, b_ih, b_hh, hh_init, hh_scale, ih_init, ih_std) -> None:
     """IRNN init of one layer (or cell); each bias follows its weight's scheme.
@@ -104,7 +135,7 @@ def _init_irnn_weights(w_ih, w_hh, b_ih, b_hh, hh_init, hh_scale, ih_init, ih_st
     ``identity``: W_hh = hh_scale * I, b_hh = 0.  ``normal``: W_ih ~ N(0, ih_std^2), b_ih = 0.
     ``pytorch``: uniform(-1/sqrt(H), 1/sqrt(H)) for that weight and its bias, as nn.RNN.
     """
-    bound = 1.0 / math.sqrt(w_hh.shape[0])
+    bound = _uniform_bound(w_hh.shape[1])
     if hh_init == "identity":
         w_hh.copy_(torch.eye(w_hh.shape[0], dtype=w_hh.dtype, device=w_hh.device) * hh_scale)
         if b_hh is not None:
@@ -126,30 +157,37 @@ def _init_irnn_weights(w_ih, w_hh, b_ih, b_hh, hh_init, hh_scale, ih_init, ih_st
 class _StackedRNN(nn.Module):
     """Multi-layer, optionally bidirectional stack of single-direction fused layers.
 
-    Subclasses set ``_gates`` (1 for the IRNN, 4 for the LSTM) and implement
-    ``_run_layer(x [T, B, I], state, weights, options) -> (y [T, B, H], final state)``,
-    options being the keyword arguments of the functional call (recurrent_mask, lengths).
+    Subclasses set ``_gates`` (1 for the IRNN, 4 for the LSTM) and ``mode`` (as
+    torch.nn.RNNBase) and implement ``_run_layer(x [T, B, I], state, weights, options)
+    -> (y [T, B, P], final state)``, options being the keyword arguments of the
+    functional call (recurrent_mask, lengths); P is ``proj_size`` or H.
     """
 
     _gates = 1
 
-    def __init__(self, input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                 bidirectional, backend, device, dtype, recurrent_dropout=0.0, weight_dropout=0.0):
+    def __init__(self, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                 proj_size, device, dtype, backend, recurrent_dropout, weight_dropout):
         super().__init__()
-        _check_probability("recurrent_dropout", recurrent_dropout)
-        _check_probability("weight_dropout", weight_dropout)
-        self.recurrent_dropout = float(recurrent_dropout)
-        self.weight_dropout = float(weight_dropout)
-        _check_positive_int("input_size", input_size)
-        _check_positive_int("hidden_size", hidden_size)
-        _check_positive_int("num_layers", num_layers)
+        # the checks of torch.nn.RNNBase, with the same exception classes
         if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
             raise ValueError(f"dropout must be a number in [0, 1] (a probability), got {dropout!r}")
         if dropout > 0 and num_layers == 1:
             warnings.warn(
                 f"dropout={dropout} with num_layers=1 has no effect: as in torch.nn.RNN, dropout is "
-                "applied between stacked layers only, not after the last one"
+                "applied between stacked layers only, not after the last one", stacklevel=3
             )
+        _check_bool("bias", bias)
+        _check_bool("batch_first", batch_first)
+        _check_bool("bidirectional", bidirectional)
+        input_size = _check_size("input_size", input_size, 1)
+        hidden_size = _check_size("hidden_size", hidden_size, 1)
+        num_layers = _check_size("num_layers", num_layers, 1)
+        proj_size = _check_size("proj_size", proj_size, 0) if proj_size != 0 else 0
+        if proj_size >= hidden_size:
+            raise ValueError(f"proj_size has to be smaller than hidden_size, got proj_size={proj_size} "
+                             f"and hidden_size={hidden_size}")
+        _check_probability("recurrent_dropout", recurrent_dropout)
+        _check_probability("weight_dropout", weight_dropout)
         _check_backend(backend)
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -158,26 +196,46 @@ class _StackedRNN(nn.Module):
         self.batch_first = batch_first
         self.dropout = float(dropout)
         self.bidirectional = bidirectional
+        self.proj_size = proj_size
         self.backend = backend
+        self.recurrent_dropout = float(recurrent_dropout)
+        self.weight_dropout = float(weight_dropout)
         num_directions = 2 if bidirectional else 1
         factory = {"device": device, "dtype": dtype}
         gate_size = self._gates * hidden_size
+        width = self._state_width
         # names per (layer, direction), registered in nn.RNN's order so state_dicts line up
-        self._weight_names: List[Tuple[str, ...]] = []
+        self._all_weights: List[List[str]] = []
         for layer in range(num_layers):
-            layer_input_size = input_size if layer == 0 else num_directions * hidden_size
+            layer_input_size = input_size if layer == 0 else num_directions * width
             for direction in range(num_directions):
                 suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
                 shapes = {
                     f"weight_ih{suffix}": (gate_size, layer_input_size),
-                    f"weight_hh{suffix}": (gate_size, hidden_size),
+                    f"weight_hh{suffix}": (gate_size, width),
                 }
                 if bias:
                     shapes[f"bias_ih{suffix}"] = (gate_size,)
                     shapes[f"bias_hh{suffix}"] = (gate_size,)
+                if proj_size:
+                    shapes[f"weight_hr{suffix}"] = (proj_size, hidden_size)
                 for name, shape in shapes.items():
                     self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
-                self._weight_names.append(tuple(shapes))
+                self._all_weights.append(list(shapes))
+
+    @property
+    def _state_width(self) -> int:
+        """P: the width of h (the projection's, or H)."""
+        return self.proj_size or self.hidden_size
+
+    @property
+    def _flat_weights_names(self) -> List[str]:
+        # as torch.nn.RNNBase (code such as AWD-LSTM's WeightDrop reads these)
+        return [name for names in self._all_weights for name in names]
+
+    @property
+    def _flat_weights(self) -> List[Optional[Tensor]]:
+        return [getattr(self, name, None) for name in self._flat_weights_names]
 
     @property
     def num_directions(self) -> int:
@@ -185,24 +243,24 @@ class _StackedRNN(nn.Module):
 
     @property
     def all_weights(self) -> List[List[nn.Parameter]]:
-        """Parameters per (layer, direction), in nn.RNN's order: [w_ih, w_hh, b_ih, b_hh]."""
-        return [[getattr(self, name) for name in names] for names in self._weight_names]
+        """Parameters per (layer, direction), in nn.RNN's order: [w_ih, w_hh, b_ih, b_hh, w_hr]
+        (the biases only with bias=True, w_hr only with proj_size > 0)."""
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
 
     def flatten_parameters(self) -> None:
         """No-op, for code written against nn.RNN (no cuDNN weight buffer to compact here)."""
 
     def _layer_weights(self, index: int):
-        # (w_ih, w_hh, b_ih, b_hh); the biases are None when bias=False
-        names = self._weight_names[index]
-        w_ih, w_hh = getattr(self, names[0]), getattr(self, names[1])
-        if len(names) == 2:
-            return w_ih, w_hh, None, None
-        return w_ih, w_hh, getattr(self, names[2]), getattr(self, names[3])
+        # (w_ih, w_hh, b_ih, b_hh, w_hr); the biases are None when bias=False, w_hr without proj_size
+        names = self._all_weights[index]
+        suffix = names[0][len("weight_ih"):]
+        return tuple(getattr(self, f"{kind}{suffix}", None) if f"{kind}{suffix}" in names else None
+                     for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"))
 
     def _check_input(self, input) -> Tuple[Tensor, bool]:
         """Returns (input as [T, B, I], whether it was batched)."""
         if not isinstance(input, Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+            raise InputTypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
         layout = "[B, T, input_size]" if self.batch_first else "[T, B, input_size]"
         if input.dim() not in (2, 3):
             raise ValueError(
@@ -211,7 +269,7 @@ class _StackedRNN(nn.Module):
             )
         if input.shape[-1] != self.input_size:
             expected = layout if input.dim() == 3 else "[T, input_size]"
-            raise ValueError(
+            raise InputError(
                 f"input must have input_size={self.input_size} features in its last dimension "
                 f"({expected}), got shape {tuple(input.shape)}"
             )
@@ -220,31 +278,34 @@ class _StackedRNN(nn.Module):
             return input.unsqueeze(1), False
         return (input.transpose(0, 1) if self.batch_first else input), True
 
-    def _check_state(self, name: str, state, batch: int, batched: bool) -> Optional[Tensor]:
-        """Checks one initial-state tensor; returns it as [L*D, B, H] (or None)."""
+    def _check_state(self, name: str, state, batch: int, batched: bool, width: Optional[int] = None,
+                     size_name: str = "hidden_size") -> Optional[Tensor]:
+        """Checks one initial-state tensor of `width` (default H) units; returns it as
+        [L*D, B, width] (or None)."""
         if state is None:
             return None
         if not isinstance(state, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(state).__name__}")
+            raise InputTypeError(f"{name} must be a torch.Tensor or None, got {type(state).__name__}")
+        width = self.hidden_size if width is None else width
         stacked = self.num_layers * self.num_directions
         if batched:
-            expected = (stacked, batch, self.hidden_size)
-            meaning = f"[num_layers * num_directions, B, hidden_size] = {list(expected)}"
+            expected = (stacked, batch, width)
+            meaning = f"[num_layers * num_directions, B, {size_name}] = {list(expected)}"
         else:
-            expected = (stacked, self.hidden_size)
-            meaning = f"[num_layers * num_directions, hidden_size] = {list(expected)} for unbatched input"
+            expected = (stacked, width)
+            meaning = f"[num_layers * num_directions, {size_name}] = {list(expected)} for unbatched input"
         if tuple(state.shape) != expected:
-            raise ValueError(f"{name} must have shape {meaning}, got shape {tuple(state.shape)}")
+            raise InputError(f"{name} must have shape {meaning}, got shape {tuple(state.shape)}")
         return state if batched else state.unsqueeze(1)
 
     def _check_lengths(self, lengths, x: Tensor, batched: bool) -> Optional[Tensor]:
         if lengths is None:
             return None
         if not batched:
-            raise ValueError("lengths is for batched input: an unbatched sequence has one length, its own")
+            raise InputError("lengths is for batched input: an unbatched sequence has one length, its own")
         lengths = torch.as_tensor(lengths)
         if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or tuple(lengths.shape) != (x.shape[1],):
-            raise ValueError(f"lengths must be {x.shape[1]} integers (one per sequence), got {lengths!r}")
+            raise InputError(f"lengths must be {x.shape[1]} integers (one per sequence), got {lengths!r}")
         return lengths
 
     def _prepare(self, input, lengths):
@@ -272,13 +333,13 @@ class _StackedRNN(nn.Module):
         if not self.training or self.recurrent_dropout == 0.0:
             return None
         keep = 1.0 - self.recurrent_dropout
-        return x.new_empty(x.shape[1], self.hidden_size).bernoulli_(keep) / keep
+        return x.new_empty(x.shape[1], self._state_width).bernoulli_(keep) / keep
 
     def _dropped_weights(self, index: int):
-        w_ih, w_hh, b_ih, b_hh = self._layer_weights(index)
+        w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_weights(index)
         if self.training and self.weight_dropout > 0.0:  # DropConnect on W_hh (AWD-LSTM)
             w_hh = torch_functional.dropout(w_hh, self.weight_dropout, training=True)
-        return w_ih, w_hh, b_ih, b_hh
+        return w_ih, w_hh, b_ih, b_hh, w_hr
 
     def _run_stack(self, x: Tensor, states: Tuple[Optional[Tensor], ...], lengths: Optional[Tensor] = None):
         """x [T, B, I]; states: initial states, each [L*D, B, H] or None; lengths [B] or None.
@@ -317,6 +378,8 @@ class _StackedRNN(nn.Module):
 
     def extra_repr(self) -> str:
         parts = [f"{self.input_size}, {self.hidden_size}"]
+        if self.proj_size != 0:
+            parts.append(f"proj_size={self.proj_size}")
         if self.num_layers != 1:
             parts.append(f"num_layers={self.num_layers}")
         if self.bias is not True:
@@ -345,12 +408,15 @@ class IRNN(_StackedRNN):
     Per layer and direction, for t = 1..T:
     ``h_t = relu(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)``.
 
-    Args:
-        input_size (I), hidden_size (H), num_layers, bias, batch_first, dropout,
-            bidirectional: as in ``torch.nn.RNN``. ``dropout`` is applied to the outputs
-            of every layer but the last, in training mode only.
-        backend: ``"auto"`` (default), ``"cpp"`` or ``"torch"``; a plain attribute that
-            may be changed later. See :func:`fused_rnn.select_backend`.
+    Args (positional as in ``torch.nn.RNN``):
+        input_size (I), hidden_size (H), num_layers, nonlinearity (only ``"relu"``), bias,
+            batch_first, dropout, bidirectional, device, dtype: as in ``torch.nn.RNN``.
+            ``dropout`` is applied to the outputs of every layer but the last, in
+            training mode only.
+
+    Keyword-only (the package's own):
+        backend: ``"auto"`` (default), ``"cpp"``, ``"cuda"``, ``"triton"`` or ``"torch"``;
+            a plain attribute that may be changed later. See :func:`fused_rnn.select_backend`.
         hh_init: ``"identity"`` (default): ``W_hh = hh_scale * I``, ``b_hh = 0``, the IRNN
             initialisation of Le, Jaitly & Hinton (2015); ``"pytorch"``: nn.RNN's
             uniform(-1/sqrt(H), 1/sqrt(H)) for ``W_hh`` and ``b_hh``.
@@ -359,20 +425,18 @@ class IRNN(_StackedRNN):
         ih_init: ``"normal"`` (default): ``W_ih ~ N(0, ih_std^2)``, ``b_ih = 0``;
             ``"pytorch"``: uniform(-1/sqrt(H), 1/sqrt(H)) for ``W_ih`` and ``b_ih``.
         ih_std: standard deviation of ``W_ih`` for ``ih_init="normal"`` (paper: 0.001).
-        device, dtype: of the parameters. The fused CPU kernels take float32 and
-            float64, and bfloat16/float16 with float32 state and accumulation.
-        recurrent_dropout: keyword-only; variational recurrent dropout (Gal &
-            Ghahramani 2016, Keras' ``dropout_U``): in training, h_{t-1} is multiplied in
-            the recurrent product by a mask of 0 and 1/(1-p) drawn once per layer,
-            direction and call and fixed over time. Identity in eval mode.
-        weight_dropout: keyword-only; DropConnect on W_hh (AWD-LSTM), redrawn per call,
-            training only.
-        hidden_clip: keyword-only; h_t = min(relu(z_t), hidden_clip), a bound on the
-            activations of long stateful ReLU recurrences (None: no bound).
+        recurrent_dropout: variational recurrent dropout (Gal & Ghahramani 2016, Keras'
+            ``dropout_U``): in training, h_{t-1} is multiplied in the recurrent product by
+            a mask of 0 and 1/(1-p) drawn once per layer, direction and call and fixed
+            over time. Identity in eval mode.
+        weight_dropout: DropConnect on W_hh (AWD-LSTM), redrawn per call, training only.
+        hidden_clip: h_t = min(relu(z_t), hidden_clip), a bound on the activations of
+            long stateful ReLU recurrences (None: no bound).
 
     Parameters (D = 2 if bidirectional else 1): ``weight_ih_l{k}`` [H, I] for k = 0,
     [H, D*H] for k > 0; ``weight_hh_l{k}`` [H, H]; ``bias_ih_l{k}``, ``bias_hh_l{k}`` [H];
-    the backward direction's carry the suffix ``_reverse``.
+    the backward direction's carry the suffix ``_reverse``. Kernels: float32, float64 and
+    bfloat16/float16 with float32 state and accumulation (see :func:`fused_rnn.select_backend`).
 
     Shapes of :meth:`forward` (all tensors of the parameters' dtype and device):
         input: [T, B, I], [B, T, I] if ``batch_first``, or unbatched [T, I]; or a
@@ -386,30 +450,24 @@ class IRNN(_StackedRNN):
         [T, D*H] unbatched), the last layer's h_t of both directions concatenated;
         h_n [num_layers * D, B, H] ([num_layers * D, H] unbatched), index
         ``layer * D + direction``.
-
-    Keyword-only ``nonlinearity`` exists so that code calling
-    ``nn.RNN(..., nonlinearity="relu")`` keeps working; only ``"relu"`` is accepted.
     """
 
     _gates = 1
+    mode = "RNN_RELU"
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 backend: str = "auto", hh_init: str = "identity", hh_scale: float = 1.0,
-                 ih_init: str = "normal", ih_std: float = _DEFAULT_IH_STD, device=None, dtype=None,
-                 *, nonlinearity: str = "relu", recurrent_dropout: float = 0.0, weight_dropout: float = 0.0,
-                 hidden_clip: Optional[float] = None):
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "relu",
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device=None, dtype=None, *, backend: str = "auto", hh_init: str = "identity",
+                 hh_scale: float = 1.0, ih_init: str = "normal", ih_std: float = _DEFAULT_IH_STD,
+                 recurrent_dropout: float = 0.0, weight_dropout: float = 0.0, hidden_clip: Optional[float] = None):
+        _check_nonlinearity("IRNN", nonlinearity)
         if hidden_clip is not None and not (isinstance(hidden_clip, numbers.Real) and hidden_clip > 0):
             raise ValueError(f"hidden_clip must be a positive number or None, got {hidden_clip!r}")
-        self.hidden_clip = None if hidden_clip is None else float(hidden_clip)
-        if nonlinearity != "relu":
-            raise ValueError(
-                f"IRNN is a ReLU RNN: nonlinearity must be 'relu', got {nonlinearity!r} "
-                "(use torch.nn.RNN for a tanh RNN)"
-            )
         _check_irnn_init(hh_init, hh_scale, ih_init, ih_std)
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, backend, device, dtype, recurrent_dropout, weight_dropout)
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0,
+                         device, dtype, backend, recurrent_dropout, weight_dropout)
+        self.nonlinearity = nonlinearity
+        self.hidden_clip = None if hidden_clip is None else float(hidden_clip)
         self.hh_init = hh_init
         self.hh_scale = float(hh_scale)
         self.ih_init = ih_init
@@ -418,12 +476,12 @@ class IRNN(_StackedRNN):
 
     def reset_parameters(self) -> None:
         """Re-draws every parameter with the init chosen at construction."""
-        for index in range(len(self._weight_names)):
-            _init_irnn_weights(*self._layer_weights(index), self.hh_init, self.hh_scale,
+        for index in range(len(self._all_weights)):
+            _init_irnn_weights(*self._layer_weights(index)[:4], self.hh_init, self.hh_scale,
                                self.ih_init, self.ih_std)
 
     def _run_layer(self, x, state, weights, options):
-        y, h_n = functional.irnn(x, state[0], *weights, backend=self.backend, hidden_clip=self.hidden_clip,
+        y, h_n = functional.irnn(x, state[0], *weights[:4], backend=self.backend, hidden_clip=self.hidden_clip,
                                  **options)
         return y, (h_n,)
 
@@ -444,57 +502,53 @@ class LSTM(_StackedRNN):
 
     Per layer and direction: ``gates = x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh``;
     ``i, f, o = sigmoid``, ``g = tanh`` of their quarter; ``c_t = f * c_{t-1} + i * g``;
-    ``h_t = o * tanh(c_t)``.
+    ``h_t = o * tanh(c_t)``, or with ``proj_size`` P > 0, ``h_t = (o * tanh(c_t)) W_hr^T``.
 
-    Args:
+    Args (positional as in ``torch.nn.LSTM``):
         input_size (I), hidden_size (H), num_layers, bias, batch_first, dropout,
-            bidirectional: as in ``torch.nn.LSTM``; every parameter starts as
-            uniform(-1/sqrt(H), 1/sqrt(H)), as there.
-        backend: ``"auto"`` (default), ``"cpp"`` or ``"torch"``; a plain attribute that
-            may be changed later.
-        device, dtype: of the parameters.
-        proj_size: keyword-only; only 0 (no projection) is supported.
-        recurrent_dropout, weight_dropout: keyword-only, as in :class:`IRNN` (the mask
-            applies to h_{t-1}, not to the cell state).
+            bidirectional, proj_size (P), device, dtype: as in ``torch.nn.LSTM``; every
+            parameter starts as uniform(-1/sqrt(H), 1/sqrt(H)), as there.
 
-    Parameters (D = 2 if bidirectional else 1): ``weight_ih_l{k}`` [4H, I] for k = 0,
-    [4H, D*H] for k > 0; ``weight_hh_l{k}`` [4H, H]; ``bias_ih_l{k}``, ``bias_hh_l{k}``
-    [4H]; ``_reverse`` suffix for the backward direction.
+    Keyword-only: ``backend``, ``recurrent_dropout``, ``weight_dropout`` as in
+    :class:`IRNN` (the mask applies to h_{t-1}, not to the cell state).
+
+    Parameters (D = 2 if bidirectional else 1; P = proj_size, or H without one):
+    ``weight_ih_l{k}`` [4H, I] for k = 0, [4H, D*P] for k > 0; ``weight_hh_l{k}`` [4H, P];
+    ``bias_ih_l{k}``, ``bias_hh_l{k}`` [4H]; ``weight_hr_l{k}`` [P, H] with a projection;
+    ``_reverse`` suffix for the backward direction.
 
     Shapes of :meth:`forward` (all tensors of the parameters' dtype and device):
         input: [T, B, I], [B, T, I] if ``batch_first``, or unbatched [T, I]; or a
             ``PackedSequence``, as for ``nn.LSTM``. ``lengths``: as in :class:`IRNN`.
-        hx: tuple (h_0, c_0), each [num_layers * D, B, H] (unbatched:
-        [num_layers * D, H]), or None for zeros.
-        returns (output, (h_n, c_n)): output [T, B, D*H] ([B, T, D*H] if
-        ``batch_first``, [T, D*H] unbatched); h_n, c_n shaped like h_0.
+        hx: tuple (h_0, c_0), h_0 [num_layers * D, B, P] and c_0 [num_layers * D, B, H]
+        (unbatched: without B), or None for zeros.
+        returns (output, (h_n, c_n)): output [T, B, D*P] ([B, T, D*P] if
+        ``batch_first``, [T, D*P] unbatched); h_n, c_n shaped like h_0, c_0.
     """
 
     _gates = 4
+    mode = "LSTM"
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 backend: str = "auto", device=None, dtype=None, *, proj_size: int = 0,
-                 recurrent_dropout: float = 0.0, weight_dropout: float = 0.0):
-        if proj_size != 0:
-            raise ValueError(
-                f"proj_size={proj_size} is not supported: fused_rnn.LSTM has no output projection "
-                "(use torch.nn.LSTM for an LSTM with projections)"
-            )
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                         bidirectional, backend, device, dtype, recurrent_dropout, weight_dropout)
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
+                 device=None, dtype=None, *, backend: str = "auto", recurrent_dropout: float = 0.0,
+                 weight_dropout: float = 0.0):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
+                         device, dtype, backend, recurrent_dropout, weight_dropout)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """uniform(-1/sqrt(H), 1/sqrt(H)) for every parameter, as torch.nn.LSTM."""
-        bound = 1.0 / math.sqrt(self.hidden_size)
+        bound = _uniform_bound(self.hidden_size)
         for parameter in self.parameters():
             parameter.uniform_(-bound, bound)
 
     def _run_layer(self, x, state, weights, options):
         h0, c0 = state
-        y, (h_n, c_n) = functional.lstm(x, (h0, c0), *weights, backend=self.backend, **options)
+        w_ih, w_hh, b_ih, b_hh, w_hr = weights
+        y, (h_n, c_n) = functional.lstm(x, (h0, c0), w_ih, w_hh, b_ih, b_hh, backend=self.backend, w_hr=w_hr,
+                                        **options)
         return y, (h_n, c_n)
 
     def forward(self, input, hx: Optional[Tuple[Tensor, Tensor]] = None, *, lengths=None):
@@ -503,26 +557,35 @@ class LSTM(_StackedRNN):
         if hx is None:
             h0, c0 = None, None
         elif isinstance(hx, (tuple, list)) and len(hx) == 2:
-            h0 = self._check_state("hx[0] (h_0)", hx[0], x.shape[1], batched)
+            h0 = self._check_state("hx[0] (h_0)", hx[0], x.shape[1], batched, self._state_width,
+                                   "proj_size" if self.proj_size else "hidden_size")
             c0 = self._check_state("hx[1] (c_0)", hx[1], x.shape[1], batched)
         else:
-            raise TypeError(f"hx must be a tuple (h_0, c_0) of two tensors or None, got {type(hx).__name__}")
+            raise InputTypeError(f"hx must be a tuple (h_0, c_0) of two tensors or None, got {_describe(hx)}")
         y, (h_n, c_n) = self._run_stack(x, (h0, c0), lengths)
         if not batched:
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return self._finish(y, batched, lengths, packed), (h_n, c_n)
 
 
+def _describe(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)}"
+    return type(value).__name__
+
+
 class _Cell(nn.Module):
     """One step of a single layer; parameters weight_ih [G*H, I], weight_hh [G*H, H],
-    bias_ih, bias_hh [G*H] (absent with bias=False), as torch.nn.RNNCellBase."""
+    bias_ih, bias_hh [G*H] (None with bias=False), as torch.nn.RNNCellBase. Sizes may be
+    0, as there."""
 
     _gates = 1
 
-    def __init__(self, input_size, hidden_size, bias, backend, device, dtype):
+    def __init__(self, input_size, hidden_size, bias, device, dtype, backend):
         super().__init__()
-        _check_positive_int("input_size", input_size)
-        _check_positive_int("hidden_size", hidden_size)
+        input_size = _check_size("input_size", input_size, 0)
+        hidden_size = _check_size("hidden_size", hidden_size, 0)
+        _check_bool("bias", bias)
         _check_backend(backend)
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -546,12 +609,13 @@ class _Cell(nn.Module):
     def _check_input(self, input) -> Tuple[Tensor, bool]:
         """Returns (input as [B, I], whether it was batched)."""
         if not isinstance(input, Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-        if input.dim() not in (1, 2) or input.shape[-1] != self.input_size:
-            raise ValueError(
-                f"input must have shape [B, input_size] or unbatched [input_size] with "
-                f"input_size={self.input_size}, got shape {tuple(input.shape)}"
-            )
+            raise InputTypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+        if input.dim() not in (1, 2):
+            raise ValueError(f"input must be 2-D [B, input_size] or 1-D unbatched [input_size], "
+                             f"got shape {tuple(input.shape)}")
+        if input.shape[-1] != self.input_size:
+            raise InputError(f"input must have input_size={self.input_size} features in its last dimension, "
+                             f"got shape {tuple(input.shape)}")
         batched = input.dim() == 2
         return (input if batched else input.unsqueeze(0)), batched
 
@@ -560,12 +624,15 @@ class _Cell(nn.Module):
         if state is None:
             return None
         if not isinstance(state, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(state).__name__}")
+            raise InputTypeError(f"{name} must be a torch.Tensor or None, got {type(state).__name__}")
+        if state.dim() not in (1, 2):
+            raise ValueError(f"{name} must be 2-D [B, hidden_size] or 1-D unbatched [hidden_size], "
+                             f"got shape {tuple(state.shape)}")
         expected = (batch, self.hidden_size) if batched else (self.hidden_size,)
         meaning = f"[B, hidden_size] = {list(expected)}" if batched else \
             f"[hidden_size] = {list(expected)} for unbatched input"
         if tuple(state.shape) != expected:
-            raise ValueError(f"{name} must have shape {meaning}, got shape {tuple(state.shape)}")
+            raise InputError(f"{name} must have shape {meaning}, got shape {tuple(state.shape)}")
         return state if batched else state.unsqueeze(0)
 
     def extra_repr(self) -> str:
@@ -584,9 +651,9 @@ class IRNNCell(_Cell):
     r"""One IRNN step, drop-in for ``torch.nn.RNNCell(nonlinearity="relu")``:
     ``h' = relu(x W_ih^T + b_ih + h W_hh^T + b_hh)``.
 
-    Args: input_size (I), hidden_size (H), bias, backend, and the init options
-    ``hh_init``, ``hh_scale``, ``ih_init``, ``ih_std`` of :class:`IRNN`; device, dtype.
-    Keyword-only ``nonlinearity`` accepts only ``"relu"``.
+    Args (positional as in ``torch.nn.RNNCell``): input_size (I), hidden_size (H), bias,
+    nonlinearity (only ``"relu"``), device, dtype. Keyword-only: ``backend`` and the init
+    options ``hh_init``, ``hh_scale``, ``ih_init``, ``ih_std`` of :class:`IRNN`.
 
     Parameters: ``weight_ih`` [H, I], ``weight_hh`` [H, H], ``bias_ih``, ``bias_hh`` [H].
 
@@ -596,15 +663,13 @@ class IRNNCell(_Cell):
 
     _gates = 1
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, backend: str = "auto",
-                 hh_init: str = "identity", hh_scale: float = 1.0, ih_init: str = "normal",
-                 ih_std: float = _DEFAULT_IH_STD, device=None, dtype=None, *, nonlinearity: str = "relu"):
-        if nonlinearity != "relu":
-            raise ValueError(
-                f"IRNNCell is a ReLU RNN cell: nonlinearity must be 'relu', got {nonlinearity!r}"
-            )
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "relu",
+                 device=None, dtype=None, *, backend: str = "auto", hh_init: str = "identity",
+                 hh_scale: float = 1.0, ih_init: str = "normal", ih_std: float = _DEFAULT_IH_STD):
+        _check_nonlinearity("IRNNCell", nonlinearity)
         _check_irnn_init(hh_init, hh_scale, ih_init, ih_std)
-        super().__init__(input_size, hidden_size, bias, backend, device, dtype)
+        super().__init__(input_size, hidden_size, bias, device, dtype, backend)
+        self.nonlinearity = nonlinearity
         self.hh_init = hh_init
         self.hh_scale = float(hh_scale)
         self.ih_init = ih_init
@@ -629,8 +694,9 @@ class IRNNCell(_Cell):
 class LSTMCell(_Cell):
     r"""One LSTM step, drop-in for ``torch.nn.LSTMCell`` (gate order i, f, g, o).
 
-    Args: input_size (I), hidden_size (H), bias, backend, device, dtype. Every
-    parameter starts as uniform(-1/sqrt(H), 1/sqrt(H)), as in PyTorch.
+    Args (positional as in ``torch.nn.LSTMCell``): input_size (I), hidden_size (H), bias,
+    device, dtype. Keyword-only: ``backend``. Every parameter starts as
+    uniform(-1/sqrt(H), 1/sqrt(H)), as in PyTorch.
 
     Parameters: ``weight_ih`` [4H, I], ``weight_hh`` [4H, H], ``bias_ih``, ``bias_hh`` [4H].
 
@@ -640,15 +706,15 @@ class LSTMCell(_Cell):
 
     _gates = 4
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, backend: str = "auto",
-                 device=None, dtype=None):
-        super().__init__(input_size, hidden_size, bias, backend, device, dtype)
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
+                 backend: str = "auto"):
+        super().__init__(input_size, hidden_size, bias, device, dtype, backend)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """uniform(-1/sqrt(H), 1/sqrt(H)) for every parameter, as torch.nn.LSTMCell."""
-        bound = 1.0 / math.sqrt(self.hidden_size)
+        bound = _uniform_bound(self.hidden_size)
         for parameter in self.parameters():
             parameter.uniform_(-bound, bound)
 
@@ -661,7 +727,7 @@ class LSTMCell(_Cell):
             h = self._check_state("hx[0] (h)", hx[0], x.shape[0], batched)
             c = self._check_state("hx[1] (c)", hx[1], x.shape[0], batched)
         else:
-            raise TypeError(f"hx must be a tuple (h, c) of two tensors or None, got {type(hx).__name__}")
+            raise InputTypeError(f"hx must be a tuple (h, c) of two tensors or None, got {_describe(hx)}")
         h_new, c_new = functional.lstm_cell(x, (h, c), *self._weights(), backend=self.backend)
         if not batched:
             return h_new.squeeze(0), c_new.squeeze(0)

@@ -15,14 +15,17 @@ The ops (T steps, B batch, I inputs, H hidden, G = 1 for the IRNN and 4 for the 
                        hidden_clip=None) -> (dx, dh0, dw_ih, dw_hh, dbias)
     irnn_step(x [B,I], h, w_ih, w_hh, bias) -> h_new
     irnn_step_backward(grad_h_new, x, h, w_ih, w_hh, h_new) -> (dx, dh, dw_ih, dw_hh, dbias)
-    lstm_scan_forward(x, h0, c0, w_ih, w_hh, bias, recurrent_mask=None, lengths=None)
+    lstm_scan_forward(x, h0, c0, w_ih, w_hh, bias, recurrent_mask=None, lengths=None, w_hr=None)
         -> (y, h_n, c_n, cells [T,B,H], gates [T,B,4H])
     lstm_scan_backward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, y, cells, gates, grad_x=True,
-                       recurrent_mask=None, lengths=None) -> (dx, dh0, dc0, dw_ih, dw_hh, dbias)
+                       recurrent_mask=None, lengths=None, w_hr=None) -> (dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr)
     lstm_step(x, h, c, w_ih, w_hh, bias) -> (h_new, c_new, gates [B,4H])
     lstm_step_backward(grad_h_new, grad_c_new, x, h, c, w_ih, w_hh, c_new, gates)
         -> (dx, dh, dc, dw_ih, dw_hh, dbias)
 
+``w_hr`` [P, H] is the LSTM's output projection (``nn.LSTM(proj_size=P)``, CPU kernels
+only): h_t = (o * tanh(c_t)) @ w_hr^T, so h0, h_n, y (and grad_y, grad_h_n, the mask)
+have P columns, w_hh is [4H, P], and dw_hr is empty without a projection.
 ``cells`` holds c_1..c_T and ``gates`` the activated gates (i, f, g, o after their
 sigmoid/tanh): what the LSTM backward scan needs, saved instead of recomputed; float32
 for bfloat16/float16 inputs (the CUDA kernels' state dtype), else the inputs' dtype.
@@ -68,15 +71,17 @@ def irnn_step_grads(saved, grad_h_new):
 
 
 def lstm_scan_grads(saved, grad_y, grad_h_n, grad_c_n, grad_x=True, options=(None, None)):
-    """`options`: (recurrent_mask, lengths) of the forward."""
-    x, h0, c0, w_ih, w_hh, y, cells, gates = saved
-    dx, *rest = torch.ops.fused_rnn.lstm_scan_backward(
+    """`saved`: (x, h0, c0, w_ih, w_hh, y, cells, gates, w_hr or None); `options`:
+    (recurrent_mask, lengths) of the forward. Returns (dx, dh0, dc0, dw_ih, dw_hh, dbias,
+    dw_hr), dx and dw_hr None where not asked for or without a projection."""
+    x, h0, c0, w_ih, w_hh, y, cells, gates, w_hr = saved
+    dx, *rest, dw_hr = torch.ops.fused_rnn.lstm_scan_backward(
         _zeros_if_none(grad_y, y),
         _zeros_if_none(grad_h_n, h0),
         _zeros_if_none(grad_c_n, c0),
-        x, h0, c0, w_ih, w_hh, y, cells, gates, grad_x, *options,
+        x, h0, c0, w_ih, w_hh, y, cells, gates, grad_x, *options, w_hr,
     )
-    return (dx if grad_x else None, *rest)
+    return (dx if grad_x else None, *rest, dw_hr if w_hr is not None else None)
 
 
 def lstm_step_grads(saved, grad_h_new, grad_c_new):
@@ -125,17 +130,18 @@ def _register():
                 _new_like(w_hh), w_hh.new_empty(w_hh.shape[0]))
 
     @torch.library.register_fake(lib + "lstm_scan_forward")
-    def _(x, h0, c0, w_ih, w_hh, bias, recurrent_mask=None, lengths=None):
-        steps, batch, hidden = x.shape[0], x.shape[1], w_hh.shape[1]
-        return (x.new_empty(steps, batch, hidden), _new_like(h0), _new_like(c0),
+    def _(x, h0, c0, w_ih, w_hh, bias, recurrent_mask=None, lengths=None, w_hr=None):
+        steps, batch, hidden, width = x.shape[0], x.shape[1], w_hh.shape[0] // 4, w_hh.shape[1]
+        return (x.new_empty(steps, batch, width), _new_like(h0), _new_like(c0),
                 x.new_empty(steps, batch, hidden, dtype=_state_dtype(x)),
                 x.new_empty(steps, batch, 4 * hidden, dtype=_state_dtype(x)))
 
     @torch.library.register_fake(lib + "lstm_scan_backward")
     def _(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, y, cells, gates, grad_x=True, recurrent_mask=None,
-          lengths=None):
+          lengths=None, w_hr=None):
         return (_new_like(x) if grad_x else x.new_empty(0), _new_like(h0), _new_like(c0), _new_like(w_ih),
-                _new_like(w_hh), w_hh.new_empty(w_hh.shape[0]))
+                _new_like(w_hh), w_hh.new_empty(w_hh.shape[0]),
+                w_hh.new_empty(0) if w_hr is None else _new_like(w_hr))
 
     @torch.library.register_fake(lib + "lstm_step")
     def _(x, h, c, w_ih, w_hh, bias):
@@ -182,22 +188,23 @@ def _register():
 
     def lstm_scan_setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
-        x, h0, c0, w_ih, w_hh, bias, *options = inputs
+        x, h0, c0, w_ih, w_hh, bias, recurrent_mask, lengths, w_hr = inputs
         y, _, _, cells, gates = output
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, y, cells, gates)
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, y, cells, gates, w_hr)
         ctx.mark_non_differentiable(cells, gates)
-        ctx.bias, ctx.has_bias, ctx.options = bias, bias is not None, tuple(options)
+        ctx.bias, ctx.has_bias, ctx.options = bias, bias is not None, (recurrent_mask, lengths)
 
     def lstm_scan_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_cells, _grad_gates):
         if wants_graph():
-            x, h0, c0, w_ih, w_hh, *_ = ctx.saved_tensors
-            grads = lstm_layer_grads((x, h0, c0, w_ih, w_hh, ctx.bias, None), ctx.needs_input_grad[:6] + (False,),
-                                     (grad_y, grad_h_n, grad_c_n), _padded(ctx.options, 2))
-            return grads[:6] + (None,) * len(ctx.options)
+            x, h0, c0, w_ih, w_hh, *_, w_hr = ctx.saved_tensors
+            needs = ctx.needs_input_grad + (False,) * (9 - len(ctx.needs_input_grad))  # defaults not passed
+            *grads, dw_hr = lstm_layer_grads((x, h0, c0, w_ih, w_hh, ctx.bias, None, w_hr),
+                                             needs[:6] + (False, needs[8]), (grad_y, grad_h_n, grad_c_n), ctx.options)
+            return (*grads[:6], None, None, dw_hr)
         # cells and gates are saved activations, not results: their gradients are not propagated
-        dx, dh0, dc0, dw_ih, dw_hh, dbias = lstm_scan_grads(ctx.saved_tensors, grad_y, grad_h_n, grad_c_n,
-                                                            ctx.needs_input_grad[0], ctx.options)
-        return (dx, dh0, dc0, dw_ih, dw_hh, (dbias if ctx.has_bias else None)) + (None,) * len(ctx.options)
+        dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr = lstm_scan_grads(ctx.saved_tensors, grad_y, grad_h_n, grad_c_n,
+                                                                   ctx.needs_input_grad[0], ctx.options)
+        return dx, dh0, dc0, dw_ih, dw_hh, (dbias if ctx.has_bias else None), None, None, dw_hr
 
     torch.library.register_autograd(lib + "lstm_scan_forward", lstm_scan_backward, setup_context=lstm_scan_setup)
 

@@ -88,6 +88,22 @@ and through the activations (sigmoid' = s (1 - s), tanh' = 1 - tanh**2):
 The parameter and input gradients are the same matrix products as for the IRNN with
 da_t in place of dz_t.
 
+LSTM with a projection
+----------------------
+``nn.LSTM(proj_size=P)`` (Sak, Senior & Beaufays 2014, "Long Short-Term Memory Recurrent
+Neural Network Architectures for Large Scale Acoustic Modeling") multiplies the cell's
+output by w_hr [P, H] before it becomes the state that is returned and fed back:
+
+    u_t = o * tanh(c_t)                [B, H]
+    h_t = u_t @ w_hr.T                 [B, P]
+
+so h_0, h_t, y_t and the recurrent mask have P columns and w_hh is [4H, P], while c_t
+keeps H. Backward, dh (P columns, dy_t included) first goes back through the
+projection, and w_hr collects its own sum:
+
+    du_t   = dh @ w_hr                 [B, H], in place of dh in the cell backward above
+    dw_hr  = sum_t dh_t.T @ u_t        [P, H]
+
 Options (both cells unless said otherwise)
 ------------------------------------------
 recurrent_mask m [B, H] (variational recurrent dropout, Gal & Ghahramani 2016): the
@@ -269,25 +285,28 @@ class LSTMCache:
     activated_gates: np.ndarray  # [T, B, 4H]: i, f, g, o after their sigmoid / tanh
     has_b_ih: bool
     has_b_hh: bool
-    recurrent_mask: np.ndarray = None  # [B, H]
+    recurrent_mask: np.ndarray = None  # [B, P]
     active: np.ndarray = None  # [T, B, 1]
+    w_hr: np.ndarray = None  # [P, H], the projection (None: h_t = u_t, P = H)
 
 
-def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, recurrent_mask=None, lengths=None):
+def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, recurrent_mask=None, lengths=None, w_hr=None):
     """One LSTM layer, gate order (i, f, g, o) as in torch.nn.LSTM.
 
-    x [T, B, I], h0 and c0 [B, H], w_ih [4H, I], w_hh [4H, H], b_ih and b_hh [4H] or None;
-    recurrent_mask [B, H] and lengths [B] or None (see the module docstring).
-    Returns (y [T, B, H], h_T [B, H], c_T [B, H], cache); with T = 0, y is [0, B, H]
+    x [T, B, I], h0 [B, P] and c0 [B, H], w_ih [4H, I], w_hh [4H, P], b_ih and b_hh [4H]
+    or None; recurrent_mask [B, P] and lengths [B] or None; w_hr [P, H], the projection
+    of nn.LSTM(proj_size=P), or None (then P = H); see the module docstring.
+    Returns (y [T, B, P], h_T [B, P], c_T [B, H], cache); with T = 0, y is [0, B, P]
     and (h_T, c_T) = (h0, c0).
     """
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask = map(_as_float64, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, recurrent_mask))
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, mask, w_hr = map(
+        _as_float64, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, recurrent_mask, w_hr))
     steps, batch, _ = x.shape
-    hidden = w_hh.shape[1]
+    hidden, width = w_hh.shape[0] // 4, w_hh.shape[1]
     active = _active_steps(lengths, steps, batch)  # [T, B, 1]
 
     input_terms = _input_projection(x, w_ih, b_ih, b_hh)  # [T, B, 4H]
-    hidden_states = np.empty((steps + 1, batch, hidden))  # [T + 1, B, H]
+    hidden_states = np.empty((steps + 1, batch, width))  # [T + 1, B, P]
     cell_states = np.empty((steps + 1, batch, hidden))  # [T + 1, B, H]
     activated_gates = np.empty((steps, batch, 4 * hidden))  # [T, B, 4H]
     hidden_states[0] = h0
@@ -298,11 +317,15 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, recurrent_mask=Non
         i, f, g, o = _sigmoid(a_i), _sigmoid(a_f), np.tanh(a_g), _sigmoid(a_o)
         activated_gates[t] = np.concatenate([i, f, g, o], axis=1)
         c = f * cell_states[t] + i * g
+        h = o * np.tanh(c)
+        if w_hr is not None:
+            h = h @ w_hr.T
         cell_states[t + 1] = np.where(active[t] > 0, c, cell_states[t])
-        hidden_states[t + 1] = np.where(active[t] > 0, o * np.tanh(c), hidden_states[t])
+        hidden_states[t + 1] = np.where(active[t] > 0, h, hidden_states[t])
 
     cache = LSTMCache(
-        x, w_ih, w_hh, hidden_states, cell_states, activated_gates, b_ih is not None, b_hh is not None, mask, active
+        x, w_ih, w_hh, hidden_states, cell_states, activated_gates, b_ih is not None, b_hh is not None, mask, active,
+        w_hr,
     )
     return hidden_states[1:] * active, hidden_states[steps].copy(), cell_states[steps].copy(), cache
 
@@ -310,22 +333,28 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, recurrent_mask=Non
 def lstm_backward(dy, dh_T, dc_T, cache):
     """Backpropagation through time for :func:`lstm_forward`.
 
-    dy [T, B, H], dh_T [B, H], dc_T [B, H]: gradients of the loss with respect to the
+    dy [T, B, P], dh_T [B, P], dc_T [B, H]: gradients of the loss with respect to the
     outputs, any of them may be None (zeros). Returns a dict of dx [T, B, I],
-    dh0 [B, H], dc0 [B, H], dw_ih [4H, I], dw_hh [4H, H], and db_ih, db_hh [4H]
-    (None where that bias was None).
+    dh0 [B, P], dc0 [B, H], dw_ih [4H, I], dw_hh [4H, P], db_ih, db_hh [4H] (None where
+    that bias was None), and dw_hr [P, H] (None without a projection).
     """
-    steps, batch, hidden = cache.hidden_states.shape[0] - 1, *cache.hidden_states.shape[1:]
-    dy = _upstream_or_zeros(dy, (steps, batch, hidden))  # [T, B, H]
-    d_hidden = _upstream_or_zeros(dh_T, (batch, hidden)).copy()  # [B, H], dL/dh_t
+    steps, batch, width = cache.hidden_states.shape[0] - 1, *cache.hidden_states.shape[1:]
+    hidden = cache.cell_states.shape[2]
+    dy = _upstream_or_zeros(dy, (steps, batch, width))  # [T, B, P]
+    d_hidden = _upstream_or_zeros(dh_T, (batch, width)).copy()  # [B, P], dL/dh_t
     d_cell = _upstream_or_zeros(dc_T, (batch, hidden)).copy()  # [B, H], dL/dc_t
 
     active = cache.active if cache.active is not None else np.ones((steps, batch, 1))
     d_gate_preactivations = np.empty((steps, batch, 4 * hidden))  # [T, B, 4H]
+    d_w_hr = None if cache.w_hr is None else np.zeros_like(cache.w_hr)  # [P, H]
     for t in reversed(range(steps)):
-        d_hidden_in = d_hidden + dy[t] * active[t]
+        d_hidden_in = d_hidden + dy[t] * active[t]  # dL/dh_t, [B, P]
         i, f, g, o = np.split(cache.activated_gates[t], 4, axis=1)
         tanh_cell = np.tanh(cache.cell_states[t + 1])
+        if cache.w_hr is not None:
+            # h_t = u_t @ w_hr.T with u_t = o * tanh(c_t); steps past a length add nothing
+            d_w_hr += (d_hidden_in * active[t]).T @ (o * tanh_cell)
+            d_hidden_in = d_hidden_in @ cache.w_hr  # dL/du_t, [B, H]
 
         d_o = d_hidden_in * tanh_cell
         d_cell_in = d_cell + d_hidden_in * o * (1.0 - tanh_cell**2)
@@ -347,4 +376,5 @@ def lstm_backward(dy, dh_T, dc_T, cache):
                                  cache.has_b_ih, cache.has_b_hh)
     grads["dh0"] = d_hidden
     grads["dc0"] = d_cell
+    grads["dw_hr"] = d_w_hr
     return grads

@@ -456,7 +456,7 @@ def test_wrong_cell_arguments_raise():
 
 def test_unsupported_options_raise():
     with pytest.raises(ValueError, match="proj_size"):
-        fused_rnn.LSTM(4, 6, proj_size=3)
+        fused_rnn.LSTM(4, 6, proj_size=6)
     with pytest.raises(ValueError, match="nonlinearity"):
         fused_rnn.IRNN(4, 6, nonlinearity="tanh")
     with pytest.raises(ValueError, match="hh_init"):
@@ -469,7 +469,7 @@ def test_unsupported_options_raise():
 
 
 def test_irnn_accepts_relu_nonlinearity_keyword():
-    assert fused_rnn.IRNN(4, 6, nonlinearity="relu").hidden_size == 6
+    assert fused_rnn.IRNN(4, 6, nonlinearity="relu").nonlinearity == "relu"
 
 
 # torch.compile

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.skipif(
     "cpp" not in fused_rnn.available_backends("cpu"), reason="fused_rnn._C is not built"
 )
 
-T, B, I, H = 5, 3, 4, 6
+T, B, I, H, P = 5, 3, 4, 6, 4
 
 
 def op(name):
@@ -53,6 +53,16 @@ def sample_calls(dtype, requires_grad):
     detached = [t.detach() for t in (x, h, c, w_ih, w_hh)]
     calls.append(("lstm_scan_backward", (torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n),
                                          *detached, y, cells, gates)))
+    # with the output projection of nn.LSTM(proj_size=P): h [B, P], w_hh [4H, P], w_hr [P, H]
+    g = torch.Generator().manual_seed(7)
+    hp, w_hh_p, w_hr = ((0.5 * torch.randn(*shape, dtype=dtype, generator=g)).requires_grad_(requires_grad)
+                        for shape in ((B, P), (4 * H, P), (P, H)))
+    calls.append(("lstm_scan_forward", (x, hp, c, w_ih, w_hh_p, bias, None, None, w_hr)))
+    with torch.no_grad():
+        y, h_n, c_n, cells, gates = op("lstm_scan_forward")(x, hp, c, w_ih, w_hh_p, bias, None, None, w_hr)
+    detached = [t.detach() for t in (x, hp, c, w_ih, w_hh_p)]
+    calls.append(("lstm_scan_backward", (torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n),
+                                         *detached, y, cells, gates, True, None, None, w_hr.detach())))
     xs, hs, cs, w_ih_s, w_hh_s, bias_s = layer_tensors(4, dtype, requires_grad, step=True)
     calls.append(("lstm_step", (xs, hs, cs, w_ih_s, w_hh_s, bias_s)))
     with torch.no_grad():

@@ -149,6 +149,49 @@ def test_lstm_matches_torch_lstm(shape):
     assert_grads_match(reference_grads, torch_grads)
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 4, 5, 2, True), (17, 2, 3, 7, 3, True), (6, 1, 2, 4, 1, False)],
+                         ids=lambda s: f"T{s[0]}-B{s[1]}-I{s[2]}-H{s[3]}-P{s[4]}-{'bias' if s[5] else 'nobias'}")
+def test_lstm_projection_matches_torch_lstm(shape):
+    """nn.LSTM(proj_size=P): h_t = (o * tanh(c_t)) @ w_hr^T feeds the recurrence and the output."""
+    steps, batch, inputs, hidden, width, bias = shape
+    rng = np.random.default_rng(12)
+    w_ih, _, b_ih, b_hh = random_parameters(rng, 4, inputs, hidden, bias)
+    scale = 1.0 / np.sqrt(hidden)
+    w_hh = rng.uniform(-scale, scale, size=(4 * hidden, width))  # [4H, P]
+    w_hr = rng.uniform(-scale, scale, size=(width, hidden))  # [P, H]
+    x = rng.normal(size=(steps, batch, inputs))  # [T, B, I]
+    h0, c0 = rng.normal(0.0, 0.5, size=(batch, width)), rng.normal(0.0, 0.5, size=(batch, hidden))
+    dy, dh_T, dc_T = rng.normal(size=(steps, batch, width)), rng.normal(size=(batch, width)), rng.normal(
+        size=(batch, hidden))
+
+    y, h_T, c_T, cache = rnn_reference.lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr=w_hr)
+    reference_grads = rnn_reference.lstm_backward(dy, dh_T, dc_T, cache)
+
+    module = torch.nn.LSTM(inputs, hidden, proj_size=width, bias=bias, dtype=torch.float64)
+    names = {"weight_ih_l0": w_ih, "weight_hh_l0": w_hh, "weight_hr_l0": w_hr, "bias_ih_l0": b_ih, "bias_hh_l0": b_hh}
+    with torch.no_grad():
+        for name, value in names.items():
+            if value is not None:
+                getattr(module, name).copy_(torch.from_numpy(value))
+    x_t, h0_t, c0_t = (torch.from_numpy(a).requires_grad_() for a in (x, h0[None], c0[None]))
+    y_t, (h_T_t, c_T_t) = module(x_t, (h0_t, c0_t))
+    weights = {key: getattr(module, name) for key, name in [("dw_ih", "weight_ih_l0"), ("dw_hh", "weight_hh_l0"),
+                                                            ("dw_hr", "weight_hr_l0"), ("db_ih", "bias_ih_l0"),
+                                                            ("db_hh", "bias_hh_l0")] if hasattr(module, name)}
+    grads = torch.autograd.grad((y_t, h_T_t, c_T_t), [x_t, h0_t, c0_t, *weights.values()],
+                                grad_outputs=(torch.from_numpy(dy), torch.from_numpy(dh_T)[None],
+                                              torch.from_numpy(dc_T)[None]))
+    torch_grads = {"dx": grads[0], "dh0": grads[1][0], "dc0": grads[2][0], **dict(zip(weights, grads[3:]))}
+    torch_grads.setdefault("db_ih", None)
+    torch_grads.setdefault("db_hh", None)
+
+    assert y.shape == (steps, batch, width) and c_T.shape == (batch, hidden)
+    np.testing.assert_allclose(y, y_t.detach().numpy(), **FLOAT64_TOLERANCE)
+    np.testing.assert_allclose(h_T, h_T_t.detach()[0].numpy(), **FLOAT64_TOLERANCE)
+    np.testing.assert_allclose(c_T, c_T_t.detach()[0].numpy(), **FLOAT64_TOLERANCE)
+    assert_grads_match(reference_grads, torch_grads)
+
+
 # ------------------------------------------------------------ finite differences
 
 # Central differences have truncation error ~ eps^2 * |f'''| ~ 1e-12 and rounding error
@@ -275,6 +318,35 @@ def test_backward_with_options_matches_finite_differences(cell):
     y = forward(arrays)[0]
     for b, length in enumerate(lengths):
         assert not y[length:, b].any()  # outputs beyond a sequence's length are zero
+
+
+def test_lstm_projection_backward_matches_finite_differences():
+    """The projection's hand-derived backward, with the recurrent mask (on the projected
+    h, P columns) and lengths, against central differences of the reference's forward."""
+    rng = np.random.default_rng(13)
+    steps, batch, inputs, hidden, width = 3, 4, 3, 4, 2
+    w_ih, _, b_ih, b_hh = random_parameters(rng, 4, inputs, hidden, bias=True)
+    arrays = {"x": rng.normal(size=(steps, batch, inputs)), "h0": rng.normal(0.0, 0.5, size=(batch, width)),
+              "c0": rng.normal(0.0, 0.5, size=(batch, hidden)), "w_ih": w_ih,
+              "w_hh": rng.uniform(-0.5, 0.5, size=(4 * hidden, width)), "b_ih": b_ih, "b_hh": b_hh,
+              "w_hr": rng.uniform(-0.5, 0.5, size=(width, hidden))}
+    upstream = {"dy": rng.normal(size=(steps, batch, width)), "dh_T": rng.normal(size=(batch, width)),
+                "dc_T": rng.normal(size=(batch, hidden))}
+    mask, lengths = _options(rng, batch, width, steps)
+
+    def forward(a):
+        return rnn_reference.lstm_forward(a["x"], a["h0"], a["c0"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"],
+                                          recurrent_mask=mask, lengths=lengths, w_hr=a["w_hr"])
+
+    def loss_of(a):
+        y, h_T, c_T, _ = forward(a)
+        return np.sum(upstream["dy"] * y) + np.sum(upstream["dh_T"] * h_T) + np.sum(upstream["dc_T"] * c_T)
+
+    grads = rnn_reference.lstm_backward(upstream["dy"], upstream["dh_T"], upstream["dc_T"], forward(arrays)[-1])
+    for name in arrays:
+        np.testing.assert_allclose(
+            grads["d" + name], numerical_gradient(loss_of, arrays, name), err_msg=name, **FINITE_DIFFERENCE_TOLERANCE
+        )
 
 
 @pytest.mark.parametrize("cell", ["irnn", "lstm"])

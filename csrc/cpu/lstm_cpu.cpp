@@ -7,6 +7,11 @@
 //           gives dgates_t and dc_{t-1}; one BLAS call gives dh_{t-1} = dgates_t W_hh.
 //           Weight gradients are GEMMs over all of dgates afterwards.
 // Each thread runs both scans on its own slice of the batch (see parallel_batch).
+//
+// With an output projection (nn.LSTM(proj_size=P), w_hr [P, H]) each step has a second
+// GEMM: the forward writes u_t = o * tanh(c_t) [rows, H] and then h_t = u_t W_hr^T
+// [rows, P]; the backward first forms g_t = dy_t + dh [rows, P], then du_t = g_t W_hr
+// for the cell, and dW_hr = sum_t g_t^T u_t is one GEMM after the scan.
 #include <omp.h>
 #include <torch/library.h>
 
@@ -186,30 +191,96 @@ void lstm_backward_hidden_split(int threads, int64_t steps, int64_t batch, int64
 
 using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// u = o * tanh(c) for `count` units of one row: the projection's input, as the forward
+// cell computed it (the backward recomputes it for dW_hr instead of saving it).
+template <typename scalar_t>
+FUSED_RNN_CPU_CLONES void lstm_unit_row(const scalar_t* gate_o, const scalar_t* c, scalar_t* u, int64_t count) {
+#pragma omp simd
+  for (int64_t j = 0; j < count; ++j) u[j] = gate_o[j] * cell::tanh_(c[j]);
+}
+
+// The forward scan with the projection, on float32/float64 tensors that are contiguous
+// and checked. x [T, B, I], h0 [B, P], c0 [B, H], w_hh [4H, P], w_hr [P, H].
+ForwardOutputs lstm_projected_forward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                                      const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& w_hr,
+                                      const std::optional<at::Tensor>& bias, const ScanOptions& options) {
+  const int64_t steps = x.size(0), batch = x.size(1), width = w_hh.size(1), hidden = w_hr.size(1);
+  auto gates = input_projection(x, w_ih, bias);  // [T, B, 4H]
+  auto y = at::empty({steps, batch, width}, x.options());
+  auto cells = at::empty({steps, batch, hidden}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_projected_forward", [&] {
+    scalar_t* gates_data = gates.data_ptr<scalar_t>();
+    scalar_t* y_data = y.data_ptr<scalar_t>();
+    scalar_t* c_data = cells.data_ptr<scalar_t>();
+    const scalar_t* mask = options.mask_data<scalar_t>();
+    const int64_t* lengths_data = options.lengths_data();
+    parallel_batch(batch, [&](int64_t b0, int64_t b1) {
+      const int64_t rows = b1 - b0;
+      // gates_t [rows, 4H] += h_prev [rows, P] @ W_hh^T;  h_t [rows, P] = u_t [rows, H] @ W_hr^T
+      const RecurrentGemm<scalar_t> recurrent(w_hh.const_data_ptr<scalar_t>(), true, rows, 4 * hidden, width);
+      const RecurrentGemm<scalar_t> projection(w_hr.const_data_ptr<scalar_t>(), true, rows, width, hidden);
+      std::vector<scalar_t> units(rows * hidden), masked(mask != nullptr ? rows * width : 0);
+      for (int64_t t = 0; t < steps; ++t) {
+        const scalar_t* h_prev = t == 0 ? h0.const_data_ptr<scalar_t>() : y_data + (t - 1) * batch * width;
+        const scalar_t* c_prev = t == 0 ? c0.const_data_ptr<scalar_t>() : c_data + (t - 1) * batch * hidden;
+        scalar_t* gates_t = gates_data + t * batch * 4 * hidden;
+        scalar_t* c_t = c_data + t * batch * hidden;
+        scalar_t* h_t = y_data + t * batch * width;
+        if (mask != nullptr) {
+          mask_rows(h_prev, mask, masked.data(), b0, b1, width);
+          recurrent(masked.data(), 1, gates_t + b0 * 4 * hidden);
+        } else {
+          recurrent(h_prev + b0 * width, 1, gates_t + b0 * 4 * hidden);
+        }
+        for (int64_t b = b0; b < b1; ++b) {
+          scalar_t* u = units.data() + (b - b0) * hidden;
+          if (!step_active(lengths_data, t, b)) {  // past its length a row keeps its state
+            std::memcpy(c_t + b * hidden, c_prev + b * hidden, hidden * sizeof(scalar_t));
+            std::memset(u, 0, hidden * sizeof(scalar_t));
+            continue;
+          }
+          lstm_forward_row(gates_t + b * 4 * hidden, hidden, c_prev + b * hidden, c_t + b * hidden, u, hidden);
+        }
+        projection(units.data(), 0, h_t + b0 * width);
+        for (int64_t b = b0; b < b1; ++b) {
+          if (!step_active(lengths_data, t, b)) std::memcpy(h_t + b * width, h_prev + b * width, width * sizeof(scalar_t));
+        }
+      }
+    });
+  });
+  auto h_n = y[steps - 1].clone();
+  options.zero_beyond_lengths(y);
+  return {y, h_n, cells[steps - 1].clone(), cells, gates};
+}
+
+
 ForwardOutputs lstm_scan_forward(const at::Tensor& x_in, const at::Tensor& h0_in, const at::Tensor& c0_in,
                                  const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
                                  const std::optional<at::Tensor>& bias,
                                  const std::optional<at::Tensor>& recurrent_mask,
-                                 const std::optional<at::Tensor>& lengths) {
+                                 const std::optional<at::Tensor>& lengths,
+                                 const std::optional<at::Tensor>& w_hr_in) {
   FUSED_RNN_EXCLUDE_AUTOCAST;
   if (reduced_precision(x_in)) {  // cells and gates stay float32 (the saved state)
-    check_layer_tensors(x_in, {{&h0_in, "h0"}, {&c0_in, "c0"}}, w_ih_in, w_hh_in, bias, 4, c10::DeviceType::CPU,
-                        {at::kBFloat16, at::kHalf});
+    check_lstm_tensors(x_in, h0_in, c0_in, w_ih_in, w_hh_in, w_hr_in, bias, {at::kBFloat16, at::kHalf});
     auto [y, h_n, c_n, cells, gates] =
         lstm_scan_forward(to_float32(x_in), to_float32(h0_in), to_float32(c0_in), to_float32(w_ih_in),
-                          to_float32(w_hh_in), to_float32(bias), to_float32(recurrent_mask), lengths);
+                          to_float32(w_hh_in), to_float32(bias), to_float32(recurrent_mask), lengths,
+                          to_float32(w_hr_in));
     const auto dtype = x_in.scalar_type();
     return {y.to(dtype), h_n.to(dtype), c_n.to(dtype), cells, gates};
   }
   const auto x = x_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
   const auto w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
-  check_layer(x, {{&h0, "h0"}, {&c0, "c0"}}, w_ih, w_hh, bias, 4);
-  const int64_t steps = x.size(0), batch = x.size(1), hidden = w_hh.size(1);
-  const ScanOptions options(x, hidden, recurrent_mask, lengths);
+  const auto w_hr = w_hr_in.has_value() ? w_hr_in->contiguous() : at::Tensor();
+  check_lstm_tensors(x, h0, c0, w_ih, w_hh, w_hr_in, bias, {at::kFloat, at::kDouble});
+  const int64_t steps = x.size(0), batch = x.size(1), hidden = w_hh.size(0) / 4, width = w_hh.size(1);
+  const ScanOptions options(x, width, recurrent_mask, lengths);
   if (steps == 0) {
-    auto empty = x.new_empty({0, batch, hidden});
-    return {empty, h0.clone(), c0.clone(), empty.clone(), x.new_empty({0, batch, 4 * hidden})};
+    return {x.new_empty({0, batch, width}), h0.clone(), c0.clone(), x.new_empty({0, batch, hidden}),
+            x.new_empty({0, batch, 4 * hidden})};
   }
+  if (w_hr.defined()) return lstm_projected_forward(x, h0, c0, w_ih, w_hh, w_hr, bias, options);
   auto gates = input_projection(x, w_ih, bias);  // [T, B, 4H]: pre-activations, then activations in place
   auto y = at::empty({steps, batch, hidden}, x.options());
   auto cells = at::empty({steps, batch, hidden}, x.options());
@@ -352,15 +423,144 @@ BackwardOutputs lstm_backward_impl(const at::Tensor& grad_y, const at::Tensor& g
   return {grads.dx, dh_carry, dc, grads.dw_ih, grads.dw_hh, grads.dbias};
 }
 
-BackwardOutputs lstm_scan_backward(const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
-                                   const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
-                                   const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& y,
-                                   const at::Tensor& cells, const at::Tensor& gates, bool grad_x,
-                                   const std::optional<at::Tensor>& recurrent_mask,
-                                   const std::optional<at::Tensor>& lengths) {
-  return lstm_backward_impl(grad_y.contiguous(), grad_h_n.contiguous(), grad_c_n.contiguous(), x.contiguous(),
-                            h0.contiguous(), c0.contiguous(), w_ih.contiguous(), w_hh.contiguous(), y.contiguous(),
-                            cells.contiguous(), gates.contiguous(), grad_x, recurrent_mask, lengths);
+using ProjectedBackwardOutputs =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The backward scan with the projection, on contiguous float32/float64 tensors: grad_y
+// [T, B, P], grad_h_n [B, P], grad_c_n [B, H], y [T, B, P], cells [T, B, H], gates
+// [T, B, 4H] (activated). Per step and row: g = dy_t + dh (dL/dh_t, P columns), du =
+// g W_hr (H columns) enters the cell backward as its dL/dh, dh_{t-1} = dgates_t W_hh;
+// afterwards dW_hr = sum_t g_t^T u_t with u_t = o * tanh(c_t) recomputed per row.
+ProjectedBackwardOutputs lstm_projected_backward(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
+                                                 const at::Tensor& grad_c_n, const at::Tensor& x, const at::Tensor& h0,
+                                                 const at::Tensor& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                                 const at::Tensor& w_hr, const at::Tensor& y, const at::Tensor& cells,
+                                                 const at::Tensor& gates, bool grad_x, const ScanOptions& options) {
+  const int64_t steps = x.size(0), batch = x.size(1), width = w_hh.size(1), hidden = w_hr.size(1);
+  if (steps == 0) {
+    return {grad_x ? at::zeros_like(x) : at::empty({0}, x.options()), grad_h_n.clone(), grad_c_n.clone(),
+            at::zeros_like(w_ih), at::zeros_like(w_hh), at::zeros({4 * hidden}, w_hh.options()), at::zeros_like(w_hr)};
+  }
+  const auto plan = plan_backward(x, w_ih, w_hh, grad_x);
+  auto dgates = at::empty_like(gates);                         // [T, B, 4H]
+  auto grad_h = at::empty({steps, batch, width}, x.options());  // [T, B, P]: g_t, 0 past a row's length
+  auto units = at::empty({steps, batch, hidden}, x.options());  // [T, B, H]: u_t, 0 past a row's length
+  auto dh_carry = grad_h_n.clone();                            // [B, P]
+  auto dc = grad_c_n.clone();                                  // [B, H]
+  auto saved = options.lengths.defined() ? at::empty_like(dh_carry) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_projected_backward", [&] {
+    const scalar_t* dy_data = grad_y.const_data_ptr<scalar_t>();
+    const scalar_t* c_data = cells.const_data_ptr<scalar_t>();
+    const scalar_t* gates_data = gates.const_data_ptr<scalar_t>();
+    scalar_t* dgates_data = dgates.data_ptr<scalar_t>();
+    scalar_t* g_data = grad_h.data_ptr<scalar_t>();
+    scalar_t* u_data = units.data_ptr<scalar_t>();
+    scalar_t* dh = dh_carry.data_ptr<scalar_t>();
+    scalar_t* dc_data = dc.data_ptr<scalar_t>();
+    const scalar_t* mask = options.mask_data<scalar_t>();
+    const int64_t* lengths_data = options.lengths_data();
+    scalar_t* saved_data = saved.defined() ? saved.data_ptr<scalar_t>() : nullptr;
+    parallel_batch(batch, [&](int64_t b0, int64_t b1) {
+      const int64_t rows = b1 - b0;
+      BackwardStepGemm<scalar_t> step_gemm(plan, width, b0, rows);  // dh [rows, P] = dgates_t @ W_hh
+      // du [rows, H] = g_t [rows, P] @ W_hr
+      const RecurrentGemm<scalar_t> unproject(w_hr.const_data_ptr<scalar_t>(), false, rows, hidden, width);
+      std::vector<scalar_t> du(rows * hidden), no_carry(hidden, scalar_t(0));
+      for (int64_t t = steps - 1; t >= 0; --t) {
+        const scalar_t* c_prev = t == 0 ? c0.const_data_ptr<scalar_t>() : c_data + (t - 1) * batch * hidden;
+        const scalar_t* c_t = c_data + t * batch * hidden;
+        const scalar_t* gates_t = gates_data + t * batch * 4 * hidden;
+        scalar_t* dgates_t = dgates_data + t * batch * 4 * hidden;
+        scalar_t* g_t = g_data + t * batch * width;
+        scalar_t* u_t = u_data + t * batch * hidden;
+        for (int64_t b = b0; b < b1; ++b) {
+          scalar_t* g = g_t + b * width;
+          if (!step_active(lengths_data, t, b)) {  // no step past a row's length: dh and dc pass through
+            std::memset(g, 0, width * sizeof(scalar_t));
+            continue;
+          }
+          const scalar_t* dy = dy_data + (t * batch + b) * width;
+          const scalar_t* carry = dh + b * width;
+          for (int64_t j = 0; j < width; ++j) g[j] = dy[j] + carry[j];
+        }
+        unproject(g_t + b0 * width, 0, du.data());
+        for (int64_t b = b0; b < b1; ++b) {
+          scalar_t* u = u_t + b * hidden;
+          if (!step_active(lengths_data, t, b)) {
+            std::memset(dgates_t + b * 4 * hidden, 0, 4 * hidden * sizeof(scalar_t));
+            std::memset(u, 0, hidden * sizeof(scalar_t));
+            continue;
+          }
+          const scalar_t* row_gates = gates_t + b * 4 * hidden;
+          lstm_unit_row(row_gates + 3 * hidden, c_t + b * hidden, u, hidden);
+          lstm_backward_row(du.data() + (b - b0) * hidden, no_carry.data(), dc_data + b * hidden, row_gates, hidden,
+                            c_t + b * hidden, c_prev + b * hidden, dgates_t + b * 4 * hidden, hidden);
+        }
+        save_inactive(lengths_data, t, dh, saved_data, b0, b1, width);
+        step_gemm(t, dgates_t + b0 * 4 * hidden, dh + b0 * width);
+        if (mask != nullptr || lengths_data != nullptr) finish_carry(lengths_data, mask, t, dh, saved_data, b0, b1,
+                                                                     width);
+      }
+    });
+  });
+  auto grads = weight_grads(dgates, x, options.masked(h0), options.masked(y), w_ih, w_hh, grad_x && !plan.dx_in_step);
+  if (plan.dx_in_step) grads.dx = plan.dx;
+  auto dw_hr = at::mm(grad_h.view({steps * batch, width}).t(), units.view({steps * batch, hidden}));  // [P, H]
+  return {grads.dx, dh_carry, dc, grads.dw_ih, grads.dw_hh, grads.dbias, dw_hr};
+}
+
+ProjectedBackwardOutputs lstm_scan_backward(const at::Tensor& grad_y_in, const at::Tensor& grad_h_n_in,
+                                            const at::Tensor& grad_c_n_in, const at::Tensor& x_in,
+                                            const at::Tensor& h0_in, const at::Tensor& c0_in,
+                                            const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
+                                            const at::Tensor& y_in, const at::Tensor& cells_in,
+                                            const at::Tensor& gates_in, bool grad_x,
+                                            const std::optional<at::Tensor>& recurrent_mask,
+                                            const std::optional<at::Tensor>& lengths,
+                                            const std::optional<at::Tensor>& w_hr_in) {
+  if (!w_hr_in.has_value()) {
+    auto [dx, dh0, dc0, dw_ih, dw_hh, dbias] = lstm_backward_impl(
+        grad_y_in.contiguous(), grad_h_n_in.contiguous(), grad_c_n_in.contiguous(), x_in.contiguous(),
+        h0_in.contiguous(), c0_in.contiguous(), w_ih_in.contiguous(), w_hh_in.contiguous(), y_in.contiguous(),
+        cells_in.contiguous(), gates_in.contiguous(), grad_x, recurrent_mask, lengths);
+    return {dx, dh0, dc0, dw_ih, dw_hh, dbias, at::empty({0}, w_hh_in.options())};
+  }
+  FUSED_RNN_EXCLUDE_AUTOCAST;
+  if (reduced_precision(x_in)) {
+    auto grads = lstm_scan_backward(to_float32(grad_y_in), to_float32(grad_h_n_in), to_float32(grad_c_n_in),
+                                    to_float32(x_in), to_float32(h0_in), to_float32(c0_in), to_float32(w_ih_in),
+                                    to_float32(w_hh_in), to_float32(y_in), cells_in, gates_in, grad_x,
+                                    to_float32(recurrent_mask), lengths, to_float32(w_hr_in));
+    const auto dtype = x_in.scalar_type();
+    auto& [dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr] = grads;
+    return {dx.to(dtype), dh0.to(dtype), dc0.to(dtype), dw_ih.to(dtype), dw_hh.to(dtype), dbias.to(dtype),
+            dw_hr.to(dtype)};
+  }
+  const auto grad_y = grad_y_in.contiguous(), grad_h_n = grad_h_n_in.contiguous(), grad_c_n = grad_c_n_in.contiguous();
+  const auto x = x_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous(), y = y_in.contiguous();
+  const auto w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous(), w_hr = w_hr_in->contiguous();
+  const auto cells = cells_in.contiguous(), gates = gates_in.contiguous();
+  check_lstm_tensors(x, h0, c0, w_ih, w_hh, w_hr, std::nullopt, {at::kFloat, at::kDouble});
+  const int64_t steps = x.size(0), batch = x.size(1), width = w_hh.size(1), hidden = w_hr.size(1);
+  const auto dtype = x.scalar_type();
+  for (const auto& [tensor, name, columns] : {std::make_tuple(&grad_y, "grad_y", width),
+                                              std::make_tuple(&y, "y", width),
+                                              std::make_tuple(&cells, "cells", hidden),
+                                              std::make_tuple(&gates, "gates", 4 * hidden)}) {
+    check_cpu_float(*tensor, name, dtype);
+    TORCH_CHECK(tensor->dim() == 3 && tensor->size(0) == steps && tensor->size(1) == batch &&
+                    tensor->size(2) == columns,
+                "fused_rnn: ", name, " must be [", steps, ", ", batch, ", ", columns, "], got ", tensor->sizes());
+  }
+  for (const auto& [tensor, name, columns] : {std::make_tuple(&grad_h_n, "grad_h_n", width),
+                                              std::make_tuple(&grad_c_n, "grad_c_n", hidden)}) {
+    check_cpu_float(*tensor, name, dtype);
+    TORCH_CHECK(tensor->dim() == 2 && tensor->size(0) == batch && tensor->size(1) == columns, "fused_rnn: ", name,
+                " must be [", batch, ", ", columns, "], got ", tensor->sizes());
+  }
+  const ScanOptions options(x, width, recurrent_mask, lengths);
+  return lstm_projected_backward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, y, cells, gates, grad_x,
+                                 options);
 }
 
 // One step is the scan with T = 1, so the step and the scan cannot drift apart.
@@ -369,7 +569,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_step(const at::Tensor& x, co
                                                          const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2, "fused_rnn: x must be 2-D [B, I], got ", x.sizes());
   auto [y, h_new, c_new, cells, gates] = lstm_scan_forward(x.unsqueeze(0), h, c, w_ih, w_hh, bias, std::nullopt,
-                                                           std::nullopt);
+                                                           std::nullopt, std::nullopt);
   return {h_new, c_new, gates.squeeze(0)};
 }
 

@@ -94,6 +94,31 @@ inline void check_layer(const at::Tensor& x, std::initializer_list<std::pair<con
   check_layer_tensors(x, states, w_ih, w_hh, bias, gates, c10::DeviceType::CPU, {at::kFloat, at::kDouble});
 }
 
+// The LSTM scans' tensors. With an output projection w_hr [P, H] (nn.LSTM(proj_size=P)),
+// h0 and w_hh's columns have P entries (w_hh [4H, P]) while c0 keeps H.
+inline void check_lstm_tensors(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                               const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                               const std::optional<at::Tensor>& bias, std::initializer_list<at::ScalarType> dtypes) {
+  if (!w_hr.has_value()) {
+    check_layer_tensors(x, {{&h0, "h0"}, {&c0, "c0"}}, w_ih, w_hh, bias, 4, c10::DeviceType::CPU, dtypes);
+    return;
+  }
+  TORCH_CHECK(w_hr->dim() == 2, "fused_rnn: w_hr must be 2-D [P, H], got ", w_hr->sizes());
+  const int64_t width = w_hr->size(0), hidden = w_hr->size(1);
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 4 * hidden && w_hh.size(1) == width, "fused_rnn: w_hh must be [4H, P] = [",
+              4 * hidden, ", ", width, "] for w_hr ", w_hr->sizes(), ", got ", w_hh.sizes());
+  // everything else as for an LSTM of H units whose h has P columns (a stride-0 stand-in
+  // for such a w_hh: shape, dtype and device, no memory)
+  check_layer_tensors(x, {{&c0, "c0"}}, w_ih, at::empty({1}, w_hh.options()).expand({4 * hidden, hidden}), bias, 4,
+                      c10::DeviceType::CPU, dtypes);
+  TORCH_CHECK(h0.dim() == 2 && h0.size(0) == x.size(1) && h0.size(1) == width, "fused_rnn: h0 must be [", x.size(1),
+              ", ", width, "] (P columns), got ", h0.sizes());
+  for (const auto& [tensor, name] : {std::make_pair(&h0, "h0"), std::make_pair(&w_hh, "w_hh"),
+                                     std::make_pair(&*w_hr, "w_hr")}) {
+    check_tensor(*tensor, name, c10::DeviceType::CPU, x.scalar_type(), &x);
+  }
+}
+
 // The per-sequence options of a scan, resolved for the kernels: the recurrent mask
 // [B, H] in the inputs' dtype and the lengths [B] as int64 on the CPU (null when not
 // given). With either, the scans take the batch-split path (the hidden-split path of

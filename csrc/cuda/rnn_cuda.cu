@@ -334,11 +334,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> irnn_step
 // ---------------------------------------------------------------------------
 // LSTM
 // ---------------------------------------------------------------------------
+// The output projection of nn.LSTM(proj_size) runs on the CPU kernels and the torch
+// backend; dispatch (fused_rnn.functional.OPTION_SUPPORT) never sends it here.
+void check_no_projection(const std::optional<at::Tensor>& w_hr) {
+  TORCH_CHECK(!w_hr.has_value(), "fused_rnn: the CUDA LSTM scans have no output projection (w_hr, proj_size > 0); "
+              "use backend='torch'");
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_scan_forward(
     const at::Tensor& x_in, const at::Tensor& h0_in, const at::Tensor& c0_in, const at::Tensor& w_ih_in,
     const at::Tensor& w_hh_in, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& recurrent_mask,
-    const std::optional<at::Tensor>& lengths) {
+    const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& w_hr) {
   FUSED_RNN_EXCLUDE_AUTOCAST;
+  check_no_projection(w_hr);
   const auto x = x_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
   const auto w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
   check_cuda_layer(x, {{&h0, "h0"}, {&c0, "c0"}}, w_ih, w_hh, bias, 4);
@@ -367,12 +375,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_scan
   return {y, state[(steps - 1) % 2].to(dtype, false, true), cells[steps - 1].to(dtype, false, true), cells, gates};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_scan_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_scan_backward(
     const at::Tensor& grad_y_in, const at::Tensor& grad_h_n_in, const at::Tensor& grad_c_n_in, const at::Tensor& x_in,
     const at::Tensor& h0_in, const at::Tensor& c0_in, const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
     const at::Tensor& y_in, const at::Tensor& cells_in, const at::Tensor& gates_in, bool grad_x,
-    const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& lengths) {
+    const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& lengths,
+    const std::optional<at::Tensor>& w_hr) {
   FUSED_RNN_EXCLUDE_AUTOCAST;
+  check_no_projection(w_hr);
+  const auto no_grad_w_hr = at::empty({0}, w_hh_in.options());
   const auto grad_y = grad_y_in.contiguous(), grad_h_n = grad_h_n_in.contiguous();
   const auto grad_c_n = grad_c_n_in.contiguous(), x = x_in.contiguous();
   const auto h0 = h0_in.contiguous(), c0 = c0_in.contiguous(), y = y_in.contiguous();
@@ -395,7 +406,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const CudaScanOptions scan_options(x, hidden, recurrent_mask, lengths);
   if (steps == 0 || batch == 0 || hidden == 0) {
     return {grad_x ? at::zeros_like(x) : at::empty({0}, x.options()), grad_h_n.clone(), grad_c_n.clone(),
-            at::zeros_like(w_ih), at::zeros_like(w_hh), at::zeros({4 * hidden}, w_hh.options())};
+            at::zeros_like(w_ih), at::zeros_like(w_hh), at::zeros({4 * hidden}, w_hh.options()), no_grad_w_hr};
   }
   const ScanPlan plan = plan_or_fail(x, 4, hidden, true);
   const auto options = x.options().dtype(at::kFloat);
@@ -415,7 +426,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto grads = weight_grads(dgates, f32(x), scan_options.masked(f32(h0)), scan_options.masked(f32(y)), f32(w_ih),
                             f32(w_hh), grad_x);
   return {grads.dx.to(dtype), dh0.to(dtype), dc.to(dtype), grads.dw_ih.to(dtype), grads.dw_hh.to(dtype),
-          grads.dbias.to(dtype)};
+          grads.dbias.to(dtype), no_grad_w_hr};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_step(const at::Tensor& x_in, const at::Tensor& h_in,
