@@ -315,6 +315,8 @@ def _autocast(x: Tensor, *tensors):
     except TypeError:  # torch < 2.4: per-device functions
         enabled = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
         dtype = torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+    except RuntimeError:  # a device type without autocast (meta tensors: shapes only)
+        enabled = False
     if not enabled:
         return (x, *tensors)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype == torch.float32 else t for t in (x, *tensors))
