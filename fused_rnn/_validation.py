@@ -124,7 +124,7 @@ def check_sequence_options(x: Tensor, width: int, recurrent_mask: Optional[Tenso
     steps, batch = x.shape[0], x.shape[1]
     if recurrent_mask is not None:
         check_tensors({"x": x, "recurrent_mask": recurrent_mask})
-        check_shape("recurrent_mask", recurrent_mask, (batch, width), f"[B, H] = [{batch}, {width}]")
+        check_shape("recurrent_mask", recurrent_mask, (batch, width), f"[B, width of h] = [{batch}, {width}]")
     if lengths is not None:
         if not isinstance(lengths, Tensor):
             raise InputTypeError(f"lengths must be a torch.Tensor of integers, got {type(lengths).__name__}")

@@ -191,21 +191,24 @@ class IRNNFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, h0, w_ih, w_hh, b_ih, b_hh, *options = inputs
-        ctx.save_for_backward(x, h0, w_ih, w_hh, output[0])
+        # the biases too (read only by a create_graph backward): saved, so that an in-place
+        # change of one after the forward is an error rather than a silent recomputation
+        ctx.save_for_backward(x, h0, w_ih, w_hh, output[0], b_ih, b_hh)
         ctx.given_options = len(options)  # apply() may be called without the options
-        ctx.biases, ctx.options = (b_ih, b_hh), tuple(options) + (None,) * (3 - len(options))
+        ctx.options = tuple(options) + (None,) * (3 - len(options))
         ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
 
     @staticmethod
     def backward(ctx, grad_y, grad_h_n):
+        # saved tensors are read once per backward (non-reentrant checkpointing allows no more)
+        x, h0, w_ih, w_hh, y, b_ih, b_hh = ctx.saved_tensors
         if wants_graph():  # create_graph=True: the backward ops have no derivative of their own
-            x, h0, w_ih, w_hh, _ = ctx.saved_tensors
-            grads = irnn_layer_grads((x, h0, w_ih, w_hh, *ctx.biases), ctx.needs_input_grad, (grad_y, grad_h_n),
+            grads = irnn_layer_grads((x, h0, w_ih, w_hh, b_ih, b_hh), ctx.needs_input_grad, (grad_y, grad_h_n),
                                      ctx.options)
             return grads + (None,) * ctx.given_options
-        dx, dh0, dw_ih, dw_hh, dbias = _ops.irnn_scan_grads(ctx.saved_tensors, grad_y, grad_h_n,
+        dx, dh0, dw_ih, dw_hh, dbias = _ops.irnn_scan_grads((x, h0, w_ih, w_hh, y), grad_y, grad_h_n,
                                                             ctx.needs_input_grad[0], ctx.options)
-        return (dx, dh0, dw_ih, dw_hh, *_split_bias_grad(dbias, *ctx.biases)) + (None,) * ctx.given_options
+        return (dx, dh0, dw_ih, dw_hh, *_split_bias_grad(dbias, b_ih, b_hh)) + (None,) * ctx.given_options
 
 
 class LSTMFunction(torch.autograd.Function):
@@ -230,22 +233,22 @@ class LSTMFunction(torch.autograd.Function):
         options = tuple(options) + (None,) * (3 - len(options))
         ctx.options, w_hr = options[:2], options[2]
         y, _, _, cells, gates = output
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, y, cells, gates, w_hr)
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, y, cells, gates, w_hr, b_ih, b_hh)
         ctx.mark_non_differentiable(cells, gates)
         ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
-        ctx.biases = (b_ih, b_hh)
 
     @staticmethod
     def backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_cells, _grad_gates):
-        x, h0, c0, w_ih, w_hh, y, cells, gates, w_hr = ctx.saved_tensors
+        *saved, b_ih, b_hh = ctx.saved_tensors  # read once (non-reentrant checkpointing)
+        x, h0, c0, w_ih, w_hh, y, cells, gates, w_hr = saved
         if wants_graph():  # create_graph=True: the backward ops have no derivative of their own
-            *grads, dw_hr = lstm_layer_grads((x, h0, c0, w_ih, w_hh, *ctx.biases, w_hr),
+            *grads, dw_hr = lstm_layer_grads((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr),
                                              ctx.needs_input_grad[:7] + (ctx.needs_input_grad[9:] or (False,)),
                                              (grad_y, grad_h_n, grad_c_n), ctx.options)
         else:
             dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr = _ops.lstm_scan_grads(
-                ctx.saved_tensors, grad_y, grad_h_n, grad_c_n, ctx.needs_input_grad[0], ctx.options)
-            grads = (dx, dh0, dc0, dw_ih, dw_hh, *_split_bias_grad(dbias, *ctx.biases))
+                saved, grad_y, grad_h_n, grad_c_n, ctx.needs_input_grad[0], ctx.options)
+            grads = (dx, dh0, dc0, dw_ih, dw_hh, *_split_bias_grad(dbias, b_ih, b_hh))
         # one gradient per argument given to apply(): none for the mask and lengths
         return (*grads, None, None, dw_hr)[:7 + ctx.given_options]
 
@@ -260,17 +263,16 @@ class IRNNCellFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, h, w_ih, w_hh, b_ih, b_hh = inputs
-        ctx.save_for_backward(x, h, w_ih, w_hh, output)
+        ctx.save_for_backward(x, h, w_ih, w_hh, output, b_ih, b_hh)
         ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
-        ctx.biases = (b_ih, b_hh)
 
     @staticmethod
     def backward(ctx, grad_h_new):
+        x, h, w_ih, w_hh, h_new, b_ih, b_hh = ctx.saved_tensors
         if wants_graph():  # create_graph=True: the backward ops have no derivative of their own
-            x, h, w_ih, w_hh, _ = ctx.saved_tensors
-            return irnn_cell_grads((x, h, w_ih, w_hh, *ctx.biases), ctx.needs_input_grad, grad_h_new)
-        dx, dh, dw_ih, dw_hh, dbias = _ops.irnn_step_grads(ctx.saved_tensors, grad_h_new)
-        return (dx, dh, dw_ih, dw_hh, *_split_bias_grad(dbias, *ctx.biases))
+            return irnn_cell_grads((x, h, w_ih, w_hh, b_ih, b_hh), ctx.needs_input_grad, grad_h_new)
+        dx, dh, dw_ih, dw_hh, dbias = _ops.irnn_step_grads((x, h, w_ih, w_hh, h_new), grad_h_new)
+        return (dx, dh, dw_ih, dw_hh, *_split_bias_grad(dbias, b_ih, b_hh))
 
 
 class LSTMCellFunction(torch.autograd.Function):
@@ -284,19 +286,17 @@ class LSTMCellFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, h, c, w_ih, w_hh, b_ih, b_hh = inputs
         _, c_new, gates = output
-        ctx.save_for_backward(x, h, c, w_ih, w_hh, c_new, gates)
+        ctx.save_for_backward(x, h, c, w_ih, w_hh, c_new, gates, b_ih, b_hh)
         ctx.mark_non_differentiable(gates)
         ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
-        ctx.biases = (b_ih, b_hh)
 
     @staticmethod
     def backward(ctx, grad_h_new, grad_c_new, _grad_gates):
+        *saved, b_ih, b_hh = ctx.saved_tensors
         if wants_graph():  # create_graph=True: the backward ops have no derivative of their own
-            x, h, c, w_ih, w_hh, *_ = ctx.saved_tensors
-            return lstm_cell_grads((x, h, c, w_ih, w_hh, *ctx.biases), ctx.needs_input_grad,
-                                   (grad_h_new, grad_c_new))
-        dx, dh, dc, dw_ih, dw_hh, dbias = _ops.lstm_step_grads(ctx.saved_tensors, grad_h_new, grad_c_new)
-        return (dx, dh, dc, dw_ih, dw_hh, *_split_bias_grad(dbias, *ctx.biases))
+            return lstm_cell_grads((*saved[:5], b_ih, b_hh), ctx.needs_input_grad, (grad_h_new, grad_c_new))
+        dx, dh, dc, dw_ih, dw_hh, dbias = _ops.lstm_step_grads(saved, grad_h_new, grad_c_new)
+        return (dx, dh, dc, dw_ih, dw_hh, *_split_bias_grad(dbias, b_ih, b_hh))
 
 
 def _zero_state(x: Tensor, hidden: int) -> Tensor:

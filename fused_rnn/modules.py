@@ -102,11 +102,11 @@ def _check_irnn_init(hh_init: str, hh_scale: float, ih_init: str, ih_std: float)
         raise ValueError(f"ih_std must be a non-negative real number, got {ih_std!r}")
 
 
-def _backend_repr(backend: str, weight: Tensor) -> str:
+def _backend_repr(backend: str, weight: Tensor, options=()) -> str:
     """``backend=auto (cpp on cpu)``: what ``auto`` resolves to for the module's parameters."""
     if backend != "auto":
         return f"backend={backend}"
-    resolved = select_backend(weight.device, weight.dtype, backend).name
+    resolved = select_backend(weight.device, weight.dtype, backend, options=options).name
     return f"backend=auto ({resolved} on {weight.device.type})"
 
 
@@ -222,6 +222,15 @@ class _StackedRNN(nn.Module):
                 for name, shape in shapes.items():
                     self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
                 self._all_weights.append(list(shapes))
+
+    def __setstate__(self, state):
+        # modules pickled whole by fused_rnn 0.1.0, before proj_size and nonlinearity
+        if "_weight_names" in state:
+            state["_all_weights"] = [list(names) for names in state.pop("_weight_names")]
+        state.setdefault("proj_size", 0)
+        if self._gates == 1:
+            state.setdefault("nonlinearity", "relu")
+        super().__setstate__(state)
 
     @property
     def _state_width(self) -> int:
@@ -395,7 +404,7 @@ class _StackedRNN(nn.Module):
         if self.weight_dropout != 0:
             parts.append(f"weight_dropout={self.weight_dropout}")
         parts.extend(self._init_repr())
-        parts.append(_backend_repr(self.backend, self.weight_hh_l0))
+        parts.append(_backend_repr(self.backend, self.weight_hh_l0, ("proj_size",) if self.proj_size else ()))
         return ", ".join(parts)
 
     def _init_repr(self) -> List[str]:

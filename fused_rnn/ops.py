@@ -156,16 +156,16 @@ def _register():
     def irnn_scan_setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
         x, h0, w_ih, w_hh, bias, *options = inputs
-        ctx.save_for_backward(x, h0, w_ih, w_hh, output[0])
-        ctx.bias, ctx.has_bias, ctx.options = bias, bias is not None, tuple(options)
+        ctx.save_for_backward(x, h0, w_ih, w_hh, output[0], bias)
+        ctx.has_bias, ctx.options = bias is not None, tuple(options)
 
     def irnn_scan_backward(ctx, grad_y, grad_h_n):
+        *saved, bias = ctx.saved_tensors  # read once (non-reentrant checkpointing)
         if wants_graph():  # create_graph=True: the backward op has no derivative of its own
-            x, h0, w_ih, w_hh, _ = ctx.saved_tensors
-            grads = irnn_layer_grads((x, h0, w_ih, w_hh, ctx.bias, None), ctx.needs_input_grad[:5] + (False,),
+            grads = irnn_layer_grads((*saved[:4], bias, None), ctx.needs_input_grad[:5] + (False,),
                                      (grad_y, grad_h_n), _padded(ctx.options, 3))
             return grads[:5] + (None,) * len(ctx.options)
-        dx, dh0, dw_ih, dw_hh, dbias = irnn_scan_grads(ctx.saved_tensors, grad_y, grad_h_n,
+        dx, dh0, dw_ih, dw_hh, dbias = irnn_scan_grads(saved, grad_y, grad_h_n,
                                                        ctx.needs_input_grad[0], ctx.options)
         return (dx, dh0, dw_ih, dw_hh, (dbias if ctx.has_bias else None)) + (None,) * len(ctx.options)
 
@@ -174,14 +174,14 @@ def _register():
     def irnn_step_setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
         x, h, w_ih, w_hh, bias = inputs
-        ctx.save_for_backward(x, h, w_ih, w_hh, output)
-        ctx.bias, ctx.has_bias = bias, bias is not None
+        ctx.save_for_backward(x, h, w_ih, w_hh, output, bias)
+        ctx.has_bias = bias is not None
 
     def irnn_step_backward(ctx, grad_h_new):
+        *saved, bias = ctx.saved_tensors
         if wants_graph():
-            x, h, w_ih, w_hh, _ = ctx.saved_tensors
-            return irnn_cell_grads((x, h, w_ih, w_hh, ctx.bias, None), ctx.needs_input_grad + (False,), grad_h_new)[:5]
-        dx, dh, dw_ih, dw_hh, dbias = irnn_step_grads(ctx.saved_tensors, grad_h_new)
+            return irnn_cell_grads((*saved[:4], bias, None), ctx.needs_input_grad + (False,), grad_h_new)[:5]
+        dx, dh, dw_ih, dw_hh, dbias = irnn_step_grads(saved, grad_h_new)
         return dx, dh, dw_ih, dw_hh, (dbias if ctx.has_bias else None)
 
     torch.library.register_autograd(lib + "irnn_step", irnn_step_backward, setup_context=irnn_step_setup)
@@ -190,19 +190,20 @@ def _register():
         ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
         x, h0, c0, w_ih, w_hh, bias, recurrent_mask, lengths, w_hr = inputs
         y, _, _, cells, gates = output
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, y, cells, gates, w_hr)
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, y, cells, gates, w_hr, bias)
         ctx.mark_non_differentiable(cells, gates)
-        ctx.bias, ctx.has_bias, ctx.options = bias, bias is not None, (recurrent_mask, lengths)
+        ctx.has_bias, ctx.options = bias is not None, (recurrent_mask, lengths)
 
     def lstm_scan_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_cells, _grad_gates):
+        *saved, bias = ctx.saved_tensors
         if wants_graph():
-            x, h0, c0, w_ih, w_hh, *_, w_hr = ctx.saved_tensors
+            x, h0, c0, w_ih, w_hh, *_, w_hr = saved
             needs = ctx.needs_input_grad + (False,) * (9 - len(ctx.needs_input_grad))  # defaults not passed
-            *grads, dw_hr = lstm_layer_grads((x, h0, c0, w_ih, w_hh, ctx.bias, None, w_hr),
+            *grads, dw_hr = lstm_layer_grads((x, h0, c0, w_ih, w_hh, bias, None, w_hr),
                                              needs[:6] + (False, needs[8]), (grad_y, grad_h_n, grad_c_n), ctx.options)
             return (*grads[:6], None, None, dw_hr)
         # cells and gates are saved activations, not results: their gradients are not propagated
-        dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr = lstm_scan_grads(ctx.saved_tensors, grad_y, grad_h_n, grad_c_n,
+        dx, dh0, dc0, dw_ih, dw_hh, dbias, dw_hr = lstm_scan_grads(saved, grad_y, grad_h_n, grad_c_n,
                                                                    ctx.needs_input_grad[0], ctx.options)
         return dx, dh0, dc0, dw_ih, dw_hh, (dbias if ctx.has_bias else None), None, None, dw_hr
 
@@ -212,16 +213,16 @@ def _register():
         ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
         x, h, c, w_ih, w_hh, bias = inputs
         _, c_new, gates = output
-        ctx.save_for_backward(x, h, c, w_ih, w_hh, c_new, gates)
+        ctx.save_for_backward(x, h, c, w_ih, w_hh, c_new, gates, bias)
         ctx.mark_non_differentiable(gates)
-        ctx.bias, ctx.has_bias = bias, bias is not None
+        ctx.has_bias = bias is not None
 
     def lstm_step_backward(ctx, grad_h_new, grad_c_new, _grad_gates):
+        *saved, bias = ctx.saved_tensors
         if wants_graph():
-            x, h, c, w_ih, w_hh, *_ = ctx.saved_tensors
-            return lstm_cell_grads((x, h, c, w_ih, w_hh, ctx.bias, None), ctx.needs_input_grad + (False,),
+            return lstm_cell_grads((*saved[:5], bias, None), ctx.needs_input_grad + (False,),
                                    (grad_h_new, grad_c_new))[:6]
-        dx, dh, dc, dw_ih, dw_hh, dbias = lstm_step_grads(ctx.saved_tensors, grad_h_new, grad_c_new)
+        dx, dh, dc, dw_ih, dw_hh, dbias = lstm_step_grads(saved, grad_h_new, grad_c_new)
         return dx, dh, dc, dw_ih, dw_hh, (dbias if ctx.has_bias else None)
 
     torch.library.register_autograd(lib + "lstm_step", lstm_step_backward, setup_context=lstm_step_setup)

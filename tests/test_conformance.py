@@ -160,7 +160,7 @@ def test_the_packages_own_options_are_keyword_only(module):
     if expected is None:  # the cells' signatures are explicit in torch
         expected = [n for n, p in inspect.signature(torch_module.__init__).parameters.items()][1:]
     assert positional == expected
-    with pytest.raises(TypeError):  # one positional argument too many
+    with pytest.raises(TypeError, match="positional argument"):  # one too many
         module(*([3, 5] + [None] * (len(positional) - 1)))
 
 
@@ -420,6 +420,22 @@ def test_state_dict_loads_both_ways_and_with_assign(kind):
     assert_same_outputs(fresh(x), reference(x))
 
 
+def test_modules_pickled_by_the_first_release_still_load():
+    """A whole IRNN/LSTM pickled by fused_rnn 0.1.0 (weight names in _weight_names, no
+    proj_size or nonlinearity attribute) unpickles into a working module."""
+    for kind in KINDS:
+        layer, _ = layer_pair(kind, 3, 5, 2, dtype=torch.float64)
+        state = dict(layer.__dict__)
+        state["_weight_names"] = [tuple(names) for names in state.pop("_all_weights")]
+        del state["proj_size"]
+        state.pop("nonlinearity", None)
+        old = type(layer).__new__(type(layer))
+        old.__setstate__(state)
+        x = torch.randn(4, 2, 3, dtype=torch.float64)
+        assert_same_outputs(old(x), layer(x), rtol=0, atol=0)
+        assert old.proj_size == 0 and (kind == "lstm" or old.nonlinearity == "relu")
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_pickle_deepcopy_and_torch_save(kind):
     """[test_save_load, test_pickle] the copies compute what the original computes and
@@ -595,6 +611,26 @@ def test_gradient_penalty_matches_torch(kind, backend):
         results.append(torch.autograd.grad(loss, [inp, *module.parameters()]))
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, **F64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", MODULE_CASES)
+def test_non_reentrant_checkpointing(name, backend):
+    """torch.utils.checkpoint(use_reentrant=False), first and second order: every
+    backward reads its saved tensors once, as that mode requires."""
+    module = MODULE_CASES[name](backend)
+    x = _module_inputs(name, module)[0].requires_grad_()
+
+    def run(x):
+        return sum((t * t).sum() for t in flat(module(x)))
+
+    loss = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+    (dx,) = torch.autograd.grad(loss, x, create_graph=True)
+    dx.square().sum().backward()
+    loss_plain = run(x)
+    (dx_plain,) = torch.autograd.grad(loss_plain, x, create_graph=True)
+    torch.testing.assert_close(dx, dx_plain, **F64)
+    assert all(p.grad is not None for p in module.parameters())
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -85,7 +85,8 @@ def test_samples_cover_every_op():
 @pytest.mark.parametrize("index", range(len(sample_calls(torch.float32, True))))
 def test_opcheck(index, dtype):
     # forward ops with requires_grad inputs, so that their autograd registration is checked;
-    # the backward ops are not differentiable (no double backward), so plain inputs
+    # the backward ops have no autograd of their own (a create_graph backward recomputes
+    # through the torch loop instead, tests/test_functional.py), so plain inputs
     name, args = sample_calls(dtype, requires_grad=True)[index]
     if name.endswith("backward"):
         args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)

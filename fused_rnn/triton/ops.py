@@ -115,16 +115,16 @@ class TritonIRNNFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, h0, w_ih, w_hh, b_ih, b_hh, allow_tf32, *options = inputs
-        ctx.save_for_backward(x, h0, w_ih, w_hh, output[0])
-        ctx.biases, ctx.allow_tf32 = (b_ih, b_hh), allow_tf32
+        ctx.save_for_backward(x, h0, w_ih, w_hh, output[0], b_ih, b_hh)
+        ctx.allow_tf32 = allow_tf32
         ctx.given_options, ctx.options = len(options), tuple(options) + (None,) * (3 - len(options))
         ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_y, grad_h_n):
-        x, h0, w_ih, w_hh, y = ctx.saved_tensors
+        x, h0, w_ih, w_hh, y, b_ih, b_hh = ctx.saved_tensors
         if wants_graph():  # create_graph=True: the backward kernels have no derivative of their own
-            grads = irnn_layer_grads((x, h0, w_ih, w_hh, *ctx.biases), ctx.needs_input_grad, (grad_y, grad_h_n),
+            grads = irnn_layer_grads((x, h0, w_ih, w_hh, b_ih, b_hh), ctx.needs_input_grad, (grad_y, grad_h_n),
                                      ctx.options)
             return grads + (None,) * (1 + ctx.given_options)
         grad_x = ctx.needs_input_grad[0]
@@ -133,7 +133,7 @@ class TritonIRNNFunction(torch.autograd.Function):
             _zeros_if_none(grad_y, y), _zeros_if_none(grad_h_n, state), x, h0, w_ih, w_hh, y, grad_x,
             ctx.allow_tf32, *ctx.options)
         return (dx if grad_x else None, dh0 if h0 is not None else None, dw_ih, dw_hh,
-                *_split_bias_grad(dbias, *ctx.biases), None) + (None,) * ctx.given_options
+                *_split_bias_grad(dbias, b_ih, b_hh), None) + (None,) * ctx.given_options
 
 
 class TritonLSTMFunction(torch.autograd.Function):
@@ -150,16 +150,16 @@ class TritonLSTMFunction(torch.autograd.Function):
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, allow_tf32, *options = inputs
         ctx.given_options, ctx.options = len(options), tuple(options) + (None,) * (2 - len(options))
         y, _, _, cells, gates = output
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, y, cells, gates)
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, y, cells, gates, b_ih, b_hh)
         ctx.mark_non_differentiable(cells, gates)
-        ctx.biases, ctx.allow_tf32 = (b_ih, b_hh), allow_tf32
+        ctx.allow_tf32 = allow_tf32
         ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_cells, _grad_gates):
-        x, h0, c0, w_ih, w_hh, y, cells, gates = ctx.saved_tensors
+        x, h0, c0, w_ih, w_hh, y, cells, gates, b_ih, b_hh = ctx.saved_tensors
         if wants_graph():  # create_graph=True: the backward kernels have no derivative of their own
-            grads = lstm_layer_grads((x, h0, c0, w_ih, w_hh, *ctx.biases), ctx.needs_input_grad,
+            grads = lstm_layer_grads((x, h0, c0, w_ih, w_hh, b_ih, b_hh), ctx.needs_input_grad,
                                      (grad_y, grad_h_n, grad_c_n), ctx.options)
             return grads + (None,) * (1 + ctx.given_options)
         grad_x = ctx.needs_input_grad[0]
@@ -168,4 +168,4 @@ class TritonLSTMFunction(torch.autograd.Function):
             _zeros_if_none(grad_y, y), _zeros_if_none(grad_h_n, state), _zeros_if_none(grad_c_n, state), x, h0, c0,
             w_ih, w_hh, y, cells, gates, grad_x, ctx.allow_tf32, *ctx.options)
         return (dx if grad_x else None, dh0 if h0 is not None else None, dc0 if c0 is not None else None, dw_ih,
-                dw_hh, *_split_bias_grad(dbias, *ctx.biases), None) + (None,) * ctx.given_options
+                dw_hh, *_split_bias_grad(dbias, b_ih, b_hh), None) + (None,) * ctx.given_options
