@@ -117,14 +117,15 @@ def check_layer_args(
 
 
 def check_sequence_options(x: Tensor, width: int, recurrent_mask: Optional[Tensor], lengths: Optional[Tensor],
-                           hidden_clip: Optional[float]) -> None:
+                           hidden_clip: Optional[float], width_name: str = "H") -> None:
     """The per-sequence options of fused_rnn.irnn / fused_rnn.lstm: recurrent_mask
-    [B, width] (width: of h, H or the projection's P) in x's dtype and device; lengths
-    [B] integers in [0, T] (on any device); hidden_clip a positive number."""
+    [B, width] (width: of h, H or the projection's P, named `width_name`) in x's dtype
+    and device; lengths [B] integers in [0, T] (on any device); hidden_clip a positive
+    number."""
     steps, batch = x.shape[0], x.shape[1]
     if recurrent_mask is not None:
         check_tensors({"x": x, "recurrent_mask": recurrent_mask})
-        check_shape("recurrent_mask", recurrent_mask, (batch, width), f"[B, width of h] = [{batch}, {width}]")
+        check_shape("recurrent_mask", recurrent_mask, (batch, width), f"[B, {width_name}] = [{batch}, {width}]")
     if lengths is not None:
         if not isinstance(lengths, Tensor):
             raise InputTypeError(f"lengths must be a torch.Tensor of integers, got {type(lengths).__name__}")

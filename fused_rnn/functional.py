@@ -395,7 +395,7 @@ def lstm(
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, recurrent_mask, w_hr = _autocast(x, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                                                         recurrent_mask, w_hr)
     check_layer_args(x, {"h0": h0, "c0": c0}, w_ih, w_hh, b_ih, b_hh, gates=4, x_rank=3, w_hr=w_hr)
-    check_sequence_options(x, w_hh.shape[1], recurrent_mask, lengths, None)
+    check_sequence_options(x, w_hh.shape[1], recurrent_mask, lengths, None, "H" if w_hr is None else "P")
     options = _options_in_use(recurrent_mask=recurrent_mask, lengths=lengths, proj_size=w_hr)
     hidden = w_hh.shape[0] // 4
     name = select_backend(x.device, x.dtype, backend, cell="lstm", hidden=hidden, batch=x.shape[1],
