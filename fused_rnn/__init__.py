@@ -16,18 +16,16 @@ and a ``RuntimeError``) or :class:`InputTypeError` (types, dtypes; also a ``Type
 
 from ._extension import build_info
 from ._validation import InputError, InputTypeError
-from . import ops  # noqa: F401  (fake kernels and autograd of the fused_rnn:: ops)
+from .dispatch import available_backends, select_backend
 from .functional import (
     IRNNCellFunction,
     IRNNFunction,
     LSTMCellFunction,
     LSTMFunction,
-    available_backends,
     irnn,
     irnn_cell,
     lstm,
     lstm_cell,
-    select_backend,
 )
 from .modules import IRNN, LSTM, IRNNCell, LSTMCell
 

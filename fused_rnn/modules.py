@@ -35,7 +35,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import functional
 from ._validation import InputError, InputTypeError
-from .functional import BACKENDS, select_backend
+from .dispatch import BACKENDS, select_backend
 
 _BACKEND_NAMES = ("auto",) + BACKENDS
 _HH_INITS = ("identity", "pytorch")

@@ -1,10 +1,11 @@
 """Python side of the ``fused_rnn::`` custom ops whose schemas live in ``csrc/ops.cpp``.
 
-For each op: a fake (meta) implementation, so that ``torch.compile`` and
-``torch.library.opcheck`` can trace it without running a kernel, and, for the
-forward ops, an autograd formula that calls the matching backward op. The public
-autograd Functions in ``functional.py`` reuse the same backward helpers, so there is
-one definition of each gradient.
+These ops are the ``cpp`` and ``cuda`` backends: the CPU kernels (``csrc/cpu``) and the
+CUDA kernels (``csrc/cuda``) register implementations of the same schemas. For each op:
+a fake (meta) implementation, so that ``torch.compile`` and ``torch.library.opcheck`` can
+trace it without running a kernel, and, for the forward ops, the one autograd formula
+of that op (``register_autograd``), which calls the matching backward op; under
+``create_graph=True`` it differentiates the torch loop instead (``_double_backward.py``).
 
 The ops (T steps, B batch, I inputs, H hidden, G = 1 for the IRNN and 4 for the LSTM;
 ``bias`` is b_ih + b_hh, [G*H], or None):
@@ -29,14 +30,16 @@ have P columns, w_hh is [4H, P], and dw_hr is empty without a projection.
 ``cells`` holds c_1..c_T and ``gates`` the activated gates (i, f, g, o after their
 sigmoid/tanh): what the LSTM backward scan needs, saved instead of recomputed; float32
 for bfloat16/float16 inputs (the CUDA kernels' state dtype), else the inputs' dtype.
-Kernels: CPU (csrc/cpu, float32/float64) and CUDA (csrc/cuda, float32/bfloat16/float16). With
-``grad_x=False`` a scan backward skips dx and returns an empty tensor in its place.
+Kernels: CPU (csrc/cpu: float32, float64, and bfloat16/float16 converted to float32 at
+the call) and CUDA (csrc/cuda: float32, bfloat16, float16). With ``grad_x=False`` a scan
+backward skips dx and returns an empty tensor in its place.
 """
 
 import torch
 
 from ._double_backward import irnn_cell_grads, irnn_layer_grads, lstm_cell_grads, lstm_layer_grads, wants_graph
 from ._extension import HAS_C
+from ._host import state_dtype, zeros_if_none
 
 OP_NAMES = (
     "irnn_scan_forward",
@@ -50,24 +53,20 @@ OP_NAMES = (
 )
 
 
-def _zeros_if_none(grad, like):
-    return torch.zeros_like(like) if grad is None else grad
-
-
 # Backward helpers: `saved` is what the forward's setup_context stored.
 
 def irnn_scan_grads(saved, grad_y, grad_h_n, grad_x=True, options=(None, None, None)):
     """`options`: (recurrent_mask, lengths, hidden_clip) of the forward."""
     x, h0, w_ih, w_hh, y = saved
-    grad_y = _zeros_if_none(grad_y, y)
-    grad_h_n = _zeros_if_none(grad_h_n, h0)
+    grad_y = zeros_if_none(grad_y, y)
+    grad_h_n = zeros_if_none(grad_h_n, h0)
     dx, *rest = torch.ops.fused_rnn.irnn_scan_backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, grad_x, *options)
     return (dx if grad_x else None, *rest)
 
 
 def irnn_step_grads(saved, grad_h_new):
     x, h, w_ih, w_hh, h_new = saved
-    return torch.ops.fused_rnn.irnn_step_backward(_zeros_if_none(grad_h_new, h_new), x, h, w_ih, w_hh, h_new)
+    return torch.ops.fused_rnn.irnn_step_backward(zeros_if_none(grad_h_new, h_new), x, h, w_ih, w_hh, h_new)
 
 
 def lstm_scan_grads(saved, grad_y, grad_h_n, grad_c_n, grad_x=True, options=(None, None)):
@@ -76,9 +75,9 @@ def lstm_scan_grads(saved, grad_y, grad_h_n, grad_c_n, grad_x=True, options=(Non
     dw_hr), dx and dw_hr None where not asked for or without a projection."""
     x, h0, c0, w_ih, w_hh, y, cells, gates, w_hr = saved
     dx, *rest, dw_hr = torch.ops.fused_rnn.lstm_scan_backward(
-        _zeros_if_none(grad_y, y),
-        _zeros_if_none(grad_h_n, h0),
-        _zeros_if_none(grad_c_n, c0),
+        zeros_if_none(grad_y, y),
+        zeros_if_none(grad_h_n, h0),
+        zeros_if_none(grad_c_n, c0),
         x, h0, c0, w_ih, w_hh, y, cells, gates, grad_x, *options, w_hr,
     )
     return (dx if grad_x else None, *rest, dw_hr if w_hr is not None else None)
@@ -87,14 +86,9 @@ def lstm_scan_grads(saved, grad_y, grad_h_n, grad_c_n, grad_x=True, options=(Non
 def lstm_step_grads(saved, grad_h_new, grad_c_new):
     x, h, c, w_ih, w_hh, c_new, gates = saved
     return torch.ops.fused_rnn.lstm_step_backward(
-        _zeros_if_none(grad_h_new, c_new), _zeros_if_none(grad_c_new, c_new),
+        zeros_if_none(grad_h_new, c_new), zeros_if_none(grad_c_new, c_new),
         x, h, c, w_ih, w_hh, c_new, gates,
     )
-
-
-def _state_dtype(x):
-    # the CUDA kernels keep bfloat16/float16 layers' state (LSTM cells, gates) in float32
-    return torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
 
 
 def _new_like(t):
@@ -133,8 +127,8 @@ def _register():
     def _(x, h0, c0, w_ih, w_hh, bias, recurrent_mask=None, lengths=None, w_hr=None):
         steps, batch, hidden, width = x.shape[0], x.shape[1], w_hh.shape[0] // 4, w_hh.shape[1]
         return (x.new_empty(steps, batch, width), _new_like(h0), _new_like(c0),
-                x.new_empty(steps, batch, hidden, dtype=_state_dtype(x)),
-                x.new_empty(steps, batch, 4 * hidden, dtype=_state_dtype(x)))
+                x.new_empty(steps, batch, hidden, dtype=state_dtype(x)),
+                x.new_empty(steps, batch, 4 * hidden, dtype=state_dtype(x)))
 
     @torch.library.register_fake(lib + "lstm_scan_backward")
     def _(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, y, cells, gates, grad_x=True, recurrent_mask=None,
@@ -145,7 +139,7 @@ def _register():
 
     @torch.library.register_fake(lib + "lstm_step")
     def _(x, h, c, w_ih, w_hh, bias):
-        return _new_like(h), _new_like(c), x.new_empty(x.shape[0], w_hh.shape[0], dtype=_state_dtype(x))
+        return _new_like(h), _new_like(c), x.new_empty(x.shape[0], w_hh.shape[0], dtype=state_dtype(x))
 
     @torch.library.register_fake(lib + "lstm_step_backward")
     def _(grad_h_new, grad_c_new, x, h, c, w_ih, w_hh, c_new, gates):

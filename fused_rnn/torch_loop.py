@@ -8,16 +8,9 @@ runs any dtype and device PyTorch supports. Autograd differentiates it directly.
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-
-def _input_projection(x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Tensor:
-    # [T, B, G*H]: one GEMM for every time step
-    pre = F.linear(x, w_ih, b_ih)
-    if b_hh is not None:
-        pre = pre + b_hh
-    return pre
+from ._host import combined_bias, input_projection
 
 
 def active_steps(lengths: Optional[Tensor], steps: int, device) -> Optional[Tensor]:
@@ -46,7 +39,7 @@ def irnn_loop(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, recurrent_mask=None, leng
     :func:`fused_rnn.irnn`: recurrent_mask [B, H] multiplies h_{t-1} in the recurrent
     product; lengths [B] stops each sequence (state frozen, y zero) after its length;
     h_t = min(relu(z_t), hidden_clip)."""
-    pre = _input_projection(x, w_ih, b_ih, b_hh)
+    pre = input_projection(x, w_ih, combined_bias(b_ih, b_hh))  # [T, B, G*H]: one GEMM for every step
     active = active_steps(lengths, x.shape[0], x.device)
     h = h0
     outputs = []
@@ -77,7 +70,7 @@ def lstm_loop(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, recurrent_mask=None,
 
     With a projection w_hr [P, H] (``nn.LSTM(proj_size=P)``): h_t = (o * tanh(c_t)) @ w_hr^T,
     so h0, y and h_T are [., B, P], w_hh is [4H, P] and the mask [B, P]; c stays [B, H]."""
-    pre = _input_projection(x, w_ih, b_ih, b_hh)
+    pre = input_projection(x, w_ih, combined_bias(b_ih, b_hh))  # [T, B, G*H]: one GEMM for every step
     active = active_steps(lengths, x.shape[0], x.device)
     h, c = h0, c0
     outputs = []

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import fused_rnn
-from fused_rnn.functional import select_backend
+from fused_rnn.dispatch import select_backend
 
 BACKENDS = fused_rnn.available_backends("cpu")
 TOLERANCES = {

@@ -17,7 +17,7 @@ from test_backends import assert_matches, make_layer, to_torch
 # kernels too, under the interpreter (tests/conftest.py sets it without a GPU)
 OPTION_BACKENDS = [name for name in fused_rnn.available_backends("cpu")
                    if {"recurrent_mask", "lengths", "hidden_clip"} <= set(
-                       fused_rnn.functional.OPTION_SUPPORT.get(name, ("recurrent_mask", "lengths", "hidden_clip")))]
+                       fused_rnn.dispatch.OPTION_SUPPORT.get(name, ("recurrent_mask", "lengths", "hidden_clip")))]
 if os.environ.get("TRITON_INTERPRET") == "1":
     OPTION_BACKENDS.append("triton")
 SHAPES = [(1, 1, 3, 5), (9, 5, 4, 7), (20, 18, 6, 13)]  # (T, B, I, H)
@@ -105,7 +105,7 @@ def test_dispatch_takes_a_backend_that_implements_the_options(monkeypatch):
     assert choice.name == fused_rnn.select_backend("cpu", torch.float32, cell="irnn").name
     y, _ = fused_rnn.irnn(x, None, w_ih, w_hh, hidden_clip=0.1)
     assert y.max() == torch.tensor(0.1, dtype=y.dtype)  # the clip is reached and never exceeded
-    monkeypatch.setitem(fused_rnn.functional.OPTION_SUPPORT, "cpp", ("recurrent_mask",))
+    monkeypatch.setitem(fused_rnn.dispatch.OPTION_SUPPORT, "cpp", ("recurrent_mask",))
     choice = fused_rnn.select_backend("cpu", torch.float32, cell="irnn", options=("recurrent_mask", "hidden_clip"))
     assert choice.name == "torch" and "does not implement hidden_clip" in choice.skipped["cpp"]
     with pytest.raises(ValueError, match="does not implement hidden_clip"):

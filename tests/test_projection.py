@@ -11,7 +11,7 @@ import rnn_reference as ref
 from test_backends import assert_matches, to_torch
 
 PROJECTION_BACKENDS = [name for name in fused_rnn.available_backends("cpu")
-                       if name == "torch" or "proj_size" in fused_rnn.functional.OPTION_SUPPORT.get(name, ())]
+                       if name == "torch" or "proj_size" in fused_rnn.dispatch.OPTION_SUPPORT.get(name, ())]
 SHAPES = [  # (T, B, I, H, P)
     (1, 1, 3, 5, 2),
     (17, 4, 6, 13, 7),
@@ -102,11 +102,11 @@ def test_projection_in_bfloat16_matches_reference():
 def test_auto_on_a_gpu_falls_back_for_the_projection(monkeypatch):
     """The GPU kernels have no projection: with every GPU backend available, a projected
     LSTM on CUDA tensors gets the torch loop, and select_backend says why."""
-    from fused_rnn import functional
+    from fused_rnn import dispatch
 
-    monkeypatch.setattr(functional, "_missing_requirement", lambda name: None)
-    monkeypatch.setattr(functional, "_cuda_scan_reason", lambda *args: None)
-    choice = functional.select_backend("cuda", torch.float32, cell="lstm", hidden=8, batch=2,
+    monkeypatch.setattr(dispatch, "_missing_requirement", lambda name: None)
+    monkeypatch.setattr(dispatch, "_cuda_scan_reason", lambda *args: None)
+    choice = dispatch.select_backend("cuda", torch.float32, cell="lstm", hidden=8, batch=2,
                                        options=("proj_size",))
     assert choice.name == "torch"
     assert "proj_size" in choice.skipped["cuda"] and "proj_size" in choice.skipped["triton"]

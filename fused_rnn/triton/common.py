@@ -1,5 +1,6 @@
-"""What the Triton IRNN and LSTM scans share: device functions, the dtype rules, and
-the host-side GEMMs before and after a scan."""
+"""What the Triton IRNN and LSTM scans share: device functions, the dtype rules, the
+launch configs and the per-sequence options as kernel arguments. (The GEMMs before and
+after a scan are fused_rnn/_host.py's, shared with the other Python-side backends.)"""
 
 import os
 from typing import Dict, NamedTuple, Optional, Tuple
@@ -216,33 +217,3 @@ class ScanOptions(NamedTuple):
         if self.flags["HAS_LENGTHS"]:
             steps = torch.arange(y.shape[0], device=y.device)[:, None]
             y.masked_fill_((steps >= self.lengths[None, :])[:, :, None], 0.0)
-
-
-def input_projection(x: Tensor, w_ih: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """[T, B, G*H] = x W_ih^T + bias in float32, the kernels' state and accumulation dtype
-    (bf16/fp16 inputs are multiplied in float32: one GEMM, outside the recurrence)."""
-    steps, batch, inputs = x.shape
-    x2d = x.reshape(steps * batch, inputs).float()
-    w = w_ih.float().t()
-    pre = torch.addmm(bias.float(), x2d, w) if bias is not None else x2d @ w
-    return pre.view(steps, batch, w_ih.shape[0])
-
-
-def weight_grads(dpre: Tensor, x: Tensor, h0: Optional[Tensor], y: Tensor, w_ih: Tensor, need_dx: bool,
-                 keep: Optional[Tensor] = None):
-    """The sums over time as GEMMs over all steps, in float32, returned in the
-    parameters' dtype: dpre [T, B, G*H] = dL/d(pre-activation) ->
-    (dx or None, dW_ih = dpre^T x, dW_hh = dpre^T (h_{t-1} * keep), dbias = sum dpre)."""
-    steps, batch, inputs = x.shape
-    hidden = y.shape[2]
-    dpre2d = dpre.reshape(steps * batch, dpre.shape[2])
-    h_first = (h0 if h0 is not None else y.new_zeros(batch, hidden)).float()
-    h_prev = torch.cat([h_first.unsqueeze(0), y[:-1].float()])
-    if keep is not None:
-        h_prev = h_prev * keep.float()
-    h_prev = h_prev.reshape(steps * batch, hidden)
-    dw_hh = (dpre2d.t() @ h_prev).to(x.dtype)
-    dw_ih = (dpre2d.t() @ x.reshape(steps * batch, inputs).float()).to(x.dtype)
-    dbias = dpre2d.sum(0).to(x.dtype)
-    dx = (dpre2d @ w_ih.float()).view(x.shape).to(x.dtype) if need_dx else None
-    return dx, dw_ih, dw_hh, dbias

@@ -28,8 +28,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (SIZE_ARGUMENTS, Config, ScanOptions, TunedKernel, check_dtype, dot_state_weight, input_projection,
-                     row_lengths, upcast_dots, weight_grads)
+from .._host import input_projection, weight_grads
+from .common import (SIZE_ARGUMENTS, Config, ScanOptions, TunedKernel, check_dtype, dot_state_weight,
+                     row_lengths, upcast_dots)
 
 # The launch configs bench/triton_resources.py compiles for every variant; dispatch
 # autotunes over those that never spill (_configs.py, generated from that compile).
@@ -195,7 +196,7 @@ def irnn_scan_forward(x: Tensor, h0: Optional[Tensor], w_ih: Tensor, w_hh: Tenso
     steps, batch, _ = x.shape
     hidden = w_hh.shape[0]
     w_hh = w_hh.contiguous()
-    states = input_projection(x.contiguous(), w_ih, bias)  # [T, B, H] float32: z_t, then h_t in place
+    states = input_projection(x.contiguous(), w_ih, bias, torch.float32)  # [T, B, H] float32: z_t, then h_t in place
     if steps == 0 or batch == 0:
         h_n = h0.clone() if h0 is not None else x.new_zeros(batch, hidden)
         return states.to(x.dtype), h_n

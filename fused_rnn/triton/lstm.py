@@ -23,8 +23,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (SIZE_ARGUMENTS, Config, ScanOptions, TunedKernel, check_dtype, dot_state_weight, input_projection,
-                     row_lengths, sigmoid, tanh, upcast_dots, weight_grads)
+from .._host import input_projection, weight_grads
+from .common import (SIZE_ARGUMENTS, Config, ScanOptions, TunedKernel, check_dtype, dot_state_weight,
+                     row_lengths, sigmoid, tanh, upcast_dots)
 
 # The launch configs bench/triton_resources.py compiles for every variant; dispatch
 # autotunes over those that never spill (_configs.py, generated from that compile).
@@ -245,7 +246,7 @@ def lstm_scan_forward(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], w_i
     steps, batch, _ = x.shape
     hidden = w_hh.shape[1]
     w_hh = w_hh.contiguous()
-    gates = input_projection(x.contiguous(), w_ih, bias)  # float32: pre-activations, then activations
+    gates = input_projection(x.contiguous(), w_ih, bias, torch.float32)  # float32: pre-activations, then activations
     states = torch.empty(steps, batch, hidden, dtype=torch.float32, device=x.device)  # h_t in float32
     cells = torch.empty_like(states)
     has_state = h0 is not None or c0 is not None

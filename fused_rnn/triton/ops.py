@@ -1,9 +1,9 @@
-"""The Triton scans as ``fused_rnn::`` custom ops and autograd Functions.
+"""The Triton scans as ``fused_rnn::`` custom ops: the ``triton`` backend.
 
 ``torch.library.triton_op`` registers each launcher (irnn.py, lstm.py) as an op whose
 kernels ``torch.compile`` can see through on a GPU (``wrap_triton``); each op has a
-fake implementation. The ops (shapes as in ``fused_rnn/ops.py``; h0/c0 may be None,
-meaning zeros, without a zeros tensor):
+fake implementation, and each forward op its one autograd formula. The ops (shapes as
+in ``fused_rnn/ops.py``; h0/c0 may be None, meaning zeros, without a zeros tensor):
 
     triton_irnn_scan_forward(x, h0?, w_ih, w_hh, bias?, allow_tf32, recurrent_mask?, lengths?, hidden_clip?)
         -> (y, h_n)
@@ -15,8 +15,9 @@ meaning zeros, without a zeros tensor):
                               grad_x, allow_tf32, recurrent_mask?, lengths?) -> (dx, dh0, dc0, dw_ih, dw_hh, dbias)
 
 With ``grad_x=False`` dx is an empty tensor. Inputs are float32, bfloat16 or float16;
-outputs come in the inputs' dtype, except the LSTM's cells and gates (float32 state). Selected by ``backend="triton"`` (and by
-``"auto"`` for CUDA tensors that the CUDA scans do not take) through :mod:`fused_rnn.functional`.
+outputs come in the inputs' dtype, except the LSTM's cells and gates (float32 state).
+:mod:`fused_rnn.functional` calls them for ``backend="triton"``, and for ``"auto"`` on
+CUDA tensors that the CUDA scans do not take.
 """
 
 from typing import Optional, Tuple
@@ -26,8 +27,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from .._double_backward import irnn_layer_grads, lstm_layer_grads, wants_graph
-from ..functional import _combined_bias, _split_bias_grad
-from ..ops import _zeros_if_none
+from .._host import zero_state, zeros_if_none
 from . import irnn as _irnn
 from . import lstm as _lstm
 
@@ -102,70 +102,57 @@ def _(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, y, cells, gates, grad_x
             x.new_empty(w_ih.shape), x.new_empty(w_hh.shape), x.new_empty(w_hh.shape[0]))
 
 
-class TritonIRNNFunction(torch.autograd.Function):
-    """``apply(x, h0 or None, w_ih, w_hh, b_ih, b_hh, allow_tf32, recurrent_mask, lengths,
-    hidden_clip) -> (y, h_T)`` on the Triton scans (arguments as
-    :class:`fused_rnn.IRNNFunction`; the options may be None)."""
+# ---- autograd, once per forward op: the backward op, or under create_graph=True the
+# torch loop differentiated (_double_backward.py) ----
 
-    @staticmethod
-    def forward(x, h0, w_ih, w_hh, b_ih, b_hh, allow_tf32, recurrent_mask=None, lengths=None, hidden_clip=None):
-        return torch.ops.fused_rnn.triton_irnn_scan_forward(x, h0, w_ih, w_hh, _combined_bias(b_ih, b_hh),
-                                                            allow_tf32, recurrent_mask, lengths, hidden_clip)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, h0, w_ih, w_hh, b_ih, b_hh, allow_tf32, *options = inputs
-        ctx.save_for_backward(x, h0, w_ih, w_hh, output[0], b_ih, b_hh)
-        ctx.allow_tf32 = allow_tf32
-        ctx.given_options, ctx.options = len(options), tuple(options) + (None,) * (3 - len(options))
-        ctx.set_materialize_grads(False)
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_h_n):
-        x, h0, w_ih, w_hh, y, b_ih, b_hh = ctx.saved_tensors
-        if wants_graph():  # create_graph=True: the backward kernels have no derivative of their own
-            grads = irnn_layer_grads((x, h0, w_ih, w_hh, b_ih, b_hh), ctx.needs_input_grad, (grad_y, grad_h_n),
-                                     ctx.options)
-            return grads + (None,) * (1 + ctx.given_options)
-        grad_x = ctx.needs_input_grad[0]
-        state = x.new_zeros(x.shape[1], w_hh.shape[1])
-        dx, dh0, dw_ih, dw_hh, dbias = torch.ops.fused_rnn.triton_irnn_scan_backward(
-            _zeros_if_none(grad_y, y), _zeros_if_none(grad_h_n, state), x, h0, w_ih, w_hh, y, grad_x,
-            ctx.allow_tf32, *ctx.options)
-        return (dx if grad_x else None, dh0 if h0 is not None else None, dw_ih, dw_hh,
-                *_split_bias_grad(dbias, b_ih, b_hh), None) + (None,) * ctx.given_options
+def _irnn_setup(ctx, inputs, output):
+    x, h0, w_ih, w_hh, bias, allow_tf32, *options = inputs
+    ctx.save_for_backward(x, h0, w_ih, w_hh, output[0], bias)
+    ctx.allow_tf32, ctx.options = allow_tf32, tuple(options)
+    ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
 
 
-class TritonLSTMFunction(torch.autograd.Function):
-    """``apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, allow_tf32, recurrent_mask, lengths) ->
-    (y, h_T, c_T, cells, gates)`` on the Triton scans (h0, c0 may be None: zeros)."""
+def _irnn_backward(ctx, grad_y, grad_h_n):
+    x, h0, w_ih, w_hh, y, bias = ctx.saved_tensors  # read once (non-reentrant checkpointing)
+    needs = ctx.needs_input_grad
+    if wants_graph():  # create_graph=True: the backward kernels have no derivative of their own
+        grads = irnn_layer_grads((x, h0, w_ih, w_hh, bias, None), needs[:5] + (False,), (grad_y, grad_h_n),
+                                 ctx.options)
+        return grads[:5] + (None,) * (1 + len(ctx.options))
+    grad_h_n = zero_state(x, w_hh.shape[1]) if grad_h_n is None else grad_h_n
+    dx, dh0, dw_ih, dw_hh, dbias = torch.ops.fused_rnn.triton_irnn_scan_backward(
+        zeros_if_none(grad_y, y), grad_h_n, x, h0, w_ih, w_hh, y, needs[0], ctx.allow_tf32, *ctx.options)
+    return (dx if needs[0] else None, dh0 if h0 is not None else None, dw_ih, dw_hh,
+            dbias if bias is not None else None) + (None,) * (1 + len(ctx.options))
 
-    @staticmethod
-    def forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, allow_tf32, recurrent_mask=None, lengths=None):
-        return torch.ops.fused_rnn.triton_lstm_scan_forward(x, h0, c0, w_ih, w_hh, _combined_bias(b_ih, b_hh),
-                                                            allow_tf32, recurrent_mask, lengths)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, allow_tf32, *options = inputs
-        ctx.given_options, ctx.options = len(options), tuple(options) + (None,) * (2 - len(options))
-        y, _, _, cells, gates = output
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, y, cells, gates, b_ih, b_hh)
-        ctx.mark_non_differentiable(cells, gates)
-        ctx.allow_tf32 = allow_tf32
-        ctx.set_materialize_grads(False)
+triton_irnn_scan_forward.register_autograd(_irnn_backward, setup_context=_irnn_setup)
 
-    @staticmethod
-    def backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_cells, _grad_gates):
-        x, h0, c0, w_ih, w_hh, y, cells, gates, b_ih, b_hh = ctx.saved_tensors
-        if wants_graph():  # create_graph=True: the backward kernels have no derivative of their own
-            grads = lstm_layer_grads((x, h0, c0, w_ih, w_hh, b_ih, b_hh), ctx.needs_input_grad,
-                                     (grad_y, grad_h_n, grad_c_n), ctx.options)
-            return grads + (None,) * (1 + ctx.given_options)
-        grad_x = ctx.needs_input_grad[0]
-        state = x.new_zeros(x.shape[1], w_hh.shape[1])
-        dx, dh0, dc0, dw_ih, dw_hh, dbias = torch.ops.fused_rnn.triton_lstm_scan_backward(
-            _zeros_if_none(grad_y, y), _zeros_if_none(grad_h_n, state), _zeros_if_none(grad_c_n, state), x, h0, c0,
-            w_ih, w_hh, y, cells, gates, grad_x, ctx.allow_tf32, *ctx.options)
-        return (dx if grad_x else None, dh0 if h0 is not None else None, dc0 if c0 is not None else None, dw_ih,
-                dw_hh, *_split_bias_grad(dbias, b_ih, b_hh), None) + (None,) * ctx.given_options
+
+def _lstm_setup(ctx, inputs, output):
+    x, h0, c0, w_ih, w_hh, bias, allow_tf32, *options = inputs
+    y, _, _, cells, gates = output
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, y, cells, gates, bias)
+    ctx.mark_non_differentiable(cells, gates)
+    ctx.allow_tf32, ctx.options = allow_tf32, tuple(options)
+    ctx.set_materialize_grads(False)
+
+
+def _lstm_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_cells, _grad_gates):
+    x, h0, c0, w_ih, w_hh, y, cells, gates, bias = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if wants_graph():
+        grads = lstm_layer_grads((x, h0, c0, w_ih, w_hh, bias, None), needs[:6] + (False,),
+                                 (grad_y, grad_h_n, grad_c_n), ctx.options)
+        return grads[:6] + (None,) * (1 + len(ctx.options))
+    if grad_h_n is None or grad_c_n is None:
+        state = zero_state(x, w_hh.shape[1])
+        grad_h_n, grad_c_n = zeros_if_none(grad_h_n, state), zeros_if_none(grad_c_n, state)
+    dx, dh0, dc0, dw_ih, dw_hh, dbias = torch.ops.fused_rnn.triton_lstm_scan_backward(
+        zeros_if_none(grad_y, y), grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, y, cells, gates, needs[0],
+        ctx.allow_tf32, *ctx.options)
+    return (dx if needs[0] else None, dh0 if h0 is not None else None, dc0 if c0 is not None else None, dw_ih,
+            dw_hh, dbias if bias is not None else None) + (None,) * (1 + len(ctx.options))
+
+
+triton_lstm_scan_forward.register_autograd(_lstm_backward, setup_context=_lstm_setup)

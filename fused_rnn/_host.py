@@ -1,0 +1,69 @@
+"""The host-side pieces around a scan, written once for every Python-side backend.
+
+The C++ kernels (CPU and CUDA) share their own in ``csrc/layer_common.h``; these serve
+the functional API, the ops' autograd, the Triton launchers and the torch loop:
+the combined bias, zero initial states, missing upstream gradients, the input
+projection before a scan and the weight-gradient GEMMs after it.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def combined_bias(b_ih: Optional[Tensor], b_hh: Optional[Tensor]) -> Optional[Tensor]:
+    """b_ih + b_hh, the one bias the kernels add (either may be None). Built with torch
+    ops, so autograd hands each bias its gradient."""
+    if b_ih is None:
+        return b_hh
+    return b_ih if b_hh is None else b_ih + b_hh
+
+
+def zero_state(x: Tensor, width: int) -> Tensor:
+    """[B, width] zeros like x [..., B, I]: the initial state when none is given."""
+    return x.new_zeros(x.shape[-2], width)
+
+
+def zeros_if_none(grad: Optional[Tensor], like: Tensor) -> Tensor:
+    """An upstream gradient autograd left out (an unused output) as zeros."""
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def state_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the state the kernels keep (LSTM cells, gates): float32 for
+    bfloat16/float16 layers, else the inputs' dtype."""
+    return torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+
+
+def input_projection(x: Tensor, w_ih: Tensor, bias: Optional[Tensor], dtype: Optional[torch.dtype] = None) -> Tensor:
+    """[T, B, G*H] = x W_ih^T + bias for every step in one GEMM, computed in `dtype`
+    (default: x's; the Triton scans ask for float32, their state dtype)."""
+    dtype = x.dtype if dtype is None else dtype
+    steps, batch, inputs = x.shape
+    x2d = x.reshape(steps * batch, inputs).to(dtype)
+    w = w_ih.to(dtype).t()
+    pre = torch.addmm(bias.to(dtype), x2d, w) if bias is not None else x2d @ w
+    return pre.view(steps, batch, w_ih.shape[0])
+
+
+def weight_grads(dpre: Tensor, x: Tensor, h0: Optional[Tensor], y: Tensor, w_ih: Tensor, need_dx: bool,
+                 keep: Optional[Tensor] = None) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
+    """The gradients that are sums over time, as GEMMs over all steps in dpre's dtype,
+    returned in x's: dpre [T, B, G*H] = dL/d(pre-activation) -> (dx or None,
+    dW_ih = dpre^T x, dW_hh = dpre^T (h_{t-1} * keep), dbias = sum dpre), with
+    h_{t-1} = h0 (zeros if None) at t = 0, else y_{t-1}."""
+    steps, batch, inputs = x.shape
+    hidden = y.shape[2]
+    dtype = dpre.dtype
+    dpre2d = dpre.reshape(steps * batch, dpre.shape[2])
+    h_first = (h0 if h0 is not None else y.new_zeros(batch, hidden)).to(dtype)
+    h_prev = torch.cat([h_first.unsqueeze(0), y[:-1].to(dtype)])
+    if keep is not None:
+        h_prev = h_prev * keep.to(dtype)
+    h_prev = h_prev.reshape(steps * batch, hidden)
+    dw_hh = (dpre2d.t() @ h_prev).to(x.dtype)
+    dw_ih = (dpre2d.t() @ x.reshape(steps * batch, inputs).to(dtype)).to(x.dtype)
+    dbias = dpre2d.sum(0).to(x.dtype)
+    dx = (dpre2d @ w_ih.to(dtype)).view(x.shape).to(x.dtype) if need_dx else None
+    return dx, dw_ih, dw_hh, dbias
