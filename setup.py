@@ -199,6 +199,6 @@ if __name__ == "__main__":  # pip and `python setup.py` run it so; tests import 
         extras_require={"test": ["pytest", "pytest-benchmark", "expecttest", "matplotlib"], "plot": ["matplotlib"]},
         ext_modules=extension_modules(),
         cmdclass={"build_ext": build_ext_class()},
-        entry_points={"console_scripts": ["fused-rnn=fused_rnn.__main__:main"]},
+        entry_points={"console_scripts": ["fused-rnn=fused_rnn.app.cli:main"]},
         zip_safe=False,
     )

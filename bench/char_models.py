@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 import fused_rnn
-from fused_rnn import data
-from fused_rnn.bench import cpu_model_name
-from fused_rnn.models import MODEL_NAMES, build_model, with_torch_nn_layers
-from fused_rnn.train import TrainConfig, batches, train_step
+from fused_rnn.app import data
+from fused_rnn.app.models import MODEL_NAMES, build_model, with_torch_nn_layers
+from fused_rnn.app.train import TrainConfig, batches, train_step
+from harness import cpu_model_name  # bench/harness.py
 from table import replace_readme_table  # bench/table.py
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "char_models.md"

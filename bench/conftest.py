@@ -2,7 +2,7 @@
 in the saved JSON (pytest-benchmark's own machine_info has neither the CPU's model name
 on every platform nor torch's thread count)."""
 
-from fused_rnn.bench import describe_machine
+from harness import describe_machine
 
 
 def pytest_report_header(config):

@@ -11,7 +11,7 @@ with lengths= against torch.nn.LSTM on pack_padded_sequence (same weights), afte
 checking that both give the same padded outputs, final states and gradients.
 Inference is the forward under no_grad; training is forward and backward. Every
 ratio is the median of per-round ratios within one run, the contenders interleaved
-(fused_rnn.bench.time_interleaved), so machine noise cancels.
+(harness.time_interleaved), so machine noise cancels.
 """
 
 import argparse
@@ -24,7 +24,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fused_rnn
-from fused_rnn.bench import FULL_PLAN, QUICK_PLAN, describe_machine, time_interleaved
+from harness import FULL_PLAN, QUICK_PLAN, describe_machine, time_interleaved  # bench/harness.py
 
 SHAPE = dict(steps=64, batch=64, inputs=42, hidden=256)
 QUICK_SHAPE = dict(steps=8, batch=6, inputs=5, hidden=16)

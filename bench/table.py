@@ -2,17 +2,17 @@
 
     python bench/table.py [--out bench/results/cpu.md] [--readme] [--quick] [--json PATH] [--threads N] ...
 
-Runs fused_rnn.bench (the same as `python -m fused_rnn bench`, whose options it takes),
-prints the Markdown table and writes it to --out; with --readme it also replaces the
-table in README.md (between the bench:cpu markers). The README's table is this
-output, never typed by hand.
+Runs the CPU cases of the benchmark harness (bench/harness.py; `fused-rnn bench` is
+the same command), prints the Markdown table and writes it to --out; with --readme it
+also puts its summary into README.md (between the bench:cpu markers). The README's
+numbers are this output, never typed by hand.
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-from fused_rnn import bench
+import harness as bench  # bench/harness.py
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "cpu.md"
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -36,15 +36,15 @@ def publish(table: str, block: str, readme: bool) -> None:
         replace_readme_table(table, start=f"<!-- bench:{block}:start -->", end=f"<!-- bench:{block}:end -->")
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="python bench/table.py", description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="the Markdown file to write (default: bench/results/cpu.md)")
     parser.add_argument("--readme", action="store_true", help="also put the table into README.md")
     bench.add_arguments(parser)
-    args = parser.parse_args(argv)
-    report = bench.report_from_args(args, command=" ".join(["python bench/table.py", *argv]))
+
+
+def run(args: argparse.Namespace, command: str) -> int:
+    report = bench.report_from_args(args, command=command)
     table = bench.format_markdown(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table, encoding="utf-8")
@@ -54,6 +54,13 @@ def main(argv=None) -> int:
         replace_readme_table(table)
         print(f"updated {README}", file=sys.stderr)
     return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="python bench/table.py", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv), " ".join(["python bench/table.py", *argv]))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import functools
 
 import pytest
 
-from fused_rnn.bench import (
+from harness import (
     BASELINE,
     CELLS,
     CONFIGS,

@@ -2,39 +2,47 @@
 
     pytest bench/test_bench_gpu.py [--benchmark-save=gpu]
 
-Skips without a GPU. Each case checks the fused backend against cuDNN before timing
-(see bench/gpu_bench.py, which also prints the table of same-run ratios).
+Skips without a GPU. Each case checks the fused backend against cuDNN before timing,
+with bench/harness.py (which bench/gpu_bench.py also uses for its table of same-run
+ratios).
 """
 
+import functools
 import itertools
 
 import pytest
 import torch
-
-from gpu_bench import BATCHES, DTYPES, HIDDENS, MODES, STEPS, check, fused_backends, make_case, run
+from gpu_bench import BATCHES, HIDDENS, STEPS, configs
+from harness import BASELINE, CELLS, DTYPES, GPU_BACKENDS, MODES, check_against_baseline, make_problem, make_step, \
+    unavailable_reason
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+CONFIGS = configs(STEPS, BATCHES, HIDDENS)
 
 
-@pytest.mark.parametrize("contender", ["cudnn", "triton", "cuda"])
+@functools.lru_cache(maxsize=None)
+def cached_problem(cell, config, dtype):
+    return make_problem(cell, config, device="cuda", dtype=DTYPES[dtype])
+
+
+@pytest.mark.parametrize("contender", [BASELINE, *GPU_BACKENDS])
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("cell, steps, batch, hidden, mode",
-                         list(itertools.product(("irnn", "lstm"), STEPS, BATCHES, HIDDENS, MODES)))
-def test_gpu(benchmark, contender, dtype, cell, steps, batch, hidden, mode):
+@pytest.mark.parametrize("cell, config, mode", list(itertools.product(CELLS, CONFIGS, MODES)),
+                         ids=lambda v: v.name if hasattr(v, "name") else str(v))
+def test_gpu(benchmark, contender, dtype, cell, config, mode):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    dtype = DTYPES[dtype]
-    backends = fused_backends(cell, batch, hidden, dtype, "cuda")
-    if contender != "cudnn" and contender not in backends:
-        pytest.skip(f"dispatch would not use {contender} here")
-    reference, fused, x, projection = make_case(cell, steps, batch, hidden, "cuda", dtype, backends)
-    if contender != "cudnn":
-        check(reference, fused[contender], x, projection, mode, contender)
-    module = reference if contender == "cudnn" else fused[contender]
-    benchmark.group = f"{cell} {mode} {dtype} T={steps} B={batch} H={hidden}"
+    problem = cached_problem(cell, config, dtype)
+    reason = unavailable_reason(contender, problem)
+    if reason is not None:
+        pytest.skip(reason)
+    if contender != BASELINE:
+        check_against_baseline(problem, contender, mode)
+    benchmark.group = f"{cell} {mode} {dtype} {config.name}"
+    step = make_step(problem, contender, mode)
 
     def call():
-        run(module, x, projection, mode)
+        step()
         torch.cuda.synchronize()
 
     call()

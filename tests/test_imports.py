@@ -1,4 +1,5 @@
-"""The package's import graph: no cycles (function-level imports included)."""
+"""The package's import graph: no cycles (function-level imports included), and the
+char-RNN application (fused_rnn/app) is a user of the library's public API only."""
 
 import ast
 from pathlib import Path
@@ -85,3 +86,26 @@ def test_the_package_has_no_import_cycle():
 def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_app_uses_only_the_public_api():
+    """fused_rnn.app imports from the library only what ``fused_rnn.__all__`` exports
+    (besides its own modules), as any training code would."""
+    import fused_rnn
+
+    public = set(fused_rnn.__all__) | {"__version__"}
+    app = PACKAGE_DIR / "app"
+    for path in app.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 1:
+                    continue  # fused_rnn.app's own modules
+                assert node.level == 0, f"{path.name}: relative import out of fused_rnn.app"
+                if node.module == "fused_rnn":
+                    names = {alias.name for alias in node.names}
+                    assert names <= public, f"{path.name} imports private names {names - public}"
+                else:
+                    assert not (node.module or "").startswith("fused_rnn."), f"{path.name} imports {node.module}"
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert not alias.name.startswith("fused_rnn."), f"{path.name} imports {alias.name}"

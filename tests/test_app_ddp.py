@@ -7,9 +7,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fused_rnn import data
-from fused_rnn.models import SequenceModel
-from fused_rnn.train import TrainConfig, train, train_step
+from fused_rnn.app import data
+from fused_rnn.app.models import SequenceModel
+from fused_rnn.app.train import TrainConfig, train, train_step
 
 TEXT = "one DDP step equals one step on the concatenated batch; (checked) 'here'.\n" * 20
 VOCAB = data.Vocab.from_text(TEXT)

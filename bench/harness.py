@@ -1,21 +1,25 @@
-"""CPU benchmark: the fused backends against torch.nn.RNN(nonlinearity="relu") / torch.nn.LSTM.
+"""The benchmark harness: fused_rnn's backends against torch.nn.RNN(nonlinearity="relu")
+/ torch.nn.LSTM, on the CPU or a GPU, in one method.
 
 For every cell (IRNN, LSTM), mode (inference: forward under ``torch.no_grad``;
-training: forward and backward of ``y.sum()``) and configuration in :data:`CONFIGS`,
-each contender runs the same single fp32 layer with the same weights:
+training: forward and backward of ``y.sum()``), dtype and configuration, each contender
+runs the same single layer with the same weights:
 
-- ``nn``: ``torch.nn.RNN(nonlinearity="relu")`` or ``torch.nn.LSTM``, the baseline;
-- ``cpp``: :func:`fused_rnn.irnn` / :func:`fused_rnn.lstm` with ``backend="cpp"``;
-- ``torch``: the same functions with ``backend="torch"`` (a time loop of PyTorch ops).
+- ``nn``: ``torch.nn.RNN(nonlinearity="relu")`` or ``torch.nn.LSTM`` (oneDNN / ATen on
+  the CPU, cuDNN on a GPU), the baseline;
+- a fused_rnn backend (``cpp``, ``cuda``, ``triton``, ``torch``): :func:`fused_rnn.irnn` /
+  :func:`fused_rnn.lstm` with that ``backend``, where dispatch lets it take the case.
 
 Every contender's outputs, final states and gradients are checked against the
 baseline before anything is timed. Timing is made for a shared, noisy machine: after a
-warm-up the contenders of one (cell, mode, configuration) take turns, round after round,
-and the table reports medians; a speed-up is the median over rounds of the ratio of the
-baseline's time to the contender's time measured in the same round.
+warm-up the contenders of one case take turns, round after round, and the tables report
+medians; a speed-up is the median over rounds of the ratio of the baseline's time to
+the contender's time measured in the same round. On a GPU each timed block is measured
+with CUDA events.
 
-Command line: ``python -m fused_rnn bench [--quick] [--json PATH] [--backends cpp,torch]``;
-``python bench/table.py`` writes the table that the README shows.
+Commands: ``python bench/table.py`` (the CPU table), ``python bench/gpu_bench.py`` (the
+GPU table), ``python bench/feature_costs.py``, the pytest-benchmark suites in bench/,
+and ``fused-rnn bench`` (the CPU table, from a source checkout).
 """
 
 import argparse
@@ -40,28 +44,45 @@ import fused_rnn
 CELLS = ("irnn", "lstm")
 MODES = ("inference", "training")
 BASELINE = "nn"
-FUSED_BACKENDS = ("cpp", "torch")
-CONTENDER_LABELS = {BASELINE: "nn.RNN / nn.LSTM", "cpp": "cpp", "torch": "torch loop"}
+FUSED_BACKENDS = ("cpp", "torch")  # the CPU table's contenders
+GPU_BACKENDS = ("cuda", "triton")
+CONTENDER_LABELS = {BASELINE: "nn.RNN / nn.LSTM", "cpp": "cpp", "torch": "torch loop", "cuda": "cuda",
+                    "triton": "triton"}
 BASELINE_MODULE_NAMES = {"irnn": 'nn.RNN(nonlinearity="relu")', "lstm": "nn.LSTM"}
 DTYPE = torch.float32
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SEED = 0
 
-# Accepted difference from the baseline, as max|got - want| / max|want| per tensor
-# (scaled by the tensor's largest entry, because weight gradients are sums over T*B
-# terms whose small entries come from cancellation). Each contender does the same
-# float32 arithmetic in another order (blocked GEMMs, bias added once or twice), so
-# results differ by rounding only: eps = 6e-8, and a 100-step recurrence with GEMMs over
-# up to 512 terms gives ~sqrt(K*T) * eps ~ 1e-5 at worst; measured on these shapes:
-# at most 3.3e-6 (IRNN, T=100, B=1). 1e-4 is a 30x margin; a wrong gate order, index
-# or missing term errs by O(1).
-FLOAT32_TOLERANCE = 1e-4
+
+def tolerance(dtype: torch.dtype, steps: int) -> float:
+    """Accepted difference from the baseline, as max|got - want| / max|want| per tensor
+    (scaled by the tensor's largest entry, because weight gradients are sums over T*B
+    terms whose small entries come from cancellation).
+
+    float32: each contender does the same arithmetic in another order (blocked GEMMs,
+    bias added once or twice), so results differ by rounding only: eps = 6e-8, and a
+    100-step recurrence with GEMMs over up to 512 terms gives ~sqrt(K*T) * eps ~ 1e-5 at
+    worst; measured on the CPU table's shapes: at most 3.3e-6 (IRNN, T=100, B=1), so 1e-4
+    is a 30x margin there. Over 1024 steps (the GPU table) the same growth stays near
+    1e-5 (measured on cuDNN against the fused scans with TF32 off), and 1e-3 keeps that
+    margin. bfloat16: cuDNN rounds its state to bf16 at every step while the fused
+    kernels keep it in float32, so the two differ by a few bf16 units (2^-8 = 4e-3
+    each): 5e-2. A wrong gate order, index or missing term errs by O(1) in every case.
+    """
+    if dtype == torch.bfloat16:
+        return 5e-2
+    return 1e-4 if steps <= 128 else 1e-3
 
 # IRNN weights. W_hh = identity + noise keeps the recurrence near the identity as in Le
 # et al. (2015), the noise breaking the symmetry between units. The noise's spectral
 # radius is about std * sqrt(H), so an std of 0.01 / sqrt(H) keeps every eigenvalue
 # within ~0.01 of 1 and activations bounded over 100 steps (1.01^100 < 3; measured
-# max|h| <= 11 on these shapes, while an std of 0.01 grows h to 1e6 by T=100).
+# max|h| <= 11 on these shapes, while an std of 0.01 grows h to 1e6 by T=100). Longer
+# sequences (the GPU table's 1024 steps) scale the identity by 0.9, a contracting
+# recurrence that stays finite however long it runs.
 IRNN_RECURRENT_NOISE = 0.01
+LONG_SEQUENCE = 128
+LONG_SEQUENCE_IDENTITY_SCALE = 0.9
 IRNN_INPUT_STD = 0.01
 # Initial states, small and random so that the dh0 / dc0 paths are exercised too.
 INITIAL_STATE_STD = 0.1
@@ -76,7 +97,7 @@ class BenchConfig(NamedTuple):
     about: str
 
 
-CONFIGS = (
+CONFIGS = (  # the CPU table's
     BenchConfig("lesson", 64, 64, 42, 256, "the char-level lesson's model (42-dim embeddings, 256 units)"),
     BenchConfig("small-batch", 100, 1, 42, 256, "one sequence at a time, as in generation"),
     BenchConfig("fastrnns", 100, 64, 512, 512, "the defaults of PyTorch's benchmarks/fastrnns"),
@@ -106,8 +127,9 @@ class Problem:
     """One layer's inputs and weights; every contender runs on these same tensors.
 
     module: the baseline nn.RNN / nn.LSTM, whose parameters are the weights all
-    contenders use; x [T, B, I]; state (h0,) or (h0, c0), each [B, H]. Every tensor
-    requires grad, so training mode differentiates with respect to all of them.
+    contenders use; x [T, B, I]; state (h0,) or (h0, c0), each [B, H]; all on `device`
+    in `dtype`. Every tensor requires grad, so training mode differentiates with
+    respect to all of them.
     """
 
     cell: str
@@ -115,6 +137,14 @@ class Problem:
     module: nn.RNNBase
     x: Tensor
     state: Tuple[Tensor, ...]
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x.dtype
 
     @property
     def weights(self) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -135,8 +165,10 @@ class Problem:
         return ("dx", *states, "dw_ih", "dw_hh", "db_ih", "db_hh")
 
 
-def make_problem(cell: str, config: BenchConfig, seed: int = SEED) -> Problem:
-    """Inputs and weights for `cell` at `config`, the same for the same seed."""
+def make_problem(cell: str, config: BenchConfig, seed: int = SEED, device="cpu",
+                 dtype: torch.dtype = DTYPE) -> Problem:
+    """Inputs and weights for `cell` at `config`, the same for the same seed, drawn in
+    float32 on the CPU and then moved to `device` and `dtype`."""
     if cell not in CELLS:
         raise ValueError(f"cell must be one of {CELLS}, got {cell!r}")
     T, B, I, H = config.T, config.B, config.I, config.H
@@ -145,8 +177,10 @@ def make_problem(cell: str, config: BenchConfig, seed: int = SEED) -> Problem:
         torch.manual_seed(seed)
         if cell == "irnn":
             module = nn.RNN(I, H, nonlinearity="relu", dtype=DTYPE)
+            identity = 1.0 if T <= LONG_SEQUENCE else LONG_SEQUENCE_IDENTITY_SCALE
             with torch.no_grad():
-                module.weight_hh_l0.copy_(torch.eye(H) + IRNN_RECURRENT_NOISE / math.sqrt(H) * torch.randn(H, H))
+                module.weight_hh_l0.copy_(identity * torch.eye(H)
+                                          + IRNN_RECURRENT_NOISE / math.sqrt(H) * torch.randn(H, H))
                 module.weight_ih_l0.normal_(0.0, IRNN_INPUT_STD)
                 module.bias_ih_l0.zero_()
                 module.bias_hh_l0.zero_()
@@ -155,8 +189,11 @@ def make_problem(cell: str, config: BenchConfig, seed: int = SEED) -> Problem:
             # nn.LSTM's own initialisation: uniform(-1/sqrt(H), 1/sqrt(H))
             module = nn.LSTM(I, H, dtype=DTYPE)
             num_states = 2
-        x = torch.randn(T, B, I, dtype=DTYPE, requires_grad=True)
-        state = tuple((INITIAL_STATE_STD * torch.randn(B, H, dtype=DTYPE)).requires_grad_() for _ in range(num_states))
+        x = torch.randn(T, B, I, dtype=DTYPE)
+        state = tuple(INITIAL_STATE_STD * torch.randn(B, H, dtype=DTYPE) for _ in range(num_states))
+    module = module.to(device=device, dtype=dtype)
+    x = x.to(device=device, dtype=dtype).requires_grad_()
+    state = tuple(s.to(device=device, dtype=dtype).requires_grad_() for s in state)
     return Problem(cell, config, module, x, state)
 
 
@@ -201,16 +238,22 @@ def make_step(problem: Problem, contender: str, mode: str) -> Callable[[], objec
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-def unavailable_reason(contender: str) -> Optional[str]:
-    """Why `contender` cannot run fp32 CPU tensors on this install, or None if it can."""
+def unavailable_reason(contender: str, problem: Optional[Problem] = None, device="cpu",
+                       dtype: torch.dtype = DTYPE) -> Optional[str]:
+    """Why `contender` cannot run `problem` (or, without one, tensors of `device` and
+    `dtype`) on this install, or None if it can: dispatch's own answer."""
     if contender == BASELINE:
         return None
-    if contender not in fused_rnn.available_backends("cpu"):
-        try:
-            fused_rnn.select_backend("cpu", DTYPE, contender)
-        except ValueError as error:
-            return str(error)
-        return f"backend {contender!r} is not in fused_rnn.available_backends('cpu')"
+    if problem is not None:
+        device, dtype = problem.device, problem.dtype
+    try:
+        if problem is None:
+            fused_rnn.select_backend(device, dtype, contender)
+        else:
+            c = problem.config
+            fused_rnn.select_backend(device, dtype, contender, cell=problem.cell, hidden=c.H, batch=c.B)
+    except ValueError as error:
+        return str(error)
     return None
 
 
@@ -226,16 +269,19 @@ def max_scaled_error(got: Tensor, want: Tensor) -> float:
     """max|got - want| / max|want| (the error relative to the tensor's scale)."""
     if got.shape != want.shape:
         raise CorrectnessError(f"shape {tuple(got.shape)} != {tuple(want.shape)}")
-    scale = want.detach().abs().max().item() if want.numel() else 0.0
-    difference = (got.detach() - want.detach()).abs().max().item() if want.numel() else 0.0
+    got, want = got.detach().float(), want.detach().float()
+    scale = want.abs().max().item() if want.numel() else 0.0
+    difference = (got - want).abs().max().item() if want.numel() else 0.0
     return difference / scale if scale > 0 else difference
 
 
 def check_against_baseline(problem: Problem, contender: str, mode: str,
-                           tolerance: float = FLOAT32_TOLERANCE) -> Dict[str, float]:
+                           tolerance_: Optional[float] = None) -> Dict[str, float]:
     """Compares `contender` with nn.RNN / nn.LSTM on `problem`: outputs and final states
     (under no_grad in inference mode), and every gradient in training mode. Returns the
-    scaled error of each tensor; raises CorrectnessError if one exceeds `tolerance`."""
+    scaled error of each tensor; raises CorrectnessError if one exceeds the tolerance
+    (default: :func:`tolerance` of the problem's dtype and length)."""
+    limit = tolerance(problem.dtype, problem.config.T) if tolerance_ is None else tolerance_
     if mode == "inference":
         with torch.no_grad():
             got, want = run_layer(problem, contender), run_layer(problem, BASELINE)
@@ -252,30 +298,41 @@ def check_against_baseline(problem: Problem, contender: str, mode: str,
             errors[name] = max_scaled_error(got_tensor, want_tensor)
         except CorrectnessError as error:
             raise CorrectnessError(f"{describe_case(problem, mode)}, {contender}: {name}: {error}") from None
-    too_far = {name: error for name, error in errors.items() if not error <= tolerance}
+    too_far = {name: error for name, error in errors.items() if not error <= limit}
     if too_far:
         listed = ", ".join(f"{name} {error:.2e}" for name, error in too_far.items())
         raise CorrectnessError(
             f"{describe_case(problem, mode)}: {contender} differs from {BASELINE_MODULE_NAMES[problem.cell]} "
-            f"by more than {tolerance:.0e} of scale: {listed}"
+            f"by more than {limit:.0e} of scale: {listed}"
         )
     return errors
 
 
 def describe_case(problem: Problem, mode: str) -> str:
     c = problem.config
-    return f"{problem.cell} {mode} {c.name} (T={c.T}, B={c.B}, I={c.I}, H={c.H})"
+    dtype = str(problem.dtype).replace("torch.", "")
+    return f"{problem.cell} {mode} {dtype} {c.name} (T={c.T}, B={c.B}, I={c.I}, H={c.H})"
 
 
 # ---------------------------------------------------------------------------
 # Timing
 
 
-def _time_calls(step: Callable[[], object], calls: int) -> float:
-    """Seconds per call of `calls` back-to-back calls, the garbage collector paused."""
+def _time_calls(step: Callable[[], object], calls: int, device="cpu") -> float:
+    """Seconds per call of `calls` back-to-back calls, the garbage collector paused; on
+    a GPU between two CUDA events, the queue drained before and after."""
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
+        if torch.device(device).type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            for _ in range(calls):
+                step()
+            end.record()
+            torch.cuda.synchronize(device)
+            return start.elapsed_time(end) / 1e3 / calls
         start = time.perf_counter()
         for _ in range(calls):
             step()
@@ -285,23 +342,25 @@ def _time_calls(step: Callable[[], object], calls: int) -> float:
             gc.enable()
 
 
-def time_interleaved(steps: Dict[str, Callable[[], object]], plan: TimingPlan) -> Dict[str, List[float]]:
+def time_interleaved(steps: Dict[str, Callable[[], object]], plan: TimingPlan,
+                     device="cpu") -> Dict[str, List[float]]:
     """Seconds per call of each step, one entry per round.
 
-    Warm-up calls first (allocator, thread pool, caches), which also measure how many
-    calls one round needs to last plan.min_round_seconds. Then every round times each
-    step once, the order rotating so that no step always follows the same other one.
+    Warm-up calls first (allocator, thread pool, caches, compilation, autotuning), which
+    also measure how many calls one round needs to last plan.min_round_seconds. Then
+    every round times each step once, the order rotating so that no step always follows
+    the same other one.
     """
     names = list(steps)
     calls_per_round = {}
     for name in names:
-        warmup_seconds = [_time_calls(steps[name], 1) for _ in range(max(1, plan.warmup_calls))]
+        warmup_seconds = [_time_calls(steps[name], 1, device) for _ in range(max(1, plan.warmup_calls))]
         calls_per_round[name] = max(1, math.ceil(plan.min_round_seconds / min(warmup_seconds)))
     seconds = {name: [] for name in names}
     for round_index in range(plan.rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            seconds[name].append(_time_calls(steps[name], calls_per_round[name]))
+            seconds[name].append(_time_calls(steps[name], calls_per_round[name], device))
         gc.collect()
     return seconds
 
@@ -312,11 +371,12 @@ def time_interleaved(steps: Dict[str, Callable[[], object]], plan: TimingPlan) -
 
 @dataclass
 class CaseResult:
-    """Timings of every contender for one (cell, mode, configuration)."""
+    """Timings of every contender for one (cell, mode, dtype, configuration)."""
 
     cell: str
     mode: str
     config: BenchConfig
+    dtype: str
     seconds_per_call: Dict[str, List[float]]  # contender -> one entry per round
     errors: Dict[str, Dict[str, float]]  # contender -> tensor name -> scaled error vs baseline
     unavailable: Dict[str, str] = field(default_factory=dict)  # contender -> why it did not run
@@ -347,30 +407,34 @@ class CaseResult:
         return {
             "cell": self.cell,
             "mode": self.mode,
+            "dtype": self.dtype,
             "config": self.config._asdict(),
             "contenders": contenders,
             "unavailable": self.unavailable,
         }
 
 
-def run_case(cell: str, mode: str, config: BenchConfig, backends: Sequence[str], plan: TimingPlan) -> CaseResult:
-    """Checks, then times, nn.RNN / nn.LSTM and each of `backends` on one case."""
-    problem = make_problem(cell, config)
-    unavailable = {name: reason for name in backends if (reason := unavailable_reason(name)) is not None}
+def run_case(cell: str, mode: str, config: BenchConfig, backends: Sequence[str], plan: TimingPlan,
+             device="cpu", dtype: torch.dtype = DTYPE) -> CaseResult:
+    """Checks, then times, nn.RNN / nn.LSTM and each of `backends` that dispatch lets
+    take the case."""
+    problem = make_problem(cell, config, device=device, dtype=dtype)
+    unavailable = {name: reason for name in backends if (reason := unavailable_reason(name, problem)) is not None}
     runnable = [name for name in backends if name not in unavailable]
     errors = {name: check_against_baseline(problem, name, mode) for name in runnable}
     steps = {name: make_step(problem, name, mode) for name in [BASELINE, *runnable]}
-    return CaseResult(cell, mode, config, time_interleaved(steps, plan), errors, unavailable)
+    return CaseResult(cell, mode, config, str(dtype).replace("torch.", ""), time_interleaved(steps, plan, device),
+                      errors, unavailable)
 
 
-def describe_machine() -> Dict[str, object]:
+def describe_machine(device="cpu") -> Dict[str, object]:
     """What the timings were measured on; the table's header."""
     try:
         usable_cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         usable_cpus = os.cpu_count()
     info = fused_rnn.build_info()
-    return {
+    machine = {
         "cpu_model": cpu_model_name(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": usable_cpus,
@@ -381,7 +445,12 @@ def describe_machine() -> Dict[str, object]:
         "python_version": platform.python_version(),
         "os": platform.platform(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": str(device),
     }
+    if torch.device(device).type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        machine["gpu"] = f"{properties.name}, {properties.multi_processor_count} SMs"
+    return machine
 
 
 def cpu_model_name() -> str:
@@ -411,24 +480,26 @@ class BenchReport:
             "plan": vars(self.plan),
             "backends": list(self.backends),
             "command": self.command,
-            "tolerance": FLOAT32_TOLERANCE,
             "results": [result.to_json() for result in self.results],
         }
 
 
 def run_benchmarks(cells: Sequence[str] = CELLS, modes: Sequence[str] = MODES,
                    configs: Sequence[BenchConfig] = CONFIGS, backends: Sequence[str] = FUSED_BACKENDS,
-                   plan: TimingPlan = FULL_PLAN, command: str = "", progress=None) -> BenchReport:
-    """Runs every (cell, mode, configuration) case; `progress`, if given, is called with a
-    line before each case."""
-    machine = describe_machine()
+                   plan: TimingPlan = FULL_PLAN, command: str = "", progress=None, device="cpu",
+                   dtypes: Sequence[torch.dtype] = (DTYPE,)) -> BenchReport:
+    """Runs every (dtype, cell, configuration, mode) case on `device`; `progress`, if
+    given, is called with a line before each case."""
+    machine = describe_machine(device)
     results = []
-    for cell in cells:
-        for config in configs:
-            for mode in modes:
-                if progress is not None:
-                    progress(f"{cell} {mode} {config.name} (T={config.T}, B={config.B}, I={config.I}, H={config.H})")
-                results.append(run_case(cell, mode, config, backends, plan))
+    for dtype in dtypes:
+        for cell in cells:
+            for config in configs:
+                for mode in modes:
+                    if progress is not None:
+                        progress(f"{cell} {mode} {str(dtype).replace('torch.', '')} {config.name} "
+                                 f"(T={config.T}, B={config.B}, I={config.I}, H={config.H})")
+                    results.append(run_case(cell, mode, config, backends, plan, device, dtype))
     return BenchReport(machine, plan, tuple(backends), results, command)
 
 
@@ -446,12 +517,19 @@ def _format_speedup(ratio: Optional[float]) -> str:
     return "unavailable" if ratio is None else f"{ratio:.2f}x"
 
 
+def _format_error(errors: Optional[Dict[str, float]]) -> str:
+    return "-" if not errors else f"{max(errors.values()):.1e}"
+
+
 def format_markdown(report: BenchReport) -> str:
     """The table of median times and speed-ups, headed by the machine and the method."""
     m = report.machine
     plan = report.plan
+    on_gpu = "gpu" in m
+    title = f"GPU benchmark ({m['gpu']})" if on_gpu else "CPU benchmark"
+    dtypes = list(dict.fromkeys(result.dtype for result in report.results))
     lines = [
-        "## CPU benchmark: fused_rnn vs torch.nn.RNN / torch.nn.LSTM",
+        f"## {title}: fused_rnn vs torch.nn.RNN / torch.nn.LSTM",
         "",
         f"- CPU: {m['cpu_model']}, {m['usable_cpus']} usable of {m['logical_cpus']} logical cores; "
         f"torch.get_num_threads() = {m['torch_threads']}",
@@ -462,36 +540,50 @@ def format_markdown(report: BenchReport) -> str:
     if report.command:
         lines.append(f"- command: `{report.command}`")
     lines += [
-        "- fp32, one layer. inference = forward under torch.no_grad(); training = forward + "
-        "backward of y.sum() (gradients of x, initial state(s) and all weights).",
+        f"- {', '.join(dtypes)}, one layer. inference = forward under torch.no_grad(); training = forward + "
+        "backward of y.sum() (gradients of x, initial state(s) and all weights)"
+        + ("; TF32 off on both sides (cuDNN is the baseline)." if on_gpu else "."),
         f"- times: median ms per call over {plan.rounds} rounds after {plan.warmup_calls} warm-up call(s); "
         "in each round every contender is timed in turn, repeating its call for at least "
-        f"{1e3 * plan.min_round_seconds:.0f} ms. speed-up = median over rounds of "
-        "(nn time / contender time) in the same round; above 1x means faster than nn.RNN / nn.LSTM.",
+        f"{1e3 * plan.min_round_seconds:.0f} ms" + (" (CUDA events)" if on_gpu else "") + ". speed-up = median "
+        "over rounds of (nn time / contender time) in the same round; above 1x means faster than nn.RNN / nn.LSTM.",
         "- before timing, every contender's outputs, final states and gradients matched "
-        f"nn.RNN / nn.LSTM within {FLOAT32_TOLERANCE:.0e} of each tensor's largest entry.",
+        "nn.RNN / nn.LSTM within the harness's tolerance (bench/harness.py) of each tensor's largest entry; "
+        "`-`: dispatch does not send that case to that backend.",
         "",
     ]
-    header = ["cell", "mode", "T", "B", "I", "H", f"{CONTENDER_LABELS[BASELINE]} ms"]
+    header = ["cell", "mode"] + (["dtype"] if len(dtypes) > 1 else []) + ["T", "B", "I", "H",
+                                                                           f"{CONTENDER_LABELS[BASELINE]} ms"]
     header += [f"{CONTENDER_LABELS[name]} ms" for name in report.backends]
     header += [f"{CONTENDER_LABELS[name]} speed-up vs nn" for name in report.backends]
+    if on_gpu:
+        header.append("max error")
     lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|")
+    text_columns = 3 if len(dtypes) > 1 else 2
+    lines.append("|" + "|".join(["---"] * text_columns + ["---:"] * (len(header) - text_columns)) + "|")
     for result in report.results:
         c = result.config
-        row = [result.cell, result.mode, str(c.T), str(c.B), str(c.I), str(c.H), _format_ms(result.median_ms(BASELINE))]
-        row += [_format_ms(result.median_ms(name)) for name in report.backends]
-        row += [_format_speedup(result.speedup(name)) for name in report.backends]
+        row = [result.cell, result.mode] + ([result.dtype] if len(dtypes) > 1 else [])
+        row += [str(c.T), str(c.B), str(c.I), str(c.H), _format_ms(result.median_ms(BASELINE))]
+        row += [_format_ms(result.median_ms(name)) if name not in result.unavailable or not on_gpu else "-"
+                for name in report.backends]
+        row += [_format_speedup(result.speedup(name)) if name not in result.unavailable or not on_gpu else "-"
+                for name in report.backends]
+        if on_gpu:
+            row.append(_format_error({k: v for errors in result.errors.values() for k, v in errors.items()}))
         lines.append("| " + " | ".join(row) + " |")
-    reasons = {}
-    for result in report.results:
-        reasons.update(result.unavailable)
-    if reasons:
-        lines.append("")
-        lines += [f"- {CONTENDER_LABELS[name]} unavailable: {reason}" for name, reason in reasons.items()]
+    if not on_gpu:
+        reasons = {}
+        for result in report.results:
+            reasons.update(result.unavailable)
+        if reasons:
+            lines.append("")
+            lines += [f"- {CONTENDER_LABELS[name]} unavailable: {reason}" for name, reason in reasons.items()]
     lines.append("")
-    configs = dict.fromkeys(result.config for result in report.results)
-    lines.append("Configurations: " + "; ".join(f"T={c.T} B={c.B} I={c.I} H={c.H}: {c.about}" for c in configs) + ".")
+    configs = dict.fromkeys(result.config for result in report.results if result.config.about)
+    if configs:
+        lines.append("Configurations: " + "; ".join(f"T={c.T} B={c.B} I={c.I} H={c.H}: {c.about}"
+                                                    for c in configs) + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -508,7 +600,7 @@ def _choices(text: str, allowed: Sequence[str]) -> List[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The benchmark's options (shared by `python -m fused_rnn bench` and bench/table.py)."""
+    """The CPU benchmark's options (bench/table.py, `fused-rnn bench`)."""
     parser.add_argument("--quick", action="store_true",
                         help=f"fewer, shorter rounds ({QUICK_PLAN.rounds} instead of {FULL_PLAN.rounds})")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write every timing as JSON to PATH")
@@ -525,8 +617,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads(THREADS) first (default: torch's)")
 
 
+def write_json(report: BenchReport, path: Optional[Path]) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+
+
+def progress_line(line: str) -> None:
+    print(f"timing {line}", file=sys.stderr, flush=True)
+
+
 def report_from_args(args: argparse.Namespace, command: str) -> BenchReport:
-    """Runs the benchmark that `args` (from :func:`add_arguments`) describe; progress on stderr."""
+    """Runs the CPU benchmark that `args` (from :func:`add_arguments`) describe; progress
+    on stderr."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     report = run_benchmarks(
@@ -536,26 +639,7 @@ def report_from_args(args: argparse.Namespace, command: str) -> BenchReport:
         backends=args.backends,
         plan=QUICK_PLAN if args.quick else FULL_PLAN,
         command=command,
-        progress=lambda line: print(f"timing {line}", file=sys.stderr, flush=True),
+        progress=progress_line,
     )
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+    write_json(report, args.json)
     return report
-
-
-def run_command(args: argparse.Namespace, command: str = "") -> int:
-    """Runs the benchmark and prints the Markdown table; the exit status."""
-    print(format_markdown(report_from_args(args, command)), end="")
-    return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="python -m fused_rnn bench", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run_command(parser.parse_args(argv), command=" ".join(["python -m fused_rnn bench", *argv]))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -119,7 +119,7 @@ def is_stateful(name: str) -> bool:
 
 def batches(config: TrainConfig, encoded: torch.Tensor, *, shuffle: bool, epoch: int, rank: int = 0,
             world_size: int = 1):
-    """(inputs, targets) pairs of one epoch for config.model (see fused_rnn.data)."""
+    """(inputs, targets) pairs of one epoch for config.model (see fused_rnn.app.data)."""
     if is_stateful(config.model):
         return list(data.stream_batches(encoded, config.seq_len, config.batch_size, rank=rank,
                                         world_size=world_size))

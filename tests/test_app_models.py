@@ -1,14 +1,14 @@
-"""The character-level models of fused_rnn.models: shapes, learning, fused vs torch
+"""The character-level models of fused_rnn.app.models: shapes, learning, fused vs torch
 backend, sampling, and the stateful model's carried state."""
 
 import pytest
 import torch
 
 import fused_rnn
-from fused_rnn import data
-from fused_rnn.models import (MODEL_NAMES, NCharModel, OneHotModel, SequenceModel, StatefulModel,
+from fused_rnn.app import data
+from fused_rnn.app.models import (MODEL_NAMES, NCharModel, OneHotModel, SequenceModel, StatefulModel,
                               ThreeCharModel, build_model, with_torch_nn_layers)
-from fused_rnn.train import batches, loss_of, TrainConfig
+from fused_rnn.app.train import batches, loss_of, TrainConfig
 
 TEXT = "the quick brown fox jumps over the lazy dog; (brackets) and 'quotes' close.\n" * 40
 VOCAB = data.Vocab.from_text(TEXT)

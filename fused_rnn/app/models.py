@@ -29,8 +29,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..data import Vocab
-from ..modules import IRNN, LSTM
+from fused_rnn import IRNN, LSTM
+
+from .data import Vocab
 
 MODEL_NAMES = ("stateful-lstm", "stateful-irnn", "seq", "nchar", "3char", "onehot")
 
@@ -59,7 +60,7 @@ class CharModel(nn.Module):
     def __init__(self, vocab: Vocab):
         super().__init__()
         if not isinstance(vocab, Vocab):
-            raise TypeError(f"vocab must be a fused_rnn.data.Vocab, got {type(vocab).__name__}")
+            raise TypeError(f"vocab must be a fused_rnn.app.data.Vocab, got {type(vocab).__name__}")
         self.vocab = vocab
 
     @property
@@ -200,7 +201,7 @@ class OneHotModel(SequenceModel):
 class StatefulModel(CharModel):
     """The lesson's stateful model: [B, T] -> [B, T, V], the hidden state carried from
     one call to the next (so consecutive batches must continue each other's rows; see
-    :func:`fused_rnn.data.stream_batches`) and detached at every call (truncated
+    :func:`fused_rnn.app.data.stream_batches`) and detached at every call (truncated
     backpropagation at batch boundaries). Call :meth:`reset_state` at the start of
     each epoch and before unrelated text.
 

@@ -1,11 +1,11 @@
-"""Text loading, the vocabulary, and the batchers of fused_rnn.data."""
+"""Text loading, the vocabulary, and the batchers of fused_rnn.app.data."""
 
 import warnings
 
 import pytest
 import torch
 
-from fused_rnn import data
+from fused_rnn.app import data
 
 
 def test_vocab_round_trip_and_unknown_character():

@@ -1,0 +1,81 @@
+"""The ``fused-rnn`` / ``python -m fused_rnn`` command line.
+
+    fused-rnn train [--model stateful-lstm|stateful-irnn|seq|nchar|3char|onehot] [--text FILE] ...
+    fused-rnn sample CHECKPOINT [--seed TEXT] [--chars N] [--temperature T]
+    fused-rnn bench [--quick] [--json PATH] [--backends cpp,torch] ...
+
+(``python -m fused_rnn`` is the same command.)
+
+Each subcommand's module provides ``add_arguments(parser)`` and
+``run_command(args, command) -> exit status``; adding a subcommand is one entry in
+:data:`SUBCOMMANDS`. ``bench`` runs the CPU table of the benchmark harness, which
+lives in the source tree's bench/ folder, not in the installed package.
+"""
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from pathlib import Path
+
+from . import sample, train
+
+BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
+
+
+class _Bench:
+    """``fused-rnn bench``: a thin wrapper of bench/table.py (bench/harness.py), found
+    next to the package in a source checkout."""
+
+    @staticmethod
+    def _table():
+        if not (BENCH_DIR / "harness.py").is_file():
+            return None
+        if str(BENCH_DIR) not in sys.path:
+            sys.path.insert(0, str(BENCH_DIR))
+        import table  # bench/table.py
+        return table
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        table = cls._table()
+        if table is not None:
+            table.add_arguments(parser)
+
+    @classmethod
+    def run_command(cls, args: argparse.Namespace, command: str = "") -> int:
+        table = cls._table()
+        if table is None:
+            print("fused-rnn bench: error: the benchmarks live in the source tree's bench/ folder, which this "
+                  "install does not have; run `python bench/table.py` from a checkout", file=sys.stderr)
+            return 2
+        return table.run(args, command)
+
+
+bench = _Bench
+
+# subcommand -> (module that implements it, one-line help)
+SUBCOMMANDS = {
+    "train": (train, "train a character-level language model on the fused kernels"),
+    "sample": (sample, "generate text with a model trained by `fused-rnn train`"),
+    "bench": (bench, "time the fused CPU kernels against torch.nn.RNN / torch.nn.LSTM"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fused-rnn", description="Fused IRNN and LSTM kernels for PyTorch.")
+    subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        module.add_arguments(subcommands.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    module, _ = SUBCOMMANDS[args.command]
+    return module.run_command(args, command=" ".join(["fused-rnn", *argv]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
