@@ -1,15 +1,15 @@
-"""GPU resources of the CUDA kernels (csrc/cuda/scan_kernels.cu), compiled ahead of time
+"""GPU resources of the CUDA kernels (csrc/cuda/persistent_scan.cu), compiled ahead of time
 with nvcc (no GPU needed), and the largest hidden size each scan keeps on chip.
 
     python bench/cuda_resources.py [--json PATH] [--readme]
 
-scan_kernels.cu holds every kernel and explicit instantiation the extension launches
+persistent_scan.cu holds every kernel and explicit instantiation the extension launches
 and includes no torch header, so it is compiled here on its own, with the nvcc flags
 torch's CUDAExtension adds, for sm_80 and sm_90 (``nvcc -cubin -Xptxas -v``). A kernel
 passes when it spills nothing, uses no stack frame, and its registers times its block
 size (the launch's kThreads, or 256 for the step kernels) fit the 64K-register file;
 the scans, launched one block per SM, also need the dynamic shared memory of their
-plan (csrc/cuda/scan_plan.h, the same function the launcher sizes the buffer with)
+plan (csrc/cuda/persistent_plan.h, the same function the launcher sizes the buffer with)
 plus their static shared memory within the per-block limit, which the second table
 reports as the largest H per cell and dtype on an A100 and an H100. Exits non-zero if
 a kernel fails.
@@ -25,11 +25,11 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCE = REPO / "csrc" / "cuda" / "scan_kernels.cu"
+SOURCE = REPO / "csrc" / "cuda" / "persistent_scan.cu"
 ARCHS = ("sm_80", "sm_90")
 REGISTERS_PER_SM = 65536
-SCAN_THREADS = 256  # kThreads in csrc/cuda/scan_plan.h (checked against the source below)
-STEP_THREADS = 256  # kStepThreads in scan_kernels.cu
+SCAN_THREADS = 256  # kThreads in csrc/cuda/persistent_plan.h (checked against the source below)
+STEP_THREADS = 256  # kStepThreads in persistent_scan.cu
 # (name, SMs, shared memory per block with opt-in) of the devices in the README table
 DEVICES = (("A100 (sm_80)", 108, 163 * 1024), ("H100 SXM (sm_90)", 132, 227 * 1024))
 
@@ -98,7 +98,7 @@ def parse(report: str, arch: str):
 
 
 def on_chip_limits():
-    """{device: {"irnn fp32": H, ...}}: the largest H whose scans fit (scan_plan.h)."""
+    """{device: {"irnn fp32": H, ...}}: the largest H whose scans fit (persistent_plan.h)."""
     from fused_rnn import _C
 
     limits = {}
@@ -129,9 +129,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     parser.add_argument("--readme", action="store_true", help="also put the tables into README.md")
     args = parser.parse_args(argv)
-    plan = (REPO / "csrc" / "cuda" / "scan_plan.h").read_text()
+    plan = (REPO / "csrc" / "cuda" / "persistent_plan.h").read_text()
     if f"constexpr int kThreads = {SCAN_THREADS};" not in plan:
-        raise SystemExit("kThreads in csrc/cuda/scan_plan.h changed: update SCAN_THREADS here")
+        raise SystemExit("kThreads in csrc/cuda/persistent_plan.h changed: update SCAN_THREADS here")
     rows = [row for arch in ARCHS for row in parse(compile_report(arch), arch)]
     limits = on_chip_limits()
     command = " ".join(["python bench/cuda_resources.py", *(sys.argv[1:] if argv is None else argv)])

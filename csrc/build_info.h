@@ -11,7 +11,7 @@
 namespace fused_rnn {
 
 #if defined(FUSED_RNN_WITH_CUDA)
-// Defined in csrc/cuda/cuda_build_info.cu, compiled by nvcc.
+// Defined in csrc/cuda/device.cu, compiled by nvcc.
 int cuda_runtime_version_compiled();
 #endif
 

@@ -16,12 +16,12 @@
 #include <torch/library.h>
 
 #include "build_info.h"
-#include "cuda/scan_plan.h"
+#include "cuda/persistent_plan.h"
 
 #if defined(FUSED_RNN_WITH_CUDA)
 namespace fused_rnn {
 namespace cuda {
-// csrc/cuda/rnn_cuda.cu: why the persistent scan cannot take this layer on `device`
+// csrc/cuda/device.cu: why the persistent scan cannot take this layer on `device`
 // ("" if it can).
 std::string cuda_scan_unsupported(int device, int64_t gates, at::ScalarType dtype, int64_t hidden);
 }  // namespace cuda
@@ -90,7 +90,7 @@ TORCH_LIBRARY(fused_rnn, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_rnn compiled kernels; importing this module registers the fused_rnn:: ops";
   m.def("build_info", &fused_rnn::build_info_dict, "How this extension was built (backends, CUDA archs, compiler)");
-  // The persistent CUDA scans' plan (csrc/cuda/scan_plan.h), for any device: plain
+  // The persistent CUDA scans' plan (csrc/cuda/persistent_plan.h), for any device: plain
   // arithmetic, available in CPU-only builds too.
   m.def("cuda_scan_plan", &scan_plan_dict, "plan_scan(gates, weight_size, hidden, backward, sm_count, smem_per_block)");
   m.def("cuda_max_hidden_on_chip", &fused_rnn::cuda::max_hidden_on_chip,

@@ -14,7 +14,7 @@ import torch
 import fused_rnn
 from fused_rnn import _C
 from fused_rnn.ops import OP_NAMES
-from test_backends import SHAPES, check_cells_against_reference, check_layer_against_reference
+from test_cpu import SHAPES, check_cells_against_reference, check_layer_against_reference
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA_BUILT = bool(fused_rnn.build_info().get("cuda_compiled"))
@@ -35,7 +35,7 @@ def test_every_op_has_a_cuda_kernel():
 
 @needs_cuda_build
 def test_kernels_compile_for_sm80_sm90_without_spills(tmp_path):
-    """Every kernel instantiation of csrc/cuda/scan_kernels.cu (8 kernels x float32,
+    """Every kernel instantiation of csrc/cuda/persistent_scan.cu (8 kernels x float32,
     bfloat16, float16), compiled with nvcc -Xptxas -v for sm_80 and sm_90: no spills, no
     stack, registers within what the block size allows (bench/cuda_resources.py, which
     the README's table comes from, exits non-zero otherwise)."""
@@ -57,7 +57,7 @@ def test_kernels_compile_for_sm80_sm90_without_spills(tmp_path):
 @pytest.mark.parametrize("weight_size", [4, 2], ids=["fp32", "16bit"])
 @pytest.mark.parametrize("device, sm_count, smem", DEVICES, ids=[d[0] for d in DEVICES])
 def test_scan_plan_covers_every_unit_within_the_limits(gates, weight_size, device, sm_count, smem):
-    """The plan the launcher and dispatch share (csrc/cuda/scan_plan.h): every hidden
+    """The plan the launcher and dispatch share (csrc/cuda/persistent_plan.h): every hidden
     unit is owned by exactly one block, at most one block per SM, the shared memory
     holds the block's weights in the weights' dtype plus its staged rows, and the
     reported largest H is exact: it fits, the next does not."""
@@ -108,7 +108,7 @@ def _smem_per_block() -> int:
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
 @pytest.mark.parametrize("cell", ["irnn", "lstm"])
 def test_layer_matches_reference(cell, shape, bias):
-    """float32, the tolerances of test_backends (float32 accumulation throughout)."""
+    """float32, the tolerances of test_cpu (float32 accumulation throughout)."""
     if shape[1] > _C.CUDA_SCAN_MAX_BATCH:
         pytest.skip("above the CUDA scan's batch limit (dispatch sends it to Triton)")
     check_layer_against_reference(cell, shape, bias, torch.float32, "cuda", device="cuda")

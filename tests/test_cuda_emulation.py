@@ -1,4 +1,4 @@
-"""The float32 CUDA kernels of csrc/cuda/scan_kernels.cuh, compiled as C++ against the
+"""The float32 CUDA kernels of csrc/cuda/persistent_scan.cuh, compiled as C++ against the
 CPU emulation of the CUDA execution model in tests/cuda_emulation/ (every CUDA thread a
 host thread; block, warp and grid barriers) and run against the NumPy reference: the
 persistent scans' indexing, their split of the hidden units across blocks, the staged
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import rnn_reference as ref
-from test_backends import assert_matches, make_layer
+from test_cpu import assert_matches, make_layer
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = REPO / "tests" / "cuda_emulation" / "emulator.cpp"
@@ -62,12 +62,12 @@ def _options(mask, lengths, clip):
 
 
 def _check(name, got, want):
-    # float32 tolerances of test_backends (float32 accumulation throughout)
+    # float32 tolerances of test_cpu (float32 accumulation throughout)
     assert_matches(name, torch.from_numpy(np.asarray(got, dtype=np.float64)), want, torch.float32)
 
 
 def _weight_grads(dpre, x, h0, y, w_ih):
-    """What rnn_cuda.cu computes from the scan's dpre with ATen GEMMs (layer_common.h)."""
+    """What csrc/cuda/irnn.cu and lstm.cu compute from the scan's dpre with ATen GEMMs (layer_common.h)."""
     h_prev = np.concatenate([h0[None], y[:-1]]).astype(np.float64)
     dpre = dpre.astype(np.float64)
     return {"dx": dpre @ w_ih, "dw_ih": np.einsum("tbg,tbi->gi", dpre, x),

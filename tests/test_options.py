@@ -11,7 +11,7 @@ import torch
 
 import fused_rnn
 import rnn_reference as ref
-from test_backends import assert_matches, make_layer, to_torch
+from test_cpu import assert_matches, make_layer, to_torch
 
 # every backend that runs CPU tensors here and implements the options: the Triton
 # kernels too, under the interpreter (tests/conftest.py sets it without a GPU)
@@ -38,7 +38,7 @@ def _options(steps, batch, hidden, seed):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
 @pytest.mark.parametrize("cell", ["irnn", "lstm"])
 def test_options_match_reference(cell, shape, dtype, backend, used):
-    """Tolerances of test_backends: the options add one multiply or select per element."""
+    """Tolerances of test_cpu: the options add one multiply or select per element."""
     if used == ("hidden_clip",) and cell == "lstm":
         pytest.skip("hidden_clip is the IRNN's")
     if backend == "triton" and dtype == torch.float64:

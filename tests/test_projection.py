@@ -8,7 +8,7 @@ import torch
 
 import fused_rnn
 import rnn_reference as ref
-from test_backends import assert_matches, to_torch
+from test_cpu import assert_matches, to_torch
 
 PROJECTION_BACKENDS = [name for name in fused_rnn.available_backends("cpu")
                        if name == "torch" or "proj_size" in fused_rnn.dispatch.OPTION_SUPPORT.get(name, ())]
@@ -65,7 +65,7 @@ def check_projection(shape, dtype, backend, used, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}B{}I{}H{}P{}".format(*s))
 def test_projection_matches_reference(shape, dtype, backend, used):
-    """Tolerances of test_backends: the projection is one more GEMM per step."""
+    """Tolerances of test_cpu: the projection is one more GEMM per step."""
     check_projection(shape, dtype, backend, used)
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fused_rnn
-from test_backends import SHAPES, assert_matches, make_layer, to_torch
+from test_cpu import SHAPES, assert_matches, make_layer, to_torch
 import rnn_reference as ref
 
 triton_irnn = pytest.importorskip("fused_rnn.triton.irnn", reason="triton is not installed")
@@ -42,7 +42,7 @@ def _tensor(array):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
 def test_irnn_scan_matches_reference(shape, bias, with_h0):
     """Forward (y, h_T) and every gradient of the Triton IRNN scans, float32 (tolerances
-    of test_backends: IEEE-precision dot products, fp32 accumulation)."""
+    of test_cpu: IEEE-precision dot products, fp32 accumulation)."""
     x, (h0,), w_ih, w_hh, b_ih, b_hh, up = make_layer("irnn", *shape, bias=bias, seed=sum(shape))
     if not with_h0:
         h0 = 0.0 * h0
@@ -65,7 +65,7 @@ def test_irnn_scan_matches_reference(shape, bias, with_h0):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
 def test_lstm_scan_matches_reference(shape, bias, with_state):
     """Forward (y, h_T, c_T) and every gradient of the Triton LSTM scans, float32,
-    against the NumPy reference (tolerances of test_backends)."""
+    against the NumPy reference (tolerances of test_cpu)."""
     x, (h0, c0), w_ih, w_hh, b_ih, b_hh, up = make_layer("lstm", *shape, bias=bias, seed=sum(shape))
     if not with_state:
         h0, c0 = 0.0 * h0, 0.0 * c0

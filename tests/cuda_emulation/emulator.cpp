@@ -1,5 +1,5 @@
 // A CPU emulation of the CUDA execution model, just enough to run the float32 kernels
-// of csrc/cuda/scan_kernels.cuh on a machine without a GPU: every CUDA thread is a host
+// of csrc/cuda/persistent_scan.cuh on a machine without a GPU: every CUDA thread is a host
 // thread; __syncthreads is a barrier of the block's threads, __shfl_xor_sync a barrier-
 // separated exchange within the warp, grid.sync() a barrier of the whole grid (all of a
 // cooperative launch's blocks are resident at once, here as on a GPU), and each block
@@ -109,7 +109,7 @@ inline unsigned char* dynamic_shared_memory() { return emu::block_shared_memory(
 }  // namespace cuda
 }  // namespace fused_rnn
 
-#include "cuda/scan_kernels.cuh"
+#include "cuda/persistent_scan.cuh"
 
 namespace {
 
@@ -148,7 +148,7 @@ ScanPlan plan(int64_t gates, int64_t hidden, bool backward, int64_t sm_count) {
 
 extern "C" {
 
-// gates: 1 (IRNN) or 4 (LSTM). Buffers as in ForwardArgs / BackwardArgs (scan_kernels.h).
+// gates: 1 (IRNN) or 4 (LSTM). Buffers as in ForwardArgs / BackwardArgs (persistent_scan.h).
 // Returns the number of blocks the plan used.
 // mask [B, H], lengths [B] may be null; has_clip switches the IRNN's bound on.
 int64_t emulate_scan_forward(int64_t gates, float* pre, const float* h0, const float* c0, const float* w_hh,

@@ -1,4 +1,4 @@
-// How the persistent CUDA scans (scan_kernels.cu) split a layer across thread blocks,
+// How the persistent CUDA scans (persistent_scan.cu) split a layer across thread blocks,
 // and how much shared memory each block needs: plain host/device arithmetic, with no
 // CUDA or torch include, so that the kernels, their launcher and the CPU-only build
 // (fused_rnn._C.cuda_scan_plan, used by dispatch and the tests) all size the same

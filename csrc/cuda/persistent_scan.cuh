@@ -27,7 +27,7 @@
 // weights' dtype (bf16/fp16 halve its shared memory). Offsets into [T, B, *] buffers are
 // int64: T * B * G * H passes 2^31 at T = 1024, B = 64, H = 8192.
 //
-// This header holds the device code only. scan_kernels.cu launches it on a GPU; the
+// This header holds the device code only. persistent_scan.cu launches it on a GPU; the
 // tests also compile it as plain C++ against a CPU emulation of the CUDA execution
 // model (tests/cuda_emulation/, FUSED_RNN_EMULATE_CUDA: blocks and threads as host
 // threads, barriers, warp shuffles, the grid barrier), which runs the float32 kernels
@@ -41,7 +41,7 @@
 #endif
 
 #include "../cell_math.h"
-#include "scan_kernels.h"
+#include "persistent_scan.h"
 
 namespace fused_rnn {
 namespace cuda {

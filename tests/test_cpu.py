@@ -1,4 +1,5 @@
-"""Every CPU backend against the NumPy float64 reference (python/rnn_reference.py):
+"""The CPU backends (the cpp kernels and the torch loop) against the NumPy float64
+reference (python/rnn_reference.py):
 outputs, final states and ALL gradients, for single layers (functional API) and for
 stacked, bidirectional, batch_first modules."""
 

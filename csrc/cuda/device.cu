@@ -1,11 +1,13 @@
-// The CUDA half of the build switch: compiled by nvcc whenever setup.py finds a CUDA
-// build of torch and a CUDA toolkit. It reports the CUDA version the extension was
-// compiled against, and instantiates every function of the shared cell maths
-// (csrc/cell_math.h) in device code, float64 included, which the kernels of
-// scan_kernels.cu (float32 only) do not all use.
+// What the host side (csrc/ops.cpp, fused_rnn._C) asks of the CUDA half of the
+// extension, which setup.py compiles with nvcc whenever it finds a CUDA build of torch
+// and a CUDA toolkit: the CUDA version it was compiled against, and whether a persistent
+// scan fits a device (dispatch's question). It also instantiates every function of the
+// shared cell maths (csrc/cell_math.h) in device code, float64 included, which the
+// kernels of persistent_scan.cu (float32 only) do not all use.
 #include <cuda_runtime_api.h>
 
 #include "../cell_math.h"
+#include "common.cuh"
 
 namespace fused_rnn {
 
@@ -30,4 +32,18 @@ template __global__ void cell_math_device_instantiation<float>(float*, int);
 template __global__ void cell_math_device_instantiation<double>(double*, int);
 
 }  // namespace
+
+namespace cuda {
+
+// Why the persistent scans (both directions) cannot take (gates, dtype, H) on `device`;
+// "" if they can.
+std::string cuda_scan_unsupported(int device, int64_t gates, at::ScalarType dtype, int64_t hidden) {
+  for (const bool backward : {false, true}) {
+    const ScanCheck& check = checked_scan(device, gates, dtype, hidden, backward);
+    if (!check.reason.empty()) return check.reason;
+  }
+  return "";
+}
+
+}  // namespace cuda
 }  // namespace fused_rnn

@@ -1,7 +1,7 @@
-// Host interface of the persistent CUDA scans and the step kernels (scan_kernels.cu),
-// and the argument structs of the kernels (scan_kernels.cuh):
-// raw pointers and sizes only, so that scan_kernels.cu compiles without torch (which
-// is how bench/cuda_resources.py compiles it for ptxas -v) and rnn_cuda.cu, the ATen
+// Host interface of the persistent CUDA scans and the step kernels (persistent_scan.cu),
+// and the argument structs of the kernels (persistent_scan.cuh):
+// raw pointers and sizes only, so that persistent_scan.cu compiles without torch (which
+// is how bench/cuda_resources.py compiles it for ptxas -v) and irnn.cu / lstm.cu, the ATen
 // side, launches them.
 //
 // Layouts (T steps, B batch, H hidden, G = 1 for the IRNN, 4 for the LSTM with gates
@@ -11,7 +11,7 @@
 
 #include <cstdint>
 
-#include "scan_plan.h"
+#include "persistent_plan.h"
 
 #if !defined(FUSED_RNN_EMULATE_CUDA)
 #include <cuda_runtime_api.h>

@@ -1,10 +1,10 @@
-// Launchers of the persistent scans and step kernels (device code in scan_kernels.cuh,
-// which explains the design), and every instantiation the ATen side (rnn_cuda.cu)
+// Launchers of the persistent scans and step kernels (device code in persistent_scan.cuh,
+// which explains the design), and every instantiation the ATen side (irnn.cu and lstm.cu)
 // uses. No torch include: bench/cuda_resources.py compiles this file on its own with
 // nvcc -Xptxas -v.
 #include <mutex>
 
-#include "scan_kernels.cuh"
+#include "persistent_scan.cuh"
 
 namespace fused_rnn {
 namespace cuda {

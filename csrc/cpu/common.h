@@ -38,7 +38,7 @@ constexpr int64_t kMinRowsPerThread = 16;
 // Below kMinRowsPerThread rows the batch is not split; for the LSTM, whose W_hh (4H x H,
 // 1 MB at H = 256) outgrows one core's L2 cache, the hidden units are split across
 // threads instead, each keeping its slice of W_hh in its own cache, at the price of a
-// barrier per step (lstm_cpu.cpp). A slice has at least kMinUnitsPerThread units, a
+// barrier per step (lstm.cpp). A slice has at least kMinUnitsPerThread units, a
 // multiple of kUnitAlign so that each thread's rows start on a SIMD-width boundary.
 constexpr int64_t kMinUnitsPerThread = 64;
 constexpr int64_t kUnitAlign = 8;

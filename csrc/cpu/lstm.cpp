@@ -22,7 +22,7 @@
 
 #include "../cell_math.h"
 #include "blas.h"
-#include "scan_common.h"
+#include "common.h"
 
 namespace fused_rnn {
 namespace cpu {
