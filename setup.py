@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
 PACKAGE = "fused_rnn"
@@ -187,18 +187,9 @@ def build_ext_class():
 
 
 if __name__ == "__main__":  # pip and `python setup.py` run it so; tests import the helpers above
+    # name, version, dependencies and the fused-rnn command are in pyproject.toml's [project]
     setup(
-        name="fused_rnn",
-        version="0.1.0",
-        description="Fused IRNN and LSTM kernels for PyTorch (C++ CPU, CUDA, Triton)",
-        long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
-        long_description_content_type="text/markdown",
-        packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"]),
-        python_requires=">=3.9",
-        install_requires=["torch>=2.4", "numpy>=1.23", "tqdm"],
-        extras_require={"test": ["pytest", "pytest-benchmark", "expecttest", "matplotlib"], "plot": ["matplotlib"]},
         ext_modules=extension_modules(),
         cmdclass={"build_ext": build_ext_class()},
-        entry_points={"console_scripts": ["fused-rnn=fused_rnn.app.cli:main"]},
         zip_safe=False,
     )

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-import fused_rnn
 from fused_rnn.app import data
 from fused_rnn.app.models import MODEL_NAMES, build_model, with_torch_nn_layers
 from fused_rnn.app.train import TrainConfig, batches, train_step

@@ -114,7 +114,7 @@ def variable_length_comparison(shape, plan):
         raise AssertionError(f"fused_rnn.LSTM(lengths=) differs from packed nn.LSTM by {worst:.2e}")
     rows = []
     for mode in ("inference", "training"):
-        def make(module, runner):
+        def make(module, runner, mode=mode):
             def step():
                 if mode == "inference":
                     with torch.no_grad():

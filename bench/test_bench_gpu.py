@@ -12,9 +12,19 @@ import itertools
 
 import pytest
 import torch
+
 from gpu_bench import BATCHES, HIDDENS, STEPS, configs
-from harness import BASELINE, CELLS, DTYPES, GPU_BACKENDS, MODES, check_against_baseline, make_problem, make_step, \
-    unavailable_reason
+from harness import (
+    BASELINE,
+    CELLS,
+    DTYPES,
+    GPU_BACKENDS,
+    MODES,
+    check_against_baseline,
+    make_problem,
+    make_step,
+    unavailable_reason,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 CONFIGS = configs(STEPS, BATCHES, HIDDENS)

@@ -93,6 +93,7 @@ def compile_one(spec, capability, with_options=False):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
     from fused_rnn.triton.common import Config
 
     name, kernel_variant, config = spec

@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import ops  # noqa: F401  (the fake kernels and autograd of the compiled ops)
+from . import ops as _compiled_ops  # noqa: F401  (registers the compiled ops' fakes and autograd)
 from . import torch_loop
 from ._host import combined_bias, zero_state
 from ._validation import InputTypeError, check_layer_args, check_sequence_options

@@ -388,7 +388,8 @@ def print_summary(rows: List[Row]):
             rows_by_traceback.setdefault(row.failure_traceback, []).append(row)
     for failure_traceback, same_rows in rows_by_traceback.items():
         print(f"\n--- raised in {len(same_rows)} row(s), first: "
-              f"{same_rows[0].cell} {same_rows[0].backend} {same_rows[0].device} {same_rows[0].dtype} {same_rows[0].shape}")
+              f"{same_rows[0].cell} {same_rows[0].backend} {same_rows[0].device} {same_rows[0].dtype} "
+              f"{same_rows[0].shape}")
         print(failure_traceback, end="")
     ties = sum(row.relu_ties for row in rows)
     print()

@@ -1,6 +1,5 @@
 """Text loading, the vocabulary, and the batchers of fused_rnn.app.data."""
 
-import warnings
 
 import pytest
 import torch

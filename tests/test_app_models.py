@@ -6,9 +6,17 @@ import torch
 
 import fused_rnn
 from fused_rnn.app import data
-from fused_rnn.app.models import (MODEL_NAMES, NCharModel, OneHotModel, SequenceModel, StatefulModel,
-                              ThreeCharModel, build_model, with_torch_nn_layers)
-from fused_rnn.app.train import batches, loss_of, TrainConfig
+from fused_rnn.app.models import (
+    MODEL_NAMES,
+    NCharModel,
+    OneHotModel,
+    SequenceModel,
+    StatefulModel,
+    ThreeCharModel,
+    build_model,
+    with_torch_nn_layers,
+)
+from fused_rnn.app.train import TrainConfig, batches, loss_of
 
 TEXT = "the quick brown fox jumps over the lazy dog; (brackets) and 'quotes' close.\n" * 40
 VOCAB = data.Vocab.from_text(TEXT)

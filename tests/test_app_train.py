@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from fused_rnn.app import checkpoint as ckpt
+from fused_rnn.app import data
 from fused_rnn.app.cli import main
 from fused_rnn.app.models import build_model
 from fused_rnn.app.train import TrainConfig, evaluate, train
-from fused_rnn.app import data
 
 TEXT = "".join(f"def f{i}(x):\n    return (x + {i}) * 'ab'[{i % 2}]\n" for i in range(300))
 

@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -95,29 +96,50 @@ def test_installed_build_matches_the_machine():
 
 
 @pytest.mark.slow
-def test_cpu_only_build_without_cuda(tmp_path):
-    """The other side of the switch, for real: FUSED_RNN_SKIP_CUDA_BUILD builds the CPU
-    kernels alone, says so in one line, and the result imports and reports no CUDA."""
+def test_non_editable_cpu_only_install(tmp_path):
+    """`pip install --no-build-isolation .` (not editable) from a copy of the source
+    tree, with FUSED_RNN_SKIP_CUDA_BUILD: the build says in one line that it builds the
+    CPU kernels only, and the installed package imports from where it was installed,
+    reports no CUDA, runs the fused kernels, and has its command and the app."""
+    source = tmp_path / "src"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True)
+    for name in filter(None, tracked.stdout.split("\0")):
+        if (REPO / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
+    target = tmp_path / "site"
     env = dict(os.environ, FUSED_RNN_SKIP_CUDA_BUILD="TRUE")
     build = subprocess.run(
-        [sys.executable, "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib"),
-         "--build-temp", str(tmp_path / "tmp")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+        [sys.executable, "-m", "pip", "install", "-v", "--no-build-isolation", "--no-deps", "--target", str(target),
+         str(source)], env=env, capture_output=True, text=True, timeout=1500)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    assert "fused_rnn: building the CPU kernels only (FUSED_RNN_SKIP_CUDA_BUILD is set)" in build.stdout
-    library = next((tmp_path / "lib" / "fused_rnn").glob("_C*.so"))
+    assert "fused_rnn: building the CPU kernels only (FUSED_RNN_SKIP_CUDA_BUILD is set)" in build.stdout + build.stderr
+    assert (target / "bin" / "fused-rnn").is_file()
     probe = textwrap.dedent(f"""
-        import importlib.util, torch
-        spec = importlib.util.spec_from_file_location("fused_rnn._C", {str(library)!r})
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        info = module.build_info()
-        assert info["cuda_compiled"] is False and info["cuda_archs"] == [], info
+        import torch, fused_rnn, fused_rnn.app.models
+        assert fused_rnn.__file__.startswith({str(target)!r}), fused_rnn.__file__
+        info = fused_rnn.build_info()
+        assert info["extension_loaded"] and info["cuda_compiled"] is False and info["cuda_archs"] == [], info
         assert torch._C._dispatch_has_kernel_for_dispatch_key("fused_rnn::lstm_scan_forward", "CPU")
-        print("cpu-only build ok")
+        y, (h, c) = fused_rnn.lstm(torch.randn(3, 2, 4), None, torch.randn(20, 4), torch.randn(20, 5), backend="cpp")
+        assert y.shape == (3, 2, 5)
+        from importlib.metadata import version
+        assert version("fused_rnn") == fused_rnn.__version__
+        print("installed ok")
     """)
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "cpu-only build ok" in result.stdout, result.stderr[-3000:]
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=str(target)), cwd=tmp_path)
+    assert result.returncode == 0 and "installed ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_the_version_is_written_once():
+    """pyproject.toml takes the version from fused_rnn.__version__ (the installed
+    metadata says the same), and setup.py names none."""
+    from importlib.metadata import version
+
+    assert version("fused_rnn") == fused_rnn.__version__
+    assert "\n        version=" not in (REPO / "setup.py").read_text()  # no setup(version=...)
+    assert 'version = { attr = "fused_rnn.__version__" }' in (REPO / "pyproject.toml").read_text()
 
 
 def test_import_without_extension_falls_back_with_a_warning():

@@ -86,10 +86,10 @@ def assert_same_outputs(ours, reference, **tolerance):
         torch.testing.assert_close(a, b, **(tolerance or F64))
 
 
-def raised(make):
-    """The exception `make()` raises, or None."""
+def raised(make, *args, **kwargs):
+    """The exception `make(*args, **kwargs)` raises, or None."""
     try:
-        make()
+        make(*args, **kwargs)
     except Exception as error:  # noqa: BLE001 - the class is what is checked
         return error
     return None
@@ -198,19 +198,19 @@ def _fused_layer(kind, *args, **kwargs):
 @pytest.mark.parametrize("case", LAYER_ARGUMENT_ERRORS, ids=lambda c: c[0])
 def test_layer_arguments_are_checked_like_torch(kind, case):
     _, args, kwargs, expected = case
-    ours = raised(lambda: _fused_layer(kind, *args, **kwargs))
+    ours = raised(_fused_layer, kind, *args, **kwargs)
     assert isinstance(ours, expected), f"{case[0]}: got {ours!r}"
-    theirs = raised(lambda: _torch_layer(kind, *args, **kwargs))
+    theirs = raised(_torch_layer, kind, *args, **kwargs)
     if theirs is not None:  # older torch releases check fewer arguments
         assert isinstance(ours, type(theirs)), f"{case[0]}: torch raises {theirs!r}, fused_rnn {ours!r}"
 
 
 def test_proj_size_is_checked_like_torch():
     for proj_size, expected in [(6, ValueError), (7, ValueError), (-1, ValueError)]:
-        theirs = raised(lambda: nn.LSTM(3, 6, proj_size=proj_size))
-        ours = raised(lambda: fused_rnn.LSTM(3, 6, proj_size=proj_size))
+        theirs = raised(nn.LSTM, 3, 6, proj_size=proj_size)
+        ours = raised(fused_rnn.LSTM, 3, 6, proj_size=proj_size)
         assert isinstance(theirs, expected) and isinstance(ours, type(theirs)), proj_size
-    assert isinstance(raised(lambda: fused_rnn.LSTM(3, 6, proj_size=2.0)), TypeError)
+    assert isinstance(raised(fused_rnn.LSTM, 3, 6, proj_size=2.0), TypeError)
 
 
 def test_nonlinearity_other_than_relu_points_to_torch():
@@ -245,7 +245,7 @@ def test_cell_arguments_are_checked_like_torch(kind):
     make_ours = fused_rnn.IRNNCell if kind == "irnn" else fused_rnn.LSTMCell
     make_theirs = (lambda *a: nn.RNNCell(*a, nonlinearity="relu")) if kind == "irnn" else nn.LSTMCell
     for args in [(3, -1), (3, 2.0), ("3", 5)]:
-        theirs, ours = raised(lambda: make_theirs(*args)), raised(lambda: make_ours(*args))
+        theirs, ours = raised(make_theirs, *args), raised(make_ours, *args)
         assert theirs is not None and isinstance(ours, type(theirs)), (args, theirs, ours)
 
 
@@ -285,7 +285,7 @@ def test_layer_forward_mistakes_raise_torchs_exception_class(kind):
     class (messages are fused_rnn's own, naming the argument and the expected shape)."""
     ours_layer, reference = layer_pair(kind, 3, 5)
     for what, args in _layer_forward_mistakes(kind):
-        theirs, ours = raised(lambda: reference(*args)), raised(lambda: ours_layer(*args))
+        theirs, ours = raised(reference, *args), raised(ours_layer, *args)
         assert ours is not None, what
         if theirs is not None:
             assert isinstance(ours, type(theirs)), f"{what}: torch raises {theirs!r}, fused_rnn {ours!r}"
@@ -310,7 +310,7 @@ def test_cell_forward_mistakes_raise_torchs_exception_class(kind):
         ("input dtype", (torch.randn(3, 10).double(), hx(3, 20))),
     ]
     for what, args in mistakes:
-        theirs, ours = raised(lambda: reference(*args)), raised(lambda: ours_cell(*args))
+        theirs, ours = raised(reference, *args), raised(ours_cell, *args)
         assert theirs is not None and ours is not None, what
         assert isinstance(ours, type(theirs)), f"{what}: torch raises {theirs!r}, fused_rnn {ours!r}"
 
@@ -377,7 +377,7 @@ def test_a_sequence_of_length_zero_returns_the_initial_state():
     stretch of a stream needs no special case."""
     ours, reference = layer_pair("lstm", 3, 5)
     x = torch.randn(0, 2, 3)
-    assert raised(lambda: reference(x)) is not None
+    assert raised(reference, x) is not None
     h, c = torch.randn(1, 2, 5), torch.randn(1, 2, 5)
     y, (h_n, c_n) = ours(x, (h, c))
     assert y.shape == (0, 2, 5) and torch.equal(h_n, h) and torch.equal(c_n, c)

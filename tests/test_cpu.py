@@ -108,7 +108,8 @@ def check_layer_against_reference(cell, shape, bias, dtype, backend, device="cpu
         assert_matches(name, tensor.grad.cpu(), want_grads[name], dtype)
 
 
-@pytest.mark.parametrize("shape", [(63, 4, 7, 37), (4, 7, 5, 30), (9, 20, 7, 13)], ids=lambda s: "T{}B{}I{}H{}".format(*s))
+@pytest.mark.parametrize("shape", [(63, 4, 7, 37), (4, 7, 5, 30), (9, 20, 7, 13)],
+                         ids=lambda s: "T{}B{}I{}H{}".format(*s))
 @pytest.mark.parametrize("cell", ["irnn", "lstm"])
 def test_blas_gemm_path_matches_reference(cell, shape, monkeypatch):
     """FUSED_RNN_CPU_GEMM=blas routes the float32 scans' per-step GEMM through BLAS

@@ -117,7 +117,8 @@ def test_layer_matches_reference(cell, shape, bias):
 @needs_gpu
 @pytest.mark.parametrize("used", [("recurrent_mask",), ("lengths",), ("hidden_clip",),
                                   ("recurrent_mask", "lengths", "hidden_clip")], ids="+".join)
-@pytest.mark.parametrize("shape", [(1, 1, 3, 5), (9, 5, 4, 7), (20, 18, 6, 13)], ids=lambda s: "T{}B{}I{}H{}".format(*s))
+@pytest.mark.parametrize("shape", [(1, 1, 3, 5), (9, 5, 4, 7), (20, 18, 6, 13)],
+                         ids=lambda s: "T{}B{}I{}H{}".format(*s))
 @pytest.mark.parametrize("cell", ["irnn", "lstm"])
 def test_options_match_reference(cell, shape, used):
     """The recurrent mask, lengths and hidden clip in the CUDA scans, float32."""

@@ -127,7 +127,7 @@ def _assert_same(ours, reference, dtype):
     assert ours.keys() == reference.keys()
     for name in reference:
         torch.testing.assert_close(
-            ours[name], reference[name], **TOLERANCES[dtype], msg=lambda message: f"{name}: {message}"
+            ours[name], reference[name], **TOLERANCES[dtype], msg=lambda message, name=name: f"{name}: {message}"
         )
 
 
@@ -368,7 +368,7 @@ def test_backend_can_be_changed_after_construction():
     for backend in BACKENDS + ["auto"]:
         rnn.backend = backend
         results[backend] = rnn(x)[0]
-    for backend, output in results.items():
+    for output in results.values():
         torch.testing.assert_close(output, results["auto"], **TOLERANCES[torch.float64])
 
 

@@ -4,20 +4,19 @@ TRITON_INTERPRET=1), and their ahead-of-time compilation for sm_80 / sm_90."""
 
 import dataclasses
 import json
-
-import numpy as np
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import fused_rnn
-from test_cpu import SHAPES, assert_matches, make_layer, to_torch
 import rnn_reference as ref
+from test_cpu import SHAPES, assert_matches, make_layer
 
 triton_irnn = pytest.importorskip("fused_rnn.triton.irnn", reason="triton is not installed")
 from fused_rnn.triton import lstm as triton_lstm  # noqa: E402
@@ -152,9 +151,10 @@ def test_kernels_compile_for_sm80_sm90_without_spills(tmp_path):
     earlier steps stored, and every candidate left out of dispatch does fail one of
     these. T, B and H are run-time arguments (never specialized, which the script
     checks), so one binary serves H = 64 ... 1024 and beyond."""
+    import triton
+
     from fused_rnn.triton import _configs
     from fused_rnn.triton.common import OPTIONS_SUFFIX, VARIANTS
-    import triton
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "resources.json"
@@ -181,8 +181,8 @@ def test_kernels_compile_for_sm80_sm90_without_spills(tmp_path):
 
 
 def _configs_of(kernel):
-    from fused_rnn.triton.common import Config
     from fused_rnn.triton import _configs
+    from fused_rnn.triton.common import Config
     return [Config(*c) for c in _configs.DISPATCH[(kernel.name, "fp32")]]
 
 
@@ -286,7 +286,6 @@ def test_dispatch_falls_back_when_no_config_compiles(monkeypatch):
 
 # ---- the Triton backend through the public API (ops, autograd, modules, dispatch) ----
 
-from fused_rnn.triton import ops as triton_ops  # noqa: E402
 
 BACKEND_SHAPES = [(1, 1, 3, 5), (7, 5, 4, 9), (5, 18, 6, 20)]
 

@@ -14,9 +14,8 @@ lives in the source tree's bench/ folder, not in the installed package.
 
 import argparse
 import sys
-from typing import Optional, Sequence
-
 from pathlib import Path
+from typing import Optional, Sequence
 
 from . import sample, train
 

@@ -69,7 +69,8 @@ class TrainConfig:
             raise ValueError(f"--model must be one of {MODEL_NAMES}, got {self.model!r}")
         seq_len = DEFAULT_SEQ_LEN[self.model] if self.seq_len is None else self.seq_len
         if self.model == "3char" and seq_len != 3:
-            raise ValueError(f"the 3char model reads 3 characters; --seq-len {seq_len} does not apply (use --model nchar)")
+            raise ValueError(f"the 3char model reads 3 characters; --seq-len {seq_len} does not apply "
+                             "(use --model nchar)")
         layers = self.layers if self.layers is not None else (2 if is_stateful(self.model) else 1)
         if not is_stateful(self.model) and layers != 1:
             raise ValueError(f"--layers applies to the stateful models; {self.model} is one IRNN layer")

@@ -29,8 +29,16 @@ import triton.language as tl
 from torch import Tensor
 
 from .._host import input_projection, weight_grads
-from .common import (SIZE_ARGUMENTS, Config, ScanOptions, TunedKernel, check_dtype, dot_state_weight,
-                     row_lengths, upcast_dots)
+from .common import (
+    SIZE_ARGUMENTS,
+    Config,
+    ScanOptions,
+    TunedKernel,
+    check_dtype,
+    dot_state_weight,
+    row_lengths,
+    upcast_dots,
+)
 
 # The launch configs bench/triton_resources.py compiles for every variant; dispatch
 # autotunes over those that never spill (_configs.py, generated from that compile).

@@ -24,8 +24,18 @@ import triton.language as tl
 from torch import Tensor
 
 from .._host import input_projection, weight_grads
-from .common import (SIZE_ARGUMENTS, Config, ScanOptions, TunedKernel, check_dtype, dot_state_weight,
-                     row_lengths, sigmoid, tanh, upcast_dots)
+from .common import (
+    SIZE_ARGUMENTS,
+    Config,
+    ScanOptions,
+    TunedKernel,
+    check_dtype,
+    dot_state_weight,
+    row_lengths,
+    sigmoid,
+    tanh,
+    upcast_dots,
+)
 
 # The launch configs bench/triton_resources.py compiles for every variant; dispatch
 # autotunes over those that never spill (_configs.py, generated from that compile).
@@ -150,7 +160,8 @@ def _lstm_backward_step(dy_t, dh_n, dgates_next, w, gates_t, c_t, c_prev, dc, dg
         mask = row_ok[:, None] & col_ok[None, :]
         unit = rows64 * H + cols[None, :]
         if from_dgates:
-            dh = _recurrent_grad(dgates_next, w, rows64, row_ok, cols, col_ok, H, TF32, UPCAST, BLOCK_B, BLOCK_N, BLOCK_K)
+            dh = _recurrent_grad(dgates_next, w, rows64, row_ok, cols, col_ok, H, TF32, UPCAST, BLOCK_B, BLOCK_N,
+                                 BLOCK_K)
             if HAS_MASK:
                 dh = dh * tl.load(keep + unit, mask=mask, other=0.0)
             if HAS_LENGTHS:
@@ -260,7 +271,8 @@ def lstm_scan_forward(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], w_i
     options = ScanOptions.of(x, w_hh, recurrent_mask, lengths)
     SCAN_FORWARD.launch(batch, w_hh, gates, h0_t if has_state else w_hh, c0_t if has_state else w_hh, w_hh, states,
                         cells, options.keep, options.lengths, steps, batch, hidden, config=config,
-                        HAS_STATE=has_state, TF32=allow_tf32, UPCAST=upcast_dots(w_hh), HAS_MASK=options.flags["HAS_MASK"],
+                        HAS_STATE=has_state, TF32=allow_tf32, UPCAST=upcast_dots(w_hh),
+                        HAS_MASK=options.flags["HAS_MASK"],
                         HAS_LENGTHS=options.flags["HAS_LENGTHS"])
     h_n = states[-1].to(x.dtype, copy=True)
     options.zero_beyond_lengths(states)

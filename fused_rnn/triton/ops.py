@@ -64,7 +64,8 @@ def triton_lstm_scan_backward(grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor
                               c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, y: Tensor, cells: Tensor,
                               gates: Tensor, grad_x: bool = True, allow_tf32: bool = False,
                               recurrent_mask: Optional[Tensor] = None,
-                              lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                              lengths: Optional[Tensor] = None
+                              ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     dx, *rest = _lstm.lstm_scan_backward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, y, cells, gates,
                                          grad_x, allow_tf32, recurrent_mask=recurrent_mask, lengths=lengths)
     return (dx if dx is not None else x.new_empty(0), *rest)
