@@ -1,7 +1,7 @@
 """Training speed of the character models: fused layers against the same model on
 torch.nn layers.
 
-    python bench/char_models.py [--steps 4] [--rounds 7] [--models seq,stateful-lstm] [--out PATH] [--readme]
+    python bench/char_models.py [--steps 4] [--rounds 7] [--models seq,stateful-lstm] [--out PATH] [--docs]
 
 For each model of ``fused-rnn train`` this builds the model as the trainer does (default
 sequence length, batch 64, hidden 256) and a twin whose fused IRNN / LSTM layers are
@@ -26,10 +26,9 @@ from fused_rnn.app import data
 from fused_rnn.app.models import MODEL_NAMES, build_model, with_torch_nn_layers
 from fused_rnn.app.train import TrainConfig, batches, train_step
 from harness import cpu_model_name  # bench/harness.py
-from table import replace_readme_table  # bench/table.py
+from table import replace_block  # bench/table.py
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "char_models.md"
-README_START, README_END = "<!-- bench:char:start -->", "<!-- bench:char:end -->"
 
 
 def measure(name: str, text: str, steps: int, rounds: int) -> dict:
@@ -74,7 +73,7 @@ def main(argv=None) -> int:
     parser.add_argument("--chars", type=int, default=300_000, help="default-corpus characters to draw batches from")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="write the Markdown table here (default: bench/results/char_models.md)")
-    parser.add_argument("--readme", action="store_true", help="also put the table into README.md")
+    parser.add_argument("--docs", action="store_true", help="also put the table into docs/app.md")
     args = parser.parse_args(argv)
     names = [n for n in args.models.split(",") if n]
     unknown = set(names) - set(MODEL_NAMES)
@@ -100,8 +99,8 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     print(table)
     args.out.write_text(table + "\n", encoding="utf-8")
-    if args.readme:
-        replace_readme_table(table, start=README_START, end=README_END)
+    if args.docs:
+        replace_block(table, "char")
     return 0
 
 

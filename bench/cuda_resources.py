@@ -1,7 +1,7 @@
 """GPU resources of the CUDA kernels (csrc/cuda/persistent_scan.cu), compiled ahead of time
 with nvcc (no GPU needed), and the largest hidden size each scan keeps on chip.
 
-    python bench/cuda_resources.py [--json PATH] [--readme]
+    python bench/cuda_resources.py [--json PATH] [--docs]
 
 persistent_scan.cu holds every kernel and explicit instantiation the extension launches
 and includes no torch header, so it is compiled here on its own, with the nvcc flags
@@ -30,7 +30,7 @@ ARCHS = ("sm_80", "sm_90")
 REGISTERS_PER_SM = 65536
 SCAN_THREADS = 256  # kThreads in csrc/cuda/persistent_plan.h (checked against the source below)
 STEP_THREADS = 256  # kStepThreads in persistent_scan.cu
-# (name, SMs, shared memory per block with opt-in) of the devices in the README table
+# (name, SMs, shared memory per block with opt-in) of the devices in docs/cuda.md's table
 DEVICES = (("A100 (sm_80)", 108, 163 * 1024), ("H100 SXM (sm_90)", 132, 227 * 1024))
 
 
@@ -127,7 +127,7 @@ def format_tables(rows, limits) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
-    parser.add_argument("--readme", action="store_true", help="also put the tables into README.md")
+    parser.add_argument("--docs", action="store_true", help="also put the tables into docs/cuda.md")
     args = parser.parse_args(argv)
     plan = (REPO / "csrc" / "cuda" / "persistent_plan.h").read_text()
     if f"constexpr int kThreads = {SCAN_THREADS};" not in plan:
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
              f"{len(rows)} kernel builds without spills or stack frames)\n\n" + format_tables(rows, limits))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from table import publish  # bench/table.py
-    publish(table, "cuda", args.readme)
+    publish(table, "cuda", args.docs)
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "on_chip_limits": limits}, indent=1))
     bad = [r for r in rows if not r["ok"]]

@@ -1,7 +1,7 @@
 """What the per-sequence options cost on the fused CPU kernels, and variable-length
 batches against torch.nn.LSTM with pack_padded_sequence.
 
-    python bench/feature_costs.py [--quick] [--readme] [--json PATH]
+    python bench/feature_costs.py [--quick] [--docs] [--json PATH]
 
 Part 1: one layer at the char-RNN lesson's size (T = 64, B = 64, I = 42, H = 256),
 float32, backend "cpp": the plain scan against the same scan with a recurrent
@@ -152,7 +152,7 @@ def format_tables(options, packed, shape, command) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few rounds (a dry run for the tests)")
-    parser.add_argument("--readme", action="store_true", help="also put the tables into README.md")
+    parser.add_argument("--docs", action="store_true", help="also put the tables into docs/cpu.md")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = parser.parse_args(argv)
     if "cpp" not in fused_rnn.available_backends("cpu"):
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     command = " ".join(["python bench/feature_costs.py", *(sys.argv[1:] if argv is None else argv)])
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from table import publish  # bench/table.py
-    publish(format_tables(options, packed, shape, command), "features", args.readme)
+    publish(format_tables(options, packed, shape, command), "features", args.docs)
     if args.json:
         args.json.write_text(json.dumps({"options": options, "variable_lengths": packed}, indent=1))
     return 0

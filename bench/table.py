@@ -1,11 +1,12 @@
-"""Writes the CPU benchmark table that the README embeds.
+"""Writes the CPU benchmark table (bench/results/cpu.md) and the README's summary of it.
 
     python bench/table.py [--out bench/results/cpu.md] [--readme] [--quick] [--json PATH] [--threads N] ...
 
 Runs the CPU cases of the benchmark harness (bench/harness.py; `fused-rnn bench` is
 the same command), prints the Markdown table and writes it to --out; with --readme it
 also puts its summary into README.md (between the bench:cpu markers). The README's
-numbers are this output, never typed by hand.
+numbers are this output, never typed by hand; the other bench/ scripts put their
+tables into docs/ through the same `publish`.
 """
 
 import argparse
@@ -14,32 +15,58 @@ from pathlib import Path
 
 import harness as bench  # bench/harness.py
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "cpu.md"
-README = Path(__file__).resolve().parents[1] / "README.md"
-START, END = "<!-- bench:cpu:start -->", "<!-- bench:cpu:end -->"
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "bench" / "results" / "cpu.md"
+README = ROOT / "README.md"
+# where each generated block lives: the README keeps summaries, docs/ the full tables
+DOCS = {"cpu": README, "char": ROOT / "docs" / "app.md", "features": ROOT / "docs" / "cpu.md",
+        "cuda": ROOT / "docs" / "cuda.md", "triton": ROOT / "docs" / "triton.md"}
 
 
-def replace_readme_table(table: str, readme: Path = README, start: str = START, end: str = END) -> None:
-    """Puts `table` into README.md between the `start` and `end` marker lines."""
-    text = readme.read_text(encoding="utf-8")
-    if start not in text or end not in text:
-        raise SystemExit(f"{readme} has no {start} ... {end} block to replace")
-    head, rest = text.split(start, 1)
+def replace_block(text: str, block: str, path: Path = None) -> Path:
+    """Puts `text` into `path` (default: where `block` lives) between the
+    ``<!-- bench:BLOCK:start -->`` and ``<!-- bench:BLOCK:end -->`` marker lines."""
+    path = DOCS[block] if path is None else path
+    start, end = f"<!-- bench:{block}:start -->", f"<!-- bench:{block}:end -->"
+    content = path.read_text(encoding="utf-8")
+    if start not in content or end not in content:
+        raise SystemExit(f"{path} has no {start} ... {end} block to replace")
+    head, rest = content.split(start, 1)
     _, tail = rest.split(end, 1)
-    readme.write_text(f"{head}{start}\n{table.rstrip()}\n{end}{tail}", encoding="utf-8")
+    path.write_text(f"{head}{start}\n{text.rstrip()}\n{end}{tail}", encoding="utf-8")
+    return path
 
 
-def publish(table: str, block: str, readme: bool) -> None:
-    """Prints `table` and, with `readme`, puts it into README.md's bench:`block` markers."""
+def publish(table: str, block: str, write: bool) -> None:
+    """Prints `table` and, with `write`, puts it into its document's bench:`block` markers."""
     print(table)
-    if readme:
-        replace_readme_table(table, start=f"<!-- bench:{block}:start -->", end=f"<!-- bench:{block}:end -->")
+    if write:
+        print(f"updated {replace_block(table, block)}", file=sys.stderr)
+
+
+def format_summary(report) -> str:
+    """The README's summary: the cpp backend's speed-up over nn.RNN / nn.LSTM per cell,
+    mode and configuration (same-run medians), and where it was measured."""
+    m = report.machine
+    configs = list(dict.fromkeys(r.config for r in report.results))
+    lines = [f"CPU: {m['cpu_model']}, {m['torch_threads']} threads, torch {m['torch_version']}, {m['date']}; "
+             f"`python bench/table.py --readme`; full table: [bench/results/cpu.md](bench/results/cpu.md). "
+             "Speed-up of `backend=\"cpp\"` over `nn.RNN(nonlinearity=\"relu\")` / `nn.LSTM` "
+             "(median of same-run ratios; above 1x is faster):", "",
+             "| cell | mode | " + " | ".join(f"{c.name} (T={c.T}, B={c.B}, H={c.H})" for c in configs) + " |",
+             "|---|---|" + "---:|" * len(configs)]
+    for cell in dict.fromkeys(r.cell for r in report.results):
+        for mode in dict.fromkeys(r.mode for r in report.results):
+            ratios = {r.config: r.speedup("cpp") for r in report.results if r.cell == cell and r.mode == mode}
+            lines.append(f"| {cell} | {mode} | " + " | ".join(
+                "-" if ratios.get(c) is None else f"{ratios[c]:.2f}x" for c in configs) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="the Markdown file to write (default: bench/results/cpu.md)")
-    parser.add_argument("--readme", action="store_true", help="also put the table into README.md")
+    parser.add_argument("--readme", action="store_true", help="also put the summary into README.md")
     bench.add_arguments(parser)
 
 
@@ -50,17 +77,16 @@ def run(args: argparse.Namespace, command: str) -> int:
     args.out.write_text(table, encoding="utf-8")
     print(table, end="")
     print(f"wrote {args.out}", file=sys.stderr)
-    if args.readme:
-        replace_readme_table(table)
-        print(f"updated {README}", file=sys.stderr)
+    if args.readme and "cpp" in args.backends:
+        print(f"updated {replace_block(format_summary(report), 'cpu')}", file=sys.stderr)
     return 0
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "python bench/table.py") -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="python bench/table.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv), " ".join(["python bench/table.py", *argv]))
+    return run(parser.parse_args(argv), " ".join([prog, *argv]))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ One test per (cell, configuration, mode, contender); the contenders of one (cell
 configuration) share a benchmark group, so pytest-benchmark's report puts them side by
 side. Each test first checks its contender's outputs (and, in training mode, every
 gradient) against nn.RNN / nn.LSTM with the same weights. These benchmarks are not part
-of the test suite (pytest's testpaths is tests/); for the README's table with speed-up
+of the test suite (pytest's testpaths is tests/); for the CPU table with speed-up
 ratios measured in one interleaved run, use `python bench/table.py`.
 """
 

@@ -1,7 +1,7 @@
 """GPU resources of the Triton kernels and their launch configs, compiled ahead of time
 (no GPU needed).
 
-    python bench/triton_resources.py [--json PATH] [--readme] [--write-configs]
+    python bench/triton_resources.py [--json PATH] [--docs] [--write-configs]
 
 Every kernel, variant (fp32, fp32 with TF32, bf16, fp16 weights) and candidate
 config (``CANDIDATES`` in fused_rnn/triton/irnn.py and lstm.py) is compiled with
@@ -241,7 +241,7 @@ def format_table(rows, dispatch) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
-    parser.add_argument("--readme", action="store_true", help="also put the table into README.md")
+    parser.add_argument("--docs", action="store_true", help="also put the table into docs/triton.md")
     parser.add_argument("--write-configs", action="store_true",
                         help=f"write the usable configs to {CONFIGS_FILE.relative_to(REPO)} (what dispatch tunes over)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
@@ -258,7 +258,7 @@ def main(argv=None) -> int:
              f"H, a run-time argument)\n\n" + format_table(rows, dispatch))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from table import publish  # bench/table.py
-    publish(table, "triton", args.readme)
+    publish(table, "triton", args.docs)
     if args.json:
         args.json.write_text(json.dumps({"triton": triton_version(), "rows": rows,
                                          "dispatch": {f"{k[0]}[{k[1]}]": v for k, v in dispatch.items()}},

@@ -29,7 +29,7 @@ from .functional import (
 )
 from .modules import IRNN, LSTM, IRNNCell, LSTMCell
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "IRNN",

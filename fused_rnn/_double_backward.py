@@ -4,8 +4,8 @@ The fused backward kernels return numbers, not a graph: their own derivatives ar
 written anywhere. A backward that runs with grad mode on (``create_graph=True``:
 gradient penalties, ``gradgradcheck``, meta-learning) would therefore hand back first
 derivatives that are detached from the inputs, and every second derivative through
-them would be silently zero. Every autograd formula of the package (the public
-Functions, the ops' registered autograd, the Triton Functions) instead sends such a
+them would be silently zero. Every autograd formula of the package (registered on
+the compiled ops in ops.py and on the Triton ops in triton/ops.py) instead sends such a
 backward here: the layer is recomputed through the differentiable ``torch`` time loop
 (:mod:`fused_rnn.torch_loop`), and its first derivatives are taken with
 ``create_graph=True``, so that higher derivatives are those of the same formulas
@@ -19,18 +19,13 @@ import torch
 from torch import Tensor
 
 from . import torch_loop
+from ._host import state_dtype, zero_state
 
 
 def wants_graph() -> bool:
     """Whether the running backward must return differentiable gradients: autograd
     turns grad mode on inside a backward exactly when ``create_graph=True``."""
     return torch.is_grad_enabled()
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # bfloat16/float16 layers keep float32 state and accumulation in every kernel; the
-    # recomputation does the same, and the casts carry the gradients back
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def recomputed_grads(
@@ -51,8 +46,9 @@ def recomputed_grads(
     result: list = [None] * len(inputs)
     if not wanted:
         return tuple(result)
-    reference = next(t for t in inputs if t is not None)
-    dtype = _compute_dtype(reference.dtype)
+    # bfloat16/float16 layers keep float32 state and accumulation in every kernel; the
+    # recomputation does the same, and the casts carry the gradients back
+    dtype = state_dtype(next(t for t in inputs if t is not None))
     with torch.enable_grad():
         cast = [None if t is None else (t.to(dtype) if t.is_floating_point() else t) for t in inputs]
         outputs = layer(*cast)
@@ -72,7 +68,7 @@ def recomputed_grads(
 
 def _state(state: Optional[Tensor], x: Tensor, width: int) -> Tensor:
     # an initial state given as None (the Triton ops take it so) is zeros
-    return x.new_zeros(x.shape[-2], width) if state is None else state
+    return zero_state(x, width) if state is None else state
 
 
 def irnn_layer_grads(inputs, needs_grad, grad_outputs, options=(None, None, None)):

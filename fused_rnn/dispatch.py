@@ -18,7 +18,6 @@ which one and why the faster ones were skipped. The tables below are the one pla
 dispatch reads.
 """
 
-import os
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -49,7 +48,8 @@ def _triton_missing() -> Optional[str]:
 
 
 def _interpreting_triton() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    from .triton import interpreting
+    return interpreting()
 
 
 def available_backends(device="cpu") -> List[str]:

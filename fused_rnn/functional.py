@@ -26,7 +26,7 @@ from . import ops as _compiled_ops  # noqa: F401  (registers the compiled ops' f
 from . import torch_loop
 from ._host import combined_bias, zero_state
 from ._validation import InputTypeError, check_layer_args, check_sequence_options
-from .dispatch import BACKENDS, OPTION_SUPPORT, available_backends, select_backend  # noqa: F401  (public here too)
+from .dispatch import available_backends, select_backend  # noqa: F401  (importable from here, where they lived)
 
 
 class IRNNFunction:

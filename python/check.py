@@ -307,14 +307,9 @@ def unsupported_reason(backend: str, device: str, dtype: torch.dtype, cell: Opti
     """Why `backend` declines these tensors by design (not a failure), or None. A backend
     named explicitly is asked directly (select_backend), so that, for instance, the Triton
     kernels can be checked on CPU tensors under TRITON_INTERPRET=1."""
-    if not hasattr(fused_rnn, "select_backend"):
-        return None if backend == "auto" or backend in fused_rnn.available_backends(device) else \
-            f"not available on {device}"
-    try:
-        try:  # with the layer's shape where this fused_rnn's dispatch takes it (the CUDA scans' limits)
-            fused_rnn.select_backend(device, dtype, backend, cell=cell, hidden=shape.hidden, batch=shape.batch)
-        except TypeError:
-            fused_rnn.select_backend(device, dtype, backend)
+    try:  # with the layer's shape: the CUDA scans' limits depend on it
+        fused_rnn.select_backend(device, dtype, backend, cell=cell, hidden=None if shape is None else shape.hidden,
+                                 batch=None if shape is None else shape.batch)
     except ValueError as error:
         return str(error).split(": ", 1)[-1]
     return None

@@ -9,65 +9,14 @@ import torch
 
 import fused_rnn
 import rnn_reference as ref
-
-# Tolerances, as |got - want| <= atol * max(1, max|want|) + rtol * |want|:
-# - float64: the backends and the reference do the same arithmetic in another order;
-#   rounding differences of ~1e-16 grow by at most the condition of a <= 63-step chain,
-#   measured below 1e-12, so 1e-9 leaves a wide margin and still catches any wrong term.
-# - float32: eps = 6e-8; a T-step chain of GEMMs over K <= 64 terms accumulates about
-#   sqrt(K * T) * eps ~ 4e-6 relative error (measured: under 2e-6 on these shapes), so
-#   1e-4 is a 25x margin, far below the O(1) error of any indexing or gate-order bug.
-TOLERANCES = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-4, 1e-4)}
-
-SHAPES = [  # (T, B, I, H)
-    (1, 1, 3, 5),
-    (63, 4, 7, 37),
-    (5, 1, 4, 6),
-    (20, 8, 16, 32),
-    (9, 20, 7, 13),  # B >= 16: the CPU backward folds dx into each step
-    # row counts that leave 3 and 2 rows after the AVX2 GEMM's 4-row tiles, and more
-    # rows than its 64-row block; H = 30 / 26 leave partial 24-column panels
-    (4, 7, 5, 30),
-    (3, 70, 5, 26),
-]
-
-
-def assert_matches(name, got, want, dtype):
-    atol, rtol = TOLERANCES[dtype]
-    got = got.detach().double().numpy()
-    want = np.asarray(want, dtype=np.float64)
-    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
-    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
-    err = np.abs(got - want)
-    bound = atol * scale + rtol * np.abs(want)
-    worst = float((err - bound).max(initial=-1.0))
-    assert worst <= 0, f"{name}: max error {err.max():.3e} exceeds tolerance (scale {scale:.3g})"
-
-
-def make_layer(cell, steps, batch, inputs, hidden, bias, seed):
-    """Weights that keep the activations O(1) over the sequence (float64 NumPy)."""
-    rng = np.random.default_rng(seed)
-    gates = 1 if cell == "irnn" else 4
-    x = rng.normal(0.0, 0.5, (steps, batch, inputs))
-    if cell == "irnn":
-        # a contracting perturbed identity, so the ReLU RNN neither dies nor explodes
-        w_hh = 0.9 * np.eye(hidden) + rng.normal(0.0, 0.3 / np.sqrt(hidden), (hidden, hidden))
-    else:
-        w_hh = rng.uniform(-1, 1, (4 * hidden, hidden)) / np.sqrt(hidden)
-    w_ih = rng.normal(0.0, 1.0 / np.sqrt(inputs), (gates * hidden, inputs))
-    b_ih = rng.normal(0.0, 0.1, gates * hidden) if bias else None
-    b_hh = rng.normal(0.0, 0.1, gates * hidden) if bias else None
-    states = [rng.normal(0.0, 0.5, (batch, hidden)) for _ in range(1 if cell == "irnn" else 2)]
-    upstream = {
-        "y": rng.normal(size=(steps, batch, hidden)),
-        "h": rng.normal(size=(batch, hidden)),
-        "c": rng.normal(size=(batch, hidden)),
-    }
-    return x, states, w_ih, w_hh, b_ih, b_hh, upstream
-
-
-def to_torch(array, dtype, device="cpu"):
-    return None if array is None else torch.tensor(array, dtype=dtype, device=device, requires_grad=True)
+from helpers import (
+    SHAPES,
+    assert_matches,
+    check_cells_against_reference,
+    check_layer_against_reference,
+    make_layer,
+    to_torch,
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -76,36 +25,6 @@ def to_torch(array, dtype, device="cpu"):
 @pytest.mark.parametrize("cell", ["irnn", "lstm"])
 def test_layer_matches_reference(cell, shape, bias, dtype, cpu_backend):
     check_layer_against_reference(cell, shape, bias, dtype, cpu_backend)
-
-
-def check_layer_against_reference(cell, shape, bias, dtype, backend, device="cpu"):
-    """One layer of `backend` on `device` (functional API, autograd) against the NumPy
-    reference: outputs, final states and every gradient."""
-    x, states, w_ih, w_hh, b_ih, b_hh, up = make_layer(cell, *shape, bias=bias, seed=sum(shape))
-    tx, tw_ih, tw_hh, tb_ih, tb_hh = (to_torch(a, dtype, device) for a in (x, w_ih, w_hh, b_ih, b_hh))
-    tstates = [to_torch(s, dtype, device) for s in states]
-    if cell == "irnn":
-        y, h_n = fused_rnn.irnn(tx, tstates[0], tw_ih, tw_hh, tb_ih, tb_hh, backend=backend)
-        outputs, upstream = (y, h_n), (up["y"], up["h"])
-        want_y, want_h, cache = ref.irnn_forward(x, states[0], w_ih, w_hh, b_ih, b_hh)
-        want_out = {"y": want_y, "h_T": want_h}
-        want_grads = ref.irnn_backward(up["y"], up["h"], cache)
-        grad_names = {"dx": tx, "dh0": tstates[0]}
-    else:
-        y, (h_n, c_n) = fused_rnn.lstm(tx, tuple(tstates), tw_ih, tw_hh, tb_ih, tb_hh, backend=backend)
-        outputs, upstream = (y, h_n, c_n), (up["y"], up["h"], up["c"])
-        want_y, want_h, want_c, cache = ref.lstm_forward(x, *states, w_ih, w_hh, b_ih, b_hh)
-        want_out = {"y": want_y, "h_T": want_h, "c_T": want_c}
-        want_grads = ref.lstm_backward(up["y"], up["h"], up["c"], cache)
-        grad_names = {"dx": tx, "dh0": tstates[0], "dc0": tstates[1]}
-    for (name, want), got in zip(want_out.items(), outputs):
-        assert_matches(name, got.cpu(), want, dtype)
-    torch.autograd.backward(outputs, [torch.tensor(u, dtype=dtype, device=device) for u in upstream])
-    grad_names.update({"dw_ih": tw_ih, "dw_hh": tw_hh})
-    if bias:
-        grad_names.update({"db_ih": tb_ih, "db_hh": tb_hh})
-    for name, tensor in grad_names.items():
-        assert_matches(name, tensor.grad.cpu(), want_grads[name], dtype)
 
 
 @pytest.mark.parametrize("shape", [(63, 4, 7, 37), (4, 7, 5, 30), (9, 20, 7, 13)],
@@ -247,32 +166,6 @@ def test_stacked_module_matches_reference(cell, bidirectional, batch_first, dtyp
 def test_cells_match_reference(cell, cpu_backend):
     """The single-step ops (IRNNCell/LSTMCell path) are the T = 1 reference."""
     check_cells_against_reference(cell, cpu_backend, torch.float64)
-
-
-def check_cells_against_reference(cell, backend, dtype, device="cpu"):
-    x, states, w_ih, w_hh, b_ih, b_hh, up = make_layer(cell, 1, 5, 4, 6, bias=True, seed=3)
-    tx, tw_ih, tw_hh, tb_ih, tb_hh = (to_torch(a, dtype, device) for a in (x[0], w_ih, w_hh, b_ih, b_hh))
-    tstates = [to_torch(s, dtype, device) for s in states]
-    if cell == "irnn":
-        h = fused_rnn.irnn_cell(tx, tstates[0], tw_ih, tw_hh, tb_ih, tb_hh, backend=backend)
-        _, want_h, cache = ref.irnn_forward(x, states[0], w_ih, w_hh, b_ih, b_hh)
-        assert_matches("h", h.cpu(), want_h, dtype)
-        h.backward(torch.tensor(up["h"], dtype=dtype, device=device))
-        want = ref.irnn_backward(None, up["h"], cache)
-        checks = {"dx": tx.grad, "dh0": tstates[0].grad}
-    else:
-        h, c = fused_rnn.lstm_cell(tx, tuple(tstates), tw_ih, tw_hh, tb_ih, tb_hh, backend=backend)
-        _, want_h, want_c, cache = ref.lstm_forward(x, *states, w_ih, w_hh, b_ih, b_hh)
-        assert_matches("h", h.cpu(), want_h, dtype)
-        assert_matches("c", c.cpu(), want_c, dtype)
-        torch.autograd.backward((h, c), (torch.tensor(up["h"], dtype=dtype, device=device),
-                                         torch.tensor(up["c"], dtype=dtype, device=device)))
-        want = ref.lstm_backward(None, up["h"], up["c"], cache)
-        checks = {"dx": tx.grad, "dh0": tstates[0].grad, "dc0": tstates[1].grad}
-    checks.update({"dw_ih": tw_ih.grad, "dw_hh": tw_hh.grad, "db_ih": tb_ih.grad, "db_hh": tb_hh.grad})
-    for name, got in checks.items():
-        want_value = want[name][0] if name == "dx" else want[name]
-        assert_matches(name, got.cpu(), want_value, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])

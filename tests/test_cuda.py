@@ -14,7 +14,7 @@ import torch
 import fused_rnn
 from fused_rnn import _C
 from fused_rnn.ops import OP_NAMES
-from test_cpu import SHAPES, check_cells_against_reference, check_layer_against_reference
+from helpers import SHAPES, check_cells_against_reference, check_layer_against_reference
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA_BUILT = bool(fused_rnn.build_info().get("cuda_compiled"))
@@ -38,7 +38,7 @@ def test_kernels_compile_for_sm80_sm90_without_spills(tmp_path):
     """Every kernel instantiation of csrc/cuda/persistent_scan.cu (8 kernels x float32,
     bfloat16, float16), compiled with nvcc -Xptxas -v for sm_80 and sm_90: no spills, no
     stack, registers within what the block size allows (bench/cuda_resources.py, which
-    the README's table comes from, exits non-zero otherwise)."""
+    docs/cuda.md's table comes from, exits non-zero otherwise)."""
     out = tmp_path / "resources.json"
     result = subprocess.run([sys.executable, str(REPO / "bench" / "cuda_resources.py"), "--json", str(out)],
                             capture_output=True, text=True, timeout=600)
@@ -122,7 +122,7 @@ def test_layer_matches_reference(cell, shape, bias):
 @pytest.mark.parametrize("cell", ["irnn", "lstm"])
 def test_options_match_reference(cell, shape, used):
     """The recurrent mask, lengths and hidden clip in the CUDA scans, float32."""
-    from test_options import check_options
+    from helpers import check_options
 
     if used == ("hidden_clip",) and cell == "lstm":
         pytest.skip("hidden_clip is the IRNN's")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import rnn_reference as ref
-from test_cpu import assert_matches, make_layer
+from helpers import assert_matches, make_layer
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = REPO / "tests" / "cuda_emulation" / "emulator.cpp"

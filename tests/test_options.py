@@ -5,13 +5,11 @@ all gradients)."""
 
 import os
 
-import numpy as np
 import pytest
 import torch
 
 import fused_rnn
-import rnn_reference as ref
-from test_cpu import assert_matches, make_layer, to_torch
+from helpers import check_options
 
 # every backend that runs CPU tensors here and implements the options: the Triton
 # kernels too, under the interpreter (tests/conftest.py sets it without a GPU)
@@ -22,14 +20,6 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     OPTION_BACKENDS.append("triton")
 SHAPES = [(1, 1, 3, 5), (9, 5, 4, 7), (20, 18, 6, 13)]  # (T, B, I, H)
 COMBINATIONS = [("recurrent_mask",), ("lengths",), ("hidden_clip",), ("recurrent_mask", "lengths", "hidden_clip")]
-
-
-def _options(steps, batch, hidden, seed):
-    rng = np.random.default_rng(seed)
-    mask = (rng.random((batch, hidden)) > 0.25) / 0.75
-    lengths = rng.integers(0, steps + 1, size=batch)
-    lengths[0] = steps  # the longest sequence spans the batch, as after padding
-    return mask, lengths
 
 
 @pytest.mark.parametrize("used", COMBINATIONS, ids="+".join)
@@ -58,41 +48,6 @@ def test_options_on_threads_match_reference():
                     check_options(cell, (7, 40, 5, 24), torch.float64, backend, COMBINATIONS[-1])
     finally:
         torch.set_num_threads(threads)
-
-
-def check_options(cell, shape, dtype, backend, used, device="cpu"):
-    x, states, w_ih, w_hh, b_ih, b_hh, up = make_layer(cell, *shape, bias=True, seed=sum(shape))
-    mask, lengths = _options(shape[0], shape[1], shape[3], seed=shape[0])
-    mask = mask if "recurrent_mask" in used else None
-    lengths = lengths if "lengths" in used else None
-    clip = None
-    if "hidden_clip" in used and cell == "irnn":  # half the largest activation: some are clipped
-        clip = 0.5 * float(ref.irnn_forward(x, states[0], w_ih, w_hh, b_ih, b_hh, mask, lengths)[0].max())
-    tx, tw_ih, tw_hh, tb_ih, tb_hh = (to_torch(a, dtype, device) for a in (x, w_ih, w_hh, b_ih, b_hh))
-    tstates = [to_torch(s, dtype, device) for s in states]
-    options = dict(recurrent_mask=None if mask is None else torch.tensor(mask, dtype=dtype, device=device),
-                   lengths=None if lengths is None else torch.tensor(lengths))
-    if cell == "irnn":
-        y, h_n = fused_rnn.irnn(tx, tstates[0], tw_ih, tw_hh, tb_ih, tb_hh, backend=backend, **options,
-                                hidden_clip=clip)
-        outputs, upstream = (y, h_n), (up["y"], up["h"])
-        want_y, want_h, cache = ref.irnn_forward(x, states[0], w_ih, w_hh, b_ih, b_hh, mask, lengths, clip)
-        if clip is not None:
-            assert (want_y == clip).any()  # the clip is reached
-        want_out, want = (want_y, want_h), ref.irnn_backward(up["y"], up["h"], cache)
-        grads = {"dx": tx, "dh0": tstates[0]}
-    else:
-        y, (h_n, c_n) = fused_rnn.lstm(tx, tuple(tstates), tw_ih, tw_hh, tb_ih, tb_hh, backend=backend, **options)
-        outputs, upstream = (y, h_n, c_n), (up["y"], up["h"], up["c"])
-        want_y, want_h, want_c, cache = ref.lstm_forward(x, *states, w_ih, w_hh, b_ih, b_hh, mask, lengths)
-        want_out, want = (want_y, want_h, want_c), ref.lstm_backward(up["y"], up["h"], up["c"], cache)
-        grads = {"dx": tx, "dh0": tstates[0], "dc0": tstates[1]}
-    for name, got, expected in zip(("y", "h_T", "c_T"), outputs, want_out):
-        assert_matches(name, got.cpu(), expected, dtype)
-    torch.autograd.backward(outputs, [torch.tensor(u, dtype=dtype, device=device) for u in upstream])
-    grads.update({"dw_ih": tw_ih, "dw_hh": tw_hh, "db_ih": tb_ih, "db_hh": tb_hh})
-    for name, tensor in grads.items():
-        assert_matches(name, tensor.grad.cpu(), want[name], dtype)
 
 
 def test_dispatch_takes_a_backend_that_implements_the_options(monkeypatch):
@@ -127,7 +82,7 @@ def test_bad_options_name_the_argument(bad, message):
 
 
 def test_feature_cost_benchmark_runs(tmp_path):
-    """bench/feature_costs.py (the README's feature-cost table) in its quick mode: its
+    """bench/feature_costs.py (docs/cpu.md's feature-cost table) in its quick mode: its
     correctness check of lengths= against packed nn.LSTM included."""
     import json
     import subprocess

@@ -8,7 +8,7 @@ import torch
 
 import fused_rnn
 import rnn_reference as ref
-from test_cpu import assert_matches, to_torch
+from helpers import assert_matches, to_torch
 
 PROJECTION_BACKENDS = [name for name in fused_rnn.available_backends("cpu")
                        if name == "torch" or "proj_size" in fused_rnn.dispatch.OPTION_SUPPORT.get(name, ())]

@@ -16,7 +16,7 @@ import torch
 
 import fused_rnn
 import rnn_reference as ref
-from test_cpu import SHAPES, assert_matches, make_layer
+from helpers import SHAPES, assert_matches, make_layer
 
 triton_irnn = pytest.importorskip("fused_rnn.triton.irnn", reason="triton is not installed")
 from fused_rnn.triton import lstm as triton_lstm  # noqa: E402
@@ -146,7 +146,7 @@ def test_irnn_rejects_other_dtypes():
 def test_kernels_compile_for_sm80_sm90_without_spills(tmp_path):
     """Every Triton kernel, variant (fp32, TF32, bf16, fp16) and candidate config
     compiles ahead of time for sm_80 and sm_90 (bench/triton_resources.py, which the
-    README's table comes from); dispatch tunes only over the configs with no register
+    docs/triton.md's table comes from); dispatch tunes only over the configs with no register
     spills, shared memory within the per-block limit and no non-coherent loads of what
     earlier steps stored, and every candidate left out of dispatch does fail one of
     these. T, B and H are run-time arguments (never specialized, which the script
@@ -294,7 +294,7 @@ BACKEND_SHAPES = [(1, 1, 3, 5), (7, 5, 4, 9), (5, 18, 6, 20)]
 @pytest.mark.parametrize("shape", BACKEND_SHAPES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
 def test_functional_triton_backend_matches_reference(cell, shape):
     """fused_rnn.irnn / fused_rnn.lstm with backend="triton": outputs, final states and
-    all gradients through the autograd Functions and the triton ops."""
+    all gradients through the triton ops and their registered autograd."""
     x, states, w_ih, w_hh, b_ih, b_hh, up = make_layer(cell, *shape, bias=True, seed=7)
     tx, tw_ih, tw_hh, tb_ih, tb_hh = (torch.tensor(a, dtype=torch.float32, device=DEVICE, requires_grad=True)
                                       for a in (x, w_ih, w_hh, b_ih, b_hh))

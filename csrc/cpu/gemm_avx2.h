@@ -6,8 +6,8 @@
 // project benchmarks on for such shapes ([32, 256] @ [256, 1024]); its generic x86
 // path and per-call setup are tuned for large matrices. This kernel packs the weight
 // once per scan and runs close to the core's FMA peak (about 90 of 93 GFLOP/s measured
-// on the same shapes), which is what the LSTM's training step needed to beat oneDNN's
-// RNN primitive (see README, "Benchmarks").
+// on the same shapes), measured on an earlier machine of the project (AVX2 only); on the
+// current one (AVX-512) oneDNN's LSTM primitive is faster still (docs/cpu.md).
 //
 // Layout: the weight W' [K, N] (C = A @ W') is packed into panels of kPanel = 24
 // columns, panel p holding W'[k, 24p .. 24p + 23] for k = 0..K-1 contiguously,

@@ -23,32 +23,24 @@ BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 
 
 class _Bench:
-    """``fused-rnn bench``: a thin wrapper of bench/table.py (bench/harness.py), found
-    next to the package in a source checkout."""
+    """``fused-rnn bench [OPTIONS]``: a thin wrapper of bench/table.py (bench/harness.py),
+    found next to the package in a source checkout; its options are table.py's
+    (``fused-rnn bench --help``). Nothing of bench/ is imported unless this runs."""
 
     @staticmethod
-    def _table():
-        if not (BENCH_DIR / "harness.py").is_file():
-            return None
-        if str(BENCH_DIR) not in sys.path:
-            sys.path.insert(0, str(BENCH_DIR))
-        import table  # bench/table.py
-        return table
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        pass  # main() hands every option after `bench`, --help included, to bench/table.py
 
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        table = cls._table()
-        if table is not None:
-            table.add_arguments(parser)
-
-    @classmethod
-    def run_command(cls, args: argparse.Namespace, command: str = "") -> int:
-        table = cls._table()
-        if table is None:
+    @staticmethod
+    def run_command(options: Sequence[str]) -> int:
+        if not (BENCH_DIR / "table.py").is_file():
             print("fused-rnn bench: error: the benchmarks live in the source tree's bench/ folder, which this "
                   "install does not have; run `python bench/table.py` from a checkout", file=sys.stderr)
             return 2
-        return table.run(args, command)
+        sys.path.insert(0, str(BENCH_DIR))
+        import table  # bench/table.py
+
+        return table.main(list(options), prog="fused-rnn bench")
 
 
 bench = _Bench
@@ -71,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        return bench.run_command(argv[1:])
     args = build_parser().parse_args(argv)
     module, _ = SUBCOMMANDS[args.command]
     return module.run_command(args, command=" ".join(["fused-rnn", *argv]))

@@ -5,6 +5,8 @@ the kernels run under the Triton interpreter (``TRITON_INTERPRET=1`` set before 
 package is imported), which is how the tests check them on CPU tensors.
 """
 
+import os
+
 try:
     import triton  # noqa: F401
     import triton.language  # noqa: F401
@@ -12,3 +14,9 @@ except ImportError as error:  # pragma: no cover - triton ships with CUDA builds
     HAS_TRITON, TRITON_IMPORT_ERROR = False, error
 else:
     HAS_TRITON, TRITON_IMPORT_ERROR = True, None
+
+
+def interpreting() -> bool:
+    """Whether the kernels run under the Triton interpreter (on CPU tensors, one program
+    after another): TRITON_INTERPRET=1, which must be set before this package loads."""
+    return os.environ.get("TRITON_INTERPRET") == "1"

@@ -2,7 +2,6 @@
 launch configs and the per-sequence options as kernel arguments. (The GEMMs before and
 after a scan are fused_rnn/_host.py's, shared with the other Python-side backends.)"""
 
-import os
 from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -10,6 +9,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
+
+from . import interpreting
 
 
 @triton.jit
@@ -109,10 +110,6 @@ _VARIANT_OF_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float1
 def variant(dtype: torch.dtype, allow_tf32: bool, options: bool = False) -> str:
     name = "tf32" if dtype == torch.float32 and allow_tf32 else _VARIANT_OF_DTYPE[dtype]
     return name + (OPTIONS_SUFFIX if options else "")
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def missing_configs(cell: str, dtype: torch.dtype, allow_tf32: bool = False, options: bool = False) -> Optional[str]:

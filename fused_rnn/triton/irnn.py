@@ -1,6 +1,6 @@
 """IRNN forward and backward scans in Triton, one launch per sequence.
 
-Maths (DESIGN.md): pre = x W_ih^T + b (one GEMM, in PyTorch); the scan
+Maths (python/rnn_reference.py derives it): pre = x W_ih^T + b (one GEMM, in PyTorch); the scan
 z_t = pre_t + h_{t-1} W_hh^T, h_t = relu(z_t); backward, in reverse time,
 g = dy_t + dz_{t+1} W_hh (dh_T at t = T), dz_t = g * [h_t > 0], dh_0 = dz_1 W_hh; the
 weight gradients are GEMMs after the scan (PyTorch).

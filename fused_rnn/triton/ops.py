@@ -83,7 +83,7 @@ def _(x, h0, w_ih, w_hh, bias, allow_tf32=False, recurrent_mask=None, lengths=No
 @triton_irnn_scan_backward.register_fake
 def _(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, grad_x=True, allow_tf32=False, recurrent_mask=None, lengths=None,
       hidden_clip=None):
-    # the gradients come back in x's dtype (common.weight_grads)
+    # the gradients come back in x's dtype (_host.weight_grads)
     return (torch.empty_like(x) if grad_x else x.new_empty(0), _state_like(x, w_hh), x.new_empty(w_ih.shape),
             x.new_empty(w_hh.shape), x.new_empty(w_hh.shape[0]))
 
