@@ -10,6 +10,7 @@ tables into docs/ through the same `publish`.
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -44,6 +45,38 @@ def publish(table: str, block: str, write: bool) -> None:
         print(f"updated {replace_block(table, block)}", file=sys.stderr)
 
 
+SPEEDUPS = ROOT / "fused_rnn" / "_speedup_tables.py"
+
+
+def write_section(section: str, source: str, name: str, entries: dict, path: Path = SPEEDUPS) -> None:
+    """Rewrites one section of fused_rnn/_speedup_tables.py (between its ``# begin
+    SECTION`` and ``# end SECTION`` lines): the source line and the table `name`."""
+    text = path.read_text(encoding="utf-8")
+    begin = next(line for line in text.splitlines() if line.startswith(f"# begin {section}"))
+    end = f"# end {section}"
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    key_comment = next(line for line in rest.splitlines() if line.startswith("# ("))
+    rows = "".join(f"    {key!r}: {value!r},\n" for key, value in sorted(entries.items()))
+    body = f"{begin}\n{section}_SOURCE = {source!r}\n{key_comment}\n{name} = {{\n{rows}}}\n"
+    path.write_text(head + body + end + tail, encoding="utf-8")
+
+
+def write_speedups(report_json: dict) -> None:
+    """The CPU section of the predictions "auto" uses: each fused backend's measured
+    speed-up over nn.RNN / nn.LSTM per (cell, mode, dtype, batch, hidden)."""
+    m = report_json["machine"]
+    entries = {}
+    for result in report_json["results"]:
+        c = result["config"]
+        ratios = {name: round(value["speedup_vs_nn"], 3) for name, value in result["contenders"].items()
+                  if name in ("cpp",) and value.get("speedup_vs_nn") is not None}
+        if ratios:
+            entries[(result["cell"], result["mode"], result.get("dtype", "float32"), c["B"], c["H"])] = ratios
+    source = f"measured by bench/table.py on {m['cpu_model']}, {m['torch_threads']} threads, {m['date']}"
+    write_section("CPU", source, "CPU", entries)
+
+
 def format_summary(report) -> str:
     """The README's summary: the cpp backend's speed-up over nn.RNN / nn.LSTM per cell,
     mode and configuration (same-run medians), and where it was measured."""
@@ -67,11 +100,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="the Markdown file to write (default: bench/results/cpu.md)")
     parser.add_argument("--readme", action="store_true", help="also put the summary into README.md")
+    parser.add_argument("--write-speedups", action="store_true",
+                        help="also write the measured ratios as auto's CPU predictions (fused_rnn/_speedup_tables.py)")
+    parser.add_argument("--speedups-from", type=Path, metavar="JSON",
+                        help="only write the CPU predictions from a saved --json report, measuring nothing")
     bench.add_arguments(parser)
 
 
 def run(args: argparse.Namespace, command: str) -> int:
+    if args.speedups_from is not None:
+        write_speedups(json.loads(args.speedups_from.read_text(encoding="utf-8")))
+        print(f"wrote {SPEEDUPS} from {args.speedups_from}", file=sys.stderr)
+        return 0
     report = bench.report_from_args(args, command=command)
+    if args.write_speedups:
+        write_speedups(report.to_json())
+        print(f"wrote {SPEEDUPS}", file=sys.stderr)
     table = bench.format_markdown(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table, encoding="utf-8")

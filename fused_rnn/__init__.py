@@ -15,7 +15,9 @@ and a ``RuntimeError``) or :class:`InputTypeError` (types, dtypes; also a ``Type
 """
 
 from ._extension import build_info
+from ._measure import clear_dispatch_cache, measured_dispatch_enabled, set_measured_dispatch
 from ._validation import InputError, InputTypeError
+from ._version import __version__ as __version__
 from .dispatch import available_backends, select_backend
 from .functional import (
     IRNNCellFunction,
@@ -29,8 +31,6 @@ from .functional import (
 )
 from .modules import IRNN, LSTM, IRNNCell, LSTMCell
 
-__version__ = "0.2.0"
-
 __all__ = [
     "IRNN",
     "LSTM",
@@ -43,6 +43,9 @@ __all__ = [
     "InputError",
     "InputTypeError",
     "available_backends",
+    "clear_dispatch_cache",
+    "measured_dispatch_enabled",
+    "set_measured_dispatch",
     "build_info",
     "irnn",
     "irnn_cell",

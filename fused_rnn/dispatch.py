@@ -1,6 +1,6 @@
 """Which backends can run a call, and which one ``backend="auto"`` takes.
 
-Backends, fastest first:
+Backends:
 
 - ``"cpp"``: the fused C++ CPU kernels of ``fused_rnn._C`` (float32, float64; bfloat16
   and float16 with float32 state and accumulation; CPU tensors).
@@ -10,12 +10,26 @@ Backends, fastest first:
 - ``"triton"``: the Triton scans of ``fused_rnn.triton`` (float32, bfloat16 and float16
   with float32 state and accumulation; CUDA tensors, or CPU tensors under the Triton
   interpreter, ``TRITON_INTERPRET=1``, when asked for by name).
+- ``"nn"``: the kernels torch.nn's own modules run (cuDNN on a GPU, oneDNN/ATen on the
+  CPU; any dtype), for calls without the options torch.nn does not have
+  (:mod:`fused_rnn.nn_backend`).
 - ``"torch"``: a plain time loop over PyTorch ops (any dtype and device; always there).
 
-``"auto"`` takes the first backend that can run the tensors' device, dtype, shape and
-options, falling back to ``"torch"`` rather than failing; :func:`select_backend` says
-which one and why the faster ones were skipped. The tables below are the one place
-dispatch reads.
+``"auto"`` never makes a call slower than torch.nn would run it. It takes torch.nn's
+kernels unless one of the package's is expected to be clearly faster on this call:
+
+1. measured, when measured dispatch is on (:func:`fused_rnn.set_measured_dispatch`):
+   the first call of each kind times every eligible backend on the user's device and
+   the winner is cached on disk (:mod:`fused_rnn._measure`);
+2. otherwise predicted, from :data:`fused_rnn._speedups` (CPU: the benchmark table
+   measured on the project's machine; GPU: the performance model of bench/gpu_model.py):
+   a fused backend is taken when it is predicted at least :data:`CLEAR_WIN` times as
+   fast as torch.nn's kernels;
+3. and a call with an option torch.nn does not have (the recurrent mask,
+   ``hidden_clip``) goes to the first fused backend that takes it, else the torch loop.
+
+:func:`select_backend` says which backend it chose, on what basis, and why each other
+one was not taken.
 """
 
 from typing import Dict, List, NamedTuple, Optional, Tuple
@@ -24,21 +38,31 @@ import torch
 
 from ._extension import _C, HAS_C, IMPORT_ERROR, REBUILD_HINT
 
-# Which dtypes and device types each compiled backend's kernels take.
+_ALL_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# Which dtypes and device types each backend's kernels take ("torch" takes everything).
 _KERNEL_SUPPORT = {
     # bfloat16/float16: float32 state and accumulation, inputs converted at the call
-    "cpp": {"device_types": ("cpu",), "dtypes": (torch.float32, torch.float64, torch.bfloat16, torch.float16)},
+    "cpp": {"device_types": ("cpu",), "dtypes": _ALL_FLOATS},
     "cuda": {"device_types": ("cuda",), "dtypes": (torch.float32, torch.bfloat16, torch.float16)},
     "triton": {"device_types": ("cuda",), "dtypes": (torch.float32, torch.bfloat16, torch.float16)},
+    "nn": {"device_types": ("cpu", "cuda"), "dtypes": _ALL_FLOATS},
 }
-BACKENDS = ("cpp", "cuda", "triton", "torch")
-# The options each compiled backend takes ("torch" takes them all): the per-sequence
-# options, which every kernel implements, and the LSTM's output projection
-# (nn.LSTM(proj_size=P), the w_hr argument), which only the CPU kernels do. Dispatch
-# checks this table before using a backend.
+BACKENDS = ("cpp", "cuda", "triton", "nn", "torch")
+FUSED = ("cpp", "cuda", "triton")  # the package's own kernels
+# The options each backend takes ("torch" takes them all): the per-sequence options,
+# which every fused kernel implements, and the LSTM's output projection
+# (nn.LSTM(proj_size=P), the w_hr argument), which the CPU kernels and torch.nn do.
+# torch.nn has lengths (through packing) and the projection, not the recurrent mask or
+# the clip. Dispatch checks this table before using a backend.
 _OPTIONS = ("recurrent_mask", "lengths", "hidden_clip")
-OPTION_SUPPORT = {"cpp": _OPTIONS + ("proj_size",), "cuda": _OPTIONS, "triton": _OPTIONS}
+OPTION_SUPPORT = {"cpp": _OPTIONS + ("proj_size",), "cuda": _OPTIONS, "triton": _OPTIONS,
+                  "nn": ("lengths", "proj_size")}
 _GATES = {"irnn": 1, "lstm": 4}
+# How much faster a fused backend must be predicted to run than torch.nn's kernels for
+# "auto" to take it without a measurement: predictions are a model's (GPU) or another
+# machine's measurements (CPU), and a 30% margin keeps their error from making a call
+# slower than torch.nn would run it.
+CLEAR_WIN = 1.3
 
 
 def _triton_missing() -> Optional[str]:
@@ -53,7 +77,8 @@ def _interpreting_triton() -> bool:
 
 
 def available_backends(device="cpu") -> List[str]:
-    """Backends this install can run on `device` ("cpu", "cuda", a torch.device), fastest first."""
+    """Backends this install can run on `device` ("cpu", "cuda", a torch.device): the
+    fused ones first, then torch.nn's kernels ("nn") and the torch loop."""
     device_type = torch.device(device).type
     names = [
         name for name, support in _KERNEL_SUPPORT.items()
@@ -63,6 +88,8 @@ def available_backends(device="cpu") -> List[str]:
 
 
 def _missing_requirement(name: str) -> Optional[str]:
+    if name == "nn":
+        return None
     if name == "triton":
         return _triton_missing()
     if not HAS_C:
@@ -87,7 +114,9 @@ def _cuda_scan_reason(device: torch.device, dtype: torch.dtype, cell: str, hidde
 
 class BackendChoice(NamedTuple):
     name: str
-    skipped: Dict[str, str]  # faster backend -> why it could not take these tensors
+    skipped: Dict[str, str]  # each other backend -> why it was not taken
+    basis: str = ""  # how the choice was made: "requested", "measured", "predicted", ...
+    eligible: Tuple[str, ...] = ()  # every backend that could run the call (with "auto")
 
 
 def _unsupported_reason(name: str, device: torch.device, dtype: torch.dtype, explicit: bool = False,
@@ -123,24 +152,60 @@ def _unsupported_reason(name: str, device: torch.device, dtype: torch.dtype, exp
 
 def select_backend(device, dtype: torch.dtype, backend: str = "auto", cell: Optional[str] = None,
                    hidden: Optional[int] = None, batch: Optional[int] = None,
-                   options: Tuple[str, ...] = ()) -> BackendChoice:
+                   options: Tuple[str, ...] = (), training: Optional[bool] = None) -> BackendChoice:
     """The backend that runs tensors of `device` and `dtype` (raises ValueError if an
     explicitly requested backend cannot). `cell` ("irnn" or "lstm"), when given, also
     checks that the backend's kernels for that cell have a launch config for the dtype;
     with `hidden` (and `batch`) it checks the shape limits of a whole-sequence scan (the
-    CUDA scans keep W_hh on chip). `options` names the per-sequence options in use
-    ("recurrent_mask", "lengths", "hidden_clip"), which not every backend implements."""
+    CUDA scans keep W_hh on chip) and lets ``"auto"`` use the predicted speed of each
+    backend on that shape; `training` (whether a backward follows; default: unknown)
+    picks the training or the inference prediction. `options` names the options in use
+    ("recurrent_mask", "lengths", "hidden_clip", "proj_size"), which not every backend
+    implements. The result's ``basis`` says how the choice was made and ``skipped`` why
+    each other backend was not taken."""
     device = torch.device(device)
     if backend != "auto":
         reason = _unsupported_reason(backend, device, dtype, explicit=True, cell=cell, hidden=hidden, batch=batch,
                                      options=options)
         if reason is not None:
             raise ValueError(f"backend={backend!r} cannot run these inputs: {reason}")
-        return BackendChoice(backend, {})
-    skipped = {}
+        return BackendChoice(backend, {}, "requested")
+    skipped, eligible = {}, []
     for name in BACKENDS:
         reason = _unsupported_reason(name, device, dtype, cell=cell, hidden=hidden, batch=batch, options=options)
         if reason is None:
-            return BackendChoice(name, skipped)
-        skipped[name] = reason
-    raise AssertionError("the torch backend takes every input")  # unreachable
+            eligible.append(name)
+        else:
+            skipped[name] = reason
+    fused = [name for name in eligible if name in FUSED]
+    if "nn" not in eligible:  # an option torch.nn does not have: the package's kernels, else the loop
+        name = fused[0] if fused else "torch"
+        skipped.update({n: f"{name} comes first" for n in eligible if n != name})
+        return BackendChoice(name, skipped, f"torch.nn's kernels cannot: {skipped['nn']}", tuple(eligible))
+    from . import _measure
+    measured = _measure.cached_choice(device, dtype, cell, hidden, batch, options, training, eligible)
+    if measured is not None:
+        name, timings = measured
+        skipped.update({n: f"measured slower on this device ({timings})" for n in eligible if n != name})
+        return BackendChoice(name, skipped, f"measured on this device ({timings})", tuple(eligible))
+    from . import _speedups
+    predicted = {name: _speedups.predicted(name, device, dtype, cell, hidden, batch, training) for name in fused}
+    clear = {name: x for name, x in predicted.items() if x is not None and x >= CLEAR_WIN}
+    best = max(clear, key=clear.get) if clear else "nn"
+    for name in eligible:
+        if name == best:
+            continue
+        x = predicted.get(name)
+        if name not in FUSED:
+            skipped[name] = f"{best} is predicted faster" if best != "nn" else "torch.nn's kernels are taken"
+        elif x is None:
+            skipped[name] = "no prediction for this device, dtype and shape: torch.nn's kernels are kept"
+        elif x < CLEAR_WIN:
+            skipped[name] = f"predicted {x:.2f}x torch.nn, below the {CLEAR_WIN}x a prediction must show"
+        else:
+            skipped[name] = f"predicted {x:.2f}x torch.nn, less than {best}"
+    if best == "nn":
+        return BackendChoice("nn", skipped, "torch.nn's kernels: no fused backend predicted clearly faster",
+                             tuple(eligible))
+    return BackendChoice(best, skipped, f"predicted {predicted[best]:.2f}x torch.nn's kernels "
+                                        f"({_speedups.source(device)})", tuple(eligible))

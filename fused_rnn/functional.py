@@ -22,8 +22,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import _measure, nn_backend, torch_loop
 from . import ops as _compiled_ops  # noqa: F401  (registers the compiled ops' fakes and autograd)
-from . import torch_loop
 from ._host import combined_bias, zero_state
 from ._validation import InputTypeError, check_layer_args, check_sequence_options
 from .dispatch import available_backends, select_backend  # noqa: F401  (importable from here, where they lived)
@@ -139,9 +139,17 @@ def irnn(
     check_layer_args(x, {"h0": h0}, w_ih, w_hh, b_ih, b_hh, gates=1, x_rank=3)
     check_sequence_options(x, w_hh.shape[1], recurrent_mask, lengths, hidden_clip)
     options = _options_in_use(recurrent_mask=recurrent_mask, lengths=lengths, hidden_clip=hidden_clip)
+    tensors = (x, h0, w_ih, w_hh, b_ih, b_hh)
+
+    def run(name):
+        return _irnn_on(name, *tensors, recurrent_mask, lengths, hidden_clip)
+
+    return run(_backend_for("irnn", backend, tensors, w_hh.shape[1], options, run))
+
+
+def _irnn_on(name, x, h0, w_ih, w_hh, b_ih, b_hh, recurrent_mask, lengths, hidden_clip):
+    """One IRNN layer on backend `name` (arguments checked)."""
     hidden = w_hh.shape[1]
-    name = select_backend(x.device, x.dtype, backend, cell="irnn", hidden=hidden, batch=x.shape[1],
-                          options=options).name
     if name == "triton":  # takes h0=None as zeros without a zeros tensor
         _triton_ops()
         return torch.ops.fused_rnn.triton_irnn_scan_forward(
@@ -149,6 +157,8 @@ def irnn(
     h0 = zero_state(x, hidden) if h0 is None else h0
     if name == "torch":
         return torch_loop.irnn_loop(x, h0, w_ih, w_hh, b_ih, b_hh, recurrent_mask, lengths, hidden_clip)
+    if name == "nn":
+        return nn_backend.irnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths)
     return torch.ops.fused_rnn.irnn_scan_forward(*_contiguous(x, h0, w_ih, w_hh, combined_bias(b_ih, b_hh),
                                                               recurrent_mask), lengths, hidden_clip)
 
@@ -183,9 +193,19 @@ def lstm(
     check_layer_args(x, {"h0": h0, "c0": c0}, w_ih, w_hh, b_ih, b_hh, gates=4, x_rank=3, w_hr=w_hr)
     check_sequence_options(x, w_hh.shape[1], recurrent_mask, lengths, None, "H" if w_hr is None else "P")
     options = _options_in_use(recurrent_mask=recurrent_mask, lengths=lengths, proj_size=w_hr)
+    tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+
+    def run(name):
+        y, (h_n, c_n) = _lstm_on(name, *tensors, recurrent_mask, lengths)
+        return y, h_n, c_n
+
+    y, h_n, c_n = run(_backend_for("lstm", backend, tensors, w_hh.shape[0] // 4, options, run))
+    return y, (h_n, c_n)
+
+
+def _lstm_on(name, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, recurrent_mask, lengths):
+    """One LSTM layer on backend `name` (arguments checked)."""
     hidden = w_hh.shape[0] // 4
-    name = select_backend(x.device, x.dtype, backend, cell="lstm", hidden=hidden, batch=x.shape[1],
-                          options=options).name
     bias = combined_bias(b_ih, b_hh)
     if name == "triton":  # takes h0/c0=None as zeros without zeros tensors
         _triton_ops()
@@ -196,10 +216,41 @@ def lstm(
     c0 = zero_state(x, hidden) if c0 is None else c0
     if name == "torch":
         y, h_n, c_n = torch_loop.lstm_loop(x, h0, c0, w_ih, w_hh, b_ih, b_hh, recurrent_mask, lengths, w_hr=w_hr)
-    else:
-        y, h_n, c_n, _, _ = torch.ops.fused_rnn.lstm_scan_forward(
-            *_contiguous(x, h0, c0, w_ih, w_hh, bias, recurrent_mask), lengths, *_contiguous(w_hr))
+        return y, (h_n, c_n)
+    if name == "nn":
+        return nn_backend.lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, w_hr)
+    y, h_n, c_n, _, _ = torch.ops.fused_rnn.lstm_scan_forward(
+        *_contiguous(x, h0, c0, w_ih, w_hh, bias, recurrent_mask), lengths, *_contiguous(w_hr))
     return y, (h_n, c_n)
+
+
+def _records_grad(tensors) -> bool:
+    """Whether a backward may follow: autograd records and some input requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _backend_for(cell, backend, tensors, hidden, options, run) -> str:
+    """The backend of a layer call: select_backend's choice, or with measured dispatch on
+    and this kind of call not measured yet, the fastest eligible backend timed on it."""
+    x = tensors[0]
+    training = _records_grad(tensors)
+    choice = select_backend(x.device, x.dtype, backend, cell=cell, hidden=hidden, batch=x.shape[1],
+                            options=options, training=training)
+    if backend != "auto" or not _measure.measured_dispatch_enabled() or choice.basis.startswith("measured") \
+            or len(choice.eligible) < 2:
+        return choice.name
+    differentiable = [t for t in tensors if t is not None and t.requires_grad]
+
+    def timed_run(name):
+        if not training:
+            with torch.no_grad():
+                return run(name)
+        outputs = run(name)
+        loss = sum(o.float().sum() for o in outputs)
+        return (*outputs, *torch.autograd.grad(loss, differentiable, allow_unused=True))
+
+    return _measure.measure(x.device, x.dtype, cell, hidden, x.shape[1], options, training, choice.eligible,
+                            timed_run)
 
 
 def irnn_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, backend="auto") -> Tensor:
@@ -211,6 +262,8 @@ def irnn_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, backend="auto") -> Tensor:
         return irnn(x.unsqueeze(0), h, w_ih, w_hh, b_ih, b_hh, backend=name)[1]
     if name == "torch":
         return torch_loop.irnn_step(x, h, w_ih, w_hh, b_ih, b_hh)
+    if name == "nn":
+        return nn_backend.irnn_step(x, h, w_ih, w_hh, b_ih, b_hh)
     return torch.ops.fused_rnn.irnn_step(*_contiguous(x, h, w_ih, w_hh, combined_bias(b_ih, b_hh)))
 
 
@@ -226,6 +279,8 @@ def lstm_cell(x, state, w_ih, w_hh, b_ih=None, b_hh=None, backend="auto") -> Tup
         return lstm(x.unsqueeze(0), (h, c), w_ih, w_hh, b_ih, b_hh, backend=name)[1]
     if name == "torch":
         return torch_loop.lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh)
+    if name == "nn":
+        return nn_backend.lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh)
     h_new, c_new, _ = torch.ops.fused_rnn.lstm_step(*_contiguous(x, h, c, w_ih, w_hh, combined_bias(b_ih, b_hh)))
     return h_new, c_new
 

@@ -165,3 +165,14 @@ def check_options(cell, shape, dtype, backend, used, device="cpu"):
     grads.update({"dw_ih": tw_ih, "dw_hh": tw_hh, "db_ih": tb_ih, "db_hh": tb_hh})
     for name, tensor in grads.items():
         assert_matches(name, tensor.grad.cpu(), want[name], dtype)
+
+
+def implements(backend, options):
+    """Whether `backend` takes every option named (the torch loop takes all of them)."""
+    return backend == "torch" or set(options) <= set(fused_rnn.dispatch.OPTION_SUPPORT.get(backend, ()))
+
+
+def options_for(backend, options: dict) -> dict:
+    """`options` without those `backend` does not implement (torch.nn's kernels have
+    lengths and the projection, not the recurrent mask or the clip)."""
+    return {name: value for name, value in options.items() if implements(backend, (name,))}

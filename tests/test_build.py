@@ -139,7 +139,7 @@ def test_the_version_is_written_once():
 
     assert version("fused_rnn") == fused_rnn.__version__
     assert "\n        version=" not in (REPO / "setup.py").read_text()  # no setup(version=...)
-    assert 'version = { attr = "fused_rnn.__version__" }' in (REPO / "pyproject.toml").read_text()
+    assert 'version = { attr = "fused_rnn._version.__version__" }' in (REPO / "pyproject.toml").read_text()
 
 
 def test_import_without_extension_falls_back_with_a_warning():
@@ -154,7 +154,7 @@ def test_import_without_extension_falls_back_with_a_warning():
             warnings.simplefilter("always")
             import fused_rnn
         assert any("pip install --no-build-isolation -e ." in str(w.message) for w in caught), caught
-        assert fused_rnn.available_backends("cpu") == ["torch"]
+        assert fused_rnn.available_backends("cpu") == ["nn", "torch"]
         assert fused_rnn.build_info()["extension_loaded"] is False
         import torch
         y, h = fused_rnn.irnn(torch.randn(3, 2, 4), None, torch.randn(5, 4), torch.eye(5))

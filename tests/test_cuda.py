@@ -79,18 +79,21 @@ def test_scan_plan_covers_every_unit_within_the_limits(gates, weight_size, devic
 
 @needs_cuda_build
 def test_dispatch_of_the_cuda_backend():
-    """"auto" takes the CUDA scans for CUDA tensors within their limits, else Triton,
-    and says why."""
-    choice = fused_rnn.select_backend("cuda", torch.float32, cell="lstm", hidden=256, batch=65)
+    """Among the fused backends (a call with the recurrent mask, which torch.nn's kernels
+    have not), "auto" takes the CUDA scans for CUDA tensors within their limits, else
+    Triton, and says why."""
+    mask = ("recurrent_mask",)
+    choice = fused_rnn.select_backend("cuda", torch.float32, cell="lstm", hidden=256, batch=65, options=mask)
     assert choice.name == "triton" and "batch 65 > 64" in choice.skipped["cuda"]
     choice = fused_rnn.select_backend("cuda", torch.float64, cell="lstm", hidden=256, batch=8)
     assert "float64" in choice.skipped["cuda"]
-    choice = fused_rnn.select_backend("cuda", torch.bfloat16, cell="irnn", hidden=256, batch=8)
+    choice = fused_rnn.select_backend("cuda", torch.bfloat16, cell="irnn", hidden=256, batch=8, options=mask)
     if ON_GPU:
         assert choice.name == "cuda"
         largest = _C.cuda_max_hidden_on_chip(4, 4, torch.cuda.get_device_properties(0).multi_processor_count,
                                              _smem_per_block())
-        choice = fused_rnn.select_backend("cuda", torch.float32, cell="lstm", hidden=largest + 1, batch=8)
+        choice = fused_rnn.select_backend("cuda", torch.float32, cell="lstm", hidden=largest + 1, batch=8,
+                                          options=mask)
         assert choice.name == "triton" and "largest" in choice.skipped["cuda"]
     else:
         assert choice.name == "triton" and choice.skipped["cuda"] == "no CUDA device is available"

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fused_rnn
+from helpers import options_for
 
 
 def irnn_args(steps=4, batch=3, inputs=2, hidden=5, dtype=torch.float64, grad=True):
@@ -123,8 +124,9 @@ def test_nan_propagates_like_the_torch_loop(cell, cpu_backend):
 
 def test_non_contiguous_inputs_give_the_contiguous_result(cpu_backend):
     # the compiled kernels copy strided inputs to contiguous memory: bit-identical results;
-    # the torch loop hands strided operands to BLAS, which may sum in another order (1 ulp)
-    exact = {"rtol": 0, "atol": 0} if cpu_backend != "torch" else {"rtol": 1e-13, "atol": 1e-13}
+    # the torch loop and torch.nn's kernels hand strided operands to BLAS, which may sum
+    # in another order (1 ulp of float64)
+    exact = {"rtol": 0, "atol": 0} if cpu_backend == "cpp" else {"rtol": 1e-13, "atol": 1e-13}
     x, h0, w_ih, w_hh, b_ih, b_hh = irnn_args(grad=False)
     x_strided = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, [T, B, I] strides permuted
     w_hh_strided = w_hh.t().contiguous().t()
@@ -179,21 +181,24 @@ def test_unknown_backend_is_rejected():
 
 # ---- dispatch ----
 
-def test_auto_picks_cpp_for_cpu_float():
-    expected = "cpp" if "cpp" in fused_rnn.available_backends("cpu") else "torch"
+def test_auto_keeps_torch_nn_kernels_without_a_clear_predicted_win():
+    """Without a shape there is no prediction, and an option torch.nn has not (the
+    recurrent mask, the clip) sends the call to the fused kernels."""
     for dtype in (torch.float32, torch.float64):
-        assert fused_rnn.select_backend("cpu", dtype).name == expected
+        choice = fused_rnn.select_backend("cpu", dtype)
+        assert choice.name == "nn" and "no prediction" in choice.skipped.get("cpp", "no prediction")
+    expected = "cpp" if "cpp" in fused_rnn.available_backends("cpu") else "torch"
+    choice = fused_rnn.select_backend("cpu", torch.float32, cell="irnn", options=("recurrent_mask",))
+    assert choice.name == expected and "does not implement recurrent_mask" in choice.skipped["nn"]
 
 
 def test_auto_falls_back_for_dtypes_the_kernels_lack():
     """bfloat16 runs on the CPU kernels (float32 state); a dtype a kernel lacks (float64
     on the GPU backends) falls back with the reason."""
-    choice = fused_rnn.select_backend("cpu", torch.bfloat16)
-    assert choice.name == ("cpp" if "cpp" in fused_rnn.available_backends("cpu") else "torch")
     y, _ = fused_rnn.irnn(*[t.bfloat16() for t in irnn_args(grad=False)])
     assert y.dtype == torch.bfloat16
     choice = fused_rnn.select_backend("cuda", torch.float64)
-    assert choice.name == "torch" and "got float64" in choice.skipped["triton"]
+    assert choice.name == "nn" and "got float64" in choice.skipped["triton"]
     with pytest.raises(ValueError, match="backend='triton' cannot run these inputs"):
         fused_rnn.select_backend("cuda", torch.float64, "triton")
 
@@ -278,13 +283,13 @@ def _options(name, hidden, cell):
 
 @pytest.mark.parametrize("options", SEQUENCE_OPTIONS)
 def test_irnn_gradgradcheck(cpu_backend, options):
-    kwargs = _options(options, 5, "irnn")
+    kwargs = options_for(cpu_backend, _options(options, 5, "irnn"))
     assert torch.autograd.gradgradcheck(lambda *a: fused_rnn.irnn(*a, backend=cpu_backend, **kwargs), irnn_args())
 
 
 @pytest.mark.parametrize("options", SEQUENCE_OPTIONS)
 def test_lstm_gradgradcheck(cpu_backend, options):
-    kwargs = _options(options, 5, "lstm")
+    kwargs = options_for(cpu_backend, _options(options, 5, "lstm"))
 
     def layer(x, h0, c0, *weights):
         y, (h, c) = fused_rnn.lstm(x, (h0, c0), *weights, backend=cpu_backend, **kwargs)

@@ -8,7 +8,7 @@ import torch
 
 import fused_rnn
 import rnn_reference as ref
-from helpers import assert_matches, to_torch
+from helpers import assert_matches, implements, options_for, to_torch
 
 PROJECTION_BACKENDS = [name for name in fused_rnn.available_backends("cpu")
                        if name == "torch" or "proj_size" in fused_rnn.dispatch.OPTION_SUPPORT.get(name, ())]
@@ -66,6 +66,8 @@ def check_projection(shape, dtype, backend, used, seed=0):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}B{}I{}H{}P{}".format(*s))
 def test_projection_matches_reference(shape, dtype, backend, used):
     """Tolerances of test_cpu: the projection is one more GEMM per step."""
+    if not implements(backend, used):
+        pytest.skip(f"{backend} does not implement {used}")
     check_projection(shape, dtype, backend, used)
 
 
@@ -75,7 +77,8 @@ def test_projection_on_threads_matches_reference():
     torch.set_num_threads(2)
     try:
         for backend in PROJECTION_BACKENDS:
-            check_projection((7, 40, 5, 24, 11), torch.float64, backend, ("recurrent_mask", "lengths"))
+            used = ("recurrent_mask", "lengths") if implements(backend, ("recurrent_mask",)) else ("lengths",)
+            check_projection((7, 40, 5, 24, 11), torch.float64, backend, used)
     finally:
         torch.set_num_threads(threads)
 
@@ -101,22 +104,26 @@ def test_projection_in_bfloat16_matches_reference():
 
 def test_auto_on_a_gpu_falls_back_for_the_projection(monkeypatch):
     """The GPU kernels have no projection: with every GPU backend available, a projected
-    LSTM on CUDA tensors gets the torch loop, and select_backend says why."""
+    LSTM on CUDA tensors gets torch.nn's kernels (which have it), and select_backend says
+    why the fused ones were not taken; with the recurrent mask too, the torch loop."""
     from fused_rnn import dispatch
 
     monkeypatch.setattr(dispatch, "_missing_requirement", lambda name: None)
     monkeypatch.setattr(dispatch, "_cuda_scan_reason", lambda *args: None)
     choice = dispatch.select_backend("cuda", torch.float32, cell="lstm", hidden=8, batch=2,
                                        options=("proj_size",))
-    assert choice.name == "torch"
+    assert choice.name == "nn"
     assert "proj_size" in choice.skipped["cuda"] and "proj_size" in choice.skipped["triton"]
+    choice = dispatch.select_backend("cuda", torch.float32, cell="lstm", hidden=8, batch=2,
+                                     options=("proj_size", "recurrent_mask"))
+    assert choice.name == "torch" and "recurrent_mask" in choice.skipped["nn"]
 
 
 @pytest.mark.parametrize("backend", PROJECTION_BACKENDS)
 def test_projection_gradcheck_and_gradgradcheck(backend):
     arrays, _, mask, lengths = make_projected_layer(4, 3, 2, 5, 3, seed=9)
     t = [to_torch(arrays[name], torch.float64) for name in ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "w_hr")]
-    options = dict(recurrent_mask=torch.tensor(mask), lengths=torch.tensor(lengths))
+    options = options_for(backend, dict(recurrent_mask=torch.tensor(mask), lengths=torch.tensor(lengths)))
 
     def layer(x, h0, c0, w_ih, w_hh, b_ih, w_hr):
         y, (h, c) = fused_rnn.lstm(x, (h0, c0), w_ih, w_hh, b_ih, None, backend=backend, w_hr=w_hr, **options)

@@ -273,11 +273,15 @@ def test_dispatch_falls_back_when_no_config_compiles(monkeypatch):
     from fused_rnn.triton import _configs
     dispatch = dict(_configs.DISPATCH)
     dispatch[("lstm_scan_backward", "bf16")] = ()
+    dispatch[("lstm_scan_backward", "bf16+options")] = ()
     monkeypatch.setattr(_configs, "DISPATCH", dispatch)
-    # a batch above the CUDA scans' limit, so that Triton would be next in line
-    choice = fused_rnn.select_backend("cuda", torch.bfloat16, cell="lstm", hidden=32, batch=100)
+    # a batch above the CUDA scans' limit, and the recurrent mask (which torch.nn's kernels
+    # have not), so that Triton would be next in line
+    mask = ("recurrent_mask",)
+    choice = fused_rnn.select_backend("cuda", torch.bfloat16, cell="lstm", hidden=32, batch=100, options=mask)
     assert choice.name == "torch" and "lstm backward scan" in choice.skipped["triton"]
-    assert fused_rnn.select_backend("cuda", torch.bfloat16, cell="irnn", hidden=32, batch=100).name == "triton"
+    choice = fused_rnn.select_backend("cuda", torch.bfloat16, cell="irnn", hidden=32, batch=100, options=mask)
+    assert choice.name == "triton"
     with pytest.raises(ValueError, match="no launch config of the Triton lstm backward scan"):
         fused_rnn.lstm(torch.randn(2, 3, 4, dtype=torch.bfloat16, device=DEVICE), None,
                        torch.randn(8, 4, dtype=torch.bfloat16, device=DEVICE),
@@ -395,7 +399,7 @@ def test_dispatch_of_the_triton_backend():
         assert fused_rnn.select_backend("cpu", torch.float32).name != "triton"
         assert "triton" not in fused_rnn.available_backends("cpu")
     choice = fused_rnn.select_backend("cuda", torch.float64)
-    assert choice.name == "torch" and "float32" in choice.skipped["triton"]
+    assert choice.name == "nn" and "float32" in choice.skipped["triton"]
     with pytest.raises(ValueError, match="backend='triton' cannot run these inputs"):
         fused_rnn.select_backend(DEVICE, torch.float64, "triton")
 

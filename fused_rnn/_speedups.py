@@ -1,0 +1,71 @@
+"""Predicted speed of each fused backend against torch.nn's kernels, for ``"auto"``.
+
+The numbers are in :mod:`fused_rnn._speedup_tables`, which tools in bench/ write: the
+CPU's from the CPU benchmark table (measured on the project's machine, `python
+bench/table.py --write-speedups`), the GPU's from the performance model (`python
+bench/gpu_model.py --write-speedups`, a model, not a measurement). A call gets the
+prediction of the nearest tabulated shape of its cell, mode and dtype, if one lies
+within a factor :data:`NEAREST` in both batch and hidden size; otherwise none, and
+dispatch keeps torch.nn's kernels.
+"""
+
+import math
+from typing import Optional
+
+import torch
+
+from . import _speedup_tables as tables
+
+# How far (as a factor in batch size and in hidden size) the nearest tabulated shape
+# may lie from a call for its prediction to stand for the call's.
+NEAREST = 4.0
+_GPU_CLASSES = ("H200", "H100", "A100")
+
+
+def gpu_class(device: torch.device) -> Optional[str]:
+    """The tabulated GPU a device is ("A100", "H100", "H200"), or None."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device.index if device.index is not None else torch.cuda.current_device())
+    return next((g for g in _GPU_CLASSES if g in name.upper()), None)
+
+
+def source(device: torch.device) -> str:
+    return tables.CPU_SOURCE if device.type == "cpu" else tables.GPU_SOURCE
+
+
+def _nearest(entries, batch: int, hidden: int):
+    best, best_distance = None, None
+    limit = math.log(NEAREST)
+    for (b, h), value in entries:
+        db, dh = abs(math.log(max(b, 1) / max(batch, 1))), abs(math.log(max(h, 1) / max(hidden, 1)))
+        if db > limit or dh > limit:
+            continue
+        if best_distance is None or db + dh < best_distance:
+            best, best_distance = value, db + dh
+    return best
+
+
+def predicted(name: str, device: torch.device, dtype: torch.dtype, cell: Optional[str], hidden: Optional[int],
+              batch: Optional[int], training: Optional[bool]) -> Optional[float]:
+    """Predicted speed of backend `name` on this call relative to torch.nn's kernels
+    (above 1: faster), or None without a prediction. With `training` unknown, the lower
+    of the inference and training predictions."""
+    if cell is None or hidden is None or batch is None:
+        return None
+    dtype_name = str(dtype).replace("torch.", "")
+    modes = ("training",) if training else ("inference",) if training is False else ("inference", "training")
+    values = []
+    for mode in modes:
+        if device.type == "cpu":
+            entries = [((b, h), v.get(name)) for (c, m, d, b, h), v in tables.CPU.items()
+                       if (c, m, d) == (cell, mode, dtype_name) and name in v]
+        else:
+            gpu = gpu_class(device)
+            entries = [((b, h), v.get(name)) for (g, c, m, d, b, h), v in tables.GPU.items()
+                       if (g, c, m, d) == (gpu, cell, mode, dtype_name) and name in v]
+        value = _nearest(entries, batch, hidden)
+        if value is None:
+            return None
+        values.append(value)
+    return min(values)

@@ -1,0 +1,185 @@
+"""backend="auto": torch.nn's kernels unless a fused backend is measured faster on this
+device (measured dispatch, cached on disk) or predicted clearly faster (the tables of
+fused_rnn._speedup_tables), and the fused kernels for options torch.nn has not."""
+
+import json
+import multiprocessing
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fused_rnn
+from fused_rnn import _measure, _speedup_tables, dispatch
+
+HAS_CPP = "cpp" in fused_rnn.available_backends("cpu")
+needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="the cpp backend is not built")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """Measured dispatch on, with a cache of this test's own."""
+    monkeypatch.setenv(_measure.CACHE_DIR_VARIABLE, str(tmp_path))
+    monkeypatch.setattr(_measure, "_enabled", True)
+    monkeypatch.setattr(_measure, "_memory", {})
+    return tmp_path
+
+
+@pytest.fixture
+def predictions(monkeypatch):
+    """Replace the CPU predictions with a table of the test's own."""
+    def use(table):
+        monkeypatch.setattr(_speedup_tables, "CPU", table)
+    return use
+
+
+# ---- predicted ----
+
+@needs_cpp
+def test_a_prediction_must_clear_the_margin(predictions):
+    predictions({("irnn", "inference", "float32", 64, 256): {"cpp": 1.29},
+                 ("irnn", "training", "float32", 64, 256): {"cpp": 1.31}})
+    call = dict(cell="irnn", hidden=256, batch=64)
+    choice = fused_rnn.select_backend("cpu", torch.float32, training=False, **call)
+    assert choice.name == "nn" and "below the 1.3x" in choice.skipped["cpp"]
+    choice = fused_rnn.select_backend("cpu", torch.float32, training=True, **call)
+    assert choice.name == "cpp" and choice.basis.startswith("predicted 1.31x")
+    # unknown mode: the lower of the two predictions
+    assert fused_rnn.select_backend("cpu", torch.float32, **call).name == "nn"
+
+
+@needs_cpp
+def test_only_a_nearby_shape_predicts(predictions):
+    predictions({("lstm", "training", "float32", 64, 256): {"cpp": 2.0}})
+    near = fused_rnn.select_backend("cpu", torch.float32, cell="lstm", hidden=512, batch=32, training=True)
+    assert near.name == "cpp"
+    far = fused_rnn.select_backend("cpu", torch.float32, cell="lstm", hidden=2048, batch=64, training=True)
+    assert far.name == "nn" and "no prediction" in far.skipped["cpp"]
+    other_dtype = fused_rnn.select_backend("cpu", torch.float64, cell="lstm", hidden=256, batch=64, training=True)
+    assert other_dtype.name == "nn"
+
+
+@needs_cpp
+def test_options_torch_nn_has_not_go_to_the_fused_kernels(predictions):
+    predictions({})
+    for options in [("recurrent_mask",), ("hidden_clip",), ("recurrent_mask", "lengths")]:
+        choice = fused_rnn.select_backend("cpu", torch.float32, cell="irnn", hidden=8, batch=2, options=options)
+        assert choice.name == "cpp" and "does not implement" in choice.skipped["nn"], options
+    for options in [("lengths",), ("proj_size",)]:
+        assert fused_rnn.select_backend("cpu", torch.float32, cell="lstm", hidden=8, batch=2,
+                                        options=options).name == "nn", options
+
+
+@needs_cpp
+def test_the_shipped_cpu_predictions_keep_auto_at_least_as_fast_as_torch_nn():
+    """Every tabulated case where the fused kernel lost to torch.nn goes to torch.nn's
+    kernels, and every clear win to the fused kernel (the CPU benchmark table, measured;
+    the README's auto column is its result)."""
+    for (cell, mode, dtype, batch, hidden), speedups in _speedup_tables.CPU.items():
+        choice = fused_rnn.select_backend("cpu", getattr(torch, dtype), cell=cell, hidden=hidden, batch=batch,
+                                          training=mode == "training")
+        expected = "cpp" if speedups["cpp"] >= dispatch.CLEAR_WIN else "nn"
+        assert choice.name == expected, (cell, mode, batch, hidden, speedups, choice)
+
+
+# ---- measured ----
+
+@needs_cpp
+def test_measured_dispatch_times_once_and_reuses_the_winner(cache, monkeypatch):
+    timed = []
+    real = _measure._seconds
+    monkeypatch.setattr(_measure, "_seconds", lambda step, device: timed.append(1) or real(step, device))
+    x, w_ih, w_hh = torch.randn(5, 3, 4), torch.randn(6, 4), torch.eye(6)
+    y_first, _ = fused_rnn.irnn(x, None, w_ih, w_hh)
+    assert len(timed) == 3  # cpp, nn and the torch loop, each timed once
+    files = list(cache.glob("dispatch-*.json"))
+    assert len(files) == 1
+    stored = json.loads(files[0].read_text())
+    (key, entry), = stored["choices"].items()
+    assert key.startswith("irnn|float32|inference|B4|H6") and entry["backend"] in ("cpp", "nn", "torch")
+    assert stored["environment"]["fused_rnn"] == fused_rnn.__version__
+    y_again, _ = fused_rnn.irnn(x, None, w_ih, w_hh)
+    assert len(timed) == 3  # the cached winner, no new timing
+    torch.testing.assert_close(y_again, y_first, rtol=1e-5, atol=1e-6)  # float32, any backend
+    choice = fused_rnn.select_backend("cpu", torch.float32, cell="irnn", hidden=6, batch=3, training=False)
+    assert choice.name == entry["backend"] and choice.basis.startswith("measured")
+    # another batch bucket, and training, are other kinds of call
+    fused_rnn.irnn(torch.randn(5, 40, 4), None, w_ih, w_hh)
+    fused_rnn.irnn(x, None, w_ih.requires_grad_(), w_hh)
+    assert len(timed) == 9
+    assert len(json.loads(files[0].read_text())["choices"]) == 3
+
+
+@needs_cpp
+def test_the_cache_serves_another_process_and_a_changed_environment_does_not(cache):
+    fused_rnn.lstm(torch.randn(4, 2, 3), None, torch.randn(20, 3), torch.randn(20, 5))
+    probe = textwrap.dedent("""
+        import torch, fused_rnn
+        torch.set_num_threads(1)  # as this process (conftest.py): the thread count is part of the key
+        fused_rnn.set_measured_dispatch(True)
+        print(fused_rnn.select_backend("cpu", torch.float32, cell="lstm", hidden=5, batch=2, training=False).basis)
+    """)
+    env = dict(__import__("os").environ, **{_measure.CACHE_DIR_VARIABLE: str(cache)})
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and result.stdout.startswith("measured"), result.stdout + result.stderr
+    # a new torch, Triton, driver or package version, or another device: another cache
+    real = _measure.environment
+    changed = dict(real(torch.device("cpu")), fused_rnn="0.0.0-other")
+    _measure._memory.clear()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_measure, "environment", lambda device: changed)
+        choice = fused_rnn.select_backend("cpu", torch.float32, cell="lstm", hidden=5, batch=2, training=False)
+    assert not choice.basis.startswith("measured")
+
+
+@needs_cpp
+def test_clear_dispatch_cache(cache):
+    fused_rnn.irnn(torch.randn(3, 2, 4), None, torch.randn(5, 4), torch.eye(5))
+    assert list(cache.glob("dispatch-*.json"))
+    assert fused_rnn.clear_dispatch_cache() == 1
+    assert not list(cache.glob("dispatch-*.json"))
+    choice = fused_rnn.select_backend("cpu", torch.float32, cell="irnn", hidden=5, batch=2, training=False)
+    assert not choice.basis.startswith("measured")
+
+
+def _store_many(directory, worker, keys):
+    import os
+    os.environ[_measure.CACHE_DIR_VARIABLE] = directory
+    for k in range(keys):
+        _measure._store(_measure.cache_file(torch.device("cpu")), f"key-{worker}-{k}",
+                        {"backend": "nn", "timings": ""}, torch.device("cpu"))
+
+
+def test_concurrent_writers_lose_nothing(cache):
+    """Four processes storing measurements into the one cache file at once: the lock
+    and the merge keep every entry, and the file is always valid JSON."""
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_store_many, args=(str(cache), w, 15)) for w in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=240)
+        assert worker.exitcode == 0
+    (path,) = cache.glob("dispatch-*.json")
+    choices = json.loads(path.read_text())["choices"]
+    assert set(choices) == {f"key-{w}-{k}" for w in range(4) for k in range(15)}
+
+
+def test_a_backend_whose_results_disagree_is_left_out(cache):
+    results = {"nn": [torch.ones(3)], "cpp": [torch.ones(3) * 2], "torch": [torch.ones(3)]}
+    with pytest.warns(RuntimeWarning, match="cpp"):
+        winner = _measure.measure(torch.device("cpu"), torch.float32, "irnn", 3, 2, (), False,
+                                  ["nn", "cpp", "torch"], lambda name: results[name])
+    assert winner in ("nn", "torch")
+
+
+def test_measured_dispatch_is_off_unless_asked(monkeypatch):
+    monkeypatch.setattr(_measure, "_enabled", None)
+    monkeypatch.delenv(_measure.ENVIRONMENT_VARIABLE, raising=False)
+    assert not fused_rnn.measured_dispatch_enabled()
+    monkeypatch.setenv(_measure.ENVIRONMENT_VARIABLE, "1")
+    assert fused_rnn.measured_dispatch_enabled()
+    fused_rnn.set_measured_dispatch(False)
+    assert not fused_rnn.measured_dispatch_enabled()
