@@ -7,8 +7,9 @@ runs the same single layer with the same weights:
 
 - ``nn``: ``torch.nn.RNN(nonlinearity="relu")`` or ``torch.nn.LSTM`` (oneDNN / ATen on
   the CPU, cuDNN on a GPU), the baseline;
-- a fused_rnn backend (``cpp``, ``cuda``, ``triton``, ``torch``): :func:`fused_rnn.irnn` /
-  :func:`fused_rnn.lstm` with that ``backend``, where dispatch lets it take the case.
+- a fused_rnn backend (``cpp``, ``cuda``, ``triton``, ``nn``, ``torch``) or ``auto``:
+  :func:`fused_rnn.irnn` / :func:`fused_rnn.lstm` with that ``backend``, where dispatch
+  lets it take the case (``auto`` shows what a user gets by default).
 
 Every contender's outputs, final states and gradients are checked against the
 baseline before anything is timed. Timing is made for a shared, noisy machine: after a
@@ -43,11 +44,11 @@ import fused_rnn
 
 CELLS = ("irnn", "lstm")
 MODES = ("inference", "training")
-BASELINE = "nn"
-FUSED_BACKENDS = ("cpp", "torch")  # the CPU table's contenders
-GPU_BACKENDS = ("cuda", "triton")
+BASELINE = "torch.nn"  # the nn.RNN / nn.LSTM module itself (the "nn" backend is a contender)
+FUSED_BACKENDS = ("cpp", "auto", "torch")  # the CPU table's contenders
+GPU_BACKENDS = ("cuda", "triton", "auto")
 CONTENDER_LABELS = {BASELINE: "nn.RNN / nn.LSTM", "cpp": "cpp", "torch": "torch loop", "cuda": "cuda",
-                    "triton": "triton"}
+                    "triton": "triton", "nn": "nn backend", "auto": "auto"}
 BASELINE_MODULE_NAMES = {"irnn": 'nn.RNN(nonlinearity="relu")', "lstm": "nn.LSTM"}
 DTYPE = torch.float32
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -604,9 +605,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"fewer, shorter rounds ({QUICK_PLAN.rounds} instead of {FULL_PLAN.rounds})")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write every timing as JSON to PATH")
-    parser.add_argument("--backends", type=lambda s: _choices(s, FUSED_BACKENDS),
+    parser.add_argument("--backends", type=lambda s: _choices(s, (*FUSED_BACKENDS, "nn")),
                         default=list(FUSED_BACKENDS),
-                        help="fused_rnn backends to time against nn.RNN / nn.LSTM (default: cpp,torch)")
+                        help="fused_rnn backends to time against nn.RNN / nn.LSTM (default: cpp,auto,torch)")
     parser.add_argument("--cells", type=lambda s: _choices(s, CELLS), default=list(CELLS),
                         help="default: irnn,lstm")
     parser.add_argument("--modes", type=lambda s: _choices(s, MODES), default=list(MODES),

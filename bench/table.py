@@ -21,7 +21,7 @@ DEFAULT_OUT = ROOT / "bench" / "results" / "cpu.md"
 README = ROOT / "README.md"
 # where each generated block lives: the README keeps summaries, docs/ the full tables
 DOCS = {"cpu": README, "char": ROOT / "docs" / "app.md", "features": ROOT / "docs" / "cpu.md",
-        "cuda": ROOT / "docs" / "cuda.md", "triton": ROOT / "docs" / "triton.md"}
+        "cuda": ROOT / "docs" / "cuda.md", "triton": ROOT / "docs" / "triton.md", "model": ROOT / "docs" / "cuda.md"}
 
 
 def replace_block(text: str, block: str, path: Path = None) -> Path:
@@ -84,15 +84,20 @@ def format_summary(report) -> str:
     configs = list(dict.fromkeys(r.config for r in report.results))
     lines = [f"CPU: {m['cpu_model']}, {m['torch_threads']} threads, torch {m['torch_version']}, {m['date']}; "
              f"`python bench/table.py --readme`; full table: [bench/results/cpu.md](bench/results/cpu.md). "
-             "Speed-up of `backend=\"cpp\"` over `nn.RNN(nonlinearity=\"relu\")` / `nn.LSTM` "
-             "(median of same-run ratios; above 1x is faster):", "",
-             "| cell | mode | " + " | ".join(f"{c.name} (T={c.T}, B={c.B}, H={c.H})" for c in configs) + " |",
-             "|---|---|" + "---:|" * len(configs)]
+             "Speed of the fused CPU kernels (`backend=\"cpp\"`) and of the default (`auto`) over "
+             "`nn.RNN(nonlinearity=\"relu\")` / `nn.LSTM` (median of same-run ratios; above 1x is faster):", "",
+             "| cell | mode | " + " | ".join(f"{c.name} (T={c.T}, B={c.B}, H={c.H}): cpp / auto" for c in configs)
+             + " |", "|---|---|" + "---:|" * len(configs)]
+
+    def ratio(result, name):
+        value = result.speedup(name) if result is not None else None
+        return "-" if value is None else f"{value:.2f}x"
+
     for cell in dict.fromkeys(r.cell for r in report.results):
         for mode in dict.fromkeys(r.mode for r in report.results):
-            ratios = {r.config: r.speedup("cpp") for r in report.results if r.cell == cell and r.mode == mode}
+            results = {r.config: r for r in report.results if r.cell == cell and r.mode == mode}
             lines.append(f"| {cell} | {mode} | " + " | ".join(
-                "-" if ratios.get(c) is None else f"{ratios[c]:.2f}x" for c in configs) + " |")
+                f"{ratio(results.get(c), 'cpp')} / {ratio(results.get(c), 'auto')}" for c in configs) + " |")
     return "\n".join(lines) + "\n"
 
 

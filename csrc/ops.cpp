@@ -95,7 +95,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_scan_plan", &scan_plan_dict, "plan_scan(gates, weight_size, hidden, backward, sm_count, smem_per_block)");
   m.def("cuda_max_hidden_on_chip", &fused_rnn::cuda::max_hidden_on_chip,
         "max_hidden_on_chip(gates, weight_size, sm_count, smem_per_block)");
-  m.attr("CUDA_SCAN_MAX_BATCH") = fused_rnn::cuda::kMaxBatch;
 #if defined(FUSED_RNN_WITH_CUDA)
   m.def(
       "cuda_scan_unsupported",

@@ -6,7 +6,8 @@ Backends:
   and float16 with float32 state and accumulation; CPU tensors).
 - ``"cuda"``: the persistent CUDA scans of ``fused_rnn._C`` (float32, bfloat16, float16
   with float32 state; CUDA tensors), for layers whose W_hh fits in the GPU's shared
-  memory and batches of at most ``CUDA_SCAN_MAX_BATCH`` rows (csrc/cuda/persistent_plan.h).
+  memory (csrc/cuda/persistent_plan.h); ``"auto"`` takes them where the model predicts
+  them clearly faster than cuDNN (small batches).
 - ``"triton"``: the Triton scans of ``fused_rnn.triton`` (float32, bfloat16 and float16
   with float32 state and accumulation; CUDA tensors, or CPU tensors under the Triton
   interpreter, ``TRITON_INTERPRET=1``, when asked for by name).
@@ -102,9 +103,6 @@ def _missing_requirement(name: str) -> Optional[str]:
 def _cuda_scan_reason(device: torch.device, dtype: torch.dtype, cell: str, hidden: int,
                       batch: Optional[int]) -> Optional[str]:
     """Why the persistent CUDA scan cannot take this layer (None if it can)."""
-    if batch is not None and batch > _C.CUDA_SCAN_MAX_BATCH:
-        return (f"batch {batch} > {_C.CUDA_SCAN_MAX_BATCH}: the persistent CUDA scan is for small batches; a "
-                f"batch-tiled kernel reuses W_hh over more rows")
     if not torch.cuda.is_available():
         return "no CUDA device is available"
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -178,9 +176,13 @@ def select_backend(device, dtype: torch.dtype, backend: str = "auto", cell: Opti
         else:
             skipped[name] = reason
     fused = [name for name in eligible if name in FUSED]
-    if "nn" not in eligible:  # an option torch.nn does not have: the package's kernels, else the loop
-        name = fused[0] if fused else "torch"
-        skipped.update({n: f"{name} comes first" for n in eligible if n != name})
+    from . import _speedups
+    predicted = {name: _speedups.predicted(name, device, dtype, cell, hidden, batch, training) for name in fused}
+    if "nn" not in eligible:  # an option torch.nn does not have: the fastest fused kernel, else the loop
+        known = {name: x for name, x in predicted.items() if x is not None}
+        name = max(known, key=known.get) if known else (fused[0] if fused else "torch")
+        skipped.update({n: f"{name} is predicted faster" if n in known else f"{name} comes first"
+                        for n in eligible if n != name})
         return BackendChoice(name, skipped, f"torch.nn's kernels cannot: {skipped['nn']}", tuple(eligible))
     from . import _measure
     measured = _measure.cached_choice(device, dtype, cell, hidden, batch, options, training, eligible)
@@ -188,8 +190,6 @@ def select_backend(device, dtype: torch.dtype, backend: str = "auto", cell: Opti
         name, timings = measured
         skipped.update({n: f"measured slower on this device ({timings})" for n in eligible if n != name})
         return BackendChoice(name, skipped, f"measured on this device ({timings})", tuple(eligible))
-    from . import _speedups
-    predicted = {name: _speedups.predicted(name, device, dtype, cell, hidden, batch, training) for name in fused}
     clear = {name: x for name, x in predicted.items() if x is not None and x >= CLEAR_WIN}
     best = max(clear, key=clear.get) if clear else "nn"
     for name in eligible:

@@ -17,6 +17,7 @@ contiguous memory before a kernel sees them). NaN and Inf propagate like in the
 PyTorch ops.
 """
 
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -144,7 +145,7 @@ def irnn(
     def run(name):
         return _irnn_on(name, *tensors, recurrent_mask, lengths, hidden_clip)
 
-    return run(_backend_for("irnn", backend, tensors, w_hh.shape[1], options, run))
+    return _run_with_fallback("irnn", backend, tensors, w_hh.shape[1], options, run)
 
 
 def _irnn_on(name, x, h0, w_ih, w_hh, b_ih, b_hh, recurrent_mask, lengths, hidden_clip):
@@ -199,7 +200,7 @@ def lstm(
         y, (h_n, c_n) = _lstm_on(name, *tensors, recurrent_mask, lengths)
         return y, h_n, c_n
 
-    y, h_n, c_n = run(_backend_for("lstm", backend, tensors, w_hh.shape[0] // 4, options, run))
+    y, h_n, c_n = _run_with_fallback("lstm", backend, tensors, w_hh.shape[0] // 4, options, run)
     return y, (h_n, c_n)
 
 
@@ -227,6 +228,31 @@ def _lstm_on(name, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, recurrent_mask, leng
 def _records_grad(tensors) -> bool:
     """Whether a backward may follow: autograd records and some input requires grad."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# csrc/cuda/common.cuh kCooperativeRefused: the device would not run a cooperative grid
+COOPERATIVE_REFUSED = "fused_rnn: cooperative launch refused"
+
+
+def _run_with_fallback(cell, backend, tensors, hidden, options, run):
+    """run(the backend for this call); when "auto" chose the persistent CUDA scans and
+    the device refused their cooperative launch at run time (MPS limiting the SMs,
+    another cooperative kernel holding them), the call runs on the next backend, with a
+    warning; nothing is cached, so a later call tries the scans again."""
+    name = _backend_for(cell, backend, tensors, hidden, options, run)
+    try:
+        return run(name)
+    except RuntimeError as error:
+        if backend != "auto" or name != "cuda" or COOPERATIVE_REFUSED not in str(error):
+            raise
+        refusal = str(error)
+    x = tensors[0]
+    choice = select_backend(x.device, x.dtype, "auto", cell=cell, hidden=hidden, batch=x.shape[1],
+                            options=options, training=_records_grad(tensors))
+    fallback = next(n for n in ("nn", "triton", "torch") if n in choice.eligible)
+    warnings.warn(f"{refusal}; this call runs on backend {fallback!r} instead", RuntimeWarning,
+                  stacklevel=3)
+    return run(fallback)
 
 
 def _backend_for(cell, backend, tensors, hidden, options, run) -> str:

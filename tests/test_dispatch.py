@@ -183,3 +183,50 @@ def test_measured_dispatch_is_off_unless_asked(monkeypatch):
     assert fused_rnn.measured_dispatch_enabled()
     fused_rnn.set_measured_dispatch(False)
     assert not fused_rnn.measured_dispatch_enabled()
+
+
+# ---- on a GPU: the model's predictions, and a refused cooperative launch ----
+
+def test_the_model_sends_small_batches_to_the_persistent_scans(monkeypatch):
+    """The shipped GPU predictions (bench/gpu_model.py, a model) on an H100: the CUDA
+    scans where they are predicted clearly faster than cuDNN (one sequence), torch.nn's
+    kernels (cuDNN) for large batches."""
+    from fused_rnn import _speedups
+
+    monkeypatch.setattr(dispatch, "_missing_requirement", lambda name: None)
+    monkeypatch.setattr(dispatch, "_cuda_scan_reason", lambda *args: None)
+    monkeypatch.setattr(_speedups, "gpu_class", lambda device: "H100")
+    small = fused_rnn.select_backend("cuda", torch.float32, cell="lstm", hidden=256, batch=1, training=True)
+    assert small.name == "cuda" and small.basis.startswith("predicted") and "model" in small.basis
+    large = fused_rnn.select_backend("cuda", torch.float32, cell="lstm", hidden=1024, batch=256, training=True)
+    assert large.name == "nn" and "below the 1.3x" in large.skipped["cuda"]
+    monkeypatch.setattr(_speedups, "gpu_class", lambda device: None)  # a GPU the model has no figures for
+    unknown = fused_rnn.select_backend("cuda", torch.float32, cell="lstm", hidden=256, batch=1, training=True)
+    assert unknown.name == "nn" and "no prediction" in unknown.skipped["cuda"]
+
+
+def test_a_refused_cooperative_launch_falls_back_to_the_next_backend(monkeypatch):
+    """The persistent scans need every block resident; when the device refuses the
+    cooperative launch at run time, "auto" runs the call on the next backend, warns,
+    and an explicit backend="cuda" still raises."""
+    from fused_rnn import functional
+
+    real = functional._irnn_on
+
+    def refusing(name, *args):
+        if name == "cuda":
+            raise RuntimeError(functional.COOPERATIVE_REFUSED + " (IRNN scan): too many blocks")
+        return real(name, *args)
+
+    monkeypatch.setattr(functional, "_irnn_on", refusing)
+    # as if dispatch had chosen the CUDA scans (this machine may have no GPU)
+    monkeypatch.setattr(functional, "_backend_for",
+                        lambda cell, backend, *rest: "cuda" if backend in ("auto", "cuda") else backend)
+    x, w_ih, w_hh = torch.randn(4, 2, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64), \
+        torch.eye(5, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="cooperative launch refused.*runs on backend 'nn'"):
+        y, _ = fused_rnn.irnn(x, None, w_ih, w_hh)
+    want, _ = fused_rnn.irnn(x, None, w_ih, w_hh, backend="torch")
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)  # float64: only the summation order differs
+    with pytest.raises(RuntimeError, match="cooperative launch refused"):
+        fused_rnn.irnn(x, None, w_ih, w_hh, backend="cuda")

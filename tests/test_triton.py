@@ -469,8 +469,6 @@ LOW_PRECISION_CASES = ([("irnn", s) for s in SHAPES if s[0] <= 9] + [("lstm", s)
 @pytest.mark.parametrize("cell, shape", LOW_PRECISION_CASES, ids=lambda c: c if isinstance(c, str) else
                          "T{}B{}I{}H{}".format(*c))
 def test_low_precision_matches_reference(cell, shape, dtype, backend):
-    if backend == "cuda" and shape[1] > fused_rnn._C.CUDA_SCAN_MAX_BATCH:
-        pytest.skip("above the CUDA scan's batch limit (dispatch sends it to Triton)")
     x, states, w_ih, w_hh, b_ih, b_hh, up = make_layer(cell, *shape, bias=True, seed=3)
     leaves = [torch.tensor(a, dtype=dtype, device=DEVICE, requires_grad=True)
               for a in (x, *states, w_ih, w_hh, b_ih, b_hh)]

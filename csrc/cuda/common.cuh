@@ -47,6 +47,18 @@ inline void check_launch(cudaError_t error, const char* what) {
   TORCH_CHECK(false, "fused_rnn: ", what, " failed: ", cudaGetErrorString(error));
 }
 
+// A cooperative launch the device refused at run time (MPS limiting the SMs, another
+// cooperative kernel holding them, a smaller MIG slice): nothing ran, and the caller
+// (fused_rnn/functional.py) runs the call on the next backend instead. The message's
+// start is what it looks for.
+constexpr const char* kCooperativeRefused = "fused_rnn: cooperative launch refused";
+
+inline void check_cooperative_launch(cudaError_t error, const char* what) {
+  if (error == cudaSuccess) return;
+  (void)cudaGetLastError();
+  TORCH_CHECK(false, kCooperativeRefused, " (", what, "): ", cudaGetErrorString(error));
+}
+
 // Calls fn with a value of the CUDA element type of `dtype`.
 template <typename Fn>
 void dispatch_dtype(at::ScalarType dtype, const Fn& fn) {
@@ -75,6 +87,8 @@ inline at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(
 inline std::optional<at::Tensor> f32(const std::optional<at::Tensor>& t) {
   return t.has_value() ? std::optional<at::Tensor>(f32(*t)) : std::nullopt;
 }
+
+constexpr const char* kOccupancyQueryFailed = "occupancy query failed: ";
 
 // Why a scan of this shape cannot run on `device` (empty: it can): W_hh must fit in the
 // shared memory of one block per SM, and the device must launch cooperatively.
@@ -105,7 +119,7 @@ inline std::string scan_unsupported(int device, int64_t gates, at::ScalarType dt
   });
   if (error != cudaSuccess) {
     (void)cudaGetLastError();  // a reason to fall back, not an error for the next launch to find
-    return std::string("occupancy query failed: ") + cudaGetErrorString(error);
+    return std::string(kOccupancyQueryFailed) + cudaGetErrorString(error);
   }
   if (!fits) return std::to_string(plan.blocks) + " blocks of " + std::to_string(kThreads) + " threads cannot all be resident";
   return "";
@@ -118,19 +132,19 @@ struct ScanCheck {
 
 // scan_unsupported, cached per (device, cell, dtype, H, direction): the answer cannot
 // change, and the occupancy query costs microseconds on a backend meant for
-// latency-bound small batches. (An inline function: one cache for the whole extension.)
-inline const ScanCheck& checked_scan(int device, int64_t gates, at::ScalarType dtype, int64_t hidden, bool backward) {
+// latency-bound small batches; a failed query is transient and is asked again next
+// time. (An inline function: one cache for the whole extension.)
+inline ScanCheck checked_scan(int device, int64_t gates, at::ScalarType dtype, int64_t hidden, bool backward) {
   static std::mutex mutex;
   static std::map<std::tuple<int, int64_t, int, int64_t, bool>, ScanCheck> cache;
   const auto key = std::make_tuple(device, gates, static_cast<int>(dtype), hidden, backward);
   std::lock_guard<std::mutex> lock(mutex);
   auto found = cache.find(key);
-  if (found == cache.end()) {
-    ScanCheck check;
-    check.reason = scan_unsupported(device, gates, dtype, hidden, backward, &check.plan);
-    found = cache.emplace(key, std::move(check)).first;
-  }
-  return found->second;  // std::map never moves its elements
+  if (found != cache.end()) return found->second;
+  ScanCheck check;
+  check.reason = scan_unsupported(device, gates, dtype, hidden, backward, &check.plan);
+  if (check.reason.rfind(kOccupancyQueryFailed, 0) != 0) cache.emplace(key, check);
+  return check;
 }
 
 // The per-sequence options as the kernels take them: the mask in float32 on the
@@ -182,7 +196,7 @@ struct CudaScanOptions {
 // succeeds only for its backward to fail.
 inline ScanPlan plan_or_fail(const at::Tensor& x, int64_t gates, int64_t hidden, bool backward) {
   for (const bool direction : {false, true}) {
-    const ScanCheck& check = checked_scan(x.get_device(), gates, x.scalar_type(), hidden, direction);
+    const ScanCheck check = checked_scan(x.get_device(), gates, x.scalar_type(), hidden, direction);
     TORCH_CHECK(check.reason.empty(), "fused_rnn: the CUDA ", gates == 1 ? "IRNN" : "LSTM",
                 " scan keeps W_hh on chip: ", check.reason, ". Use backend='triton' (backend='auto' does).");
   }

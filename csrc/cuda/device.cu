@@ -39,7 +39,7 @@ namespace cuda {
 // "" if they can.
 std::string cuda_scan_unsupported(int device, int64_t gates, at::ScalarType dtype, int64_t hidden) {
   for (const bool backward : {false, true}) {
-    const ScanCheck& check = checked_scan(device, gates, dtype, hidden, backward);
+    const ScanCheck check = checked_scan(device, gates, dtype, hidden, backward);
     if (!check.reason.empty()) return check.reason;
   }
   return "";

@@ -34,7 +34,8 @@ std::tuple<at::Tensor, at::Tensor> irnn_scan_forward(const at::Tensor& x_in, con
     ForwardArgs<scalar_t> args{ptr<float>(pre), ptr<float>(h0_f), nullptr, ptr<scalar_t>(w_hh), ptr<scalar_t>(y),
                                ptr<float>(state), nullptr, steps, batch, hidden};
     scan_options.fill(args);
-    check_launch(launch_scan_forward<scalar_t, 1>(args, plan, at::cuda::getCurrentCUDAStream()), "IRNN scan");
+    check_cooperative_launch(launch_scan_forward<scalar_t, 1>(args, plan, at::cuda::getCurrentCUDAStream()),
+                             "IRNN scan");
   });
   return {y, state[(steps - 1) % 2].to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true)};
 }
@@ -72,8 +73,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> irnn_scan
                                 nullptr, ptr<scalar_t>(w_hh), ptr<float>(dz), nullptr, ptr<float>(dh0),
                                 steps, batch, hidden};
     scan_options.fill(args);
-    check_launch(launch_scan_backward<scalar_t, 1>(args, plan, at::cuda::getCurrentCUDAStream()),
-                 "IRNN backward scan");
+    check_cooperative_launch(launch_scan_backward<scalar_t, 1>(args, plan, at::cuda::getCurrentCUDAStream()),
+                             "IRNN backward scan");
   });
   auto grads = weight_grads(dz, f32(x), scan_options.masked(f32(h0)), scan_options.masked(f32(y)), f32(w_ih),
                             f32(w_hh), grad_x);

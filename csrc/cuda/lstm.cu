@@ -38,7 +38,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_scan
     ForwardArgs<scalar_t> args{ptr<float>(gates), ptr<float>(h0_f), ptr<float>(c0_f), ptr<scalar_t>(w_hh),
                                ptr<scalar_t>(y), ptr<float>(state), ptr<float>(cells), steps, batch, hidden};
     scan_options.fill(args);
-    check_launch(launch_scan_forward<scalar_t, 4>(args, plan, at::cuda::getCurrentCUDAStream()), "LSTM scan");
+    check_cooperative_launch(launch_scan_forward<scalar_t, 4>(args, plan, at::cuda::getCurrentCUDAStream()),
+                             "LSTM scan");
   });
   const auto dtype = x.scalar_type();
   return {y, state[(steps - 1) % 2].to(dtype, false, true), cells[steps - 1].to(dtype, false, true), cells, gates};
@@ -89,8 +90,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                 ptr<float>(cells), ptr<float>(gates), ptr<scalar_t>(w_hh), ptr<float>(dgates),
                                 ptr<float>(dc), ptr<float>(dh0), steps, batch, hidden};
     scan_options.fill(args);
-    check_launch(launch_scan_backward<scalar_t, 4>(args, plan, at::cuda::getCurrentCUDAStream()),
-                 "LSTM backward scan");
+    check_cooperative_launch(launch_scan_backward<scalar_t, 4>(args, plan, at::cuda::getCurrentCUDAStream()),
+                             "LSTM backward scan");
   });
   auto grads = weight_grads(dgates, f32(x), scan_options.masked(f32(h0)), scan_options.masked(f32(y)), f32(w_ih),
                             f32(w_hh), grad_x);

@@ -24,9 +24,6 @@ constexpr int kWarps = kThreads / 32;
 // Batch rows staged per pass: every weight read from shared memory is reused for
 // kRows rows, and each thread holds G * kRows accumulators (16 for the LSTM).
 constexpr int kRows = 4;
-// Above this batch size a batch-tiled kernel (Triton) reuses each weight for more rows
-// than the kRows-row passes here; dispatch sends larger batches there.
-constexpr int64_t kMaxBatch = 64;
 
 constexpr int64_t align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
 

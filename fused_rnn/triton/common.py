@@ -2,6 +2,7 @@
 launch configs and the per-sequence options as kernel arguments. (The GEMMs before and
 after a scan are fused_rnn/_host.py's, shared with the other Python-side backends.)"""
 
+import contextlib
 from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -160,8 +161,13 @@ class TunedKernel:
         return self._autotuners[key]
 
     def launch(self, batch: int, weight: Tensor, *args, config: Optional[Config] = None, **constexprs):
-        """Launch over `batch` rows; `weight` (W_hh), ``constexprs["TF32"]`` and the option
-        flags give the variant."""
+        """Launch over `batch` rows on `weight`'s device (whatever device is current: a
+        launch goes to the current device); `weight` (W_hh), ``constexprs["TF32"]`` and
+        the option flags give the variant."""
+        with torch.cuda.device(weight.device) if weight.is_cuda else contextlib.nullcontext():
+            self._launch(batch, weight, *args, config=config, **constexprs)
+
+    def _launch(self, batch: int, weight: Tensor, *args, config: Optional[Config] = None, **constexprs):
         kernel_variant = variant(weight.dtype, constexprs["TF32"], any(constexprs.get(f) for f in OPTION_FLAGS))
         if config is None:
             configs = self.configs(kernel_variant)
