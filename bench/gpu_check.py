@@ -244,6 +244,33 @@ def stage_correctness(dry_run: bool) -> dict:
             rows.append(row)
             if not row["ok"]:
                 failures.append(row)
+    # the single-step ops (cells), every dtype: one step of the same problems
+    for cell in ("irnn", "lstm"):
+        p = _problem(torch, cell, 1, 5 if dry_run else 37, 12 if dry_run else 1024, device, seed=11)
+        leaves64 = [t.to(device, torch.float64).requires_grad_() for t in [p["x"][0], *p["state"], *p["weights"]]]
+        n_state = len(p["state"])
+
+        def step(backend, leaves, cell=cell, n_state=n_state):
+            x, states, weights = leaves[0], leaves[1:1 + n_state], leaves[1 + n_state:]
+            if cell == "irnn":
+                return (fused_rnn.irnn_cell(x, states[0], *weights, backend=backend),)
+            return fused_rnn.lstm_cell(x, tuple(states), *weights, backend=backend)
+
+        want = step("torch", leaves64)
+        want_grads = torch.autograd.grad(sum(o.sum() for o in want), leaves64)
+        for dtype_name in dtypes:
+            for backend in backends:
+                if backend == "nn":
+                    continue  # the cells' nn backend is torch.nn's own cell: the oracle's family
+                leaves = [t.detach().to(dtype=getattr(torch, dtype_name)).requires_grad_() for t in leaves64]
+                got = step(backend, leaves)
+                grads = torch.autograd.grad(sum(o.float().sum() for o in got), leaves)
+                error = _errors(torch, [*got, *grads], [*want, *want_grads])
+                row = {"cell": cell + " step", "B": leaves[0].shape[0], "H": leaves[1].shape[1], "dtype": dtype_name,
+                       "backend": backend, "error": error, "ok": error <= CHECK_TOLERANCE[dtype_name]}
+                rows.append(row)
+                if not row["ok"]:
+                    failures.append(row)
     emulation = None
     if dry_run:  # the CUDA kernels have no GPU here: their CPU emulation against the NumPy reference
         run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
