@@ -62,20 +62,20 @@ def compile_report(arch: str) -> str:
     return result.stderr
 
 
-KERNEL_NAME = re.compile(r"\d+((?:irnn|lstm|scan)_\w+?_kernel)I(6__half|13__nv_bfloat16|f)(?:Li(\d)E)?")
+KERNEL_NAME = re.compile(r"\d+((?:irnn|lstm|scan)_\w+?_kernel)I(6__half|13__nv_bfloat16|f)(?:Li(\d)ELi(\d+)E)?")
 DTYPE_OF_MANGLED = {"f": "fp32", "13__nv_bfloat16": "bf16", "6__half": "fp16"}
 
 
 def describe(mangled: str):
-    """(kernel, dtype) of a mangled name: e.g. scan_forward_kernel<__half, 4> ->
-    ("lstm_scan_forward", "fp16")."""
+    """(kernel, dtype) of a mangled name: e.g. scan_forward_kernel<__half, 4, 16> ->
+    ("lstm_scan_forward r16", "fp16"), with the rows per pass (persistent_plan.h)."""
     match = KERNEL_NAME.search(mangled)
     if match is None:
         raise SystemExit(f"unexpected kernel {mangled}: update KERNEL_NAME")
-    kernel, dtype, gates = match.groups()
+    kernel, dtype, gates, rows = match.groups()
     kernel = kernel.replace("_kernel", "")
     if kernel.startswith("scan"):
-        kernel = ("lstm_" if gates == "4" else "irnn_") + kernel
+        kernel = ("lstm_" if gates == "4" else "irnn_") + kernel + f" r{int(rows):02d}"
     return kernel, DTYPE_OF_MANGLED[dtype]
 
 
@@ -116,7 +116,8 @@ def format_tables(rows, limits) -> str:
         cells = [f"{by_key[(kernel, dtype, a)]['registers']} / {by_key[(kernel, dtype, a)]['spill_bytes']}"
                  for a in ARCHS]
         lines.append(f"| {kernel} | {dtype} | {cells[0]} | {cells[1]} |")
-    lines += ["", "Largest H kept on chip (forward and backward scans; above it dispatch uses Triton):", "",
+    lines += ["", "Largest H kept on chip (forward and backward scans; above it `select_backend` skips the scans "
+              "and says why):", "",
               "| device | " + " | ".join(next(iter(limits.values()))) + " |",
               "|---|" + "---:|" * len(next(iter(limits.values())))]
     for device, values in limits.items():

@@ -16,9 +16,9 @@ each memory level, plus its fixed latencies (kernel launches, block and grid bar
   weight-gradient GEMM once at the end (which every design shares and so leaves out).
 - persistent CUDA scans (csrc/cuda/persistent_scan.cuh): one block per SM owns H/SMs
   units and keeps their W_hh rows in shared memory; per step it stages the exchanged
-  state in passes of kRows = 4 rows (two block barriers each) and each warp forms its
+  state in passes of up to 16 rows (two block barriers each) and each warp forms its
   units' dot products on CUDA cores (instruction-issue bound: per k-iteration G weight
-  loads, kRows state loads, G*kRows FMAs), then a grid barrier.
+  loads, `rows` state loads, G*rows FMAs), then a grid barrier.
 - Triton, batch-tiled (fused_rnn/triton, today): ceil(B/16) programs, each owning 16 rows
   and all H units, so each program reads all of W_hh from L2 and does 16 rows' worth
   of the GEMM on one SM every step (tensor cores for bf16/fp16, CUDA cores for fp32).
@@ -76,7 +76,7 @@ GPUS = {
 }
 GATES = {"irnn": 1, "lstm": 4}
 BYTES = {"float32": 4, "bfloat16": 2}
-K_ROWS = 4  # csrc/cuda/persistent_plan.h kRows
+ROW_CHOICES = (1, 2, 4, 8, 16)  # csrc/cuda/persistent_plan.h: rows per pass, up to kMaxRows
 WARPS = 8  # csrc/cuda/persistent_plan.h kWarps
 TRITON_ROWS = 16  # the batch tile of today's Triton scans (BLOCK_B)
 # Efficiency of a GEMM at these skinny shapes against the unit's peak: cuBLAS reaches
@@ -111,39 +111,72 @@ def cudnn_step_us(gpu: GPU, cell: str, dtype: str, batch: int, hidden: int) -> f
     return gemm + state + 2 * gpu.launch_us
 
 
-def persistent_plan(gpu: GPU, cell: str, dtype: str, hidden: int, backward: bool):
-    """(units per block, blocks, fits): csrc/cuda/persistent_plan.h's arithmetic."""
+# csrc/cuda/persistent_plan.h's cost of a step in issue slots, by which it picks the rows
+PASS_ISSUES = 600.0
+ISSUES_PER_STAGED_BYTE = 0.019
+
+
+def _plan_step_issues(g: int, hidden: int, units: int, backward: bool, batch: int, rows: int) -> float:
+    per_warp = math.ceil(units / WARPS)
+    k_iterations = hidden / 32.0
+    dots = (g * k_iterations * (1 + 2 * rows) + rows * 10.0 if backward
+            else k_iterations * (g + rows + g * rows) + g * rows * 10.0)
+    staged = rows * (g if backward else 1) * hidden * 4
+    return math.ceil(batch / rows) * (per_warp * (dots + 60.0) * 2.0 + PASS_ISSUES + ISSUES_PER_STAGED_BYTE * staged)
+
+
+def persistent_plan(gpu: GPU, cell: str, dtype: str, hidden: int, backward: bool, batch: int = 1):
+    """(units per block, blocks, rows per pass, fits): csrc/cuda/persistent_plan.h's
+    arithmetic, its choice of rows included."""
     g = GATES[cell]
     spread = math.ceil(hidden / gpu.sms)
     units = spread if spread > WARPS else min(hidden, WARPS)
     blocks = math.ceil(hidden / units)
     weight = math.ceil(g * units * hidden * BYTES[dtype] / 16) * 16
-    stage = K_ROWS * (g if backward else 1) * hidden * 4
-    return units, blocks, weight + stage <= gpu.smem_kb * 1024 and blocks <= gpu.sms
+    row_bytes = (g if backward else 1) * hidden * 4
+    rows, best = 1, _plan_step_issues(g, hidden, units, backward, batch, 1)
+    for candidate in ROW_CHOICES[1:]:
+        if weight + candidate * row_bytes > gpu.smem_kb * 1024:
+            break
+        issues = _plan_step_issues(g, hidden, units, backward, batch, candidate)
+        if issues < best:
+            rows, best = candidate, issues
+    return units, blocks, rows, weight + rows * row_bytes <= gpu.smem_kb * 1024 and blocks <= gpu.sms
 
 
-def persistent_step_us(gpu: GPU, cell: str, dtype: str, batch: int, hidden: int, backward: bool) -> float:
-    """One step of the persistent scan, or inf where it does not fit on chip."""
+def persistent_step_us(gpu: GPU, cell: str, dtype: str, batch: int, hidden: int, backward: bool,
+                       rows: int = None) -> float:
+    """One step of the persistent scan with `rows` rows per pass (default: the plan's),
+    or inf where it does not fit on chip."""
     g = GATES[cell]
-    units, _, fits = persistent_plan(gpu, cell, dtype, hidden, backward)
-    if not fits:
+    units, _, planned, fits = persistent_plan(gpu, cell, dtype, hidden, backward, batch)
+    rows = planned if rows is None else rows
+    weight = math.ceil(g * units * hidden * BYTES[dtype] / 16) * 16
+    if not fits or weight + rows * (g if backward else 1) * hidden * 4 > gpu.smem_kb * 1024:
         return math.inf
-    passes = math.ceil(batch / K_ROWS)
+    passes = math.ceil(batch / rows)
     units_per_warp = math.ceil(units / WARPS)
-    # per k-iteration of one unit: forward G weight loads + kRows state loads + G*kRows
-    # FMAs over a length-H reduction; backward 1 + kRows + kRows over G*H
+    # per k-iteration of one unit: forward G weight loads + `rows` state loads + G*rows
+    # FMAs over a length-H reduction; backward 1 + rows + rows over G*H
     if backward:
-        instructions = (g * hidden / 32) * (1 + 2 * K_ROWS)
-        reductions = K_ROWS
+        instructions = (g * hidden / 32) * (1 + 2 * rows)
+        reductions = rows
     else:
-        instructions = (hidden / 32) * (g + K_ROWS + g * K_ROWS)
-        reductions = g * K_ROWS
+        instructions = (hidden / 32) * (g + rows + g * rows)
+        reductions = g * rows
     instructions = units_per_warp * (instructions + reductions * 10 + 60)  # butterfly sums, cell maths
     # 8 warps on 4 schedulers: two warps' instructions per scheduler
     compute = instructions * (WARPS / 4) / (gpu.clock_ghz * 1e3)
-    staged = K_ROWS * (g if backward else 1) * hidden * 4
+    staged = rows * (g if backward else 1) * hidden * 4
     stage = staged / (gpu.l2_per_sm_gb_s * 1e3) + gpu.l2_latency_us
     return passes * (compute + stage + 2 * gpu.block_sync_us) + gpu.grid_sync_us
+
+
+def fastest_rows(gpu: GPU, cell: str, dtype: str, batch: int, hidden: int, backward: bool) -> int:
+    """The rows per pass the model predicts fastest (ties to the fewer rows)."""
+    times = {rows: persistent_step_us(gpu, cell, dtype, batch, hidden, backward, rows) for rows in ROW_CHOICES}
+    best = min(times.values())
+    return min(rows for rows, t in times.items() if t <= best * (1 + 1e-9))
 
 
 def triton_tiled_step_us(gpu: GPU, cell: str, dtype: str, batch: int, hidden: int) -> float:

@@ -40,11 +40,12 @@ at::ScalarType scalar_type_named(const std::string& name) {
 #endif
 
 pybind11::dict scan_plan_dict(int64_t gates, int64_t weight_size, int64_t hidden, bool backward, int64_t sm_count,
-                              int64_t smem_per_block) {
-  const auto plan = fused_rnn::cuda::plan_scan(gates, weight_size, hidden, backward, sm_count, smem_per_block);
+                              int64_t smem_per_block, int64_t batch) {
+  const auto plan = fused_rnn::cuda::plan_scan(gates, weight_size, hidden, backward, sm_count, smem_per_block, batch);
   pybind11::dict out;
   out["units"] = plan.units;
   out["blocks"] = plan.blocks;
+  out["rows"] = plan.rows;
   out["weight_bytes"] = plan.weight_bytes;
   out["stage_bytes"] = plan.stage_bytes;
   out["smem_bytes"] = plan.smem_bytes;
@@ -92,7 +93,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &fused_rnn::build_info_dict, "How this extension was built (backends, CUDA archs, compiler)");
   // The persistent CUDA scans' plan (csrc/cuda/persistent_plan.h), for any device: plain
   // arithmetic, available in CPU-only builds too.
-  m.def("cuda_scan_plan", &scan_plan_dict, "plan_scan(gates, weight_size, hidden, backward, sm_count, smem_per_block)");
+  m.def("cuda_scan_plan", &scan_plan_dict,
+        "plan_scan(gates, weight_size, hidden, backward, sm_count, smem_per_block, batch=1)", pybind11::arg("gates"),
+        pybind11::arg("weight_size"), pybind11::arg("hidden"), pybind11::arg("backward"), pybind11::arg("sm_count"),
+        pybind11::arg("smem_per_block"), pybind11::arg("batch") = 1);
   m.def("cuda_max_hidden_on_chip", &fused_rnn::cuda::max_hidden_on_chip,
         "max_hidden_on_chip(gates, weight_size, sm_count, smem_per_block)");
 #if defined(FUSED_RNN_WITH_CUDA)

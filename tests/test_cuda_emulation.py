@@ -21,10 +21,13 @@ from helpers import assert_matches, make_layer
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = REPO / "tests" / "cuda_emulation" / "emulator.cpp"
 
-# (T, B, I, H, SMs): one block with fewer units than warps; 3 blocks with a 5-row batch
-# (a full and a partial 4-row pass); a last block with fewer units than the others;
-# 18 units a block, so warps own 2 or 3 units each
+# (T, B, I, H, SMs): one block with fewer units than warps; 3 blocks with a 5-row batch;
+# a last block with fewer units than the others; 18 units a block, so warps own 2 or 3
+# units each
 CASES = [(1, 1, 3, 5, 4), (7, 5, 4, 37, 3), (4, 9, 3, 20, 8), (3, 2, 2, 70, 4)]
+# The most rows per pass (persistent_plan.h): the plan's own rule (one pass of 8 rows for
+# B = 5, of 16 for B = 9), and a cap of 2 (passes of 2, 2 and 1 rows for B = 5).
+ROWS_CAPS = [16, 2]
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +42,22 @@ def emulator(tmp_path_factory):
     lib.emulate_scan_forward.restype = ctypes.c_int64
     lib.emulate_scan_backward.restype = ctypes.c_int64
     return lib
+
+
+@pytest.fixture(params=ROWS_CAPS, ids=lambda cap: f"rows<={cap}")
+def rows_cap(emulator, request):
+    emulator.set_rows_cap(ctypes.c_int64(request.param))
+    yield request.param
+    emulator.set_rows_cap(ctypes.c_int64(16))
+
+
+def _expected_rows(batch, cap):
+    """persistent_plan.h's rule with shared memory to spare: the smallest power of two
+    covering the batch, at most the cap."""
+    rows = 1
+    while rows < min(batch, cap):
+        rows *= 2
+    return rows
 
 
 def _f32(array):
@@ -75,16 +94,18 @@ def _weight_grads(dpre, x, h0, y, w_ih):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}B{}I{}H{}-{}sm".format(*c))
-def test_irnn_scans_match_reference(emulator, case):
+def test_irnn_scans_match_reference(emulator, case, rows_cap):
     steps, batch, inputs, hidden, sm_count = case
     x, (h0,), w_ih, w_hh, b_ih, b_hh, up = make_layer("irnn", steps, batch, inputs, hidden, bias=True, seed=hidden)
     want_y, want_h, cache = ref.irnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh)
     pre = _f32(x @ w_ih.T + b_ih + b_hh)
     y, state = np.empty((steps, batch, hidden), np.float32), np.empty((2, batch, hidden), np.float32)
     h0_f, w_hh_f = _f32(h0), _f32(w_hh)
-    blocks = emulator.emulate_scan_forward(ctypes.c_int64(1), _ptr(pre), _ptr(h0_f), None, _ptr(w_hh_f), _ptr(y),
-                                           _ptr(state), None, *_sizes(steps, batch, hidden, sm_count), *NO_OPTIONS)
+    launched = emulator.emulate_scan_forward(ctypes.c_int64(1), _ptr(pre), _ptr(h0_f), None, _ptr(w_hh_f), _ptr(y),
+                                             _ptr(state), None, *_sizes(steps, batch, hidden, sm_count), *NO_OPTIONS)
+    blocks, rows = divmod(launched, 100)
     assert blocks == -(-hidden // max(8, -(-hidden // sm_count))) or hidden < 8
+    assert rows == _expected_rows(batch, rows_cap)
     _check("y", y, want_y)
     _check("h_T", state[(steps - 1) % 2], want_h)
     dpre, grad_h0 = np.empty((steps, batch, hidden), np.float32), np.empty((batch, hidden), np.float32)
@@ -99,7 +120,7 @@ def test_irnn_scans_match_reference(emulator, case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}B{}I{}H{}-{}sm".format(*c))
-def test_lstm_scans_match_reference(emulator, case):
+def test_lstm_scans_match_reference(emulator, case, rows_cap):
     steps, batch, inputs, hidden, sm_count = case
     x, (h0, c0), w_ih, w_hh, b_ih, b_hh, up = make_layer("lstm", steps, batch, inputs, hidden, bias=True,
                                                          seed=hidden + 1)
@@ -126,7 +147,7 @@ def test_lstm_scans_match_reference(emulator, case):
 
 
 @pytest.mark.parametrize("cell", ["irnn", "lstm"])
-def test_scans_with_options_match_reference(emulator, cell):
+def test_scans_with_options_match_reference(emulator, cell, rows_cap):
     """The recurrent mask, per-sequence lengths (0, 1, partial and full) and the IRNN's
     clip in the persistent scans, 3 blocks, a partial batch pass."""
     steps, batch, inputs, hidden, sm_count = 6, 5, 3, 21, 3

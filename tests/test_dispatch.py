@@ -2,11 +2,13 @@
 device (measured dispatch, cached on disk) or predicted clearly faster (the tables of
 fused_rnn._speedup_tables), and the fused kernels for options torch.nn has not."""
 
+import itertools
 import json
 import multiprocessing
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,3 +232,30 @@ def test_a_refused_cooperative_launch_falls_back_to_the_next_backend(monkeypatch
     torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)  # float64: only the summation order differs
     with pytest.raises(RuntimeError, match="cooperative launch refused"):
         fused_rnn.irnn(x, None, w_ih, w_hh, backend="cuda")
+
+
+def test_rows_per_pass_are_the_models_fastest():
+    """csrc/cuda/persistent_plan.h picks the persistent scans' rows per pass by a rule;
+    bench/gpu_model.py (a model) times every candidate. On each GPU the model knows, for
+    both cells, fp32 and bf16, both directions and the model's batch and hidden sizes,
+    the plan (fused_rnn._C, the launcher's own arithmetic) and the model agree on the
+    split, and the plan's rows are the model's fastest or within 3% of it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import gpu_model
+
+    checked = exact = 0
+    for gpu in gpu_model.GPUS.values():
+        for cell, dtype, backward in itertools.product(("irnn", "lstm"), ("float32", "bfloat16"), (False, True)):
+            for batch, hidden in itertools.product((1, 2, 3, 5, 8, 37, 64, 256, 1024), gpu_model.HIDDENS):
+                plan = fused_rnn._C.cuda_scan_plan(gpu_model.GATES[cell], gpu_model.BYTES[dtype], hidden, backward,
+                                                   gpu.sms, gpu.smem_kb * 1024, batch)
+                units, blocks, rows, fits = gpu_model.persistent_plan(gpu, cell, dtype, hidden, backward, batch)
+                assert (units, blocks, rows, fits) == (plan["units"], plan["blocks"], plan["rows"], plan["fits"])
+                if fits:  # within 3% of the model's fastest rows (the plan's issue count is GPU-agnostic)
+                    fastest = gpu_model.fastest_rows(gpu, cell, dtype, batch, hidden, backward)
+                    ours = gpu_model.persistent_step_us(gpu, cell, dtype, batch, hidden, backward, rows)
+                    best = gpu_model.persistent_step_us(gpu, cell, dtype, batch, hidden, backward, fastest)
+                    assert ours <= 1.03 * best, (gpu.name, cell, dtype, backward, batch, hidden, rows, fastest)
+                    exact += rows == fastest
+                    checked += 1
+    assert checked > 500 and exact >= 0.9 * checked

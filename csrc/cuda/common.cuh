@@ -18,6 +18,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <torch/version.h>
+
+#include <limits>
 #include <map>
 #include <mutex>
 #include <string>
@@ -200,15 +203,62 @@ inline ScanPlan plan_or_fail(const at::Tensor& x, int64_t gates, int64_t hidden,
     TORCH_CHECK(check.reason.empty(), "fused_rnn: the CUDA ", gates == 1 ? "IRNN" : "LSTM",
                 " scan keeps W_hh on chip: ", check.reason, ". Use backend='triton' (backend='auto' does).");
   }
-  return checked_scan(x.get_device(), gates, x.scalar_type(), hidden, backward).plan;
+  // the rows per pass for this batch (a plan that fits at batch 1 fits at every batch)
+  const cudaDeviceProp* props = at::cuda::getDeviceProperties(x.get_device());
+  const ScanPlan plan = plan_scan(gates, c10::elementSize(x.scalar_type()), hidden, backward,
+                                  props->multiProcessorCount, static_cast<int64_t>(props->sharedMemPerBlockOptin),
+                                  x.size(1));
+  TORCH_INTERNAL_ASSERT(plan.fits, "fused_rnn: a scan plan that fits at batch 1 must fit at every batch");
+  return plan;
 }
 
-// A single step: the two GEMMs in float32, then one pointwise kernel. Unlike the scans
-// it has no limit on H (nothing is kept on chip across steps).
+// Products with 16-bit operands in float32, without a float32 copy of the operand that
+// is already 16-bit (the weights of a single step: a step op called once per generated
+// character would otherwise convert all of W_ih and W_hh every call). cuBLAS multiplies
+// bf16/fp16 operands exactly and accumulates in float32 (out_dtype, torch >= 2.8), so
+//   mm_f32(a16, b16) is the float32 product of the same values, and
+//   mm_f32_split(a32, b16) splits the float32 operand into hi + lo, its rounding to b's
+//   dtype and the rounding of the remainder: 16 (bf16) or 22 (fp16) of its 24 bits, two
+//   16-bit products, relative error ~2^-17 / 2^-23, far below the result's own rounding
+//   to the inputs' dtype. For fp16 the float32 operand is first scaled by a power of two
+//   (exact) that puts its largest magnitude at 2^14, inside fp16's range.
+// With an older torch, both fall back to float32 copies.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+#define FUSED_RNN_MM_OUT_DTYPE 1
+#endif
+
+inline at::Tensor mm_f32(const at::Tensor& a, const at::Tensor& b) {
+#if defined(FUSED_RNN_MM_OUT_DTYPE)
+  if (a.scalar_type() != at::kFloat && a.scalar_type() == b.scalar_type()) return at::mm(a, b, at::kFloat);
+#endif
+  return at::mm(f32(a), f32(b));
+}
+
+inline at::Tensor mm_f32_split(const at::Tensor& a, const at::Tensor& b) {
+  const auto dtype = b.scalar_type();
+#if defined(FUSED_RNN_MM_OUT_DTYPE)
+  if (dtype == at::kBFloat16 || dtype == at::kHalf) {
+    at::Tensor scaled = a, unscale;
+    if (dtype == at::kHalf) {
+      const auto exponent = at::floor(at::log2(a.abs().amax().clamp_min(std::numeric_limits<float>::min())));
+      scaled = a * at::exp2(14.0 - exponent);
+      unscale = at::exp2(exponent - 14.0);
+    }
+    const auto hi = scaled.to(dtype);
+    const auto lo = (scaled - hi.to(at::kFloat)).to(dtype);
+    auto out = at::mm(hi, b, at::kFloat).add_(at::mm(lo, b, at::kFloat));
+    return unscale.defined() ? out.mul_(unscale) : out;
+  }
+#endif
+  return at::mm(a, f32(b));
+}
+
+// A single step: the two GEMMs with float32 results, then one pointwise kernel. Unlike
+// the scans it has no limit on H (nothing is kept on chip across steps).
 inline at::Tensor step_preactivation(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih,
-                              const at::Tensor& w_hh, const std::optional<at::Tensor>& bias) {
-  auto pre = bias.has_value() ? at::addmm(f32(*bias), f32(x), f32(w_ih).t()) : at::mm(f32(x), f32(w_ih).t());
-  return pre.addmm_(f32(h), f32(w_hh).t());  // [B, G*H]
+                                     const at::Tensor& w_hh, const std::optional<at::Tensor>& bias) {
+  auto pre = mm_f32(x, w_ih.t()).add_(mm_f32(h, w_hh.t()));  // [B, G*H]
+  return bias.has_value() ? pre.add_(*bias) : pre;
 }
 
 inline void check_step(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w_ih, const at::Tensor& w_hh,
@@ -222,15 +272,15 @@ inline void check_step(const at::Tensor& x, const at::Tensor& h, const at::Tenso
   }
 }
 
-// The weight gradients of one step from dpre [B, G*H] (float32), in the inputs' dtype.
+// The gradients of one step from dpre [B, G*H] (float32), in the inputs' dtype.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> step_grads(const at::Tensor& dpre,
-                                                                                  const at::Tensor& x,
-                                                                                  const at::Tensor& h,
-                                                                                  const at::Tensor& w_ih,
-                                                                                  const at::Tensor& w_hh) {
+                                                                                         const at::Tensor& x,
+                                                                                         const at::Tensor& h,
+                                                                                         const at::Tensor& w_ih,
+                                                                                         const at::Tensor& w_hh) {
   const auto dtype = x.scalar_type();
-  return {at::mm(dpre, f32(w_ih)).to(dtype), at::mm(dpre, f32(w_hh)).to(dtype), at::mm(dpre.t(), f32(x)).to(dtype),
-          at::mm(dpre.t(), f32(h)).to(dtype), dpre.sum(0).to(dtype)};
+  return {mm_f32_split(dpre, w_ih).to(dtype), mm_f32_split(dpre, w_hh).to(dtype),
+          mm_f32_split(dpre.t(), x).to(dtype), mm_f32_split(dpre.t(), h).to(dtype), dpre.sum(0).to(dtype)};
 }
 
 // The output projection of nn.LSTM(proj_size) runs on the CPU kernels and the torch

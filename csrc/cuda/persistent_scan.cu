@@ -64,18 +64,27 @@ cudaError_t residency(const ScanPlan& plan, bool* fits) {
 
 template <typename scalar_t, int G>
 cudaError_t launch_scan_forward(const ForwardArgs<scalar_t>& args, const ScanPlan& plan, cudaStream_t stream) {
-  return cooperative_launch<scan_forward_kernel<scalar_t, G>>(args, plan, stream);
+  return with_rows(plan.rows, [&](auto rows) {
+    return cooperative_launch<scan_forward_kernel<scalar_t, G, decltype(rows)::value>>(args, plan, stream);
+  });
 }
 
 template <typename scalar_t, int G>
 cudaError_t launch_scan_backward(const BackwardArgs<scalar_t>& args, const ScanPlan& plan, cudaStream_t stream) {
-  return cooperative_launch<scan_backward_kernel<scalar_t, G>>(args, plan, stream);
+  return with_rows(plan.rows, [&](auto rows) {
+    return cooperative_launch<scan_backward_kernel<scalar_t, G, decltype(rows)::value>>(args, plan, stream);
+  });
 }
 
+// The instantiation for the plan's rows: every instantiation runs one block of kThreads
+// per SM (__launch_bounds__(kThreads, 1)), so whichever fits at its plan's shared memory.
 template <typename scalar_t, int G>
 cudaError_t check_scan_residency(const ScanPlan& plan, bool backward, bool* fits) {
-  return backward ? residency<scan_backward_kernel<scalar_t, G>>(plan, fits)
-                  : residency<scan_forward_kernel<scalar_t, G>>(plan, fits);
+  return with_rows(plan.rows, [&](auto rows) {
+    constexpr int R = decltype(rows)::value;
+    return backward ? residency<scan_backward_kernel<scalar_t, G, R>>(plan, fits)
+                    : residency<scan_forward_kernel<scalar_t, G, R>>(plan, fits);
+  });
 }
 
 template <typename scalar_t>

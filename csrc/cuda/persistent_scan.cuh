@@ -19,10 +19,15 @@
 // This file takes the second. h_t goes through global memory (L2) between steps,
 // read with ld.global.cg so that no SM serves a stale copy from its L1.
 //
-// Work in a block: warp w owns units w, w + 8, ...; per step the block stages kRows
-// batch rows of the previous state into shared memory, each warp forms the dot
-// products of its units with those rows (lanes split the reduction, then a butterfly
-// sum), and lane r applies the cell maths (csrc/cell_math.h) to row r. State, inputs
+// Work in a block: warp w owns units w, w + 8, ...; per step the block stages ROWS
+// batch rows of the previous state into shared memory (ROWS from the plan, a template
+// parameter: persistent_plan.h says how it is chosen), each warp forms the dot products
+// of its units with those rows (lanes split the reduction, then a butterfly sum), and
+// lane r applies the cell maths (csrc/cell_math.h) to row r. Before each grid barrier
+// every lane asks L2 for what its cell maths read after it (the next step's input
+// projection, or in the backward its output gradient, gates and cells): those buffers
+// do not depend on the other blocks, so their HBM latency overlaps the barrier's wait
+// instead of following it. State, inputs
 // projections, accumulation and gradients are float32; only W_hh stays in the
 // weights' dtype (bf16/fp16 halve its shared memory). Offsets into [T, B, *] buffers are
 // int64: T * B * G * H passes 2^31 at T = 1024, B = 64, H = 8192.
@@ -39,6 +44,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #endif
+
+#include <type_traits>
 
 #include "../cell_math.h"
 #include "persistent_scan.h"
@@ -79,7 +86,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 // Stages `rows` rows of `width` floats, row b0 onwards of `src` ([*, width], written by
-// other blocks before the last grid barrier), into `stage` [kRows, width], times the
+// other blocks before the last grid barrier), into `stage` [rows, width], times the
 // same rows of `mask` ([*, width], may be null).
 __device__ __forceinline__ void stage_rows(float* stage, const float* src, int64_t b0, int rows, int64_t width,
                                            const float* mask = nullptr) {
@@ -95,44 +102,78 @@ __device__ __forceinline__ bool step_active(const int64_t* lengths, int64_t t, i
   return lengths == nullptr || t < lengths[b];
 }
 
-// acc[q][r] = sum_k stage[r][k] * weights[q][k] for the kRows staged rows and G weight
+// A hint that `address` will be read soon: fetched into L2, nothing waits for it. (The
+// emulation reads the byte, so that an address out of bounds shows up there.)
+__device__ __forceinline__ void prefetch_l2(const void* address) {
+#if defined(FUSED_RNN_EMULATE_CUDA)
+  (void)*static_cast<const volatile unsigned char*>(address);
+#else
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(address));
+#endif
+}
+
+// acc[q][r] = sum_k stage[r][k] * weights[q][k] for the ROWS staged rows and G weight
 // rows of `length` (row q at weights + q * q_stride), summed over the warp.
-template <int G, typename scalar_t>
-__device__ __forceinline__ void warp_dots(float (&acc)[G][kRows], const float* stage, const scalar_t* weights,
+template <int G, int ROWS, typename scalar_t>
+__device__ __forceinline__ void warp_dots(float (&acc)[G][ROWS], const float* stage, const scalar_t* weights,
                                           int64_t q_stride, int64_t length, int lane) {
 #pragma unroll
   for (int q = 0; q < G; ++q)
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) acc[q][r] = 0.0f;
+    for (int r = 0; r < ROWS; ++r) acc[q][r] = 0.0f;
   for (int64_t k = lane; k < length; k += 32) {
-    float s[kRows];
+    float s[ROWS];
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) s[r] = stage[r * length + k];  // rows past the batch hold stale values, unused
+    for (int r = 0; r < ROWS; ++r) s[r] = stage[r * length + k];  // rows past the batch hold stale values, unused
 #pragma unroll
     for (int q = 0; q < G; ++q) {
       const float w = to_float(weights[q * q_stride + k]);
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) acc[q][r] = fmaf(w, s[r], acc[q][r]);
+      for (int r = 0; r < ROWS; ++r) acc[q][r] = fmaf(w, s[r], acc[q][r]);
     }
   }
 #pragma unroll
   for (int q = 0; q < G; ++q)
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) acc[q][r] = warp_sum(acc[q][r]);
+    for (int r = 0; r < ROWS; ++r) acc[q][r] = warp_sum(acc[q][r]);
+}
+
+// mine[q] = acc[q][lane] (lanes past ROWS get row 0's, unused): the accumulators stay in
+// registers, indexed by constants only, and the cell maths after it exist once, not once
+// per row.
+template <int G, int ROWS>
+__device__ __forceinline__ void pick_lane(float (&mine)[G], const float (&acc)[G][ROWS], int lane) {
+#pragma unroll
+  for (int q = 0; q < G; ++q) {
+    mine[q] = acc[q][0];
+#pragma unroll
+    for (int r = 1; r < ROWS; ++r)
+      if (r == lane) mine[q] = acc[q][r];
+  }
+}
+
+// Calls fn(b, unit) for every (batch row, hidden unit) whose cell maths this lane does:
+// rows b0 + lane of each pass, for the warp's units.
+template <int ROWS, typename Fn>
+__device__ __forceinline__ void for_each_own_cell(int64_t batch, int64_t u0, int64_t my_units, int warp, int lane,
+                                                  const Fn& fn) {
+  if (lane >= ROWS) return;
+  for (int64_t b = lane; b < batch; b += ROWS)
+    for (int64_t u = warp; u < my_units; u += kWarps) fn(b, u0 + u);
 }
 
 // ---------------------------------------------------------------------------
 // Forward: h_t = cell(pre_t + h_{t-1} W_hh^T). Shared memory: the W_hh rows of this
-// block's units, [G][units][H] in scalar_t, then kRows staged rows of h_{t-1}.
+// block's units, [G][units][H] in scalar_t, then ROWS staged rows of h_{t-1}.
 // ---------------------------------------------------------------------------
-template <typename scalar_t, int G>
+template <typename scalar_t, int G, int ROWS>
 __global__ void __launch_bounds__(kThreads, 1) scan_forward_kernel(ForwardArgs<scalar_t> a, ScanPlan plan) {
   unsigned char* smem = dynamic_shared_memory();
   const int64_t H = a.hidden, B = a.batch, units = plan.units;
   const int64_t u0 = blockIdx.x * units;
   const int64_t my_units = H - u0 < units ? H - u0 : units;
   scalar_t* w_s = reinterpret_cast<scalar_t*>(smem);                 // [G][units][H]
-  float* h_s = reinterpret_cast<float*>(smem + plan.weight_bytes);   // [kRows][H]
+  float* h_s = reinterpret_cast<float*>(smem + plan.weight_bytes);   // [ROWS][H]
   for (int64_t i = threadIdx.x; i < G * my_units * H; i += kThreads) {
     const int64_t q = i / (my_units * H), u = (i / H) % my_units, k = i % H;
     w_s[(q * units + u) * H + k] = a.w_hh[(q * H + u0 + u) * H + k];
@@ -142,34 +183,35 @@ __global__ void __launch_bounds__(kThreads, 1) scan_forward_kernel(ForwardArgs<s
   for (int64_t t = 0; t < a.steps; ++t) {
     const float* h_prev = t == 0 ? a.h0 : a.state + ((t - 1) % 2) * B * H;
     float* h_next = a.state + (t % 2) * B * H;
-    for (int64_t b0 = 0; b0 < B; b0 += kRows) {
-      const int rows = B - b0 < kRows ? static_cast<int>(B - b0) : kRows;
+    for (int64_t b0 = 0; b0 < B; b0 += ROWS) {
+      const int rows = B - b0 < ROWS ? static_cast<int>(B - b0) : ROWS;
       __syncthreads();  // the last pass (or the weight load) is done with h_s
       stage_rows(h_s, h_prev, b0, rows, H, a.mask);
       __syncthreads();
       for (int64_t u = warp; u < my_units; u += kWarps) {
-        float acc[G][kRows];
-        warp_dots<G>(acc, h_s, w_s + u * H, units * H, H, lane);
+        float acc[G][ROWS];
+        warp_dots<G, ROWS>(acc, h_s, w_s + u * H, units * H, H, lane);
         const int64_t unit = u0 + u;
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          if (r != lane || r >= rows) continue;  // lane r finishes row b0 + r (constant indices into acc)
-          const int64_t b = b0 + r;
+        float mine[G];  // lane r finishes row b0 + r, with its totals out of the unrolled acc
+        pick_lane(mine, acc, lane);
+        do {  // (a break ends this lane's row)
+          if (lane >= rows) break;
+          const int64_t b = b0 + lane;
           const int64_t row = t * B + b;  // int64: the [T, B, *] offsets below pass 2^31
           if (!step_active(a.lengths, t, b)) {  // past its length the row keeps its state; y is zero
             h_next[b * H + unit] = __ldcg(h_prev + b * H + unit);
             if constexpr (G != 1) a.cells[row * H + unit] = t == 0 ? a.c0[b * H + unit] : a.cells[(row - B) * H + unit];
             a.y[row * H + unit] = from_float<scalar_t>(0.0f);
-            continue;
+            break;
           }
           float h;
           if constexpr (G == 1) {
-            const float z = a.pre[row * H + unit] + acc[0][r];
+            const float z = a.pre[row * H + unit] + mine[0];
             h = a.has_clip ? cell::relu_clipped(z, a.clip) : cell::relu(z);
           } else {
             float* gates = a.pre + row * (G * H) + unit;
-            float gi = gates[0] + acc[0][r], gf = gates[H] + acc[1][r];
-            float gg = gates[2 * H] + acc[2][r], go = gates[3 * H] + acc[3][r];
+            float gi = gates[0] + mine[0], gf = gates[H] + mine[1];
+            float gg = gates[2 * H] + mine[2], go = gates[3 * H] + mine[3];
             const float c_prev = t == 0 ? a.c0[b * H + unit] : a.cells[(row - B) * H + unit];
             float c;
             cell::lstm_forward(gi, gf, gg, go, c_prev, c, h);
@@ -181,8 +223,15 @@ __global__ void __launch_bounds__(kThreads, 1) scan_forward_kernel(ForwardArgs<s
           }
           h_next[b * H + unit] = h;
           a.y[row * H + unit] = from_float<scalar_t>(h);
-        }
+        } while (false);
       }
+    }
+    if (t + 1 < a.steps) {  // the next step's input projection, while the barrier waits
+      const float* next = a.pre + (t + 1) * B * (G * H);
+      for_each_own_cell<ROWS>(B, u0, my_units, warp, lane, [&](int64_t b, int64_t unit) {
+#pragma unroll
+        for (int q = 0; q < G; ++q) prefetch_l2(next + b * (G * H) + q * H + unit);
+      });
     }
     grid.sync();  // h_t complete (and visible) everywhere before any block reads it
   }
@@ -194,16 +243,16 @@ __global__ void __launch_bounds__(kThreads, 1) scan_forward_kernel(ForwardArgs<s
 //   IRNN: dpre_t = dh * [h_t > 0];  LSTM: dpre_t, dc from cell::lstm_backward
 //   dh_0 = dpre_0 W_hh  (dc_0 is what grad_c holds at the end)
 // Shared memory: W_hh's columns of this block's units, [units][G*H] in scalar_t, then
-// kRows staged rows of dpre_{t+1} ([G*H] floats each).
+// ROWS staged rows of dpre_{t+1} ([G*H] floats each).
 // ---------------------------------------------------------------------------
-template <typename scalar_t, int G>
+template <typename scalar_t, int G, int ROWS>
 __global__ void __launch_bounds__(kThreads, 1) scan_backward_kernel(BackwardArgs<scalar_t> a, ScanPlan plan) {
   unsigned char* smem = dynamic_shared_memory();
   const int64_t H = a.hidden, B = a.batch, GH = G * a.hidden, units = plan.units;
   const int64_t u0 = blockIdx.x * units;
   const int64_t my_units = H - u0 < units ? H - u0 : units;
   scalar_t* wt_s = reinterpret_cast<scalar_t*>(smem);                // [units][G*H]: W_hh[j, u0 + u]
-  float* d_s = reinterpret_cast<float*>(smem + plan.weight_bytes);   // [kRows][G*H]
+  float* d_s = reinterpret_cast<float*>(smem + plan.weight_bytes);   // [ROWS][G*H]
   for (int64_t i = threadIdx.x; i < GH * my_units; i += kThreads) {
     const int64_t j = i / my_units, u = i % my_units;  // consecutive threads read neighbouring columns
     wt_s[u * GH + j] = a.w_hh[j * H + u0 + u];
@@ -213,32 +262,33 @@ __global__ void __launch_bounds__(kThreads, 1) scan_backward_kernel(BackwardArgs
   for (int64_t s = 0; s <= a.steps; ++s) {
     const int64_t t = a.steps - 1 - s;  // -1: the dh_0 pass
     const bool recurrent = s > 0;       // dpre_{t+1} exists
-    for (int64_t b0 = 0; b0 < B; b0 += kRows) {
-      const int rows = B - b0 < kRows ? static_cast<int>(B - b0) : kRows;
+    for (int64_t b0 = 0; b0 < B; b0 += ROWS) {
+      const int rows = B - b0 < ROWS ? static_cast<int>(B - b0) : ROWS;
       __syncthreads();
       if (recurrent) stage_rows(d_s, a.dpre + (t + 1) * B * GH, b0, rows, GH);
       __syncthreads();
       for (int64_t u = warp; u < my_units; u += kWarps) {
-        float acc[1][kRows] = {};
-        if (recurrent) warp_dots<1>(acc, d_s, wt_s + u * GH, 0, GH, lane);
+        float acc[1][ROWS] = {};
+        if (recurrent) warp_dots<1, ROWS>(acc, d_s, wt_s + u * GH, 0, GH, lane);
         const int64_t unit = u0 + u;
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          if (r != lane || r >= rows) continue;
-          const int64_t b = b0 + r;
+        float mine[1];  // lane r finishes row b0 + r, with its totals out of the unrolled acc
+        pick_lane(mine, acc, lane);
+        do {  // (a break ends this lane's row)
+          if (lane >= rows) break;
+          const int64_t b = b0 + lane;
           // dL/dh_t through h_{t+1}: (dpre_{t+1} W_hh) * mask, or dL/dh_T passed through the
           // steps past the row's length
           const float through_next = recurrent && step_active(a.lengths, t + 1, b)
-                                         ? acc[0][r] * (a.mask == nullptr ? 1.0f : a.mask[b * H + unit])
+                                         ? mine[0] * (a.mask == nullptr ? 1.0f : a.mask[b * H + unit])
                                          : a.grad_h_n[b * H + unit];
           if (t < 0) {
             a.grad_h0[b * H + unit] = through_next;
-            continue;
+            break;
           }
           const int64_t row = t * B + b;
           if (!step_active(a.lengths, t, b)) {  // no step here: zero dpre, dL/dc passes through
             for (int q = 0; q < G; ++q) a.dpre[row * GH + q * H + unit] = 0.0f;
-            continue;
+            break;
           }
           const float dh = to_float(a.grad_y[row * H + unit]) + through_next;
           if constexpr (G == 1) {
@@ -259,12 +309,44 @@ __global__ void __launch_bounds__(kThreads, 1) scan_backward_kernel(BackwardArgs
                                 dc_prev);
             a.grad_c[b * H + unit] = dc_prev;
           }
-        }
+        } while (false);
       }
+    }
+    if (t >= 1) {  // what step t - 1's cell maths read, while the barrier waits
+      const int64_t next = (t - 1) * B;
+      for_each_own_cell<ROWS>(B, u0, my_units, warp, lane, [&](int64_t b, int64_t unit) {
+        prefetch_l2(a.grad_y + (next + b) * H + unit);
+        if constexpr (G == 1) {
+          prefetch_l2(a.y + (next + b) * H + unit);
+        } else {
+#pragma unroll
+          for (int q = 0; q < G; ++q) prefetch_l2(a.gates + (next + b) * GH + q * H + unit);
+          prefetch_l2(a.cells + (next + b) * H + unit);
+          if (t >= 2) prefetch_l2(a.cells + (next - B + b) * H + unit);
+        }
+      });
     }
     grid.sync();  // dpre_t complete everywhere before the next step stages it
   }
 }
+
+// Calls fn(std::integral_constant<int, ROWS>{}) for the plan's rows (persistent_plan.h).
+template <typename Fn>
+inline auto with_rows(int64_t rows, const Fn& fn) {
+  switch (rows) {
+    case 16:
+      return fn(std::integral_constant<int, 16>{});
+    case 8:
+      return fn(std::integral_constant<int, 8>{});
+    case 4:
+      return fn(std::integral_constant<int, 4>{});
+    case 2:
+      return fn(std::integral_constant<int, 2>{});
+    default:
+      return fn(std::integral_constant<int, 1>{});
+  }
+}
+static_assert(kMaxRows == 16, "with_rows instantiates the kernels for 1, 2, 4, 8 and 16 rows");
 
 // ---- step kernels: elementwise over B*H (grid-stride loops) ----
 

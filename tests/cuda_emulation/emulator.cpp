@@ -139,33 +139,52 @@ void launch(int64_t blocks, int threads, size_t smem_bytes, Kernel kernel, Args.
   emu::grid_barrier = nullptr;
 }
 
-// The plan the launcher would make on a device with `sm_count` SMs and unlimited shared memory.
-ScanPlan plan(int64_t gates, int64_t hidden, bool backward, int64_t sm_count) {
-  return plan_scan(gates, sizeof(float), hidden, backward, sm_count, int64_t{1} << 40);
+// The most rows per pass the emulated plans may stage (set_rows_cap): the tests run each
+// case with the rule's own choice and with smaller caps, for several passes per step.
+int64_t rows_cap = kMaxRows;
+
+// The plan the launcher would make on a device with `sm_count` SMs and unlimited shared
+// memory, its rows per pass capped at rows_cap.
+ScanPlan plan(int64_t gates, int64_t hidden, bool backward, int64_t sm_count, int64_t batch) {
+  return plan_scan(gates, sizeof(float), hidden, backward, sm_count, int64_t{1} << 40,
+                   batch < rows_cap ? batch : rows_cap);
+}
+
+// Launches kernel_of(gates, rows) (a generic lambda naming the kernel instantiation) with
+// the plan; returns the number of blocks times 100 plus the rows per pass.
+template <typename Args, typename KernelOf>
+int64_t launch_scan(const ScanPlan& p, int64_t gates, const Args& args, const KernelOf& kernel_of) {
+  kernels::with_rows(p.rows, [&](auto rows) {
+    if (gates == 1) {
+      launch(p.blocks, kThreads, p.smem_bytes, kernel_of(std::integral_constant<int, 1>{}, rows), args, p);
+    } else {
+      launch(p.blocks, kThreads, p.smem_bytes, kernel_of(std::integral_constant<int, 4>{}, rows), args, p);
+    }
+  });
+  return p.blocks * 100 + p.rows;
 }
 
 }  // namespace
 
 extern "C" {
 
+void set_rows_cap(int64_t cap) { rows_cap = cap; }
+
 // gates: 1 (IRNN) or 4 (LSTM). Buffers as in ForwardArgs / BackwardArgs (persistent_scan.h).
-// Returns the number of blocks the plan used.
+// Returns the number of blocks the plan used times 100 plus its rows per pass.
 // mask [B, H], lengths [B] may be null; has_clip switches the IRNN's bound on.
 int64_t emulate_scan_forward(int64_t gates, float* pre, const float* h0, const float* c0, const float* w_hh,
                              float* y, float* state, float* cells, int64_t steps, int64_t batch, int64_t hidden,
                              int64_t sm_count, const float* mask, const int64_t* lengths, float clip, int has_clip) {
-  const ScanPlan p = plan(gates, hidden, false, sm_count);
+  const ScanPlan p = plan(gates, hidden, false, sm_count, batch);
   ForwardArgs<float> args{pre, h0, c0, w_hh, y, state, cells, steps, batch, hidden};
   args.mask = mask;
   args.lengths = lengths;
   args.clip = clip;
   args.has_clip = has_clip != 0;
-  if (gates == 1) {
-    launch(p.blocks, kThreads, p.smem_bytes, kernels::scan_forward_kernel<float, 1>, args, p);
-  } else {
-    launch(p.blocks, kThreads, p.smem_bytes, kernels::scan_forward_kernel<float, 4>, args, p);
-  }
-  return p.blocks;
+  return launch_scan(p, gates, args, [](auto g, auto rows) {
+    return kernels::scan_forward_kernel<float, decltype(g)::value, decltype(rows)::value>;
+  });
 }
 
 int64_t emulate_scan_backward(int64_t gates, const float* grad_y, const float* grad_h_n, const float* y,
@@ -173,19 +192,16 @@ int64_t emulate_scan_backward(int64_t gates, const float* grad_y, const float* g
                               float* dpre, float* grad_c, float* grad_h0, int64_t steps, int64_t batch,
                               int64_t hidden, int64_t sm_count, const float* mask, const int64_t* lengths, float clip,
                               int has_clip) {
-  const ScanPlan p = plan(gates, hidden, true, sm_count);
+  const ScanPlan p = plan(gates, hidden, true, sm_count, batch);
   BackwardArgs<float> args{grad_y, grad_h_n, y,    c0,    cells, gate_values, w_hh,
                            dpre,   grad_c,   grad_h0, steps, batch, hidden};
   args.mask = mask;
   args.lengths = lengths;
   args.clip = clip;
   args.has_clip = has_clip != 0;
-  if (gates == 1) {
-    launch(p.blocks, kThreads, p.smem_bytes, kernels::scan_backward_kernel<float, 1>, args, p);
-  } else {
-    launch(p.blocks, kThreads, p.smem_bytes, kernels::scan_backward_kernel<float, 4>, args, p);
-  }
-  return p.blocks;
+  return launch_scan(p, gates, args, [](auto g, auto rows) {
+    return kernels::scan_backward_kernel<float, decltype(g)::value, decltype(rows)::value>;
+  });
 }
 
 // The step kernels, with 2 blocks of 32 threads so that the grid-stride loops wrap.
