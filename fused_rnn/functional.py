@@ -89,12 +89,8 @@ def _triton_ops():
     return triton_ops
 
 
-def _autocast(x: Tensor, *tensors):
-    """Under torch.autocast on x's device, the float32 tensors in the autocast dtype
-    (bfloat16 or float16): the kernels then run that mixed precision, float32 state and
-    accumulation, as they do for such inputs. Gradients flow back to the float32
-    originals through the casts. Unchanged outside autocast."""
-    device_type = x.device.type
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype of torch.autocast when it is on for `device_type`, else None."""
     try:
         enabled = torch.is_autocast_enabled(device_type)
         dtype = torch.get_autocast_dtype(device_type)
@@ -103,7 +99,16 @@ def _autocast(x: Tensor, *tensors):
         dtype = torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
     except RuntimeError:  # a device type without autocast (meta tensors: shapes only)
         enabled = False
-    if not enabled:
+    return dtype if enabled else None
+
+
+def _autocast(x: Tensor, *tensors):
+    """Under torch.autocast on x's device, the float32 tensors in the autocast dtype
+    (bfloat16 or float16): the kernels then run that mixed precision, float32 state and
+    accumulation, as they do for such inputs. Gradients flow back to the float32
+    originals through the casts. Unchanged outside autocast."""
+    dtype = autocast_dtype(x.device.type)
+    if dtype is None:
         return (x, *tensors)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype == torch.float32 else t for t in (x, *tensors))
 

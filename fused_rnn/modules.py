@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from torch.nn import functional as torch_functional
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import functional
+from . import functional, nn_backend
+from ._measure import measured_dispatch_enabled
 from ._validation import InputError, InputTypeError
 from .dispatch import BACKENDS, select_backend
 
@@ -355,6 +356,9 @@ class _StackedRNN(nn.Module):
 
         Returns (y [T, B, D*H], final states, each [L*D, B, H]).
         """
+        whole = self._whole_stack_on_nn(x, states, lengths)
+        if whole is not None:
+            return whole
         num_directions = self.num_directions
         finals: List[List[Tensor]] = [[] for _ in states]
         layer_input = x
@@ -376,6 +380,40 @@ class _StackedRNN(nn.Module):
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = torch_functional.dropout(layer_input, self.dropout, training=True)
         return layer_input, tuple(torch.stack(kept) for kept in finals)
+
+    def _whole_stack_on_nn(self, x: Tensor, states: Tuple[Optional[Tensor], ...], lengths: Optional[Tensor]):
+        """When every layer of this call would run on the "nn" backend, the whole stack in
+        one call of torch.nn's kernels, as torch.nn's module makes it (layer by layer, the
+        Python around each call would make `auto` slower than the module it replaces at
+        small sizes). Else None: options only ours have (lengths, recurrent and weight
+        dropout, hidden_clip), autocast (whose mixed precision differs from ours), a
+        measured dispatch still to measure, and on a GPU a call that records gradients
+        (its backward may need the second-order wrapper of a layer call) take the
+        per-layer path."""
+        if lengths is not None or self.recurrent_dropout > 0 or getattr(self, "hidden_clip", None) is not None \
+                or (self.training and self.weight_dropout > 0) or functional.autocast_dtype(x.device.type) \
+                or x.numel() == 0:  # a sequence of length 0 returns the initial state (torch.nn raises)
+            return None
+        weights = [self._layer_weights(i) for i in range(self.num_layers * self.num_directions)]
+        tensors = [x, *states, *(w for layer in weights for w in layer)]
+        if x.shape[2] != self.input_size or any(t is not None and (t.dtype != x.dtype or t.device != x.device)
+                                                for t in tensors):
+            return None  # the per-layer path names the mistake
+        training = functional._records_grad(tensors)
+        if training and x.device.type != "cpu":
+            return None
+        cell = "irnn" if isinstance(self, IRNN) else "lstm"
+        options = ("proj_size",) if self.proj_size else ()
+        choice = select_backend(x.device, x.dtype, self.backend, cell=cell, hidden=self.hidden_size,
+                                batch=x.shape[1], options=options, training=training)
+        if choice.name != "nn" or (self.backend == "auto" and measured_dispatch_enabled()
+                                   and not choice.basis.startswith("measured")):
+            return None
+        layers, batch = self.num_layers * self.num_directions, x.shape[1]
+        widths = (self.proj_size or self.hidden_size, self.hidden_size)
+        full = tuple(x.new_zeros(layers, batch, width) if s is None else s for s, width in zip(states, widths))
+        return nn_backend.run_stack(cell, x, full, weights, self.num_layers, self.dropout, self.training,
+                                    self.bidirectional)
 
     def _finish_output(self, y: Tensor, batched: bool) -> Tensor:
         if not batched:

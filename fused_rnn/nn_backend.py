@@ -75,6 +75,23 @@ def _run(op, x: Tensor, states: Tuple[Tensor, ...], params: List[Tensor], has_bi
     return y, tuple(f[0][unsort] for f in finals)
 
 
+def run_stack(cell: str, x: Tensor, states: Tuple[Tensor, ...], layer_weights: List[tuple], num_layers: int,
+              dropout: float, train: bool, bidirectional: bool) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+    """A whole stack in one call of ATen's op, as torch.nn.RNN / LSTM.forward make it:
+    x [T, B, I]; states each [L*D, B, width]; layer_weights (w_ih, w_hh, b_ih, b_hh,
+    w_hr) per layer and direction, in torch.nn's order. Dropout between layers when
+    `train`, as there. Returns (y [T, B, D*width], final states each [L*D, B, width])."""
+    flat, has_biases = [], False
+    for weights in layer_weights:
+        params, has_biases = _params(*weights)
+        flat += params
+    if cell == "irnn":
+        y, h_n = torch.rnn_relu(x, states[0], flat, has_biases, num_layers, dropout, train, bidirectional, False)
+        return y, (h_n,)
+    y, h_n, c_n = torch.lstm(x, states, flat, has_biases, num_layers, dropout, train, bidirectional, False)
+    return y, (h_n, c_n)
+
+
 class _SecondOrderOnGPU(torch.autograd.Function):
     """A layer of this backend on CUDA tensors whose backward may run under
     ``create_graph=True``: the forward records ATen's graph on detached inputs, a

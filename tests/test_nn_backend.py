@@ -130,3 +130,36 @@ def test_the_gpu_wrapper_gives_first_and_second_derivatives(kind, monkeypatch):
     inputs = (x, *state, *params)
     assert torch.autograd.gradcheck(layer, inputs)
     assert torch.autograd.gradgradcheck(layer, inputs)
+
+
+@pytest.mark.parametrize("kind", ["irnn", "lstm"])
+def test_a_module_on_nn_runs_the_whole_stack_in_one_call_as_torch_nn(kind, monkeypatch):
+    """A module call that every layer would send to the nn backend runs the whole stack
+    in one call of torch.nn's kernels (as torch.nn's module does, without the Python of
+    a call per layer): bitwise torch.nn's outputs and gradients, between-layer dropout
+    (same seed) included; options only ours have take the per-layer path."""
+    calls = []
+    real = nn_backend.run_stack
+    monkeypatch.setattr(nn_backend, "run_stack", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kwargs = dict(num_layers=2, dropout=0.3, bidirectional=True, dtype=torch.float64)
+    if kind == "irnn":
+        ours, theirs = fused_rnn.IRNN(3, 5, backend="nn", **kwargs), nn.RNN(3, 5, nonlinearity="relu", **kwargs)
+    else:
+        ours, theirs = fused_rnn.LSTM(3, 5, backend="nn", proj_size=2, **kwargs), nn.LSTM(3, 5, proj_size=2, **kwargs)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(7, 4, 3, dtype=torch.float64, requires_grad=True)
+    results = []
+    for module in (ours, theirs):
+        torch.manual_seed(1)
+        y, state = module(x)
+        states = state if isinstance(state, tuple) else (state,)
+        grads = torch.autograd.grad(y.sum() + sum(s.sum() for s in states), [x, *module.parameters()])
+        results.append((y, *states, *grads))
+    assert calls == [1]
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        ours(x, lengths=torch.tensor([7, 3, 0, 1]))
+        ours.recurrent_dropout, ours.backend = 0.5, "auto"  # a mask: a fused backend, layer by layer
+        ours(x)
+    assert calls == [1]
