@@ -212,11 +212,10 @@ def lstm(
 def _lstm_on(name, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, recurrent_mask, lengths):
     """One LSTM layer on backend `name` (arguments checked)."""
     hidden = w_hh.shape[0] // 4
-    bias = combined_bias(b_ih, b_hh)
     if name == "triton":  # takes h0/c0=None as zeros without zeros tensors
         _triton_ops()
         y, h_n, c_n, _, _ = torch.ops.fused_rnn.triton_lstm_scan_forward(
-            *_contiguous(x, h0, c0, w_ih, w_hh, bias), False, recurrent_mask, lengths)
+            *_contiguous(x, h0, c0, w_ih, w_hh, combined_bias(b_ih, b_hh)), False, recurrent_mask, lengths)
         return y, (h_n, c_n)
     h0 = zero_state(x, w_hh.shape[1]) if h0 is None else h0
     c0 = zero_state(x, hidden) if c0 is None else c0
@@ -226,7 +225,7 @@ def _lstm_on(name, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, recurrent_mask, leng
     if name == "nn":
         return nn_backend.lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, w_hr)
     y, h_n, c_n, _, _ = torch.ops.fused_rnn.lstm_scan_forward(
-        *_contiguous(x, h0, c0, w_ih, w_hh, bias, recurrent_mask), lengths, *_contiguous(w_hr))
+        *_contiguous(x, h0, c0, w_ih, w_hh, combined_bias(b_ih, b_hh), recurrent_mask), lengths, *_contiguous(w_hr))
     return y, (h_n, c_n)
 
 
