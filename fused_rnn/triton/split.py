@@ -1,0 +1,188 @@
+"""Hidden-split Triton scans (issue 14, first step: the IRNN forward; not yet dispatched).
+
+The batch-tiled scans of irnn.py / lstm.py give each program BLOCK_B batch rows and all
+H units: at small batch one SM runs the whole recurrence and re-reads all of W_hh every
+step. Here the hidden units are split across programs instead: program p owns units
+[p * BLOCK_U, (p + 1) * BLOCK_U) for every batch row, so the GPU reads W_hh once per
+step in total, spread over all SMs. The product puts the program's W_hh rows on the M
+side of ``tl.dot`` and the batch on the N side (padded to BLOCK_B >= 16), so bf16/fp16
+weights run on the tensor cores even at B = 1; float32 stays IEEE unless TF32.
+
+One step body, two drivers:
+
+- per step (:func:`irnn_split_forward` with ``persistent=False``): one launch per time
+  step, the host looping over t. The launch boundary orders the steps. This is what
+  the Triton interpreter runs (it executes a grid's programs one after another, so a
+  grid barrier there would wait forever) and what dispatch will use where residency of
+  every program cannot be guaranteed;
+- persistent (``persistent=True``): all T steps in one launch, the programs meeting at
+  a grid barrier after each step: an arrival counter incremented with release
+  semantics at GPU scope, polled with acquire semantics, and the exchanged state read
+  with the L2-only cache modifier (``.cg``), never the non-coherent read-only path. The
+  poll is bounded: a barrier that does not complete within SPIN_LIMIT polls sets an
+  error flag and the kernel exits, and the host raises (dispatch will fall back to the
+  next backend) instead of hanging. It needs every program resident at once: P at most
+  the number of SMs (one program per SM; the launcher checks).
+
+The state is float32 [2, B, H] (ping-pong between steps), whatever the inputs' dtype;
+y is stored in the inputs' dtype. Offsets are int64.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .._host import input_projection
+from .common import SIZE_ARGUMENTS, _round_to_bfloat16, check_dtype, upcast_dots
+
+# Software pipelining (num_stages >= 2) turns the state's ld.global.cg into an L1-caching
+# cp.async.ca in Triton 3.8 (tests/test_triton_split.py reads the PTX): the persistent
+# kernel is compiled unpipelined until the K loop loads W_hh and the state separately.
+NUM_STAGES = 1
+
+# A barrier poll costs ~1 us of L2 round trip: 2^26 polls is about a minute, far beyond
+# any healthy step, short of a hang.
+SPIN_LIMIT = 1 << 26
+
+
+@triton.jit
+def dot_weight_state(weight, state, TF32: tl.constexpr, UPCAST: tl.constexpr):
+    """weight [M, K] (the weights' dtype) @ state [K, N] (float32), accumulated in
+    float32, with common.dot_state_weight's rounding rules (the state is rounded to the
+    weights' dtype for bf16/fp16; UPCAST does the rounded product in float32, for the
+    interpreter)."""
+    if weight.dtype == tl.float32:
+        if TF32:
+            return tl.dot(weight, state, input_precision="tf32")
+        else:
+            return tl.dot(weight, state, input_precision="ieee")
+    else:
+        if UPCAST:
+            if weight.dtype == tl.bfloat16:
+                rounded = _round_to_bfloat16(state)
+            else:
+                rounded = state.to(weight.dtype).to(tl.float32)
+            return tl.dot(weight.to(tl.float32), rounded, input_precision="ieee")
+        else:
+            return tl.dot(weight, state.to(weight.dtype))
+
+
+@triton.jit
+def _irnn_split_step(pre_t, prev, nxt, w_hh, y_t, pid, B, H, HAS_PREV: tl.constexpr, TF32: tl.constexpr,
+                     UPCAST: tl.constexpr, CACHE: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    # nxt[b, u] = relu(pre_t[b, u] + sum_k W[u, k] prev[b, k]) and y_t[b, u] = the same in y's
+    # dtype, for this program's units u and every batch row b; pre_t, y_t, prev, nxt: [B, H]
+    units = pid * BLOCK_U + tl.arange(0, BLOCK_U)
+    unit_ok = units < H
+    w_rows = units.to(tl.int64)[:, None] * H
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        offsets = rows.to(tl.int64)[None, :] * H + units[:, None]  # [BU, BB]: element (u, b) of a [B, H] buffer
+        both_ok = unit_ok[:, None] & row_ok[None, :]
+        acc = tl.zeros((BLOCK_U, BLOCK_B), dtype=tl.float32)
+        if HAS_PREV:
+            for k0 in range(0, H, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < H
+                w = tl.load(w_hh + w_rows + ks[None, :], mask=unit_ok[:, None] & k_ok[None, :], other=0.0)
+                h = tl.load(prev + rows.to(tl.int64)[None, :] * H + ks[:, None], mask=k_ok[:, None] & row_ok[None, :],
+                            other=0.0, cache_modifier=CACHE)
+                acc += dot_weight_state(w, h, TF32, UPCAST)
+        z = tl.load(pre_t + offsets, mask=both_ok, other=0.0) + acc
+        h_new = tl.where(z < 0.0, 0.0, z)  # NaN < 0 is false: NaN propagates, as in torch.relu
+        tl.store(nxt + offsets, h_new, mask=both_ok)
+        tl.store(y_t + offsets, h_new.to(y_t.dtype.element_ty), mask=both_ok)
+
+
+@triton.jit(do_not_specialize=("B", "H"))
+def irnn_split_step_kernel(pre_t, prev, nxt, w_hh, y_t, B, H, HAS_PREV: tl.constexpr, TF32: tl.constexpr,
+                           UPCAST: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+    """One step, one launch (the per-step driver)."""
+    _irnn_split_step(pre_t, prev, nxt, w_hh, y_t, tl.program_id(0), B, H, HAS_PREV, TF32, UPCAST, "", BLOCK_U,
+                     BLOCK_B, BLOCK_K)
+
+
+@triton.jit
+def _grid_barrier(counter, target, error, SPIN: tl.constexpr):
+    """Waits until `target` arrivals have been counted (this program's included), at
+    most SPIN polls; returns whether the barrier completed (else sets *error)."""
+    tl.debug_barrier()  # every warp of the program has stored its part of the step
+    tl.atomic_add(counter, 1, sem="release", scope="gpu")
+    arrived = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
+    polls = 0
+    while (arrived < target) & (polls < SPIN):
+        arrived = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
+        polls += 1
+    done = arrived >= target
+    if not done:
+        tl.atomic_xchg(error, 1, sem="relaxed", scope="gpu")
+    tl.debug_barrier()
+    return done
+
+
+@triton.jit(do_not_specialize=SIZE_ARGUMENTS)
+def irnn_split_persistent_kernel(pre, h0, state, w_hh, y, counter, error, T, B, H, TF32: tl.constexpr,
+                                 UPCAST: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr,
+                                 BLOCK_K: tl.constexpr, SPIN: tl.constexpr):
+    """All T steps in one launch (the persistent driver): state [2, B, H] float32."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    BH = B.to(tl.int64) * H
+    ok = True
+    t = 0
+    while (t < T) & ok:
+        t64 = t.to(tl.int64)
+        prev = state + ((t64 + 1) % 2) * BH
+        if t == 0:
+            prev = h0
+        _irnn_split_step(pre + t64 * BH, prev, state + (t64 % 2) * BH, w_hh, y + t64 * BH, pid, B, H, True, TF32,
+                         UPCAST, ".cg", BLOCK_U, BLOCK_B, BLOCK_K)
+        ok = _grid_barrier(counter, (t + 1) * programs, error, SPIN)
+        t += 1
+
+
+def _block_sizes(hidden: int, programs: Optional[int]) -> Tuple[int, int]:
+    """(BLOCK_U, number of programs): the units split over about `programs` programs,
+    in tiles of 16 (tl.dot's minimum), at most 64 units a program."""
+    programs = programs or max(1, triton.cdiv(hidden, 16))
+    block_u = min(64, max(16, triton.next_power_of_2(triton.cdiv(hidden, programs))))
+    return block_u, triton.cdiv(hidden, block_u)
+
+
+def irnn_split_forward(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor],
+                       allow_tf32: bool = False, persistent: bool = False,
+                       programs: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """y [T, B, H] (x's dtype) and h_T [B, H] of the IRNN on x [T, B, I], h0 [B, H].
+    `programs`: about how many programs share the units (default: one per 16 units);
+    `persistent`: one launch with grid barriers (a GPU with every program resident)."""
+    check_dtype(x)
+    steps, batch = x.shape[0], x.shape[1]
+    hidden = w_hh.shape[1]
+    pre = input_projection(x, w_ih, bias, torch.float32).contiguous()  # [T, B, H]
+    w = w_hh.contiguous()
+    y = torch.empty(steps, batch, hidden, device=x.device, dtype=x.dtype)
+    state = torch.empty(2, batch, hidden, device=x.device, dtype=torch.float32)
+    h_start = h0.float().contiguous()
+    if steps == 0 or batch == 0 or hidden == 0:
+        return y, h0.clone()
+    block_u, grid = _block_sizes(hidden, programs)
+    meta = dict(TF32=allow_tf32, UPCAST=upcast_dots(w), BLOCK_U=block_u, BLOCK_B=16, BLOCK_K=16)
+    if persistent:
+        counter = torch.zeros(1, device=x.device, dtype=torch.int32)
+        error = torch.zeros(1, device=x.device, dtype=torch.int32)
+        irnn_split_persistent_kernel[(grid,)](pre, h_start, state, w, y, counter, error, steps, batch, hidden,
+                                              SPIN=SPIN_LIMIT, num_stages=NUM_STAGES, **meta)
+        if int(error.item()):
+            raise RuntimeError("fused_rnn: the hidden-split Triton scan's grid barrier did not complete "
+                               "(programs not all resident)")
+    else:
+        for t in range(steps):
+            prev = h_start if t == 0 else state[(t - 1) % 2]
+            irnn_split_step_kernel[(grid,)](pre[t], prev, state[t % 2], w, y[t], batch, hidden, HAS_PREV=True, **meta)
+    return y, state[(steps - 1) % 2].to(x.dtype)

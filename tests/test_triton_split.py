@@ -1,0 +1,109 @@
+"""The hidden-split Triton scans (fused_rnn/triton/split.py; issue 14, in progress: not
+yet dispatched). Under the interpreter, the per-step driver against the NumPy
+reference, with several programs and partial unit and batch tiles; ahead of time, the
+persistent driver's PTX for sm_80 and sm_90: the grid barrier's release/acquire
+atomics at GPU scope, the exchanged state read with ld.global.cg, and nothing read
+through the non-coherent path."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import rnn_reference as ref
+from fused_rnn.triton import split
+from helpers import assert_matches, make_layer
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (T, B, I, H, programs): one program with a partial unit tile; three programs with the
+# last one partial and a batch of 17 (a full and a partial 16-row tile); 80 units over
+# 5 programs of 16; B = 1
+CASES = [(1, 1, 2, 5, None), (5, 17, 4, 37, 3), (3, 4, 3, 80, 5), (9, 1, 5, 33, 2)]
+
+
+def _tensor(array, dtype=torch.float32):
+    return torch.tensor(array, dtype=dtype, device=DEVICE)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}B{}I{}H{}-P{}".format(*c))
+def test_irnn_forward_per_step_matches_reference(case):
+    """float32: test_cpu's float32 tolerances (float32 accumulation throughout)."""
+    steps, batch, inputs, hidden, programs = case
+    x, (h0,), w_ih, w_hh, b_ih, b_hh, _ = make_layer("irnn", steps, batch, inputs, hidden, bias=True, seed=hidden)
+    want_y, want_h, _ = ref.irnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh)
+    y, h_n = split.irnn_split_forward(_tensor(x), _tensor(h0), _tensor(w_ih), _tensor(w_hh), _tensor(b_ih + b_hh),
+                                      programs=programs)
+    assert_matches("y", y.cpu(), want_y, torch.float32)
+    assert_matches("h_T", h_n.cpu(), want_h, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_irnn_forward_low_precision_matches_reference(dtype):
+    """bf16/fp16 inputs and weights, float32 state: against the float64 reference of
+    the same rounded inputs, within test_triton.py's LOW_PRECISION_TOLERANCE (the
+    recurrent product's operands rounded to the dtype at every step, <= 9 steps)."""
+    from test_triton import LOW_PRECISION_TOLERANCE
+
+    x, (h0,), w_ih, w_hh, b_ih, b_hh, _ = make_layer("irnn", 7, 5, 4, 37, bias=True, seed=3)
+    leaves = [_tensor(a, dtype) for a in (x, h0, w_ih, w_hh, b_ih, b_hh)]
+    rounded = [t.double().cpu().numpy() for t in leaves]
+    want_y, want_h, _ = ref.irnn_forward(*rounded)
+    y, h_n = split.irnn_split_forward(leaves[0], leaves[1], leaves[2], leaves[3],
+                                      (leaves[4].float() + leaves[5].float()), programs=3)
+    assert y.dtype == dtype and h_n.dtype == dtype
+    for name, got, want in (("y", y, want_y), ("h_T", h_n, want_h)):
+        scale = max(1.0, float(np.abs(want).max()))
+        error = float(np.abs(got.double().cpu().numpy() - want).max()) / scale
+        assert error <= LOW_PRECISION_TOLERANCE[dtype], f"{name}: {error:.2e}"
+
+
+# Compiles the persistent kernel for sm_80/sm_90 x fp32/bf16 and prints the PTX as JSON;
+# in a process of its own, since the tests run the kernels under the interpreter.
+COMPILE = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fused_rnn.triton import split
+
+fn = split.irnn_split_persistent_kernel
+constexprs = dict(TF32=False, UPCAST=False, BLOCK_U=16, BLOCK_B=16, BLOCK_K=16, SPIN=split.SPIN_LIMIT)
+out = {}
+for capability in (80, 90):
+    for dtype in ("fp32", "bf16"):
+        types = dict(pre="*fp32", h0="*fp32", state="*fp32", w_hh="*" + dtype, y="*" + dtype, counter="*i32",
+                     error="*i32", T="i32", B="i32", H="i32")
+        signature = {p.name: "constexpr" if p.name in constexprs else types[p.name] for p in fn.params}
+        kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs),
+                                target=GPUTarget("cuda", capability, 32),
+                                options={"num_warps": 4, "num_stages": split.NUM_STAGES})
+        out[f"{capability}-{dtype}"] = kernel.asm["ptx"]
+json.dump(out, sys.stdout)
+"""
+
+
+@pytest.fixture(scope="module")
+def persistent_ptx():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("capability", [80, 90], ids=["sm_80", "sm_90"])
+def test_persistent_barrier_and_exchange_in_the_ptx(persistent_ptx, capability, dtype):
+    ptx = persistent_ptx[f"{capability}-{dtype}"]
+    assert re.search(r"atom\.global\.gpu\.release\.add", ptx), "the barrier's arrival must release at GPU scope"
+    assert re.search(r"ld\.global\.gpu\.acquire", ptx), "the barrier's poll must acquire at GPU scope"
+    assert re.search(r"ld\.global\.cg\.", ptx), "the exchanged state must be read L2-only"
+    assert not re.search(r"ld\.global\.nc", ptx), "nothing may be read through the non-coherent path"
+    assert not re.search(r"cp\.async\.ca", ptx), "no L1-caching asynchronous copy (Triton's pipeliner makes one)"
+    if dtype == "bf16":
+        assert re.search(r"\bmma\.", ptx), "bf16 products on the tensor cores"
