@@ -8,8 +8,10 @@ through the non-coherent path."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -43,6 +45,21 @@ def test_irnn_forward_per_step_matches_reference(case):
     assert_matches("h_T", h_n.cpu(), want_h, torch.float32)
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}B{}I{}H{}-P{}".format(*c))
+def test_irnn_backward_per_step_matches_reference(case):
+    """Every gradient, float32, test_cpu's float32 tolerances."""
+    steps, batch, inputs, hidden, programs = case
+    x, (h0,), w_ih, w_hh, b_ih, b_hh, up = make_layer("irnn", steps, batch, inputs, hidden, bias=True, seed=hidden)
+    *_, cache = ref.irnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh)
+    want = ref.irnn_backward(up["y"], up["h"], cache)
+    tx, th0, tw_ih, tw_hh = _tensor(x), _tensor(h0), _tensor(w_ih), _tensor(w_hh)
+    y, _ = split.irnn_split_forward(tx, th0, tw_ih, tw_hh, _tensor(b_ih + b_hh), programs=programs)
+    dx, dh0, dw_ih, dw_hh, dbias = split.irnn_split_backward(_tensor(up["y"]), _tensor(up["h"]), tx, th0, tw_ih,
+                                                             tw_hh, y, programs=programs)
+    for name, got in (("dx", dx), ("dh0", dh0), ("dw_ih", dw_ih), ("dw_hh", dw_hh), ("db_ih", dbias)):
+        assert_matches(name, got.cpu(), want[name], torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_irnn_forward_low_precision_matches_reference(dtype):
     """bf16/fp16 inputs and weights, float32 state: against the float64 reference of
@@ -72,18 +89,20 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from fused_rnn.triton import split
 
-fn = split.irnn_split_persistent_kernel
 constexprs = dict(TF32=False, UPCAST=False, BLOCK_U=16, BLOCK_B=16, BLOCK_K=16, SPIN=split.SPIN_LIMIT)
 out = {}
-for capability in (80, 90):
-    for dtype in ("fp32", "bf16"):
-        types = dict(pre="*fp32", h0="*fp32", state="*fp32", w_hh="*" + dtype, y="*" + dtype, counter="*i32",
-                     error="*i32", T="i32", B="i32", H="i32")
-        signature = {p.name: "constexpr" if p.name in constexprs else types[p.name] for p in fn.params}
-        kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs),
-                                target=GPUTarget("cuda", capability, 32),
-                                options={"num_warps": 4, "num_stages": split.NUM_STAGES})
-        out[f"{capability}-{dtype}"] = kernel.asm["ptx"]
+for name in ("irnn_split_persistent_kernel", "irnn_split_persistent_backward_kernel"):
+    fn = getattr(split, name)
+    for capability in (80, 90):
+        for dtype in ("fp32", "bf16"):
+            io = "*" + dtype
+            types = dict(pre="*fp32", h0="*fp32", state="*fp32", w_hh=io, y=io, dy=io, dh_n=io, dz="*fp32",
+                         dh0="*fp32", counter="*i32", error="*i32", T="i32", B="i32", H="i32")
+            signature = {p.name: "constexpr" if p.name in constexprs else types[p.name] for p in fn.params}
+            kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs),
+                                    target=GPUTarget("cuda", capability, 32),
+                                    options={"num_warps": 4, "num_stages": split.NUM_STAGES})
+            out[f"{name} {capability}-{dtype}"] = kernel.asm["ptx"]
 json.dump(out, sys.stdout)
 """
 
@@ -98,8 +117,10 @@ def persistent_ptx():
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("capability", [80, 90], ids=["sm_80", "sm_90"])
-def test_persistent_barrier_and_exchange_in_the_ptx(persistent_ptx, capability, dtype):
-    ptx = persistent_ptx[f"{capability}-{dtype}"]
+@pytest.mark.parametrize("kernel", ["irnn_split_persistent_kernel", "irnn_split_persistent_backward_kernel"],
+                         ids=["forward", "backward"])
+def test_persistent_barrier_and_exchange_in_the_ptx(persistent_ptx, kernel, capability, dtype):
+    ptx = persistent_ptx[f"{kernel} {capability}-{dtype}"]
     assert re.search(r"atom\.global\.gpu\.release\.add", ptx), "the barrier's arrival must release at GPU scope"
     assert re.search(r"ld\.global\.gpu\.acquire", ptx), "the barrier's poll must acquire at GPU scope"
     assert re.search(r"ld\.global\.cg\.", ptx), "the exchanged state must be read L2-only"
@@ -107,3 +128,14 @@ def test_persistent_barrier_and_exchange_in_the_ptx(persistent_ptx, capability, 
     assert not re.search(r"cp\.async\.ca", ptx), "no L1-caching asynchronous copy (Triton's pipeliner makes one)"
     if dtype == "bf16":
         assert re.search(r"\bmma\.", ptx), "bf16 products on the tensor cores"
+    ptxas = shutil.which("ptxas") or "/usr/local/cuda/bin/ptxas"
+    if not os.path.exists(ptxas):
+        pytest.skip("ptxas is not installed: registers and spills unchecked")
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as handle:
+            handle.write(ptx)
+        arch = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)  # sm_90a on Hopper
+        report = subprocess.run([ptxas, "-v", f"-arch={arch}", source, "-o", os.devnull],
+                                capture_output=True, text=True, check=True).stderr
+    assert not re.search(r"[1-9]\d* bytes spill", report), report

@@ -1,4 +1,4 @@
-"""Hidden-split Triton scans (issue 14, first step: the IRNN forward; not yet dispatched).
+"""Hidden-split Triton scans (issue 14, in progress: the IRNN; not yet dispatched).
 
 The batch-tiled scans of irnn.py / lstm.py give each program BLOCK_B batch rows and all
 H units: at small batch one SM runs the whole recurrence and re-reads all of W_hh every
@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._host import input_projection
+from .._host import input_projection, weight_grads
 from .common import SIZE_ARGUMENTS, _round_to_bfloat16, check_dtype, upcast_dots
 
 # Software pipelining (num_stages >= 2) turns the state's ld.global.cg into an L1-caching
@@ -71,6 +71,28 @@ def dot_weight_state(weight, state, TF32: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _product(w, unit_stride, k_stride, src, units, unit_ok, rows, row_ok, K, TF32: tl.constexpr,
+             UPCAST: tl.constexpr, CACHE: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr,
+             BLOCK_K: tl.constexpr):
+    """acc[u, b] = sum_k w[u * unit_stride + k * k_stride] * src[b * K + k] over k < K,
+    [BLOCK_U, BLOCK_B] float32: the forward reads W_hh's rows (unit_stride H, k_stride
+    1), the backward its columns (1, H). src is the state the other programs wrote in
+    the last step, read with the CACHE modifier."""
+    acc = tl.zeros((BLOCK_U, BLOCK_B), dtype=tl.float32)
+    w_units = units.to(tl.int64)[:, None] * unit_stride
+    src_rows = rows.to(tl.int64)[None, :] * K
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        tile = tl.load(w + w_units + ks.to(tl.int64)[None, :] * k_stride, mask=unit_ok[:, None] & k_ok[None, :],
+                       other=0.0)
+        state = tl.load(src + src_rows + ks[:, None], mask=k_ok[:, None] & row_ok[None, :], other=0.0,
+                        cache_modifier=CACHE)
+        acc += dot_weight_state(tile, state, TF32, UPCAST)
+    return acc
+
+
+@triton.jit
 def _irnn_split_step(pre_t, prev, nxt, w_hh, y_t, pid, B, H, HAS_PREV: tl.constexpr, TF32: tl.constexpr,
                      UPCAST: tl.constexpr, CACHE: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr,
                      BLOCK_K: tl.constexpr):
@@ -78,25 +100,45 @@ def _irnn_split_step(pre_t, prev, nxt, w_hh, y_t, pid, B, H, HAS_PREV: tl.conste
     # dtype, for this program's units u and every batch row b; pre_t, y_t, prev, nxt: [B, H]
     units = pid * BLOCK_U + tl.arange(0, BLOCK_U)
     unit_ok = units < H
-    w_rows = units.to(tl.int64)[:, None] * H
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
         row_ok = rows < B
         offsets = rows.to(tl.int64)[None, :] * H + units[:, None]  # [BU, BB]: element (u, b) of a [B, H] buffer
         both_ok = unit_ok[:, None] & row_ok[None, :]
-        acc = tl.zeros((BLOCK_U, BLOCK_B), dtype=tl.float32)
+        z = tl.load(pre_t + offsets, mask=both_ok, other=0.0)
         if HAS_PREV:
-            for k0 in range(0, H, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < H
-                w = tl.load(w_hh + w_rows + ks[None, :], mask=unit_ok[:, None] & k_ok[None, :], other=0.0)
-                h = tl.load(prev + rows.to(tl.int64)[None, :] * H + ks[:, None], mask=k_ok[:, None] & row_ok[None, :],
-                            other=0.0, cache_modifier=CACHE)
-                acc += dot_weight_state(w, h, TF32, UPCAST)
-        z = tl.load(pre_t + offsets, mask=both_ok, other=0.0) + acc
+            z += _product(w_hh, H, 1, prev, units, unit_ok, rows, row_ok, H, TF32, UPCAST, CACHE, BLOCK_U, BLOCK_B,
+                          BLOCK_K)
         h_new = tl.where(z < 0.0, 0.0, z)  # NaN < 0 is false: NaN propagates, as in torch.relu
         tl.store(nxt + offsets, h_new, mask=both_ok)
         tl.store(y_t + offsets, h_new.to(y_t.dtype.element_ty), mask=both_ok)
+
+
+@triton.jit
+def _irnn_split_backward_step(dy_t, dh_n, dz_next, w_hh, y_t, out, pid, B, H, HAS_NEXT: tl.constexpr,
+                              FINAL: tl.constexpr, TF32: tl.constexpr, UPCAST: tl.constexpr, CACHE: tl.constexpr,
+                              BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    # g[b, u] = dy_t[b, u] + sum_k dz_next[b, k] W[k, u] (dh_n[b, u] when not HAS_NEXT);
+    # out = dz_t = g * [y_t > 0], or with FINAL out = dh_0 = sum_k dz_0[b, k] W[k, u]
+    units = pid * BLOCK_U + tl.arange(0, BLOCK_U)
+    unit_ok = units < H
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        offsets = rows.to(tl.int64)[None, :] * H + units[:, None]
+        both_ok = unit_ok[:, None] & row_ok[None, :]
+        if HAS_NEXT:
+            through = _product(w_hh, 1, H, dz_next, units, unit_ok, rows, row_ok, H, TF32, UPCAST, CACHE, BLOCK_U,
+                               BLOCK_B, BLOCK_K)
+        else:
+            through = tl.load(dh_n + offsets, mask=both_ok, other=0.0).to(tl.float32)
+        if FINAL:
+            tl.store(out + offsets, through, mask=both_ok)
+        else:
+            g = tl.load(dy_t + offsets, mask=both_ok, other=0.0).to(tl.float32) + through
+            # relu' from the sign of h_t as y stores it (the inputs' dtype), as the other scans
+            h = tl.load(y_t + offsets, mask=both_ok, other=0.0).to(tl.float32)
+            tl.store(out + offsets, tl.where(h > 0.0, g, 0.0), mask=both_ok)
 
 
 @triton.jit(do_not_specialize=("B", "H"))
@@ -106,6 +148,15 @@ def irnn_split_step_kernel(pre_t, prev, nxt, w_hh, y_t, B, H, HAS_PREV: tl.const
     """One step, one launch (the per-step driver)."""
     _irnn_split_step(pre_t, prev, nxt, w_hh, y_t, tl.program_id(0), B, H, HAS_PREV, TF32, UPCAST, "", BLOCK_U,
                      BLOCK_B, BLOCK_K)
+
+
+@triton.jit(do_not_specialize=("B", "H"))
+def irnn_split_backward_step_kernel(dy_t, dh_n, dz_next, w_hh, y_t, out, B, H, HAS_NEXT: tl.constexpr,
+                                    FINAL: tl.constexpr, TF32: tl.constexpr, UPCAST: tl.constexpr,
+                                    BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One backward step, one launch (the per-step driver)."""
+    _irnn_split_backward_step(dy_t, dh_n, dz_next, w_hh, y_t, out, tl.program_id(0), B, H, HAS_NEXT, FINAL, TF32,
+                              UPCAST, "", BLOCK_U, BLOCK_B, BLOCK_K)
 
 
 @triton.jit
@@ -147,6 +198,30 @@ def irnn_split_persistent_kernel(pre, h0, state, w_hh, y, counter, error, T, B, 
         t += 1
 
 
+@triton.jit(do_not_specialize=SIZE_ARGUMENTS)
+def irnn_split_persistent_backward_kernel(dy, dh_n, y, w_hh, dz, dh0, counter, error, T, B, H, TF32: tl.constexpr,
+                                          UPCAST: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr,
+                                          BLOCK_K: tl.constexpr, SPIN: tl.constexpr):
+    """The backward's T steps and the dh_0 pass in one launch: dz [T, B, H] float32."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    BH = B.to(tl.int64) * H
+    last = (T - 1).to(tl.int64) * BH
+    _irnn_split_backward_step(dy + last, dh_n, dz, w_hh, y + last, dz + last, pid, B, H, False, False, TF32, UPCAST,
+                              ".cg", BLOCK_U, BLOCK_B, BLOCK_K)
+    ok = _grid_barrier(counter, programs, error, SPIN)
+    i = 1
+    while (i < T) & ok:
+        t = (T - 1 - i).to(tl.int64)
+        _irnn_split_backward_step(dy + t * BH, dh_n, dz + (t + 1) * BH, w_hh, y + t * BH, dz + t * BH, pid, B, H,
+                                  True, False, TF32, UPCAST, ".cg", BLOCK_U, BLOCK_B, BLOCK_K)
+        ok = _grid_barrier(counter, (i + 1) * programs, error, SPIN)
+        i += 1
+    if ok:
+        _irnn_split_backward_step(dy, dh_n, dz, w_hh, y, dh0, pid, B, H, True, True, TF32, UPCAST, ".cg", BLOCK_U,
+                                  BLOCK_B, BLOCK_K)
+
+
 def _block_sizes(hidden: int, programs: Optional[int]) -> Tuple[int, int]:
     """(BLOCK_U, number of programs): the units split over about `programs` programs,
     in tiles of 16 (tl.dot's minimum), at most 64 units a program."""
@@ -186,3 +261,38 @@ def irnn_split_forward(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: 
             prev = h_start if t == 0 else state[(t - 1) % 2]
             irnn_split_step_kernel[(grid,)](pre[t], prev, state[t % 2], w, y[t], batch, hidden, HAS_PREV=True, **meta)
     return y, state[(steps - 1) % 2].to(x.dtype)
+
+
+def irnn_split_backward(grad_y: Tensor, grad_h_n: Tensor, x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
+                        y: Tensor, need_dx: bool = True, allow_tf32: bool = False, persistent: bool = False,
+                        programs: Optional[int] = None):
+    """Gradients of irnn_split_forward: (dx or None, dh0, dw_ih, dw_hh, dbias) in the
+    inputs' dtype, computed in float32 (the weight gradients are GEMMs after the scan)."""
+    check_dtype(x)
+    steps, batch = x.shape[0], x.shape[1]
+    hidden = w_hh.shape[1]
+    if steps == 0 or batch == 0 or hidden == 0:
+        return ((torch.zeros_like(x) if need_dx else None), grad_h_n.clone(), torch.zeros_like(w_ih),
+                torch.zeros_like(w_hh), w_hh.new_zeros(hidden))
+    dz = torch.empty(steps, batch, hidden, dtype=torch.float32, device=x.device)
+    dh0 = torch.empty(batch, hidden, dtype=torch.float32, device=x.device)
+    w, dy, dh_n, y = w_hh.contiguous(), grad_y.contiguous(), grad_h_n.contiguous(), y.contiguous()
+    block_u, grid = _block_sizes(hidden, programs)
+    meta = dict(TF32=allow_tf32, UPCAST=upcast_dots(w), BLOCK_U=block_u, BLOCK_B=16, BLOCK_K=16)
+    if persistent:
+        counter = torch.zeros(1, device=x.device, dtype=torch.int32)
+        error = torch.zeros(1, device=x.device, dtype=torch.int32)
+        irnn_split_persistent_backward_kernel[(grid,)](dy, dh_n, y, w, dz, dh0, counter, error, steps, batch, hidden,
+                                                       SPIN=SPIN_LIMIT, num_stages=NUM_STAGES, **meta)
+        if int(error.item()):
+            raise RuntimeError("fused_rnn: the hidden-split Triton scan's grid barrier did not complete "
+                               "(programs not all resident)")
+    else:
+        for t in reversed(range(steps)):
+            last = t == steps - 1
+            irnn_split_backward_step_kernel[(grid,)](dy[t], dh_n, dz[min(t + 1, steps - 1)], w, y[t], dz[t], batch,
+                                                     hidden, HAS_NEXT=not last, FINAL=False, **meta)
+        irnn_split_backward_step_kernel[(grid,)](dy[0], dh_n, dz[0], w, y[0], dh0, batch, hidden, HAS_NEXT=True,
+                                                 FINAL=True, **meta)
+    dx, dw_ih, dw_hh, dbias = weight_grads(dz, x, h0, y, w_ih, need_dx)
+    return dx, dh0.to(x.dtype), dw_ih, dw_hh, dbias
