@@ -60,6 +60,31 @@ def test_irnn_backward_per_step_matches_reference(case):
         assert_matches(name, got.cpu(), want[name], torch.float32)
 
 
+@pytest.mark.parametrize("with_state", [True, False], ids=["state", "zero-state"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}B{}I{}H{}-P{}".format(*c))
+def test_lstm_per_step_matches_reference(case, with_state):
+    """Outputs, final states and every gradient, float32, test_cpu's float32 tolerances."""
+    steps, batch, inputs, hidden, programs = case
+    x, (h0, c0), w_ih, w_hh, b_ih, b_hh, up = make_layer("lstm", steps, batch, inputs, hidden, bias=True,
+                                                         seed=hidden + 1)
+    if not with_state:
+        h0, c0 = np.zeros_like(h0), np.zeros_like(c0)
+    want_y, want_h, want_c, cache = ref.lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    want = ref.lstm_backward(up["y"], up["h"], up["c"], cache)
+    tx, tw_ih, tw_hh = _tensor(x), _tensor(w_ih), _tensor(w_hh)
+    th0, tc0 = (_tensor(h0), _tensor(c0)) if with_state else (None, None)
+    y, h_n, c_n, cells, gates = split.lstm_split_forward(tx, th0, tc0, tw_ih, tw_hh, _tensor(b_ih + b_hh),
+                                                         programs=programs)
+    for name, got, expected in (("y", y, want_y), ("h_T", h_n, want_h), ("c_T", c_n, want_c)):
+        assert_matches(name, got.cpu(), expected, torch.float32)
+    dx, dh0, dc0, dw_ih, dw_hh, dbias = split.lstm_split_backward(
+        _tensor(up["y"]), _tensor(up["h"]), _tensor(up["c"]), tx, th0, tc0, tw_ih, tw_hh, y, cells, gates,
+        programs=programs)
+    for name, got in (("dx", dx), ("dh0", dh0), ("dc0", dc0), ("dw_ih", dw_ih), ("dw_hh", dw_hh),
+                      ("db_ih", dbias)):
+        assert_matches(name, got.cpu(), want[name], torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_irnn_forward_low_precision_matches_reference(dtype):
     """bf16/fp16 inputs and weights, float32 state: against the float64 reference of

@@ -1,4 +1,4 @@
-"""Hidden-split Triton scans (issue 14, in progress: the IRNN; not yet dispatched).
+"""Hidden-split Triton scans (issue 14, in progress: IRNN and LSTM without options; not yet dispatched).
 
 The batch-tiled scans of irnn.py / lstm.py give each program BLOCK_B batch rows and all
 H units: at small batch one SM runs the whole recurrence and re-reads all of W_hh every
@@ -36,7 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._host import input_projection, weight_grads
-from .common import SIZE_ARGUMENTS, _round_to_bfloat16, check_dtype, upcast_dots
+from .common import SIZE_ARGUMENTS, _round_to_bfloat16, check_dtype, sigmoid, tanh, upcast_dots
 
 # Software pipelining (num_stages >= 2) turns the state's ld.global.cg into an L1-caching
 # cp.async.ca in Triton 3.8 (tests/test_triton_split.py reads the PTX): the persistent
@@ -296,3 +296,162 @@ def irnn_split_backward(grad_y: Tensor, grad_h_n: Tensor, x: Tensor, h0: Tensor,
                                                  FINAL=True, **meta)
     dx, dw_ih, dw_hh, dbias = weight_grads(dz, x, h0, y, w_ih, need_dx)
     return dx, dh0.to(x.dtype), dw_ih, dw_hh, dbias
+
+
+# ---- the LSTM: a program owns its units' four gate rows (i, f, g, o) ----
+
+@triton.jit
+def _lstm_split_step(gates_t, h_prev, c_prev, w_hh, h_t, c_t, y_t, pid, B, H, HAS_PREV: tl.constexpr,
+                     TF32: tl.constexpr, UPCAST: tl.constexpr, CACHE: tl.constexpr, BLOCK_U: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    # gates_t [B, 4H]: x W_ih^T + b in, the activated gates out; h_prev, c_prev [B, H] float32
+    # (unread without HAS_PREV: zeros); h_t, c_t [B, H] float32 and y_t [B, H] out
+    units = pid * BLOCK_U + tl.arange(0, BLOCK_U)
+    unit_ok = units < H
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        both_ok = unit_ok[:, None] & row_ok[None, :]
+        offsets = rows.to(tl.int64)[None, :] * H + units[:, None]
+        g_offsets = rows.to(tl.int64)[None, :] * (4 * H) + units[:, None]
+        gi = tl.load(gates_t + g_offsets, mask=both_ok, other=0.0)
+        gf = tl.load(gates_t + g_offsets + H, mask=both_ok, other=0.0)
+        gg = tl.load(gates_t + g_offsets + 2 * H, mask=both_ok, other=0.0)
+        go = tl.load(gates_t + g_offsets + 3 * H, mask=both_ok, other=0.0)
+        c = tl.zeros((BLOCK_U, BLOCK_B), dtype=tl.float32)
+        if HAS_PREV:
+            HH = H.to(tl.int64) * H
+            gi += _product(w_hh, H, 1, h_prev, units, unit_ok, rows, row_ok, H, TF32, UPCAST, CACHE, BLOCK_U,
+                           BLOCK_B, BLOCK_K)
+            gf += _product(w_hh + HH, H, 1, h_prev, units, unit_ok, rows, row_ok, H, TF32, UPCAST, CACHE, BLOCK_U,
+                           BLOCK_B, BLOCK_K)
+            gg += _product(w_hh + 2 * HH, H, 1, h_prev, units, unit_ok, rows, row_ok, H, TF32, UPCAST, CACHE,
+                           BLOCK_U, BLOCK_B, BLOCK_K)
+            go += _product(w_hh + 3 * HH, H, 1, h_prev, units, unit_ok, rows, row_ok, H, TF32, UPCAST, CACHE,
+                           BLOCK_U, BLOCK_B, BLOCK_K)
+            c = tl.load(c_prev + offsets, mask=both_ok, other=0.0)
+        i, f, g, o = sigmoid(gi), sigmoid(gf), tanh(gg), sigmoid(go)
+        c = f * c + i * g
+        h = o * tanh(c)
+        tl.store(gates_t + g_offsets, i, mask=both_ok)
+        tl.store(gates_t + g_offsets + H, f, mask=both_ok)
+        tl.store(gates_t + g_offsets + 2 * H, g, mask=both_ok)
+        tl.store(gates_t + g_offsets + 3 * H, o, mask=both_ok)
+        tl.store(c_t + offsets, c, mask=both_ok)
+        tl.store(h_t + offsets, h, mask=both_ok)
+        tl.store(y_t + offsets, h.to(y_t.dtype.element_ty), mask=both_ok)
+
+
+@triton.jit(do_not_specialize=("B", "H"))
+def lstm_split_step_kernel(gates_t, h_prev, c_prev, w_hh, h_t, c_t, y_t, B, H, HAS_PREV: tl.constexpr,
+                           TF32: tl.constexpr, UPCAST: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+    _lstm_split_step(gates_t, h_prev, c_prev, w_hh, h_t, c_t, y_t, tl.program_id(0), B, H, HAS_PREV, TF32, UPCAST,
+                     "", BLOCK_U, BLOCK_B, BLOCK_K)
+
+
+@triton.jit
+def _lstm_split_backward_step(dy_t, dh_n, dgates_next, w_hh, gates_t, c_t, c_prev, dc, out, pid, B, H,
+                              HAS_NEXT: tl.constexpr, HAS_C_PREV: tl.constexpr, FINAL: tl.constexpr,
+                              TF32: tl.constexpr, UPCAST: tl.constexpr, CACHE: tl.constexpr, BLOCK_U: tl.constexpr,
+                              BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    # dh = dy_t + sum_j dgates_next[b, j] W[j, u] (dh_n without HAS_NEXT); with FINAL, out = dh_0 = that sum;
+    # else out = dgates_t [B, 4H] from the cell's backward, and dc [B, H] (this program's units only) carries
+    # dL/dc from step t + 1 to step t
+    units = pid * BLOCK_U + tl.arange(0, BLOCK_U)
+    unit_ok = units < H
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        both_ok = unit_ok[:, None] & row_ok[None, :]
+        offsets = rows.to(tl.int64)[None, :] * H + units[:, None]
+        g_offsets = rows.to(tl.int64)[None, :] * (4 * H) + units[:, None]
+        if HAS_NEXT:
+            through = _product(w_hh, 1, H, dgates_next, units, unit_ok, rows, row_ok, 4 * H, TF32, UPCAST, CACHE,
+                               BLOCK_U, BLOCK_B, BLOCK_K)
+        else:
+            through = tl.load(dh_n + offsets, mask=both_ok, other=0.0).to(tl.float32)
+        if FINAL:
+            tl.store(out + offsets, through, mask=both_ok)
+        else:
+            dh = tl.load(dy_t + offsets, mask=both_ok, other=0.0).to(tl.float32) + through
+            i = tl.load(gates_t + g_offsets, mask=both_ok, other=0.0)
+            f = tl.load(gates_t + g_offsets + H, mask=both_ok, other=0.0)
+            g = tl.load(gates_t + g_offsets + 2 * H, mask=both_ok, other=0.0)
+            o = tl.load(gates_t + g_offsets + 3 * H, mask=both_ok, other=0.0)
+            c = tl.load(c_t + offsets, mask=both_ok, other=0.0)
+            c_before = tl.zeros((BLOCK_U, BLOCK_B), dtype=tl.float32)
+            if HAS_C_PREV:
+                c_before = tl.load(c_prev + offsets, mask=both_ok, other=0.0)
+            tanh_c = tanh(c)
+            d_c = tl.load(dc + offsets, mask=both_ok, other=0.0) + dh * o * (1.0 - tanh_c * tanh_c)
+            tl.store(out + g_offsets, d_c * g * i * (1.0 - i), mask=both_ok)
+            tl.store(out + g_offsets + H, d_c * c_before * f * (1.0 - f), mask=both_ok)
+            tl.store(out + g_offsets + 2 * H, d_c * i * (1.0 - g * g), mask=both_ok)
+            tl.store(out + g_offsets + 3 * H, dh * tanh_c * o * (1.0 - o), mask=both_ok)
+            tl.store(dc + offsets, d_c * f, mask=both_ok)
+
+
+@triton.jit(do_not_specialize=("B", "H"))
+def lstm_split_backward_step_kernel(dy_t, dh_n, dgates_next, w_hh, gates_t, c_t, c_prev, dc, out, B, H,
+                                    HAS_NEXT: tl.constexpr, HAS_C_PREV: tl.constexpr, FINAL: tl.constexpr,
+                                    TF32: tl.constexpr, UPCAST: tl.constexpr, BLOCK_U: tl.constexpr,
+                                    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    _lstm_split_backward_step(dy_t, dh_n, dgates_next, w_hh, gates_t, c_t, c_prev, dc, out, tl.program_id(0), B, H,
+                              HAS_NEXT, HAS_C_PREV, FINAL, TF32, UPCAST, "", BLOCK_U, BLOCK_B, BLOCK_K)
+
+
+def lstm_split_forward(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
+                       bias: Optional[Tensor], allow_tf32: bool = False, programs: Optional[int] = None):
+    """As lstm.lstm_scan_forward (y, h_T, c_T in x's dtype; cells [T, B, H] and the
+    activated gates [T, B, 4H] in float32), with the hidden units split across
+    programs; the per-step driver (the persistent one comes with the options)."""
+    check_dtype(x)
+    steps, batch = x.shape[0], x.shape[1]
+    hidden = w_hh.shape[1]
+    w = w_hh.contiguous()
+    gates = input_projection(x.contiguous(), w_ih, bias, torch.float32).contiguous()
+    states = torch.empty(steps, batch, hidden, dtype=torch.float32, device=x.device)
+    cells = torch.empty_like(states)
+    y = torch.empty(steps, batch, hidden, dtype=x.dtype, device=x.device)
+    has_state = h0 is not None or c0 is not None
+    h_start = (h0 if h0 is not None else x.new_zeros(batch, hidden)).float().contiguous()
+    c_start = (c0 if c0 is not None else x.new_zeros(batch, hidden)).float().contiguous()
+    if steps == 0 or batch == 0 or hidden == 0:
+        return y, h_start.to(x.dtype), c_start.to(x.dtype), cells, gates
+    block_u, grid = _block_sizes(hidden, programs)
+    meta = dict(TF32=allow_tf32, UPCAST=upcast_dots(w), BLOCK_U=block_u, BLOCK_B=16, BLOCK_K=16)
+    for t in range(steps):
+        h_prev, c_prev = (h_start, c_start) if t == 0 else (states[t - 1], cells[t - 1])
+        lstm_split_step_kernel[(grid,)](gates[t], h_prev, c_prev, w, states[t], cells[t], y[t], batch, hidden,
+                                        HAS_PREV=t > 0 or has_state, **meta)
+    return y, states[-1].to(x.dtype), cells[-1].to(x.dtype), cells, gates
+
+
+def lstm_split_backward(grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, x: Tensor, h0: Optional[Tensor],
+                        c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, y: Tensor, cells: Tensor, gates: Tensor,
+                        need_dx: bool = True, allow_tf32: bool = False, programs: Optional[int] = None):
+    """Gradients of lstm_split_forward: (dx or None, dh0, dc0, dw_ih, dw_hh, dbias)."""
+    check_dtype(x)
+    steps, batch = x.shape[0], x.shape[1]
+    hidden = w_hh.shape[1]
+    if steps == 0 or batch == 0 or hidden == 0:
+        return ((torch.zeros_like(x) if need_dx else None), grad_h_n.clone(), grad_c_n.clone(),
+                torch.zeros_like(w_ih), torch.zeros_like(w_hh), w_hh.new_zeros(4 * hidden))
+    dgates = torch.empty(steps, batch, 4 * hidden, dtype=torch.float32, device=x.device)
+    dc = grad_c_n.to(torch.float32, copy=True).contiguous()  # dc_T in, dc_0 out
+    dh0 = torch.empty(batch, hidden, dtype=torch.float32, device=x.device)
+    w, dy, dh_n = w_hh.contiguous(), grad_y.contiguous(), grad_h_n.contiguous()
+    c_start = c0.float().contiguous() if c0 is not None else None
+    block_u, grid = _block_sizes(hidden, programs)
+    meta = dict(TF32=allow_tf32, UPCAST=upcast_dots(w), BLOCK_U=block_u, BLOCK_B=16, BLOCK_K=16)
+    for t in reversed(range(steps)):
+        c_prev = cells[t - 1] if t > 0 else c_start
+        lstm_split_backward_step_kernel[(grid,)](dy[t], dh_n, dgates[min(t + 1, steps - 1)], w, gates[t], cells[t],
+                                                 c_prev if c_prev is not None else dc, dc, dgates[t], batch, hidden,
+                                                 HAS_NEXT=t < steps - 1, HAS_C_PREV=c_prev is not None, FINAL=False,
+                                                 **meta)
+    lstm_split_backward_step_kernel[(grid,)](dy[0], dh_n, dgates[0], w, gates[0], cells[0], dc, dc, dh0, batch,
+                                             hidden, HAS_NEXT=True, HAS_C_PREV=False, FINAL=True, **meta)
+    dx, dw_ih, dw_hh, dbias = weight_grads(dgates, x, h0, y, w_ih, need_dx)
+    return dx, dh0.to(x.dtype), dc.to(x.dtype), dw_ih, dw_hh, dbias
