@@ -105,23 +105,28 @@ def test_irnn_forward_low_precision_matches_reference(dtype):
         assert error <= LOW_PRECISION_TOLERANCE[dtype], f"{name}: {error:.2e}"
 
 
-# Compiles the persistent kernel for sm_80/sm_90 x fp32/bf16 and prints the PTX as JSON;
+PERSISTENT = ("irnn_split_persistent_kernel", "irnn_split_persistent_backward_kernel",
+              "lstm_split_persistent_kernel", "lstm_split_persistent_backward_kernel")
+# Compiles the persistent kernels for sm_80/sm_90 x fp32/bf16 and prints the PTX as JSON;
 # in a process of its own, since the tests run the kernels under the interpreter.
-COMPILE = """
+COMPILE = f"KERNELS = {PERSISTENT!r}\n" + """
 import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from fused_rnn.triton import split
 
-constexprs = dict(TF32=False, UPCAST=False, BLOCK_U=16, BLOCK_B=16, BLOCK_K=16, SPIN=split.SPIN_LIMIT)
 out = {}
-for name in ("irnn_split_persistent_kernel", "irnn_split_persistent_backward_kernel"):
+for name in KERNELS:
     fn = getattr(split, name)
+    constexprs = dict(TF32=False, UPCAST=False, BLOCK_U=16, BLOCK_B=16, BLOCK_K=16, SPIN=split.SPIN_LIMIT)
+    if "HAS_STATE" in fn.arg_names:
+        constexprs["HAS_STATE"] = True
     for capability in (80, 90):
         for dtype in ("fp32", "bf16"):
             io = "*" + dtype
-            types = dict(pre="*fp32", h0="*fp32", state="*fp32", w_hh=io, y=io, dy=io, dh_n=io, dz="*fp32",
+            types = dict(pre="*fp32", h0="*fp32", c0="*fp32", state="*fp32", states="*fp32", cells="*fp32",
+                         gates="*fp32", dgates="*fp32", dc="*fp32", w_hh=io, y=io, dy=io, dh_n=io, dz="*fp32",
                          dh0="*fp32", counter="*i32", error="*i32", T="i32", B="i32", H="i32")
             signature = {p.name: "constexpr" if p.name in constexprs else types[p.name] for p in fn.params}
             kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs),
@@ -142,8 +147,8 @@ def persistent_ptx():
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("capability", [80, 90], ids=["sm_80", "sm_90"])
-@pytest.mark.parametrize("kernel", ["irnn_split_persistent_kernel", "irnn_split_persistent_backward_kernel"],
-                         ids=["forward", "backward"])
+@pytest.mark.parametrize("kernel", PERSISTENT, ids=["irnn-forward", "irnn-backward", "lstm-forward",
+                                                     "lstm-backward"])
 def test_persistent_barrier_and_exchange_in_the_ptx(persistent_ptx, kernel, capability, dtype):
     ptx = persistent_ptx[f"{kernel} {capability}-{dtype}"]
     assert re.search(r"atom\.global\.gpu\.release\.add", ptx), "the barrier's arrival must release at GPU scope"
@@ -164,3 +169,33 @@ def test_persistent_barrier_and_exchange_in_the_ptx(persistent_ptx, kernel, capa
         report = subprocess.run([ptxas, "-v", f"-arch={arch}", source, "-o", os.devnull],
                                 capture_output=True, text=True, check=True).stderr
     assert not re.search(r"[1-9]\d* bytes spill", report), report
+
+
+@pytest.mark.parametrize("cell", ["irnn", "lstm"])
+def test_persistent_driver_with_one_program_matches_reference(cell):
+    """The persistent kernels' loop (step order, buffer offsets, the peeled first and
+    last steps, the barrier's count) under the interpreter: with one program a barrier
+    completes on its own arrival, so the interpreter can run it (with more it would wait
+    forever: it runs programs one after another)."""
+    steps, batch, inputs, hidden = 6, 19, 3, 40  # BLOCK_U = 64 >= H: one program; a partial 16-row tile
+    x, states, w_ih, w_hh, b_ih, b_hh, up = make_layer(cell, steps, batch, inputs, hidden, bias=True, seed=8)
+    tensors = [_tensor(a) for a in (x, *states, w_ih, w_hh)]
+    bias = _tensor(b_ih + b_hh)
+    if cell == "irnn":
+        *want_out, cache = ref.irnn_forward(x, *states, w_ih, w_hh, b_ih, b_hh)
+        want = ref.irnn_backward(up["y"], up["h"], cache)
+        y, h_n = split.irnn_split_forward(*tensors, bias, persistent=True, programs=1)
+        grads = split.irnn_split_backward(_tensor(up["y"]), _tensor(up["h"]), *tensors, y, persistent=True,
+                                          programs=1)
+        outputs, names = (y, h_n), ("dx", "dh0", "dw_ih", "dw_hh", "db_ih")
+    else:
+        *want_out, cache = ref.lstm_forward(x, *states, w_ih, w_hh, b_ih, b_hh)
+        want = ref.lstm_backward(up["y"], up["h"], up["c"], cache)
+        y, h_n, c_n, cells, gates = split.lstm_split_forward(*tensors, bias, persistent=True, programs=1)
+        grads = split.lstm_split_backward(_tensor(up["y"]), _tensor(up["h"]), _tensor(up["c"]), *tensors, y, cells,
+                                          gates, persistent=True, programs=1)
+        outputs, names = (y, h_n, c_n), ("dx", "dh0", "dc0", "dw_ih", "dw_hh", "db_ih")
+    for name, got, expected in zip(("y", "h_T", "c_T"), outputs, want_out):
+        assert_matches(name, got.cpu(), expected, torch.float32)
+    for name, got in zip(names, grads):
+        assert_matches(name, got.cpu(), want[name], torch.float32)

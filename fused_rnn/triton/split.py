@@ -36,6 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._host import input_projection, weight_grads
+from . import interpreting
 from .common import SIZE_ARGUMENTS, _round_to_bfloat16, check_dtype, sigmoid, tanh, upcast_dots
 
 # Software pipelining (num_stages >= 2) turns the state's ld.global.cg into an L1-caching
@@ -44,8 +45,13 @@ from .common import SIZE_ARGUMENTS, _round_to_bfloat16, check_dtype, sigmoid, ta
 NUM_STAGES = 1
 
 # A barrier poll costs ~1 us of L2 round trip: 2^26 polls is about a minute, far beyond
-# any healthy step, short of a hang.
+# any healthy step, short of a hang. Under the interpreter (one program: its own arrival
+# completes the barrier) a barrier that waits at all is a bug: it fails at once.
 SPIN_LIMIT = 1 << 26
+
+
+def _spin_limit() -> int:
+    return 1 if interpreting() else SPIN_LIMIT
 
 
 @triton.jit
@@ -222,6 +228,12 @@ def irnn_split_persistent_backward_kernel(dy, dh_n, y, w_hh, dz, dh0, counter, e
                                   BLOCK_B, BLOCK_K)
 
 
+def _check_barrier(error: Tensor) -> None:
+    if int(error.item()):
+        raise RuntimeError("fused_rnn: the hidden-split Triton scan's grid barrier did not complete "
+                           "(programs not all resident)")
+
+
 def _block_sizes(hidden: int, programs: Optional[int]) -> Tuple[int, int]:
     """(BLOCK_U, number of programs): the units split over about `programs` programs,
     in tiles of 16 (tl.dot's minimum), at most 64 units a program."""
@@ -252,10 +264,8 @@ def irnn_split_forward(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: 
         counter = torch.zeros(1, device=x.device, dtype=torch.int32)
         error = torch.zeros(1, device=x.device, dtype=torch.int32)
         irnn_split_persistent_kernel[(grid,)](pre, h_start, state, w, y, counter, error, steps, batch, hidden,
-                                              SPIN=SPIN_LIMIT, num_stages=NUM_STAGES, **meta)
-        if int(error.item()):
-            raise RuntimeError("fused_rnn: the hidden-split Triton scan's grid barrier did not complete "
-                               "(programs not all resident)")
+                                              SPIN=_spin_limit(), num_stages=NUM_STAGES, **meta)
+        _check_barrier(error)
     else:
         for t in range(steps):
             prev = h_start if t == 0 else state[(t - 1) % 2]
@@ -283,10 +293,8 @@ def irnn_split_backward(grad_y: Tensor, grad_h_n: Tensor, x: Tensor, h0: Tensor,
         counter = torch.zeros(1, device=x.device, dtype=torch.int32)
         error = torch.zeros(1, device=x.device, dtype=torch.int32)
         irnn_split_persistent_backward_kernel[(grid,)](dy, dh_n, y, w, dz, dh0, counter, error, steps, batch, hidden,
-                                                       SPIN=SPIN_LIMIT, num_stages=NUM_STAGES, **meta)
-        if int(error.item()):
-            raise RuntimeError("fused_rnn: the hidden-split Triton scan's grid barrier did not complete "
-                               "(programs not all resident)")
+                                                       SPIN=_spin_limit(), num_stages=NUM_STAGES, **meta)
+        _check_barrier(error)
     else:
         for t in reversed(range(steps)):
             last = t == steps - 1
@@ -352,9 +360,10 @@ def lstm_split_step_kernel(gates_t, h_prev, c_prev, w_hh, h_t, c_t, y_t, B, H, H
 
 @triton.jit
 def _lstm_split_backward_step(dy_t, dh_n, dgates_next, w_hh, gates_t, c_t, c_prev, dc, out, pid, B, H,
-                              HAS_NEXT: tl.constexpr, HAS_C_PREV: tl.constexpr, FINAL: tl.constexpr,
+                              HAS_NEXT: tl.constexpr, FINAL: tl.constexpr,
                               TF32: tl.constexpr, UPCAST: tl.constexpr, CACHE: tl.constexpr, BLOCK_U: tl.constexpr,
                               BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    # c_prev: c_{t-1}, or c_0 (zeros when none was given) at t = 0
     # dh = dy_t + sum_j dgates_next[b, j] W[j, u] (dh_n without HAS_NEXT); with FINAL, out = dh_0 = that sum;
     # else out = dgates_t [B, 4H] from the cell's backward, and dc [B, H] (this program's units only) carries
     # dL/dc from step t + 1 to step t
@@ -380,9 +389,7 @@ def _lstm_split_backward_step(dy_t, dh_n, dgates_next, w_hh, gates_t, c_t, c_pre
             g = tl.load(gates_t + g_offsets + 2 * H, mask=both_ok, other=0.0)
             o = tl.load(gates_t + g_offsets + 3 * H, mask=both_ok, other=0.0)
             c = tl.load(c_t + offsets, mask=both_ok, other=0.0)
-            c_before = tl.zeros((BLOCK_U, BLOCK_B), dtype=tl.float32)
-            if HAS_C_PREV:
-                c_before = tl.load(c_prev + offsets, mask=both_ok, other=0.0)
+            c_before = tl.load(c_prev + offsets, mask=both_ok, other=0.0)
             tanh_c = tanh(c)
             d_c = tl.load(dc + offsets, mask=both_ok, other=0.0) + dh * o * (1.0 - tanh_c * tanh_c)
             tl.store(out + g_offsets, d_c * g * i * (1.0 - i), mask=both_ok)
@@ -394,18 +401,75 @@ def _lstm_split_backward_step(dy_t, dh_n, dgates_next, w_hh, gates_t, c_t, c_pre
 
 @triton.jit(do_not_specialize=("B", "H"))
 def lstm_split_backward_step_kernel(dy_t, dh_n, dgates_next, w_hh, gates_t, c_t, c_prev, dc, out, B, H,
-                                    HAS_NEXT: tl.constexpr, HAS_C_PREV: tl.constexpr, FINAL: tl.constexpr,
-                                    TF32: tl.constexpr, UPCAST: tl.constexpr, BLOCK_U: tl.constexpr,
-                                    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+                                    HAS_NEXT: tl.constexpr, FINAL: tl.constexpr, TF32: tl.constexpr,
+                                    UPCAST: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr,
+                                    BLOCK_K: tl.constexpr):
     _lstm_split_backward_step(dy_t, dh_n, dgates_next, w_hh, gates_t, c_t, c_prev, dc, out, tl.program_id(0), B, H,
-                              HAS_NEXT, HAS_C_PREV, FINAL, TF32, UPCAST, "", BLOCK_U, BLOCK_B, BLOCK_K)
+                              HAS_NEXT, FINAL, TF32, UPCAST, "", BLOCK_U, BLOCK_B, BLOCK_K)
+
+
+@triton.jit(do_not_specialize=SIZE_ARGUMENTS)
+def lstm_split_persistent_kernel(gates, h0, c0, w_hh, states, cells, y, counter, error, T, B, H,
+                                 HAS_STATE: tl.constexpr, TF32: tl.constexpr, UPCAST: tl.constexpr,
+                                 BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+                                 SPIN: tl.constexpr):
+    """All T steps in one launch: states, cells [T, B, H] float32 (h_t is read back by
+    every program at step t + 1)."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    BH = B.to(tl.int64) * H
+    _lstm_split_step(gates, h0, c0, w_hh, states, cells, y, pid, B, H, HAS_STATE, TF32, UPCAST, ".cg", BLOCK_U,
+                     BLOCK_B, BLOCK_K)
+    ok = _grid_barrier(counter, programs, error, SPIN)
+    t = 1
+    while (t < T) & ok:
+        t64 = t.to(tl.int64)
+        _lstm_split_step(gates + t64 * 4 * BH, states + (t64 - 1) * BH, cells + (t64 - 1) * BH, w_hh,
+                         states + t64 * BH, cells + t64 * BH, y + t64 * BH, pid, B, H, True, TF32, UPCAST, ".cg",
+                         BLOCK_U, BLOCK_B, BLOCK_K)
+        ok = _grid_barrier(counter, (t + 1) * programs, error, SPIN)
+        t += 1
+
+
+@triton.jit(do_not_specialize=SIZE_ARGUMENTS)
+def lstm_split_persistent_backward_kernel(dy, dh_n, dgates, w_hh, gates, cells, c0, dc, dh0, counter, error, T, B,
+                                          H, TF32: tl.constexpr, UPCAST: tl.constexpr, BLOCK_U: tl.constexpr,
+                                          BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, SPIN: tl.constexpr):
+    """The backward's T steps and the dh_0 pass in one launch: dgates [T, B, 4H]; c0
+    [B, H] float32 (zeros when none was given)."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    BH = B.to(tl.int64) * H
+    last = (T - 1).to(tl.int64)
+    c_before = cells + (last - 1) * BH
+    if last == 0:
+        c_before = c0
+    _lstm_split_backward_step(dy + last * BH, dh_n, dgates, w_hh, gates + last * 4 * BH, cells + last * BH, c_before,
+                              dc, dgates + last * 4 * BH, pid, B, H, False, False, TF32, UPCAST, ".cg", BLOCK_U,
+                              BLOCK_B, BLOCK_K)
+    ok = _grid_barrier(counter, programs, error, SPIN)
+    i = 1
+    while (i < T) & ok:
+        t = (T - 1 - i).to(tl.int64)
+        c_before = cells + (t - 1) * BH
+        if t == 0:
+            c_before = c0
+        _lstm_split_backward_step(dy + t * BH, dh_n, dgates + (t + 1) * 4 * BH, w_hh, gates + t * 4 * BH,
+                                  cells + t * BH, c_before, dc, dgates + t * 4 * BH, pid, B, H, True, False, TF32,
+                                  UPCAST, ".cg", BLOCK_U, BLOCK_B, BLOCK_K)
+        ok = _grid_barrier(counter, (i + 1) * programs, error, SPIN)
+        i += 1
+    if ok:
+        _lstm_split_backward_step(dy, dh_n, dgates, w_hh, gates, cells, c0, dc, dh0, pid, B, H, True, True, TF32,
+                                  UPCAST, ".cg", BLOCK_U, BLOCK_B, BLOCK_K)
 
 
 def lstm_split_forward(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
-                       bias: Optional[Tensor], allow_tf32: bool = False, programs: Optional[int] = None):
+                       bias: Optional[Tensor], allow_tf32: bool = False, persistent: bool = False,
+                       programs: Optional[int] = None):
     """As lstm.lstm_scan_forward (y, h_T, c_T in x's dtype; cells [T, B, H] and the
     activated gates [T, B, 4H] in float32), with the hidden units split across
-    programs; the per-step driver (the persistent one comes with the options)."""
+    programs; `persistent` and `programs` as in irnn_split_forward."""
     check_dtype(x)
     steps, batch = x.shape[0], x.shape[1]
     hidden = w_hh.shape[1]
@@ -421,16 +485,25 @@ def lstm_split_forward(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], w_
         return y, h_start.to(x.dtype), c_start.to(x.dtype), cells, gates
     block_u, grid = _block_sizes(hidden, programs)
     meta = dict(TF32=allow_tf32, UPCAST=upcast_dots(w), BLOCK_U=block_u, BLOCK_B=16, BLOCK_K=16)
-    for t in range(steps):
-        h_prev, c_prev = (h_start, c_start) if t == 0 else (states[t - 1], cells[t - 1])
-        lstm_split_step_kernel[(grid,)](gates[t], h_prev, c_prev, w, states[t], cells[t], y[t], batch, hidden,
-                                        HAS_PREV=t > 0 or has_state, **meta)
+    if persistent:
+        counter = torch.zeros(1, device=x.device, dtype=torch.int32)
+        error = torch.zeros(1, device=x.device, dtype=torch.int32)
+        lstm_split_persistent_kernel[(grid,)](gates, h_start, c_start, w, states, cells, y, counter, error, steps,
+                                              batch, hidden, HAS_STATE=has_state, SPIN=_spin_limit(),
+                                              num_stages=NUM_STAGES, **meta)
+        _check_barrier(error)
+    else:
+        for t in range(steps):
+            h_prev, c_prev = (h_start, c_start) if t == 0 else (states[t - 1], cells[t - 1])
+            lstm_split_step_kernel[(grid,)](gates[t], h_prev, c_prev, w, states[t], cells[t], y[t], batch, hidden,
+                                            HAS_PREV=t > 0 or has_state, **meta)
     return y, states[-1].to(x.dtype), cells[-1].to(x.dtype), cells, gates
 
 
 def lstm_split_backward(grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, x: Tensor, h0: Optional[Tensor],
                         c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, y: Tensor, cells: Tensor, gates: Tensor,
-                        need_dx: bool = True, allow_tf32: bool = False, programs: Optional[int] = None):
+                        need_dx: bool = True, allow_tf32: bool = False, persistent: bool = False,
+                        programs: Optional[int] = None):
     """Gradients of lstm_split_forward: (dx or None, dh0, dc0, dw_ih, dw_hh, dbias)."""
     check_dtype(x)
     steps, batch = x.shape[0], x.shape[1]
@@ -442,16 +515,23 @@ def lstm_split_backward(grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, x: T
     dc = grad_c_n.to(torch.float32, copy=True).contiguous()  # dc_T in, dc_0 out
     dh0 = torch.empty(batch, hidden, dtype=torch.float32, device=x.device)
     w, dy, dh_n = w_hh.contiguous(), grad_y.contiguous(), grad_h_n.contiguous()
-    c_start = c0.float().contiguous() if c0 is not None else None
+    c_start = (c0 if c0 is not None else x.new_zeros(batch, hidden)).float().contiguous()
     block_u, grid = _block_sizes(hidden, programs)
     meta = dict(TF32=allow_tf32, UPCAST=upcast_dots(w), BLOCK_U=block_u, BLOCK_B=16, BLOCK_K=16)
-    for t in reversed(range(steps)):
-        c_prev = cells[t - 1] if t > 0 else c_start
-        lstm_split_backward_step_kernel[(grid,)](dy[t], dh_n, dgates[min(t + 1, steps - 1)], w, gates[t], cells[t],
-                                                 c_prev if c_prev is not None else dc, dc, dgates[t], batch, hidden,
-                                                 HAS_NEXT=t < steps - 1, HAS_C_PREV=c_prev is not None, FINAL=False,
-                                                 **meta)
-    lstm_split_backward_step_kernel[(grid,)](dy[0], dh_n, dgates[0], w, gates[0], cells[0], dc, dc, dh0, batch,
-                                             hidden, HAS_NEXT=True, HAS_C_PREV=False, FINAL=True, **meta)
+    if persistent:
+        counter = torch.zeros(1, device=x.device, dtype=torch.int32)
+        error = torch.zeros(1, device=x.device, dtype=torch.int32)
+        lstm_split_persistent_backward_kernel[(grid,)](dy, dh_n, dgates, w, gates.contiguous(), cells.contiguous(),
+                                                       c_start, dc, dh0, counter, error, steps, batch, hidden,
+                                                       SPIN=_spin_limit(), num_stages=NUM_STAGES, **meta)
+        _check_barrier(error)
+    else:
+        for t in reversed(range(steps)):
+            c_prev = cells[t - 1] if t > 0 else c_start
+            lstm_split_backward_step_kernel[(grid,)](dy[t], dh_n, dgates[min(t + 1, steps - 1)], w, gates[t],
+                                                     cells[t], c_prev, dc, dgates[t], batch, hidden,
+                                                     HAS_NEXT=t < steps - 1, FINAL=False, **meta)
+        lstm_split_backward_step_kernel[(grid,)](dy[0], dh_n, dgates[0], w, gates[0], cells[0], c_start, dc, dh0,
+                                                 batch, hidden, HAS_NEXT=True, FINAL=True, **meta)
     dx, dw_ih, dw_hh, dbias = weight_grads(dgates, x, h0, y, w_ih, need_dx)
     return dx, dh0.to(x.dtype), dc.to(x.dtype), dw_ih, dw_hh, dbias
