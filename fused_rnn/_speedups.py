@@ -10,7 +10,8 @@ dispatch keeps torch.nn's kernels.
 """
 
 import math
-from typing import Optional
+import os
+from typing import Optional, Tuple
 
 import torch
 
@@ -47,10 +48,38 @@ def _nearest(entries, batch: int, hidden: int):
 
 
 def predicted(name: str, device: torch.device, dtype: torch.dtype, cell: Optional[str], hidden: Optional[int],
-              batch: Optional[int], training: Optional[bool]) -> Optional[float]:
+              batch: Optional[int], training: Optional[bool], options: Tuple[str, ...] = ()) -> Optional[float]:
     """Predicted speed of backend `name` on this call relative to torch.nn's kernels
     (above 1: faster), or None without a prediction. With `training` unknown, the lower
-    of the inference and training predictions."""
+    of the inference and training predictions. The Triton backend's is that of the
+    design it will run (:func:`triton_design`)."""
+    if name == "triton":
+        name = "triton-split" if triton_design(device, dtype, cell, hidden, batch, training, options) == "split" \
+            else "triton"
+    return _predicted(name, device, dtype, cell, hidden, batch, training)
+
+
+# FUSED_RNN_TRITON_DESIGN=split or tiled forces the Triton backend's design (tests, experiments)
+DESIGN_VARIABLE = "FUSED_RNN_TRITON_DESIGN"
+
+
+def triton_design(device: torch.device, dtype: torch.dtype, cell: Optional[str], hidden: Optional[int],
+                  batch: Optional[int], training: Optional[bool], options: Tuple[str, ...] = ()) -> str:
+    """Which Triton scans a call runs: "split" (the hidden units across programs,
+    fused_rnn/triton/split.py) where the model predicts them faster than the batch-tiled
+    ones ("tiled"), which also run every call with options (the split scans do not have
+    them yet) and every call without a prediction (the interpreter)."""
+    forced = os.environ.get(DESIGN_VARIABLE, "").strip().lower()
+    if forced in ("split", "tiled"):
+        return "tiled" if options and forced == "split" else forced
+    if options:
+        return "tiled"
+    split = _predicted("triton-split", device, dtype, cell, hidden, batch, training)
+    tiled = _predicted("triton", device, dtype, cell, hidden, batch, training)
+    return "split" if split is not None and (tiled is None or split > tiled) else "tiled"
+
+
+def _predicted(name, device, dtype, cell, hidden, batch, training) -> Optional[float]:
     if cell is None or hidden is None or batch is None:
         return None
     dtype_name = str(dtype).replace("torch.", "")

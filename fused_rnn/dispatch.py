@@ -177,7 +177,8 @@ def select_backend(device, dtype: torch.dtype, backend: str = "auto", cell: Opti
             skipped[name] = reason
     fused = [name for name in eligible if name in FUSED]
     from . import _speedups
-    predicted = {name: _speedups.predicted(name, device, dtype, cell, hidden, batch, training) for name in fused}
+    predicted = {name: _speedups.predicted(name, device, dtype, cell, hidden, batch, training, options)
+                 for name in fused}
     if "nn" not in eligible:  # an option torch.nn does not have: the fastest fused kernel, else the loop
         known = {name: x for name, x in predicted.items() if x is not None}
         name = max(known, key=known.get) if known else (fused[0] if fused else "torch")

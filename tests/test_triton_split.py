@@ -199,3 +199,39 @@ def test_persistent_driver_with_one_program_matches_reference(cell):
         assert_matches(name, got.cpu(), expected, torch.float32)
     for name, got in zip(names, grads):
         assert_matches(name, got.cpu(), want[name], torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3, 5), (6, 17, 4, 37), (3, 2, 2, 70)],
+                         ids=lambda s: "T{}B{}I{}H{}".format(*s))
+@pytest.mark.parametrize("cell", ["irnn", "lstm"])
+def test_triton_backend_on_the_split_design(cell, shape, monkeypatch):
+    """backend="triton" with the split design forced (on a GPU the model picks it per
+    call): the ops, their autograd and fakes around the split scans, against the
+    reference (outputs, final states, every gradient); calls with options keep the
+    batch-tiled scans, which have them."""
+    from fused_rnn import _speedups
+    from helpers import check_layer_against_reference, check_options
+
+    monkeypatch.setenv(_speedups.DESIGN_VARIABLE, "split")
+    assert _speedups.triton_design(torch.device(DEVICE), torch.float32, cell, shape[3], shape[1], None) == "split"
+    assert _speedups.triton_design(torch.device(DEVICE), torch.float32, cell, shape[3], shape[1], None,
+                                   ("lengths",)) == "tiled"
+    calls = []
+    real = split.run
+    monkeypatch.setattr(split, "run", lambda *a, **k: calls.append(a[0].__name__) or real(*a, **k))
+    check_layer_against_reference(cell, shape, True, torch.float32, "triton", device=DEVICE)
+    assert {f"{cell}_split_forward", f"{cell}_split_backward"} <= set(calls)
+    calls.clear()
+    check_options(cell, shape, torch.float32, "triton", ("lengths",), device=DEVICE)
+    assert not calls
+
+
+def test_the_model_picks_the_triton_design():
+    """Without a GPU the model has no prediction: the batch-tiled scans. With one (the
+    tables of bench/gpu_model.py, a model), the split scans where predicted faster."""
+    from fused_rnn import _speedups
+
+    assert _speedups.triton_design(torch.device("cpu"), torch.float32, "lstm", 1024, 8, None) == "tiled"
+    ratios = {k: v for k, v in _speedups.tables.GPU.items() if k[0] == "H100"}
+    split_wins = [k for k, v in ratios.items() if v.get("triton-split", 0) > v.get("triton", 0)]
+    assert ("H100", "lstm", "training", "bfloat16", 8, 1024) in split_wins

@@ -28,8 +28,10 @@ from torch.library import triton_op
 
 from .._double_backward import irnn_layer_grads, lstm_layer_grads, wants_graph
 from .._host import zero_state, zeros_if_none
+from .._speedups import triton_design
 from . import irnn as _irnn
 from . import lstm as _lstm
+from . import split as _split
 
 
 @triton_op("fused_rnn::triton_irnn_scan_forward", mutates_args=())
@@ -37,6 +39,9 @@ def triton_irnn_scan_forward(x: Tensor, h0: Optional[Tensor], w_ih: Tensor, w_hh
                              allow_tf32: bool = False, recurrent_mask: Optional[Tensor] = None,
                              lengths: Optional[Tensor] = None,
                              hidden_clip: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+    if _design("irnn", x, w_hh, recurrent_mask, lengths, hidden_clip) == "split":
+        return _split.run(_split.irnn_split_forward, w_hh.shape[1], x, _state(x, h0, w_hh), w_ih, w_hh, bias,
+                          allow_tf32)
     return _irnn.irnn_scan_forward(x, h0, w_ih, w_hh, bias, allow_tf32, recurrent_mask=recurrent_mask,
                                    lengths=lengths, hidden_clip=hidden_clip)
 
@@ -46,8 +51,12 @@ def triton_irnn_scan_backward(grad_y: Tensor, grad_h_n: Tensor, x: Tensor, h0: O
                               w_hh: Tensor, y: Tensor, grad_x: bool = True, allow_tf32: bool = False,
                               recurrent_mask: Optional[Tensor] = None, lengths: Optional[Tensor] = None,
                               hidden_clip: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dx, *rest = _irnn.irnn_scan_backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, grad_x, allow_tf32,
-                                         recurrent_mask=recurrent_mask, lengths=lengths, hidden_clip=hidden_clip)
+    if _design("irnn", x, w_hh, recurrent_mask, lengths, hidden_clip) == "split":
+        dx, *rest = _split.run(_split.irnn_split_backward, w_hh.shape[1], grad_y, grad_h_n, x, h0, w_ih, w_hh, y,
+                               grad_x, allow_tf32)
+    else:
+        dx, *rest = _irnn.irnn_scan_backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, grad_x, allow_tf32,
+                                             recurrent_mask=recurrent_mask, lengths=lengths, hidden_clip=hidden_clip)
     return (dx if dx is not None else x.new_empty(0), *rest)
 
 
@@ -55,6 +64,8 @@ def triton_irnn_scan_backward(grad_y: Tensor, grad_h_n: Tensor, x: Tensor, h0: O
 def triton_lstm_scan_forward(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
                              bias: Optional[Tensor], allow_tf32: bool = False, recurrent_mask: Optional[Tensor] = None,
                              lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if _design("lstm", x, w_hh, recurrent_mask, lengths) == "split":
+        return _split.run(_split.lstm_split_forward, w_hh.shape[1], x, h0, c0, w_ih, w_hh, bias, allow_tf32)
     return _lstm.lstm_scan_forward(x, h0, c0, w_ih, w_hh, bias, allow_tf32, recurrent_mask=recurrent_mask,
                                    lengths=lengths)
 
@@ -66,9 +77,25 @@ def triton_lstm_scan_backward(grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor
                               recurrent_mask: Optional[Tensor] = None,
                               lengths: Optional[Tensor] = None
                               ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dx, *rest = _lstm.lstm_scan_backward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, y, cells, gates,
-                                         grad_x, allow_tf32, recurrent_mask=recurrent_mask, lengths=lengths)
+    if _design("lstm", x, w_hh, recurrent_mask, lengths) == "split":
+        dx, *rest = _split.run(_split.lstm_split_backward, w_hh.shape[1], grad_y, grad_h_n, grad_c_n, x, h0, c0,
+                               w_ih, w_hh, y, cells, gates, grad_x, allow_tf32)
+    else:
+        dx, *rest = _lstm.lstm_scan_backward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, y, cells, gates,
+                                             grad_x, allow_tf32, recurrent_mask=recurrent_mask, lengths=lengths)
     return (dx if dx is not None else x.new_empty(0), *rest)
+
+
+def _design(cell: str, x: Tensor, w_hh: Tensor, *options) -> str:
+    """The Triton design of this call ("split" or "tiled", _speedups.triton_design): the
+    forward and the backward op of a call ask with the same arguments, so they agree."""
+    used = tuple(name for name, value in zip(("recurrent_mask", "lengths", "hidden_clip"), options)
+                 if value is not None)
+    return triton_design(x.device, x.dtype, cell, w_hh.shape[1], x.shape[1], None, used)
+
+
+def _state(x: Tensor, h0: Optional[Tensor], w_hh: Tensor) -> Tensor:
+    return h0 if h0 is not None else zero_state(x, w_hh.shape[1])
 
 
 def _state_like(x: Tensor, w_hh: Tensor) -> Tensor:  # [B, H]

@@ -28,6 +28,7 @@ The state is float32 [2, B, H] (ping-pong between steps), whatever the inputs' d
 y is stored in the inputs' dtype. Offsets are int64.
 """
 
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -228,10 +229,33 @@ def irnn_split_persistent_backward_kernel(dy, dh_n, y, w_hh, dz, dh0, counter, e
                                   BLOCK_B, BLOCK_K)
 
 
+def run(function, hidden: int, *args, **kwargs):
+    """function(*args, persistent=..., programs=..., **kwargs) for a layer of `hidden`
+    units on the device of args[0]: on a GPU at most one program per SM and the
+    persistent driver, unless more programs than SMs are needed; if its grid barrier
+    does not complete (another kernel holding SMs), the call runs again with the
+    per-step driver, with a warning. Under the interpreter, the per-step driver."""
+    device = args[0].device
+    if device.type != "cuda" or interpreting():
+        return function(*args, persistent=False, **kwargs)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if _block_sizes(hidden, sms)[1] > sms:
+        return function(*args, persistent=False, programs=sms, **kwargs)
+    try:
+        return function(*args, persistent=True, programs=sms, **kwargs)
+    except BarrierTimeout as error:
+        warnings.warn(f"{error}; running the step-by-step driver instead", RuntimeWarning, stacklevel=2)
+        return function(*args, persistent=False, programs=sms, **kwargs)
+
+
+class BarrierTimeout(RuntimeError):
+    """A persistent scan's grid barrier did not complete within SPIN_LIMIT polls."""
+
+
 def _check_barrier(error: Tensor) -> None:
     if int(error.item()):
-        raise RuntimeError("fused_rnn: the hidden-split Triton scan's grid barrier did not complete "
-                           "(programs not all resident)")
+        raise BarrierTimeout("fused_rnn: the hidden-split Triton scan's grid barrier did not complete "
+                             "(programs not all resident)")
 
 
 def _block_sizes(hidden: int, programs: Optional[int]) -> Tuple[int, int]:
@@ -270,7 +294,7 @@ def irnn_split_forward(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: 
         for t in range(steps):
             prev = h_start if t == 0 else state[(t - 1) % 2]
             irnn_split_step_kernel[(grid,)](pre[t], prev, state[t % 2], w, y[t], batch, hidden, HAS_PREV=True, **meta)
-    return y, state[(steps - 1) % 2].to(x.dtype)
+    return y, state[(steps - 1) % 2].to(x.dtype, copy=True)
 
 
 def irnn_split_backward(grad_y: Tensor, grad_h_n: Tensor, x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
@@ -482,7 +506,7 @@ def lstm_split_forward(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], w_
     h_start = (h0 if h0 is not None else x.new_zeros(batch, hidden)).float().contiguous()
     c_start = (c0 if c0 is not None else x.new_zeros(batch, hidden)).float().contiguous()
     if steps == 0 or batch == 0 or hidden == 0:
-        return y, h_start.to(x.dtype), c_start.to(x.dtype), cells, gates
+        return y, h_start.to(x.dtype, copy=True), c_start.to(x.dtype, copy=True), cells, gates
     block_u, grid = _block_sizes(hidden, programs)
     meta = dict(TF32=allow_tf32, UPCAST=upcast_dots(w), BLOCK_U=block_u, BLOCK_B=16, BLOCK_K=16)
     if persistent:
@@ -497,7 +521,8 @@ def lstm_split_forward(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], w_
             h_prev, c_prev = (h_start, c_start) if t == 0 else (states[t - 1], cells[t - 1])
             lstm_split_step_kernel[(grid,)](gates[t], h_prev, c_prev, w, states[t], cells[t], y[t], batch, hidden,
                                             HAS_PREV=t > 0 or has_state, **meta)
-    return y, states[-1].to(x.dtype), cells[-1].to(x.dtype), cells, gates
+    # copies: an op's outputs may not alias one another (cells is returned whole)
+    return y, states[-1].to(x.dtype, copy=True), cells[-1].to(x.dtype, copy=True), cells, gates
 
 
 def lstm_split_backward(grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, x: Tensor, h0: Optional[Tensor],
