@@ -190,8 +190,8 @@ def test_measured_dispatch_is_off_unless_asked(monkeypatch):
 # ---- on a GPU: the model's predictions, and a refused cooperative launch ----
 
 def test_the_model_sends_small_batches_to_the_persistent_scans(monkeypatch):
-    """The shipped GPU predictions (bench/gpu_model.py, a model) on an H100: the CUDA
-    scans where they are predicted clearly faster than cuDNN (one sequence), torch.nn's
+    """The shipped GPU predictions (bench/gpu_model.py, a model) on an H100: a fused
+    backend where one is predicted clearly faster than cuDNN (one sequence), torch.nn's
     kernels (cuDNN) for large batches."""
     from fused_rnn import _speedups
 
@@ -199,7 +199,13 @@ def test_the_model_sends_small_batches_to_the_persistent_scans(monkeypatch):
     monkeypatch.setattr(dispatch, "_cuda_scan_reason", lambda *args: None)
     monkeypatch.setattr(_speedups, "gpu_class", lambda device: "H100")
     small = fused_rnn.select_backend("cuda", torch.float32, cell="lstm", hidden=256, batch=1, training=True)
-    assert small.name == "cuda" and small.basis.startswith("predicted") and "model" in small.basis
+    # the fastest predicted fused backend: the CUDA scans or the Triton backend's hidden-split scans
+    assert small.name in ("cuda", "triton") and small.basis.startswith("predicted") and "model" in small.basis
+    other = "triton" if small.name == "cuda" else "cuda"
+    assert f"less than {small.name}" in small.skipped[other]
+    cuda_only = fused_rnn.select_backend("cuda", torch.float32, cell="lstm", hidden=256, batch=1, training=True,
+                                         options=("recurrent_mask",))
+    assert cuda_only.name == "cuda"  # with an option, Triton runs its batch-tiled scans, predicted far slower
     large = fused_rnn.select_backend("cuda", torch.float32, cell="lstm", hidden=1024, batch=256, training=True)
     assert large.name == "nn" and "below the 1.3x" in large.skipped["cuda"]
     monkeypatch.setattr(_speedups, "gpu_class", lambda device: None)  # a GPU the model has no figures for
