@@ -67,13 +67,12 @@ def triton_design(device: torch.device, dtype: torch.dtype, cell: Optional[str],
                   batch: Optional[int], training: Optional[bool], options: Tuple[str, ...] = ()) -> str:
     """Which Triton scans a call runs: "split" (the hidden units across programs,
     fused_rnn/triton/split.py) where the model predicts them faster than the batch-tiled
-    ones ("tiled"), which also run every call with options (the split scans do not have
-    them yet) and every call without a prediction (the interpreter)."""
+    ones ("tiled"), which also run every call without a prediction (the interpreter).
+    Both designs implement every option the backend takes; the model's figures are for
+    plain calls."""
     forced = os.environ.get(DESIGN_VARIABLE, "").strip().lower()
     if forced in ("split", "tiled"):
-        return "tiled" if options and forced == "split" else forced
-    if options:
-        return "tiled"
+        return forced
     split = _predicted("triton-split", device, dtype, cell, hidden, batch, training)
     tiled = _predicted("triton", device, dtype, cell, hidden, batch, training)
     return "split" if split is not None and (tiled is None or split > tiled) else "tiled"

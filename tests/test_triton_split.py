@@ -1,9 +1,10 @@
-"""The hidden-split Triton scans (fused_rnn/triton/split.py; issue 14, in progress: not
-yet dispatched). Under the interpreter, the per-step driver against the NumPy
-reference, with several programs and partial unit and batch tiles; ahead of time, the
-persistent driver's PTX for sm_80 and sm_90: the grid barrier's release/acquire
-atomics at GPU scope, the exchanged state read with ld.global.cg, and nothing read
-through the non-coherent path."""
+"""The hidden-split Triton scans (fused_rnn/triton/split.py; issue 14, in progress). Under
+the interpreter: the per-step driver against the NumPy reference, with several programs
+and partial unit and batch tiles, through the Triton backend's ops with every option;
+the persistent driver with one program. Ahead of time: the persistent kernels' PTX for
+sm_80 and sm_90, with and without the options: the grid barrier's release/acquire
+atomics at GPU scope, the exchanged state read with ld.global.cg, nothing read through
+the non-coherent path or an L1-caching cp.async, no spills."""
 
 import json
 import os
@@ -110,29 +111,29 @@ PERSISTENT = ("irnn_split_persistent_kernel", "irnn_split_persistent_backward_ke
 # Compiles the persistent kernels for sm_80/sm_90 x fp32/bf16 and prints the PTX as JSON;
 # in a process of its own, since the tests run the kernels under the interpreter.
 COMPILE = f"KERNELS = {PERSISTENT!r}\n" + """
-import json, sys
+import itertools, json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from fused_rnn.triton import split
 
 out = {}
-for name in KERNELS:
+for name, capability, dtype, options in itertools.product(KERNELS, (80, 90), ("fp32", "bf16"), (False, True)):
     fn = getattr(split, name)
     constexprs = dict(TF32=False, UPCAST=False, BLOCK_U=16, BLOCK_B=16, BLOCK_K=16, SPIN=split.SPIN_LIMIT)
+    constexprs.update({flag: options for flag in ("HAS_MASK", "HAS_LENGTHS", "HAS_CLIP") if flag in fn.arg_names})
     if "HAS_STATE" in fn.arg_names:
         constexprs["HAS_STATE"] = True
-    for capability in (80, 90):
-        for dtype in ("fp32", "bf16"):
-            io = "*" + dtype
-            types = dict(pre="*fp32", h0="*fp32", c0="*fp32", state="*fp32", states="*fp32", cells="*fp32",
-                         gates="*fp32", dgates="*fp32", dc="*fp32", w_hh=io, y=io, dy=io, dh_n=io, dz="*fp32",
-                         dh0="*fp32", counter="*i32", error="*i32", T="i32", B="i32", H="i32")
-            signature = {p.name: "constexpr" if p.name in constexprs else types[p.name] for p in fn.params}
-            kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs),
-                                    target=GPUTarget("cuda", capability, 32),
-                                    options={"num_warps": 4, "num_stages": split.NUM_STAGES})
-            out[f"{name} {capability}-{dtype}"] = kernel.asm["ptx"]
+    io = "*" + dtype
+    types = dict(pre="*fp32", h0="*fp32", c0="*fp32", state="*fp32", states="*fp32", cells="*fp32",
+                 gates="*fp32", dgates="*fp32", dc="*fp32", w_hh=io, y=io, dy=io, dh_n=io, dz="*fp32",
+                 dh0="*fp32", counter="*i32", error="*i32", T="i32", B="i32", H="i32", keep="*fp32",
+                 lengths="*i64", clip="fp32")
+    signature = {p.name: "constexpr" if p.name in constexprs else types[p.name] for p in fn.params}
+    kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", capability, 32),
+                            options={"num_warps": split.NUM_WARPS, "num_stages": split.NUM_STAGES,
+                                     "maxnreg": split.MAX_REGISTERS})
+    out[f"{name} {capability}-{dtype}{'+options' if options else ''}"] = kernel.asm["ptx"]
 json.dump(out, sys.stdout)
 """
 
@@ -145,7 +146,7 @@ def persistent_ptx():
     return json.loads(result.stdout)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp32+options", "bf16+options"])
 @pytest.mark.parametrize("capability", [80, 90], ids=["sm_80", "sm_90"])
 @pytest.mark.parametrize("kernel", PERSISTENT, ids=["irnn-forward", "irnn-backward", "lstm-forward",
                                                      "lstm-backward"])
@@ -156,7 +157,7 @@ def test_persistent_barrier_and_exchange_in_the_ptx(persistent_ptx, kernel, capa
     assert re.search(r"ld\.global\.cg\.", ptx), "the exchanged state must be read L2-only"
     assert not re.search(r"ld\.global\.nc", ptx), "nothing may be read through the non-coherent path"
     assert not re.search(r"cp\.async\.ca", ptx), "no L1-caching asynchronous copy (Triton's pipeliner makes one)"
-    if dtype == "bf16":
+    if dtype.startswith("bf16"):
         assert re.search(r"\bmma\.", ptx), "bf16 products on the tensor cores"
     ptxas = shutil.which("ptxas") or "/usr/local/cuda/bin/ptxas"
     if not os.path.exists(ptxas):
@@ -207,23 +208,57 @@ def test_persistent_driver_with_one_program_matches_reference(cell):
 def test_triton_backend_on_the_split_design(cell, shape, monkeypatch):
     """backend="triton" with the split design forced (on a GPU the model picks it per
     call): the ops, their autograd and fakes around the split scans, against the
-    reference (outputs, final states, every gradient); calls with options keep the
-    batch-tiled scans, which have them."""
+    reference (outputs, final states, every gradient), plain and with each option and
+    all of them (lengths of 0, 1, partial and full; the IRNN's clip reached)."""
     from fused_rnn import _speedups
     from helpers import check_layer_against_reference, check_options
 
     monkeypatch.setenv(_speedups.DESIGN_VARIABLE, "split")
     assert _speedups.triton_design(torch.device(DEVICE), torch.float32, cell, shape[3], shape[1], None) == "split"
-    assert _speedups.triton_design(torch.device(DEVICE), torch.float32, cell, shape[3], shape[1], None,
-                                   ("lengths",)) == "tiled"
     calls = []
     real = split.run
     monkeypatch.setattr(split, "run", lambda *a, **k: calls.append(a[0].__name__) or real(*a, **k))
     check_layer_against_reference(cell, shape, True, torch.float32, "triton", device=DEVICE)
-    assert {f"{cell}_split_forward", f"{cell}_split_backward"} <= set(calls)
-    calls.clear()
-    check_options(cell, shape, torch.float32, "triton", ("lengths",), device=DEVICE)
-    assert not calls
+    option_sets = [("recurrent_mask",), ("lengths",), ("recurrent_mask", "lengths")]
+    if cell == "irnn":
+        option_sets += [("hidden_clip",), ("recurrent_mask", "lengths", "hidden_clip")]
+    for used in option_sets:
+        check_options(cell, shape, torch.float32, "triton", used, device=DEVICE)
+    assert calls.count(f"{cell}_split_forward") == 1 + len(option_sets)
+    assert calls.count(f"{cell}_split_backward") == 1 + len(option_sets)
+
+
+@pytest.mark.parametrize("cell", ["irnn", "lstm"])
+def test_persistent_driver_with_options_and_one_program(cell):
+    """The persistent kernels with every option (one program, under the interpreter),
+    against the per-step driver, whose options the test above checks against the
+    reference: the two drivers run the same step body, so they must agree bitwise."""
+    from helpers import sequence_options
+
+    steps, batch, inputs, hidden = 7, 18, 3, 30
+    x, states, w_ih, w_hh, b_ih, b_hh, up = make_layer(cell, steps, batch, inputs, hidden, bias=True, seed=5)
+    mask, lengths = sequence_options(steps, batch, hidden, seed=2)
+    lengths[1], lengths[2] = 0, 1
+    tensors = [_tensor(a) for a in (x, *states, w_ih, w_hh)]
+    options = dict(recurrent_mask=_tensor(mask), lengths=torch.tensor(lengths, device=DEVICE))
+    if cell == "irnn":
+        options["hidden_clip"] = 0.8
+    bias = _tensor(b_ih + b_hh)
+    results = []
+    for persistent in (False, True):
+        if cell == "irnn":
+            y, h_n = split.irnn_split_forward(*tensors, bias, **options, persistent=persistent, programs=1)
+            grads = split.irnn_split_backward(_tensor(up["y"]), _tensor(up["h"]), *tensors, y, **options,
+                                              persistent=persistent, programs=1)
+            results.append((y, h_n, *grads))
+        else:
+            y, h_n, c_n, cells, gates = split.lstm_split_forward(*tensors, bias, **options, persistent=persistent,
+                                                                 programs=1)
+            grads = split.lstm_split_backward(_tensor(up["y"]), _tensor(up["h"]), _tensor(up["c"]), *tensors, y,
+                                              cells, gates, **options, persistent=persistent, programs=1)
+            results.append((y, h_n, c_n, *grads))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 def test_the_model_picks_the_triton_design():

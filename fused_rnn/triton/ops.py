@@ -41,7 +41,7 @@ def triton_irnn_scan_forward(x: Tensor, h0: Optional[Tensor], w_ih: Tensor, w_hh
                              hidden_clip: Optional[float] = None) -> Tuple[Tensor, Tensor]:
     if _design("irnn", x, w_hh, recurrent_mask, lengths, hidden_clip) == "split":
         return _split.run(_split.irnn_split_forward, w_hh.shape[1], x, _state(x, h0, w_hh), w_ih, w_hh, bias,
-                          allow_tf32)
+                          allow_tf32, recurrent_mask, lengths, hidden_clip)
     return _irnn.irnn_scan_forward(x, h0, w_ih, w_hh, bias, allow_tf32, recurrent_mask=recurrent_mask,
                                    lengths=lengths, hidden_clip=hidden_clip)
 
@@ -53,7 +53,7 @@ def triton_irnn_scan_backward(grad_y: Tensor, grad_h_n: Tensor, x: Tensor, h0: O
                               hidden_clip: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     if _design("irnn", x, w_hh, recurrent_mask, lengths, hidden_clip) == "split":
         dx, *rest = _split.run(_split.irnn_split_backward, w_hh.shape[1], grad_y, grad_h_n, x, h0, w_ih, w_hh, y,
-                               grad_x, allow_tf32)
+                               grad_x, allow_tf32, recurrent_mask, lengths, hidden_clip)
     else:
         dx, *rest = _irnn.irnn_scan_backward(grad_y, grad_h_n, x, h0, w_ih, w_hh, y, grad_x, allow_tf32,
                                              recurrent_mask=recurrent_mask, lengths=lengths, hidden_clip=hidden_clip)
@@ -65,7 +65,8 @@ def triton_lstm_scan_forward(x: Tensor, h0: Optional[Tensor], c0: Optional[Tenso
                              bias: Optional[Tensor], allow_tf32: bool = False, recurrent_mask: Optional[Tensor] = None,
                              lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     if _design("lstm", x, w_hh, recurrent_mask, lengths) == "split":
-        return _split.run(_split.lstm_split_forward, w_hh.shape[1], x, h0, c0, w_ih, w_hh, bias, allow_tf32)
+        return _split.run(_split.lstm_split_forward, w_hh.shape[1], x, h0, c0, w_ih, w_hh, bias, allow_tf32,
+                          recurrent_mask, lengths)
     return _lstm.lstm_scan_forward(x, h0, c0, w_ih, w_hh, bias, allow_tf32, recurrent_mask=recurrent_mask,
                                    lengths=lengths)
 
@@ -79,7 +80,7 @@ def triton_lstm_scan_backward(grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor
                               ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if _design("lstm", x, w_hh, recurrent_mask, lengths) == "split":
         dx, *rest = _split.run(_split.lstm_split_backward, w_hh.shape[1], grad_y, grad_h_n, grad_c_n, x, h0, c0,
-                               w_ih, w_hh, y, cells, gates, grad_x, allow_tf32)
+                               w_ih, w_hh, y, cells, gates, grad_x, allow_tf32, recurrent_mask, lengths)
     else:
         dx, *rest = _lstm.lstm_scan_backward(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, y, cells, gates,
                                              grad_x, allow_tf32, recurrent_mask=recurrent_mask, lengths=lengths)
