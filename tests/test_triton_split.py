@@ -270,3 +270,33 @@ def test_the_model_picks_the_triton_design():
     ratios = {k: v for k, v in _speedups.tables.GPU.items() if k[0] == "H100"}
     split_wins = [k for k, v in ratios.items() if v.get("triton-split", 0) > v.get("triton", 0)]
     assert ("H100", "lstm", "training", "bfloat16", 8, 1024) in split_wins
+
+
+def test_traced_calls_take_the_tiled_design(monkeypatch):
+    """Under torch.compile's tracing (fake tensors) the Triton ops run the batch-tiled
+    scans, which launch through wrap_triton; the split scans launch directly and read
+    their barrier's flag back, which a trace cannot."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fused_rnn import _speedups
+    from fused_rnn.triton import ops
+
+    monkeypatch.setenv(_speedups.DESIGN_VARIABLE, "split")
+    x, w_hh = torch.randn(3, 2, 4), torch.randn(5, 5)
+    assert ops._design("irnn", x, w_hh, None, None, None) == "split"
+    with FakeTensorMode() as mode:
+        fake_x, fake_w = mode.from_tensor(x), mode.from_tensor(w_hh)
+        assert ops._design("irnn", fake_x, fake_w, None, None, None) == "tiled"
+
+
+def test_a_persistent_launch_of_more_programs_than_sms_is_refused(monkeypatch):
+    """Programs that cannot all be resident would leave the barrier waiting: refused
+    with the numbers (the GPU's SM count stubbed to 4)."""
+    class Properties:
+        multi_processor_count = 4
+
+    monkeypatch.setattr(split, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Properties())
+    with pytest.raises(ValueError, match="needs 8 programs, more than the 4 SMs"):
+        split._block_sizes(128, None, persistent=True, device=torch.device("cuda"))
+    assert split._block_sizes(128, 4, persistent=True, device=torch.device("cuda")) == (32, 4)

@@ -24,6 +24,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.library import triton_op
 
 from .._double_backward import irnn_layer_grads, lstm_layer_grads, wants_graph
@@ -89,10 +90,23 @@ def triton_lstm_scan_backward(grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor
 
 def _design(cell: str, x: Tensor, w_hh: Tensor, *options) -> str:
     """The Triton design of this call ("split" or "tiled", _speedups.triton_design): the
-    forward and the backward op of a call ask with the same arguments, so they agree."""
+    forward and the backward op of a call ask with the same arguments, so they agree.
+    Under torch.compile's tracing and CUDA-graph capture, the batch-tiled scans: they
+    launch through wrap_triton, while the split scans launch directly, loop over steps on
+    the host and read their barrier's error flag back (a synchronisation)."""
+    if _traced(x):
+        return "tiled"
     used = tuple(name for name, value in zip(("recurrent_mask", "lengths", "hidden_clip"), options)
                  if value is not None)
     return triton_design(x.device, x.dtype, cell, w_hh.shape[1], x.shape[1], None, used)
+
+
+def _traced(x: Tensor) -> bool:
+    """Whether this op call is being traced (torch.compile, fake or functional tensors)
+    or captured into a CUDA graph, rather than run eagerly."""
+    if torch.compiler.is_compiling() or isinstance(x, FakeTensor) or torch._is_functional_tensor(x):
+        return True
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _state(x: Tensor, h0: Optional[Tensor], w_hh: Tensor) -> Tensor:

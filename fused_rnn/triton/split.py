@@ -22,7 +22,8 @@ One step body, two drivers:
   poll is bounded: a barrier that does not complete within SPIN_LIMIT polls sets an
   error flag and the kernel exits, and the host raises (dispatch will fall back to the
   next backend) instead of hanging. It needs every program resident at once: P at most
-  the number of SMs (one program per SM; the launcher checks).
+  the number of SMs (one program per SM; :func:`run` chooses P so, and the scans refuse
+  a persistent launch of more programs than SMs).
 
 The state is float32 [2, B, H] (ping-pong between steps), whatever the inputs' dtype;
 y is stored in the inputs' dtype. Offsets are int64.
@@ -317,12 +318,21 @@ def _check_barrier(error: Tensor) -> None:
                              "(programs not all resident)")
 
 
-def _block_sizes(hidden: int, programs: Optional[int]) -> Tuple[int, int]:
+def _block_sizes(hidden: int, programs: Optional[int], persistent: bool = False,
+                 device: Optional[torch.device] = None) -> Tuple[int, int]:
     """(BLOCK_U, number of programs): the units split over about `programs` programs,
-    in tiles of 16 (tl.dot's minimum), at most 64 units a program."""
+    in tiles of 16 (tl.dot's minimum), at most 64 units a program. A persistent launch
+    on a GPU of more programs than SMs is refused: they might not all be resident, and
+    the barrier would wait for programs that cannot start."""
     programs = programs or max(1, triton.cdiv(hidden, 16))
     block_u = min(64, max(16, triton.next_power_of_2(triton.cdiv(hidden, programs))))
-    return block_u, triton.cdiv(hidden, block_u)
+    grid = triton.cdiv(hidden, block_u)
+    if persistent and device is not None and device.type == "cuda" and not interpreting():
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        if grid > sms:
+            raise ValueError(f"a persistent hidden-split scan of H = {hidden} needs {grid} programs, more than the "
+                             f"{sms} SMs that can hold them at once; pass programs <= {sms} or persistent=False")
+    return block_u, grid
 
 
 def irnn_split_forward(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Optional[Tensor],
@@ -343,7 +353,7 @@ def irnn_split_forward(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, bias: 
     h_start = h0.float().contiguous()
     if steps == 0 or batch == 0 or hidden == 0:
         return y, h0.clone()
-    block_u, grid = _block_sizes(hidden, programs)
+    block_u, grid = _block_sizes(hidden, programs, persistent, x.device)
     meta = dict(TF32=allow_tf32, UPCAST=upcast_dots(w), BLOCK_U=block_u, BLOCK_B=16, BLOCK_K=16,
                 num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS)
     options = ScanOptions.of(x, w, recurrent_mask, lengths, hidden_clip)
@@ -379,7 +389,7 @@ def irnn_split_backward(grad_y: Tensor, grad_h_n: Tensor, x: Tensor, h0: Tensor,
     dz = torch.empty(steps, batch, hidden, dtype=torch.float32, device=x.device)
     dh0 = torch.empty(batch, hidden, dtype=torch.float32, device=x.device)
     w, dy, dh_n, y = w_hh.contiguous(), grad_y.contiguous(), grad_h_n.contiguous(), y.contiguous()
-    block_u, grid = _block_sizes(hidden, programs)
+    block_u, grid = _block_sizes(hidden, programs, persistent, x.device)
     meta = dict(TF32=allow_tf32, UPCAST=upcast_dots(w), BLOCK_U=block_u, BLOCK_B=16, BLOCK_K=16,
                 num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS)
     if hidden_clip is not None:  # y holds h in x's dtype: compare it with the bound as y stores it
@@ -606,7 +616,7 @@ def lstm_split_forward(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], w_
     c_start = (c0 if c0 is not None else x.new_zeros(batch, hidden)).float().contiguous()
     if steps == 0 or batch == 0 or hidden == 0:
         return y, h_start.to(x.dtype, copy=True), c_start.to(x.dtype, copy=True), cells, gates
-    block_u, grid = _block_sizes(hidden, programs)
+    block_u, grid = _block_sizes(hidden, programs, persistent, x.device)
     meta = dict(TF32=allow_tf32, UPCAST=upcast_dots(w), BLOCK_U=block_u, BLOCK_B=16, BLOCK_K=16,
                 num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS)
     options = ScanOptions.of(x, w, recurrent_mask, lengths)
@@ -644,8 +654,9 @@ def lstm_split_backward(grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, x: T
     dc = grad_c_n.to(torch.float32, copy=True).contiguous()  # dc_T in, dc_0 out
     dh0 = torch.empty(batch, hidden, dtype=torch.float32, device=x.device)
     w, dy, dh_n = w_hh.contiguous(), grad_y.contiguous(), grad_h_n.contiguous()
+    gates, cells = gates.contiguous(), cells.contiguous()
     c_start = (c0 if c0 is not None else x.new_zeros(batch, hidden)).float().contiguous()
-    block_u, grid = _block_sizes(hidden, programs)
+    block_u, grid = _block_sizes(hidden, programs, persistent, x.device)
     meta = dict(TF32=allow_tf32, UPCAST=upcast_dots(w), BLOCK_U=block_u, BLOCK_B=16, BLOCK_K=16,
                 num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS)
     options = ScanOptions.of(x, w, recurrent_mask, lengths)
@@ -654,7 +665,7 @@ def lstm_split_backward(grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, x: T
     if persistent:
         counter = torch.zeros(1, device=x.device, dtype=torch.int32)
         error = torch.zeros(1, device=x.device, dtype=torch.int32)
-        lstm_split_persistent_backward_kernel[(grid,)](dy, dh_n, dgates, w, gates.contiguous(), cells.contiguous(),
+        lstm_split_persistent_backward_kernel[(grid,)](dy, dh_n, dgates, w, gates, cells,
                                                        c_start, dc, dh0, counter, error, steps, batch, hidden, *opts,
                                                        SPIN=_spin_limit(), num_stages=NUM_STAGES, **flags, **meta)
         _check_barrier(error)
