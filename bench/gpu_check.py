@@ -25,6 +25,9 @@ runs out of time; the exit status is 0 only when every stage passed):
 6. timings: T = 256, inference and training, both cells, fp32 and bf16, B in {1, 8, 64,
    256}, H in {256, 1024}: every backend and auto against cuDNN (bench/harness.py: CUDA
    events, medians of same-round ratios), next to the performance model's prediction.
+7. designs: the Triton backend's batch-tiled and hidden-split scans, each forced, in
+   training at B in {1, 8, 64}, H in {256, 1024}, fp32 and bf16, against cuDNN and the
+   model.
 
 The report goes to OUT_DIR/gpu-<device>.md and .json. ``--dry-run`` runs every stage on
 the CPU with tiny shapes (the Triton interpreter, the CUDA kernels on the CPU emulation
@@ -48,9 +51,10 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 # Wall-clock limits per stage, in seconds, on a GPU; their sum stays under 8 minutes
 # with the build. A dry run uses its own (the interpreter and the emulation are slow).
-STAGE_LIMITS = {"build": 180, "correctness": 120, "determinism": 25, "streams": 30, "dispatch": 25, "timings": 100}
+STAGE_LIMITS = {"build": 150, "correctness": 110, "determinism": 25, "streams": 30, "dispatch": 25, "timings": 80,
+                "designs": 60}
 DRY_RUN_LIMITS = {"build": 30, "correctness": 240, "determinism": 60, "streams": 60, "dispatch": 120,
-                  "timings": 120}
+                  "timings": 120, "designs": 120}
 STAGES = tuple(STAGE_LIMITS)
 
 
@@ -401,8 +405,47 @@ def stage_timings(dry_run: bool) -> dict:
     return {"table": harness.format_markdown(report), "rows": rows, "model_gpu": model.name, "complete": True}
 
 
+def stage_designs(dry_run: bool) -> dict:
+    """The Triton backend's two designs, each forced (FUSED_RNN_TRITON_DESIGN), against
+    cuDNN: the batch-tiled scans and the hidden-split ones (fused_rnn/triton/split.py),
+    next to the model's prediction of each."""
+    torch, fused_rnn, device = _setup(dry_run)
+    import gpu_model
+    import harness
+    from fused_rnn import _speedups
+
+    if dry_run:
+        configs, dtypes = [harness.BenchConfig("T4-B2-H12", 4, 2, 12, 12, "")], [torch.float32]
+        plan = harness.TimingPlan(warmup_calls=1, rounds=1, min_round_seconds=0.0)
+        model = gpu_model.GPUS["H100"]
+    else:
+        configs = [harness.BenchConfig(f"T256-B{b}-H{h}", 256, b, h, h, "") for b in (1, 8, 64) for h in (256, 1024)]
+        dtypes = [torch.float32, torch.bfloat16]
+        plan = harness.TimingPlan(warmup_calls=1, rounds=3, min_round_seconds=0.01)
+        name = torch.cuda.get_device_name().upper()
+        model = gpu_model.GPUS[next((g for g in gpu_model.GPUS if g in name), "H100")]
+    rows = []
+    for dtype in dtypes:
+        for cell in harness.CELLS:
+            for config in configs:
+                row = {"cell": cell, "dtype": str(dtype).replace("torch.", ""), "B": config.B, "H": config.H}
+                for design in ("tiled", "split"):
+                    os.environ[_speedups.DESIGN_VARIABLE] = design
+                    result = harness.run_case(cell, "training", config, ("triton",), plan, device, dtype)
+                    row[design] = result.speedup("triton")
+                predicted = gpu_model.predict(model, cell, row["dtype"], "training", config.B, config.H,
+                                              steps=config.T)
+                row["model"] = {"tiled": predicted["nn"] / predicted["triton"],
+                                "split": predicted["nn"] / predicted["triton-split"]}
+                rows.append(row)
+                save_partial({"rows": rows, "complete": False})
+    os.environ.pop(_speedups.DESIGN_VARIABLE, None)
+    return {"rows": rows, "complete": True}
+
+
 STAGE_FUNCTIONS = {"build": stage_build, "correctness": stage_correctness, "determinism": stage_determinism,
-                   "streams": stage_streams, "dispatch": stage_dispatch, "timings": stage_timings}
+                   "streams": stage_streams, "dispatch": stage_dispatch, "timings": stage_timings,
+                   "designs": stage_designs}
 
 
 # ---------------------------------------------------------------------------
@@ -453,6 +496,14 @@ def write_report(stages: list, out_dir: Path, dry_run: bool) -> Path:
             auto = r["measured"].get("auto")
             lines.append(f"| {r['cell']} | {r['mode']} | {r['dtype']} | {r['B']} | {r['H']} | {pair(r, 'cuda')} | "
                          f"{pair(r, 'triton')} | {'-' if auto is None else f'{auto:.2f}'} |")
+    designs = next((s["result"] for s in stages if s["stage"] == "designs" and s["result"]), None)
+    if designs:
+        lines += ["", "The Triton backend's two designs, training, each forced, speed-up over cuDNN (measured / "
+                  "the model's prediction):", "", "| cell | dtype | B | H | batch-tiled | hidden-split |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for r in designs["rows"]:
+            cells = [f"{'-' if r.get(d) is None else f'{r[d]:.2f}'} / {r['model'][d]:.2f}" for d in ("tiled", "split")]
+            lines.append(f"| {r['cell']} | {r['dtype']} | {r['B']} | {r['H']} | {cells[0]} | {cells[1]} |")
     path = out_dir / f"gpu-{slug}.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
