@@ -26,20 +26,33 @@ def dot_state_weight(state, weight, TF32: tl.constexpr, UPCAST: tl.constexpr):
     bfloat16 to nearest-even (half of all values differed from torch's rounding), so
     the rounding is done on the bits here; a product of two bf16/fp16 numbers is exact
     in float32, so only the summation order differs from the tensor-core path."""
+    operand = state_operand(state, weight, UPCAST)
     if weight.dtype == tl.float32:
         if TF32:
-            return tl.dot(state, weight, input_precision="tf32")
+            return tl.dot(operand, weight, input_precision="tf32")
         else:
-            return tl.dot(state, weight, input_precision="ieee")
+            return tl.dot(operand, weight, input_precision="ieee")
+    elif UPCAST:
+        return tl.dot(operand, weight.to(tl.float32), input_precision="ieee")
     else:
-        if UPCAST:
-            if weight.dtype == tl.bfloat16:
-                rounded = _round_to_bfloat16(state)
-            else:
-                rounded = state.to(weight.dtype).to(tl.float32)
-            return tl.dot(rounded, weight.to(tl.float32), input_precision="ieee")
+        return tl.dot(operand, weight)
+
+
+@triton.jit
+def state_operand(state, weight, UPCAST: tl.constexpr):
+    """The float32 state tile as the recurrent product multiplies it with `weight`: as it
+    is for float32 weights, else rounded to the weights' dtype (under UPCAST, rounded
+    on the bits and kept in float32; see dot_state_weight). The hidden-split scans
+    (split.py) share it, with the operands of the product the other way round."""
+    if weight.dtype == tl.float32:
+        return state
+    elif UPCAST:
+        if weight.dtype == tl.bfloat16:
+            return _round_to_bfloat16(state)
         else:
-            return tl.dot(state.to(weight.dtype), weight)
+            return state.to(weight.dtype).to(tl.float32)
+    else:
+        return state.to(weight.dtype)
 
 
 @triton.jit

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .._host import input_projection, weight_grads
 from . import interpreting
-from .common import SIZE_ARGUMENTS, ScanOptions, _round_to_bfloat16, check_dtype, sigmoid, tanh, upcast_dots
+from .common import SIZE_ARGUMENTS, ScanOptions, check_dtype, sigmoid, state_operand, tanh, upcast_dots
 
 # Software pipelining (num_stages >= 2) turns the state's ld.global.cg into an L1-caching
 # cp.async.ca in Triton 3.8 (tests/test_triton_split.py reads the PTX): the persistent
@@ -67,20 +67,16 @@ def dot_weight_state(weight, state, TF32: tl.constexpr, UPCAST: tl.constexpr):
     float32, with common.dot_state_weight's rounding rules (the state is rounded to the
     weights' dtype for bf16/fp16; UPCAST does the rounded product in float32, for the
     interpreter)."""
+    operand = state_operand(state, weight, UPCAST)
     if weight.dtype == tl.float32:
         if TF32:
-            return tl.dot(weight, state, input_precision="tf32")
+            return tl.dot(weight, operand, input_precision="tf32")
         else:
-            return tl.dot(weight, state, input_precision="ieee")
+            return tl.dot(weight, operand, input_precision="ieee")
+    elif UPCAST:
+        return tl.dot(weight.to(tl.float32), operand, input_precision="ieee")
     else:
-        if UPCAST:
-            if weight.dtype == tl.bfloat16:
-                rounded = _round_to_bfloat16(state)
-            else:
-                rounded = state.to(weight.dtype).to(tl.float32)
-            return tl.dot(weight.to(tl.float32), rounded, input_precision="ieee")
-        else:
-            return tl.dot(weight, state.to(weight.dtype))
+        return tl.dot(weight, operand)
 
 
 @triton.jit
