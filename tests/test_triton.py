@@ -141,16 +141,19 @@ def test_irnn_rejects_other_dtypes():
                                       torch.eye(4, dtype=torch.float64, device=DEVICE), None)
 
 
+@pytest.mark.slow  # about 4 minutes of compiles on 2 cores
 @pytest.mark.skipif(shutil.which("ptxas") is None and not Path("/usr/local/cuda/bin/ptxas").is_file(),
                     reason="ptxas (CUDA toolkit) not found")
 def test_kernels_compile_for_sm80_sm90_without_spills(tmp_path):
-    """Every Triton kernel, variant (fp32, TF32, bf16, fp16) and candidate config
-    compiles ahead of time for sm_80 and sm_90 (bench/triton_resources.py, which the
-    docs/triton.md's table comes from); dispatch tunes only over the configs with no register
-    spills, shared memory within the per-block limit and no non-coherent loads of what
-    earlier steps stored, and every candidate left out of dispatch does fail one of
-    these. T, B and H are run-time arguments (never specialized, which the script
-    checks), so one binary serves H = 64 ... 1024 and beyond."""
+    """Every Triton kernel, variant (fp32, TF32, bf16, fp16) and candidate config (and
+    for the hidden-split kernels every BLOCK_U) compiles ahead of time for sm_80 and
+    sm_90 (bench/triton_resources.py, which the docs/triton.md's table comes from);
+    dispatch tunes only over the configs with no register spills, shared memory within
+    the per-block limit and no non-coherent loads of what earlier steps stored (nor,
+    for the split kernels, L1-caching asynchronous copies), and every candidate left
+    out of dispatch does fail one of these. T, B and H are run-time arguments (never
+    specialized, which the script checks), so one binary serves H = 64 ... 1024 and
+    beyond."""
     import triton
 
     from fused_rnn.triton import _configs
@@ -164,7 +167,7 @@ def test_kernels_compile_for_sm80_sm90_without_spills(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     ok = {}
     for r in rows:
-        key = (r["kernel"], r["variant"], tuple(r["config_tuple"]))
+        key = (r["kernel"], r["variant"], tuple(r["config_tuple"])) + ((r["block_u"],) if r["block_u"] else ())
         ok.setdefault(key, set()).add(r["arch"] if r["ok"] else "failed on " + r["arch"])
     kernels = {"irnn": triton_irnn, "lstm": triton_lstm}
     for name in [f"{cell}_scan_{d}" for cell in kernels for d in ("forward", "backward")]:
@@ -178,6 +181,19 @@ def test_kernels_compile_for_sm80_sm90_without_spills(tmp_path):
                     assert archs == {"sm_80", "sm_90"}, (name, kernel_variant, config, archs)
                 elif triton.__version__ == _configs.TRITON_VERSION:
                     assert any(a.startswith("failed") for a in archs), (name, kernel_variant, config)
+    # the hidden-split kernels: per BLOCK_U, and each kernel and variant has some BLOCK_U
+    from fused_rnn.triton import plan, split
+    for name in split.KERNELS:
+        for kernel_variant in [v + suffix for v in VARIANTS for suffix in ("", OPTIONS_SUFFIX)]:
+            assert any(_configs.SPLIT.get((name, kernel_variant, u)) for u in plan.BLOCK_UNITS), (name, kernel_variant)
+            for block_u in plan.BLOCK_UNITS:
+                dispatch = _configs.SPLIT.get((name, kernel_variant, block_u), ())
+                for config in split.CANDIDATES:
+                    archs = ok[(name, kernel_variant, tuple(config), block_u)]
+                    if tuple(config) in dispatch:
+                        assert archs == {"sm_80", "sm_90"}, (name, kernel_variant, config, block_u, archs)
+                    elif triton.__version__ == _configs.TRITON_VERSION:
+                        assert any(a.startswith("failed") for a in archs), (name, kernel_variant, config, block_u)
 
 
 def _configs_of(kernel):

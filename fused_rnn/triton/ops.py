@@ -40,7 +40,7 @@ def triton_irnn_scan_forward(x: Tensor, h0: Optional[Tensor], w_ih: Tensor, w_hh
                              allow_tf32: bool = False, recurrent_mask: Optional[Tensor] = None,
                              lengths: Optional[Tensor] = None,
                              hidden_clip: Optional[float] = None) -> Tuple[Tensor, Tensor]:
-    if _design("irnn", x, w_hh, recurrent_mask, lengths, hidden_clip) == "split":
+    if _design("irnn", x, w_hh, recurrent_mask, lengths, hidden_clip, allow_tf32=allow_tf32) == "split":
         return _split.run(_split.irnn_split_forward, w_hh.shape[1], x, _state(x, h0, w_hh), w_ih, w_hh, bias,
                           allow_tf32, recurrent_mask, lengths, hidden_clip)
     return _irnn.irnn_scan_forward(x, h0, w_ih, w_hh, bias, allow_tf32, recurrent_mask=recurrent_mask,
@@ -52,7 +52,7 @@ def triton_irnn_scan_backward(grad_y: Tensor, grad_h_n: Tensor, x: Tensor, h0: O
                               w_hh: Tensor, y: Tensor, grad_x: bool = True, allow_tf32: bool = False,
                               recurrent_mask: Optional[Tensor] = None, lengths: Optional[Tensor] = None,
                               hidden_clip: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if _design("irnn", x, w_hh, recurrent_mask, lengths, hidden_clip) == "split":
+    if _design("irnn", x, w_hh, recurrent_mask, lengths, hidden_clip, allow_tf32=allow_tf32) == "split":
         dx, *rest = _split.run(_split.irnn_split_backward, w_hh.shape[1], grad_y, grad_h_n, x, h0, w_ih, w_hh, y,
                                grad_x, allow_tf32, recurrent_mask, lengths, hidden_clip)
     else:
@@ -65,7 +65,7 @@ def triton_irnn_scan_backward(grad_y: Tensor, grad_h_n: Tensor, x: Tensor, h0: O
 def triton_lstm_scan_forward(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor,
                              bias: Optional[Tensor], allow_tf32: bool = False, recurrent_mask: Optional[Tensor] = None,
                              lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if _design("lstm", x, w_hh, recurrent_mask, lengths) == "split":
+    if _design("lstm", x, w_hh, recurrent_mask, lengths, allow_tf32=allow_tf32) == "split":
         return _split.run(_split.lstm_split_forward, w_hh.shape[1], x, h0, c0, w_ih, w_hh, bias, allow_tf32,
                           recurrent_mask, lengths)
     return _lstm.lstm_scan_forward(x, h0, c0, w_ih, w_hh, bias, allow_tf32, recurrent_mask=recurrent_mask,
@@ -79,7 +79,7 @@ def triton_lstm_scan_backward(grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor
                               recurrent_mask: Optional[Tensor] = None,
                               lengths: Optional[Tensor] = None
                               ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if _design("lstm", x, w_hh, recurrent_mask, lengths) == "split":
+    if _design("lstm", x, w_hh, recurrent_mask, lengths, allow_tf32=allow_tf32) == "split":
         dx, *rest = _split.run(_split.lstm_split_backward, w_hh.shape[1], grad_y, grad_h_n, grad_c_n, x, h0, c0,
                                w_ih, w_hh, y, cells, gates, grad_x, allow_tf32, recurrent_mask, lengths)
     else:
@@ -88,7 +88,7 @@ def triton_lstm_scan_backward(grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor
     return (dx if dx is not None else x.new_empty(0), *rest)
 
 
-def _design(cell: str, x: Tensor, w_hh: Tensor, *options) -> str:
+def _design(cell: str, x: Tensor, w_hh: Tensor, *options, allow_tf32: bool = False) -> str:
     """The Triton design of this call ("split" or "tiled", _speedups.triton_design): the
     forward and the backward op of a call ask with the same arguments, so they agree.
     Under torch.compile's tracing and CUDA-graph capture, the batch-tiled scans: they
@@ -98,7 +98,10 @@ def _design(cell: str, x: Tensor, w_hh: Tensor, *options) -> str:
         return "tiled"
     used = tuple(name for name, value in zip(("recurrent_mask", "lengths", "hidden_clip"), options)
                  if value is not None)
-    return triton_design(x.device, x.dtype, cell, w_hh.shape[1], x.shape[1], None, used)
+    design = triton_design(x.device, x.dtype, cell, w_hh.shape[1], x.shape[1], None, used)
+    if design == "split" and _split.missing_configs(cell, w_hh.dtype, allow_tf32, bool(used)) is not None:
+        return "tiled"  # no spill-free config of a split kernel for this variant (never so with Triton 3.8)
+    return design
 
 
 def _traced(x: Tensor) -> bool:
