@@ -1,6 +1,6 @@
 """A performance model of the GPU backends: predicted time per sequence step of the
-persistent CUDA scans, of the Triton scans (today's batch-tiled design, and the
-hidden-split design planned next) and of cuDNN's standard per-step algorithm, which
+persistent CUDA scans, of the Triton scans (the batch-tiled design and the
+hidden-split one, both shipped) and of cuDNN's standard per-step algorithm, which
 torch.nn runs. It is a MODEL, written from the kernels' structure and datasheet figures,
 not a measurement; the first GPU run (bench/gpu_check.py) is compared with it and it is
 recalibrated from there.
@@ -19,13 +19,14 @@ each memory level, plus its fixed latencies (kernel launches, block and grid bar
   state in passes of up to 16 rows (two block barriers each) and each warp forms its
   units' dot products on CUDA cores (instruction-issue bound: per k-iteration G weight
   loads, `rows` state loads, G*rows FMAs), then a grid barrier.
-- Triton, batch-tiled (fused_rnn/triton, today): ceil(B/16) programs, each owning 16 rows
+- Triton, batch-tiled (fused_rnn/triton/irnn.py, lstm.py): ceil(B/16) programs, each owning 16 rows
   and all H units, so each program reads all of W_hh from L2 and does 16 rows' worth
   of the GEMM on one SM every step (tensor cores for bf16/fp16, CUDA cores for fp32).
-- Triton, hidden-split (the redesign): one program per SM owns H/SMs units (all G gates)
-  for every batch row: W_hh read once per step across the GPU, the program's slice
-  times the state on tensor cores (bf16) or CUDA cores (fp32), one grid barrier per
-  step, the state exchanged through L2.
+- Triton, hidden-split (fused_rnn/triton/split.py): the plan of fused_rnn/triton/plan.py,
+  which the kernels run: a grid of unit blocks x batch groups, at most one program per
+  SM; per step the busiest program reads its W_hh slice and its rows of the exchanged
+  state from L2 while it multiplies them (tensor cores for bf16, CUDA cores for fp32),
+  then one grid barrier (persistent), or one kernel launch (the per-step driver).
 
 Predicted speed-ups over cuDNN at T = 256 go to bench/results/gpu-model.md (and with
 --docs into docs/cuda.md), and with --write-speedups into fused_rnn/_speedup_tables.py,
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # fused_rnn/triton/plan.py, the split scans' plan, from a checkout
 OUT = ROOT / "bench" / "results" / "gpu-model.md"
 
 
@@ -78,7 +80,7 @@ GATES = {"irnn": 1, "lstm": 4}
 BYTES = {"float32": 4, "bfloat16": 2}
 ROW_CHOICES = (1, 2, 4, 8, 16)  # csrc/cuda/persistent_plan.h: rows per pass, up to kMaxRows
 WARPS = 8  # csrc/cuda/persistent_plan.h kWarps
-TRITON_ROWS = 16  # the batch tile of today's Triton scans (BLOCK_B)
+TRITON_ROWS = 16  # the batch tile of the batch-tiled Triton scans (BLOCK_B)
 # Efficiency of a GEMM at these skinny shapes against the unit's peak: cuBLAS reaches
 # about half of it on CUDA cores and a third on tensor cores when one dimension is the
 # batch; Triton's tl.dot in a loop about the same.
@@ -180,7 +182,7 @@ def fastest_rows(gpu: GPU, cell: str, dtype: str, batch: int, hidden: int, backw
 
 
 def triton_tiled_step_us(gpu: GPU, cell: str, dtype: str, batch: int, hidden: int) -> float:
-    """One step of today's Triton scans: each program does all H for 16 rows on one SM."""
+    """One step of the batch-tiled Triton scans: each program does all H for 16 rows on one SM."""
     g = GATES[cell]
     programs = math.ceil(batch / TRITON_ROWS)
     flops_per_program = 2 * TRITON_ROWS * hidden * g * hidden
@@ -191,24 +193,43 @@ def triton_tiled_step_us(gpu: GPU, cell: str, dtype: str, batch: int, hidden: in
     return waves * max(compute, read) + gpu.block_sync_us
 
 
-def triton_split_step_us(gpu: GPU, cell: str, dtype: str, batch: int, hidden: int) -> float:
-    """One step of the hidden-split Triton design: the GPU's SMs share the units."""
-    g = GATES[cell]
-    programs = min(gpu.sms, hidden)
-    flops = 2 * batch * hidden * g * hidden
-    padded = max(batch, 16) if dtype != "float32" else batch  # tl.dot's N is at least 16
-    compute = _gemm_us(gpu, dtype, flops * padded / batch, units=programs)
-    slice_bytes = _weights_bytes(cell, dtype, hidden) / programs
-    read = slice_bytes / (gpu.l2_per_sm_gb_s * 1e3)  # each program streams its slice from L2
-    exchange = batch * hidden * 4 / (gpu.l2_per_sm_gb_s * 1e3) + gpu.l2_latency_us  # all of h_{t-1}
-    return max(compute, read) + exchange + gpu.grid_sync_us
+def split_plan(gpu: GPU, cell: str, dtype: str, batch: int, hidden: int, backward: bool):
+    """The hidden-split scans' plan (fused_rnn/triton/plan.py, which the kernels run)
+    with a budget of one program per SM, over the BLOCK_U values the kernel has
+    spill-free configs for (fused_rnn/triton/_configs.py)."""
+    from fused_rnn.triton import _configs
+    from fused_rnn.triton.plan import BLOCK_UNITS, plan
+
+    name = f"{cell}_split_{'backward' if backward else 'forward'}"
+    variant = {"float32": "fp32", "bfloat16": "bf16"}[dtype]
+    block_units = tuple(u for u in BLOCK_UNITS if _configs.SPLIT.get((name, variant, u))) or BLOCK_UNITS
+    return plan(hidden, batch, GATES[cell], BYTES[dtype], gpu.sms, block_units, backward)
+
+
+def triton_split_step_us(gpu: GPU, cell: str, dtype: str, batch: int, hidden: int, backward: bool = False,
+                         persistent: bool = True) -> float:
+    """One step of the hidden-split Triton scans: the busiest program's arithmetic or
+    its reads from L2 (its W_hh slice and its rows of the exchanged state, the K loop
+    overlapping them), whichever is longer, after the first dependent L2 read; then a
+    grid barrier (persistent) or a kernel launch (per step, also where the plan needs
+    more programs than SMs)."""
+    from fused_rnn.triton.plan import program_step
+
+    chosen = split_plan(gpu, cell, dtype, batch, hidden, backward)
+    read, flops = program_step(hidden, GATES[cell], BYTES[dtype], chosen.block_u, chosen.rows, backward)
+    if dtype == "float32":  # CUDA cores: no padding of the batch to 16
+        flops = flops * chosen.rows / max(chosen.rows, 16)
+    compute = _gemm_us(gpu, dtype, flops, units=1)
+    data = read / (gpu.l2_per_sm_gb_s * 1e3)
+    fixed = gpu.grid_sync_us if persistent and chosen.programs <= gpu.sms else gpu.launch_us
+    return max(compute, data) + gpu.l2_latency_us + fixed
 
 
 def sequence_ms(step_us: float, steps: int, launches: int = 1, gpu: GPU = None) -> float:
     return (step_us * steps + launches * gpu.launch_us) / 1e3
 
 
-DESIGNS = ("cuda", "triton", "triton-split")
+DESIGNS = ("cuda", "triton", "triton-split", "triton-split-step")
 
 
 def predict(gpu: GPU, cell: str, dtype: str, mode: str, batch: int, hidden: int, steps: int = 256) -> dict:
@@ -225,7 +246,11 @@ def predict(gpu: GPU, cell: str, dtype: str, mode: str, batch: int, hidden: int,
         "triton": sequence_ms(total(triton_tiled_step_us(gpu, cell, dtype, batch, hidden),
                                     triton_tiled_step_us(gpu, cell, dtype, batch, hidden)), steps, 2, gpu),
         "triton-split": sequence_ms(total(triton_split_step_us(gpu, cell, dtype, batch, hidden),
-                                          triton_split_step_us(gpu, cell, dtype, batch, hidden)), steps, 2, gpu),
+                                          triton_split_step_us(gpu, cell, dtype, batch, hidden, True)), steps, 2, gpu),
+        # the same kernels, one launch per step: where every program cannot be resident
+        "triton-split-step": sequence_ms(total(triton_split_step_us(gpu, cell, dtype, batch, hidden, False, False),
+                                               triton_split_step_us(gpu, cell, dtype, batch, hidden, True, False)),
+                                         steps, 0, gpu),
     }
     return times
 
@@ -239,12 +264,14 @@ MODES = ("inference", "training")
 def table(gpu_names=("H100",), dtypes=("float32", "bfloat16")) -> str:
     lines = ["A MODEL, not a measurement (`python bench/gpu_model.py`): predicted speed-up over cuDNN's "
              "per-step algorithm (nn.RNN / nn.LSTM) at T = 256, one layer; above 1x is faster; `-`: does not "
-             "fit (the persistent scans keep W_hh on chip). triton: today's batch-tiled scans; triton-split: "
-             "the hidden-split redesign.", ""]
+             "fit (the persistent scans keep W_hh on chip). triton: the batch-tiled Triton scans; split: the "
+             "hidden-split Triton scans (persistent, one grid barrier a step); split-step: the same kernels "
+             "launched once a step.", ""]
     for name in gpu_names:
         gpu = GPUS[name]
         lines += [f"{name} ({gpu.sms} SMs):", "",
-                  "| cell | dtype | mode | H | " + " | ".join(f"B={b}: cuda / triton / split" for b in BATCHES) + " |",
+                  "| cell | dtype | mode | H | " + " | ".join(f"B={b}: cuda / triton / split / split-step"
+                                                           for b in BATCHES) + " |",
                   "|---|---|---|---:|" + "---:|" * len(BATCHES)]
         for cell, dtype, mode, hidden in itertools.product(CELLS, dtypes, MODES, HIDDENS):
             cells = []

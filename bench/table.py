@@ -21,7 +21,8 @@ DEFAULT_OUT = ROOT / "bench" / "results" / "cpu.md"
 README = ROOT / "README.md"
 # where each generated block lives: the README keeps summaries, docs/ the full tables
 DOCS = {"cpu": README, "char": ROOT / "docs" / "app.md", "features": ROOT / "docs" / "cpu.md",
-        "cuda": ROOT / "docs" / "cuda.md", "triton": ROOT / "docs" / "triton.md", "model": ROOT / "docs" / "cuda.md"}
+        "cuda": ROOT / "docs" / "cuda.md", "triton": ROOT / "docs" / "triton.md", "model": ROOT / "docs" / "cuda.md",
+        "split": ROOT / "docs" / "triton.md"}
 
 
 def replace_block(text: str, block: str, path: Path = None) -> Path:
