@@ -4,8 +4,8 @@ Python, so that bench/gpu_model.py predicts the plan the kernels run.
 The grid is (unit blocks, batch groups). Program (p, q) owns units [p * BLOCK_U, (p + 1)
 * BLOCK_U) with all their G gates (G = 1 IRNN, 4 LSTM) and batch rows [q * rows, (q + 1)
 * rows). Every step it reads its W_hh slice (G * BLOCK_U rows of H) and the previous
-state of its rows (rows x H float32; the backward's rows x G * H in the weights' dtype)
-from L2, and does 2 * G * BLOCK_U * rows * H flops.
+state of its rows (rows x H; the backward's rows x G * H; in the weights' dtype) from L2,
+and does 2 * G * BLOCK_U * rows * H flops.
 Over the grid the step reads W_hh `groups` times and the state `unit_blocks` times: wide
 unit blocks cut the state's traffic, more batch groups spread the arithmetic over more
 SMs but re-read the weights. The plan minimises the step of the busiest program,
@@ -44,9 +44,10 @@ def program_step(hidden: int, gates: int, weight_bytes: int, block_u: int, rows:
                  backward: bool = False) -> Tuple[float, float]:
     """(bytes read, flops) of one program's step: its W_hh slice (the forward's G *
     BLOCK_U rows, the backward's BLOCK_U columns of G * H) and the exchanged state of
-    its rows (the forward's float32 h, H wide; the backward's dz or dgates, G * H wide,
-    exchanged in the weights' dtype); the product's N side is padded to 16 rows."""
-    state = rows * hidden * gates * weight_bytes if backward else rows * hidden * 4
+    its rows (the forward's h, H wide; the backward's dz or dgates, G * H wide), which
+    travels in the weights' dtype (split.py; but for a forward with a recurrent mask,
+    float32); the product's N side is padded to 16 rows."""
+    state = rows * hidden * (gates if backward else 1) * weight_bytes
     return gates * block_u * hidden * weight_bytes + state, 2 * gates * block_u * max(rows, MIN_GROUP_ROWS) * hidden
 
 
