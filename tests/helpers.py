@@ -176,3 +176,21 @@ def options_for(backend, options: dict) -> dict:
     """`options` without those `backend` does not implement (torch.nn's kernels have
     lengths and the projection, not the recurrent mask or the clip)."""
     return {name: value for name, value in options.items() if implements(backend, (name,))}
+
+
+def spawn_and_wait(fn, args, nprocs, seconds):
+    """torch.multiprocessing.spawn(fn, args, nprocs) joined for at most `seconds`: a
+    worker that hangs (a collective waiting for a peer that died) fails the test with
+    the time it was given instead of holding the suite; the workers are terminated."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + seconds
+    while not context.join(timeout=max(0.0, deadline - time.monotonic()) or 0.001):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.terminate()
+            raise AssertionError(f"the {nprocs} spawned workers did not finish within {seconds} s")

@@ -5,11 +5,11 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fused_rnn.app import data
 from fused_rnn.app.models import SequenceModel
 from fused_rnn.app.train import TrainConfig, train, train_step
+from helpers import spawn_and_wait
 
 TEXT = "one DDP step equals one step on the concatenated batch; (checked) 'here'.\n" * 20
 VOCAB = data.Vocab.from_text(TEXT)
@@ -65,7 +65,7 @@ def _free_port():
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_one_ddp_step_equals_a_step_on_the_whole_batch(tmp_path):
     result = tmp_path / "params"
-    mp.spawn(_ddp_step, args=(_free_port(), str(result)), nprocs=WORLD, join=True)
+    spawn_and_wait(_ddp_step, (_free_port(), str(result)), WORLD, seconds=300)
     model = _model()
     train_step(model, torch.optim.SGD(model.parameters(), lr=0.5), *_batch(), clip=1.0)
     expected = model.state_dict()
@@ -84,7 +84,7 @@ def test_train_command_runs_data_parallel(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT * 3)
     out, params = tmp_path / "run", tmp_path / "params"
-    mp.spawn(_ddp_train, args=(str(corpus), str(out), str(params), _free_port()), nprocs=WORLD, join=True)
+    spawn_and_wait(_ddp_train, (str(corpus), str(out), str(params), _free_port()), WORLD, seconds=600)
     files = sorted(p.name for p in out.iterdir())
     assert files == ["checkpoint.pt", "log.csv", "log.json", "loss.png"]   # written by rank 0 only, no leftovers
     saved = torch.load(out / "checkpoint.pt", weights_only=True)

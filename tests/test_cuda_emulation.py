@@ -37,7 +37,7 @@ def emulator(tmp_path_factory):
         pytest.skip("g++ is not installed")
     library = tmp_path_factory.mktemp("cuda_emulation") / "emulator.so"
     subprocess.run([compiler, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
-                    "-Werror", "-I", str(REPO / "csrc"), str(SOURCE), "-o", str(library)], check=True)
+                    "-Werror", "-I", str(REPO / "csrc"), str(SOURCE), "-o", str(library)], check=True, timeout=600)
     lib = ctypes.CDLL(str(library))
     lib.emulate_scan_forward.restype = ctypes.c_int64
     lib.emulate_scan_backward.restype = ctypes.c_int64

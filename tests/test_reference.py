@@ -449,4 +449,4 @@ def test_reference_does_not_import_torch():
         f"import sys; sys.path.insert(0, {str(PYTHON_DIR)!r}); import rnn_reference; "
         "assert 'torch' not in sys.modules, 'rnn_reference imported torch'"
     )
-    subprocess.run([sys.executable, "-c", program], check=True)
+    subprocess.run([sys.executable, "-c", program], check=True, timeout=120)

@@ -141,7 +141,8 @@ def test_irnn_rejects_other_dtypes():
                                       torch.eye(4, dtype=torch.float64, device=DEVICE), None)
 
 
-@pytest.mark.slow  # about 4 minutes of compiles on 2 cores
+@pytest.mark.slow  # about 5 minutes of compiles on 2 cores
+@pytest.mark.timeout(1200)
 @pytest.mark.skipif(shutil.which("ptxas") is None and not Path("/usr/local/cuda/bin/ptxas").is_file(),
                     reason="ptxas (CUDA toolkit) not found")
 def test_kernels_compile_for_sm80_sm90_without_spills(tmp_path):

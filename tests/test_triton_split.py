@@ -160,7 +160,7 @@ def test_barrier_and_exchange_in_the_ptx(split_ptx, kernel, capability, dtype):
             handle.write(ptx)
         arch = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)  # sm_90a on Hopper
         report = subprocess.run([ptxas, "-v", f"-arch={arch}", source, "-o", os.devnull],
-                                capture_output=True, text=True, check=True).stderr
+                                capture_output=True, text=True, check=True, timeout=120).stderr
     assert not re.search(r"[1-9]\d* bytes spill", report), report
 
 
