@@ -157,8 +157,12 @@ def test_weight_dropout_and_hidden_clip():
     assert 0 < float(y.detach().max()) <= 0.05 + 1e-7
     y.sum().backward()
     assert module.weight_hh_l0.grad is not None
+    weights = [w.detach() for w in module.all_weights[0]]
+    undropped, _ = fused_rnn.irnn(x, None, *weights, hidden_clip=0.05)
+    assert not torch.equal(y.detach(), undropped)  # training: W_hh had half its entries dropped
     module.eval()
-    torch.testing.assert_close(module(x)[0], module(x)[0], rtol=0, atol=0)  # no dropout in eval: deterministic
+    with torch.no_grad():  # eval: no dropout, so the module is the functional layer on its own weights
+        torch.testing.assert_close(module(x)[0], undropped, rtol=0, atol=0)
     assert "weight_dropout=0.5" in repr(module) and "hidden_clip=0.05" in repr(module)
     with pytest.raises(ValueError, match="recurrent_dropout must be a probability"):
         fused_rnn.LSTM(2, 3, recurrent_dropout=1.0)
