@@ -1,5 +1,7 @@
 """Text loading, the vocabulary, and the batchers of fused_rnn.app.data."""
 
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -81,15 +83,76 @@ def test_stream_batches_shard_per_rank():
 
 def test_window_batches_shuffle_and_shard():
     encoded = torch.arange(100)
-    plain = data.window_batches(encoded, 5, 4)
-    assert torch.equal(torch.cat(plain), encoded.view(20, 5))
-    a = data.window_batches(encoded, 5, 4, shuffle=True, seed=1, epoch=0)
-    b = data.window_batches(encoded, 5, 4, shuffle=True, seed=1, epoch=0)
-    c = data.window_batches(encoded, 5, 4, shuffle=True, seed=1, epoch=1)
+    plain = list(data.window_batches(encoded, 5, 4))
+    assert torch.equal(torch.cat(plain), encoded.view(20, 5)) and len(plain) == 5
+    a = list(data.window_batches(encoded, 5, 4, shuffle=True, seed=1, epoch=0))
+    b = list(data.window_batches(encoded, 5, 4, shuffle=True, seed=1, epoch=0))
+    c = list(data.window_batches(encoded, 5, 4, shuffle=True, seed=1, epoch=1))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(torch.cat(a), torch.cat(c))
-    shards = [torch.cat(data.window_batches(encoded, 5, 4, shuffle=True, epoch=3, rank=r, world_size=3))
+    assert sorted(torch.cat(a)[:, 0].tolist()) == list(range(0, 100, 5))  # every window once
+    shards = [torch.cat(list(data.window_batches(encoded, 5, 4, shuffle=True, epoch=3, rank=r, world_size=3)))
               for r in range(3)]
     assert len({s.shape[0] for s in shards}) == 1
     seen = torch.cat(shards)[:, 0].tolist()
     assert len(seen) == len(set(seen)) == 18          # 20 windows, 6 per rank, none twice
+
+
+def test_compact_encoding_equals_the_plain_one_and_names_a_stranger():
+    text = "ab\u00e9\u4e2d\U0001f600 " * 5 + "x"
+    vocab = data.Vocab.from_text(text)
+    plain, compact = vocab.encode(text), vocab.encode(text, compact=True)
+    assert plain.dtype == torch.int64 and compact.dtype == torch.uint8
+    assert torch.equal(plain, compact.long()) and vocab.decode(plain) == text
+    assert plain.tolist() == [vocab.chars.index(c) for c in text]
+    wide = data.Vocab("".join(chr(0x100 + i) for i in range(300)))
+    assert wide.encode(wide.chars, compact=True).dtype == torch.int16
+    with pytest.raises(ValueError, match=r"character 'q' at position 3 is not in the vocabulary"):
+        vocab.encode("abxq")
+
+
+@pytest.mark.slow
+def test_a_large_corpus_takes_about_twice_its_size(tmp_path):
+    """The training pipeline on generated corpora of 20 and 60 MB (read, fingerprinted,
+    encoded, split, an epoch's shuffled windows and its streams, one batch of each), each
+    in a process of its own: the peak memory grows with the text by at most 2.2 bytes a
+    byte (the text as a str, 1 byte a character here, and its uint8 encoding make 2;
+    the windows' permutation adds 8 bytes a 65-character window), and the rest (torch's
+    kernels and buffers met for the first time) stays under 64 MB."""
+    script = tmp_path / "measure.py"
+    script.write_text("""
+import resource, sys, torch
+from fused_rnn.app import data
+from fused_rnn.app.train import TrainConfig, batches
+path, lines = sys.argv[1], int(sys.argv[2])
+line = "".join(chr(32 + (i * 7) % 90) for i in range(999)) + "\\n"
+with open(path, "w") as f:
+    for _ in range(lines):
+        f.write(line)
+torch.zeros(1)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+text = data.load_text(path)
+digest = data.text_digest(text)
+vocab = data.Vocab.from_text(text)
+cut = data.split_point(len(text))
+encoded = vocab.encode(text, compact=True)
+del text
+for model in ("seq", "stateful-lstm"):
+    config = TrainConfig(model=model, seq_len=64).resolved()
+    epoch = batches(config, encoded[:cut], shuffle=True, epoch=0)
+    x, y = epoch[len(epoch) // 2]
+    assert x.shape[0] == config.batch_size
+print(lines * 1000, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+""")
+    grown = {}
+    for lines in (20_000, 60_000):
+        result = subprocess.run([sys.executable, str(script), str(tmp_path / f"corpus{lines}.txt"), str(lines)],
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        size, peak = map(int, result.stdout.split())
+        grown[size] = peak
+    (small, a), (large, b) = sorted(grown.items())
+    per_byte = (b - a) / (large - small)
+    fixed = a - per_byte * small
+    assert per_byte <= 2.2, f"{per_byte:.2f} bytes of memory per byte of text"
+    assert fixed <= 64 * 2 ** 20, f"{fixed / 2 ** 20:.0f} MB besides the text's share"

@@ -69,6 +69,8 @@ def load_checkpoint(path, for_resume: bool = False) -> Dict[str, Any]:
     or missing what sampling, or with `for_resume` resuming, needs) raises ValueError
     saying so."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a checkpoint file (fused-rnn train writes OUT/checkpoint.pt)")
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
@@ -99,5 +101,23 @@ def model_from_checkpoint(checkpoint: Dict[str, Any], backend: str = None) -> Ch
         model.load_state_dict(checkpoint["model"])
     except (KeyError, TypeError, RuntimeError, ValueError) as error:
         raise ValueError(f"the checkpoint's model cannot be rebuilt from its config and weights: "
-                         f"{type(error).__name__}: {error}") from None
+                         f"{type(error).__name__}: {one_line(error)}") from None
     return model
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line: torch's load_state_dict lists every mismatch
+    on lines of their own; the first is kept, with how many more there were."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) <= 2:
+        return " ".join(lines)
+    return f"{lines[0]} {lines[1]} (and {len(lines) - 2} more)"
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for an OSError: what failed and on which file; the last checkpoint, written
+    atomically, is untouched."""
+    if error.strerror is None:  # raised with a message of its own (FileNotFoundError of load_text, ...)
+        return str(error)
+    target = f": {error.filename}" if error.filename is not None else ""
+    return f"{error.strerror}{target} (the last checkpoint written is intact)"

@@ -18,9 +18,11 @@ import hashlib
 import os
 import sysconfig
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -33,6 +35,10 @@ DEFAULT_CORPUS_CHARS = 1_000_000
 # IDLE's GUI, so the corpus is ordinary library code.
 _SKIPPED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "idlelib",
                  "lib2to3", "turtledemo", "ensurepip", "pydoc_data"}
+
+
+# characters encoded per chunk (Vocab.encode): a few MB of temporaries whatever the corpus
+_ENCODE_CHUNK = 1 << 20
 
 
 class Vocab:
@@ -59,17 +65,34 @@ class Vocab:
     def __repr__(self) -> str:
         return f"Vocab({len(self)} characters)"
 
-    def encode(self, text: str) -> Tensor:
-        """int64 tensor of the characters' indices; a character outside the vocabulary
-        raises ValueError naming it and its position."""
-        try:
-            return torch.tensor([self._index[c] for c in text], dtype=torch.int64)
-        except KeyError as error:
-            char = error.args[0]
-            raise ValueError(
-                f"character {char!r} at position {text.index(char)} is not in the vocabulary "
-                f"({len(self)} characters seen in the training text)"
-            ) from None
+    def encode(self, text: str, compact: bool = False) -> Tensor:
+        """Tensor of the characters' indices: int64, or with `compact` the smallest
+        integer type that holds the vocabulary (uint8 up to 256 characters), for a whole
+        corpus, whose batches are widened to int64 one at a time. Vectorised, in chunks
+        of a million characters: no Python object per character, and besides the result
+        a constant amount of memory. A character outside the vocabulary raises
+        ValueError naming it and its position."""
+        dtype = torch.int64
+        if compact:
+            dtype = next(t for t, top in ((torch.uint8, 255), (torch.int16, 32767), (torch.int32, 2 ** 31 - 1))
+                         if len(self) - 1 <= top)
+        codes = np.array([ord(c) for c in self.chars], dtype=np.int64)
+        order = np.argsort(codes)
+        known = codes[order]
+        out = torch.empty(len(text), dtype=dtype)
+        for start in range(0, len(text), _ENCODE_CHUNK):
+            piece = text[start:start + _ENCODE_CHUNK]
+            points = np.frombuffer(piece.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
+            where = np.minimum(np.searchsorted(known, points), len(known) - 1)
+            unknown = known[where] != points
+            if unknown.any():
+                first = int(np.argmax(unknown))
+                raise ValueError(
+                    f"character {piece[first]!r} at position {start + first} is not in the vocabulary "
+                    f"({len(self)} characters seen in the training text)"
+                )
+            out[start:start + len(piece)] = torch.from_numpy(order[where])
+        return out
 
     def decode(self, indices) -> str:
         if isinstance(indices, Tensor):
@@ -79,8 +102,11 @@ class Vocab:
 
 def text_digest(text: str) -> str:
     """Short fingerprint of a corpus, stored in checkpoints so that a resumed run can
-    tell that it is training on the same text."""
-    return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()[:16]
+    tell that it is training on the same text (hashed in chunks: no copy of the text)."""
+    digest = hashlib.sha256()
+    for start in range(0, len(text), _ENCODE_CHUNK):
+        digest.update(text[start:start + _ENCODE_CHUNK].encode("utf-8", errors="surrogatepass"))
+    return digest.hexdigest()[:16]
 
 
 def _check_length(text: str, source: str) -> str:
@@ -96,6 +122,8 @@ def load_text(path) -> str:
     """The text of a UTF-8 file. Bytes that are not UTF-8 are replaced by U+FFFD with a
     warning (how many); an empty or one-character file raises ValueError."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--text: {path} is a folder, not a text file")
     if not path.is_file():
         raise FileNotFoundError(f"--text: no such file: {path}")
     data = path.read_bytes()
@@ -142,12 +170,19 @@ def default_corpus(max_chars: int = DEFAULT_CORPUS_CHARS, root: Optional[Path] =
 
 def split_text(text: str, val_fraction: float = 0.1) -> Tuple[str, str]:
     """(train, validation): the last ``val_fraction`` of the text is validation."""
+    cut = split_point(len(text), val_fraction)
+    return text[:cut], text[cut:]
+
+
+def split_point(length: int, val_fraction: float = 0.1) -> int:
+    """Where split_text cuts a text of `length` characters (train before, validation
+    from there), for cutting its encoding without copying the text."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    cut = int(round(len(text) * (1.0 - val_fraction)))
-    if cut < 2 or len(text) - cut < 2:
-        raise ValueError(f"text of {len(text)} characters is too short to split into train and validation")
-    return text[:cut], text[cut:]
+    cut = int(round(length * (1.0 - val_fraction)))
+    if cut < 2 or length - cut < 2:
+        raise ValueError(f"text of {length} characters is too short to split into train and validation")
+    return cut
 
 
 def _check_batching(batch_size: int, rank: int, world_size: int) -> None:
@@ -157,10 +192,30 @@ def _check_batching(batch_size: int, rank: int, world_size: int) -> None:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
 
 
+class LazyBatches(Sequence):
+    """A sequence of `count` batches, each made when asked for (``make(k)``): an epoch's
+    batches without a copy of the epoch's data."""
+
+    def __init__(self, count: int, make: Callable[[int], object]):
+        self.count, self.make = count, make
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(self.count))]
+        if not -self.count <= k < self.count:
+            raise IndexError(f"batch {k} of {self.count}")
+        return self.make(k % self.count)
+
+
 def window_batches(data: Tensor, window: int, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-                   epoch: int = 0, rank: int = 0, world_size: int = 1) -> List[Tensor]:
+                   epoch: int = 0, rank: int = 0, world_size: int = 1) -> LazyBatches:
     """Non-overlapping windows of ``window`` consecutive characters, [n, window], cut
-    into batches of up to ``batch_size`` windows (the last may be smaller).
+    into batches of up to ``batch_size`` windows (the last may be smaller), made one at
+    a time (the data is never copied whole: only the permutation of the windows is
+    held, 8 bytes a window).
 
     With ``shuffle`` the window order is a permutation drawn from ``(seed, epoch)``
     alone, so that a resumed run sees exactly the batches of an uninterrupted one.
@@ -177,9 +232,11 @@ def window_batches(data: Tensor, window: int, batch_size: int, *, shuffle: bool 
     windows = data[: count * window].view(count, window)
     if shuffle:
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        windows = windows[torch.randperm(count, generator=generator)]
-    windows = windows[rank::world_size]
-    return list(windows.split(batch_size))
+        order = torch.randperm(count, generator=generator)[rank::world_size]
+        return LazyBatches(-(-order.numel() // batch_size),
+                           lambda k: windows[order[k * batch_size:(k + 1) * batch_size]])
+    mine = windows[rank::world_size]
+    return LazyBatches(-(-mine.shape[0] // batch_size), lambda k: mine[k * batch_size:(k + 1) * batch_size])
 
 
 def stream_batches(data: Tensor, seq_len: int, batch_size: int, *, rank: int = 0,

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .checkpoint import describe_os_error, load_checkpoint, model_from_checkpoint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,8 +31,14 @@ def run_command(args: argparse.Namespace, command: str = "") -> int:
         seed = args.seed if args.seed is not None else start * model.min_seed_length()
         generator = None if args.random_seed is None else torch.Generator().manual_seed(args.random_seed)
         text = model.generate(seed, args.chars, args.temperature, generator=generator)
-    except (ValueError, FileNotFoundError) as error:
+    except ValueError as error:
         print(f"fused-rnn sample: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # no such file, permission denied, a folder given as the checkpoint, ...
+        print(f"fused-rnn sample: error: {describe_os_error(error)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fused-rnn sample: interrupted", file=sys.stderr)
+        return 130
     print(seed + text)
     return 0

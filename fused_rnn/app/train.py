@@ -9,10 +9,14 @@
 Every epoch: a progress bar (loss, characters/s), the validation loss, a sample of
 generated text, and a checkpoint (``OUT/checkpoint.pt``, written atomically) plus the
 logs ``OUT/log.csv`` and ``OUT/log.json``; at the end a plot of the losses,
-``OUT/loss.png`` (needs matplotlib). ``--resume`` continues from the checkpoint and
-gives the same losses as a run that was never interrupted (bit for bit on CPU with the
-same thread count): batches are drawn from (seed, epoch) alone and the RNG state is
-saved with the model.
+``OUT/loss.png`` (needs matplotlib). Inside an epoch a checkpoint is also written every
+``--checkpoint-minutes`` (5 by default) and on Ctrl-C or SIGTERM (exit status 130), so
+a kill loses at most that much work. ``--resume`` continues from the checkpoint, at the
+end of an epoch or inside one, and gives the same losses as a run that was never
+interrupted (bit for bit on CPU with the same thread count): batches are drawn from
+(seed, epoch) alone, and the position in the epoch, the stateful models' carried state
+and the RNG state are saved with the model. Temporary files of a write that was killed
+are removed at the next start.
 """
 
 import argparse
@@ -21,6 +25,7 @@ import io
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -32,7 +37,7 @@ from torch import distributed as dist
 from torch.nn import functional as F
 
 from . import data
-from .checkpoint import load_checkpoint, save_checkpoint, write_atomic
+from .checkpoint import describe_os_error, load_checkpoint, one_line, save_checkpoint, write_atomic
 from .models import MODEL_NAMES, StatefulModel, build_model
 
 DEFAULT_MINUTES = 4.0
@@ -62,6 +67,7 @@ class TrainConfig:
     sample_chars: int = 300
     temperature: float = 0.8
     out: str = "runs/char-rnn"
+    checkpoint_minutes: float = 5.0  # also checkpoint inside an epoch this often (0: at epoch ends only)
 
     def resolved(self) -> "TrainConfig":
         """Defaults filled in and values checked."""
@@ -87,7 +93,8 @@ class TrainConfig:
                                 ("--clip", self.clip, self.clip >= 0),
                                 ("--dropout", self.dropout, 0 <= self.dropout < 1),
                                 ("--temperature", self.temperature, self.temperature > 0),
-                                ("--sample-chars", self.sample_chars, self.sample_chars >= 0)):
+                                ("--sample-chars", self.sample_chars, self.sample_chars >= 0),
+                                ("--checkpoint-minutes", self.checkpoint_minutes, self.checkpoint_minutes >= 0)):
             if not ok:
                 raise ValueError(f"{name}: invalid value {value!r}")
         values = asdict(self)
@@ -126,9 +133,13 @@ def batches(config: TrainConfig, encoded: torch.Tensor, *, shuffle: bool, epoch:
                                         world_size=world_size))
     windows = data.window_batches(encoded, config.seq_len + 1, config.batch_size, shuffle=shuffle,
                                   seed=config.seed, epoch=epoch, rank=rank, world_size=world_size)
-    if config.model in ("nchar", "3char"):
-        return [(w[:, :-1], w[:, -1]) for w in windows]
-    return [(w[:, :-1], w[:, 1:]) for w in windows]
+    last_only = config.model in ("nchar", "3char")
+
+    def pair(k):
+        window = windows[k]
+        return window[:, :-1], (window[:, -1] if last_only else window[:, 1:])
+
+    return data.LazyBatches(len(windows), pair)
 
 
 @torch.no_grad()
@@ -143,7 +154,7 @@ def evaluate(model, config: TrainConfig, encoded: torch.Tensor, device) -> float
     total, count = 0.0, 0
     try:
         for inputs, targets in batches(config, encoded, shuffle=False, epoch=0):
-            loss = loss_of(model, inputs.to(device), targets.to(device))
+            loss = loss_of(model, inputs.to(device, torch.int64), targets.to(device, torch.int64))
             total += float(loss) * targets.numel()
             count += targets.numel()
     finally:
@@ -252,7 +263,7 @@ def plot_losses(out: Path, history: List[Dict], batch_losses: List[float]) -> Op
 
 
 # what --resume takes from the command line rather than from the checkpoint
-_RESUME_OVERRIDES = ("epochs", "minutes", "out", "backend", "device")
+_RESUME_OVERRIDES = ("epochs", "minutes", "out", "backend", "device", "checkpoint_minutes")
 
 
 def _resumed_config(config: TrainConfig, saved_values: Dict) -> TrainConfig:
@@ -271,6 +282,57 @@ def _resumed_config(config: TrainConfig, saved_values: Dict) -> TrainConfig:
     return TrainConfig(**dict(asdict(saved), **{k: getattr(config, k) for k in _RESUME_OVERRIDES})).resolved()
 
 
+class Interrupted(Exception):
+    """Training stopped on request (SIGINT, SIGTERM) after saving where it was."""
+
+    def __init__(self, checkpoint: Path, epoch: int, batch: int):
+        if batch < 0 and epoch < 0:
+            super().__init__("interrupted in the first epoch of a data-parallel run: nothing was saved")
+        else:
+            where = f"epoch {epoch + 1}, after batch {batch}" if batch >= 0 else f"the end of epoch {epoch + 1}"
+            super().__init__(f"interrupted; the run is saved in {checkpoint} as of {where}: continue it with --resume")
+        self.checkpoint = checkpoint
+
+
+class StopFlag:
+    """Set by a signal handler (run_command's); the training loop looks at it between
+    batches, so a stop never lands inside an optimiser step."""
+
+    def __init__(self):
+        self.requested = False
+
+    def request(self, *_):
+        self.requested = True
+
+
+def remove_stale_temporaries(out: Path) -> List[Path]:
+    """Deletes the temporary files (``.NAME.tmp-PID``) that a write killed before its
+    rename left in `out`, those of processes no longer running. Returns them."""
+    removed = []
+    for path in out.glob(".*.tmp-*") if out.is_dir() else ():
+        pid = path.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or _running(int(pid)):
+            continue
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def _rng_state() -> Dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -284,9 +346,18 @@ def _set_rng_state(state: Dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, log=print) -> Dict:
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, log=print,
+          stop: Optional[StopFlag] = None) -> Dict:
     """Runs a training (or resumes one from ``config.out``) and returns
-    ``{"history": [...per epoch...], "model": the model, "checkpoint": path}``."""
+    ``{"history": [...per epoch...], "model": the model, "checkpoint": path}``.
+
+    Checkpoints are written at the end of every epoch and, every
+    ``config.checkpoint_minutes``, between batches (one process only: a data-parallel
+    run checkpoints at epoch ends); a checkpoint inside an epoch holds the position in
+    it, the stateful models' carried state, the running totals and every RNG state, so
+    that ``resume`` continues bit for bit on the CPU. When `stop` is set (by a signal
+    handler), the run saves where it is after the batch under way and raises
+    Interrupted."""
     requested, config = config, config.resolved()
     out = Path(config.out)
     checkpoint_path = out / "checkpoint.pt"
@@ -300,6 +371,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, l
         history: List[Dict] = []
         batch_losses: List[float] = []
         checkpoint = None
+        if ddp.main:
+            for path in remove_stale_temporaries(out):
+                log(f"removed {path}, left by an interrupted write")
         if resume:
             checkpoint = load_checkpoint(checkpoint_path, for_resume=True)
             config = _resumed_config(requested, checkpoint["config"])
@@ -310,8 +384,12 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, l
             raise ValueError(f"{checkpoint_path} was trained on another text (the corpus changed since): "
                              "cannot resume; train afresh with another --out")
         vocab = data.Vocab.from_text(text)
-        train_text, val_text = data.split_text(text, config.val_fraction)
-        train_data, val_data = vocab.encode(train_text), vocab.encode(val_text)
+        # the corpus encoded once, compactly (uint8 for up to 256 characters), and cut
+        # without copying: the text and its encoding are all the memory it takes
+        cut = data.split_point(len(text), config.val_fraction)
+        encoded = vocab.encode(text, compact=True)
+        train_data, val_data = encoded[:cut], encoded[cut:]
+        train_chars, val_chars = cut, len(text) - cut
 
         torch.manual_seed(config.seed)
         model = build_model(config.model, vocab, hidden_size=config.hidden, num_layers=config.layers,
@@ -319,23 +397,34 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, l
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
         # what the end of every epoch needs, checked before the first one trains
         batches(config, val_data, shuffle=False, epoch=0)  # raises if the validation text is too short
-        if len(val_text) < model.min_seed_length():
-            raise ValueError(f"the validation text ({len(val_text)} characters) is shorter than the "
+        if val_chars < model.min_seed_length():
+            raise ValueError(f"the validation text ({val_chars} characters) is shorter than the "
                              f"{model.min_seed_length()} characters a sample starts from")
-        seed_text = val_text[: max(model.min_seed_length(), 40)]
-        start_epoch = 0
+        seed_text = text[cut:cut + max(model.min_seed_length(), 40)]
+        del text  # from here on the encoding is the corpus
+        start_epoch, position = 0, None
         if checkpoint is not None:
-            model.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
+            try:
+                model.load_state_dict(checkpoint["model"])
+                optimizer.load_state_dict(checkpoint["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as error:
+                raise ValueError(f"{checkpoint_path} does not fit the model its config describes "
+                                 f"({type(error).__name__}: {one_line(error)})") from None
             _set_rng_state(checkpoint["rng"])
-            start_epoch = checkpoint["epoch"]
+            start_epoch, position = checkpoint["epoch"], checkpoint.get("position")
+
+        def snapshot(epoch_done: int, where: Optional[Dict]) -> None:
+            save_checkpoint({"config": asdict(config), "vocab": vocab.chars, "model": model.state_dict(),
+                             "optimizer": optimizer.state_dict(), "epoch": epoch_done, "position": where,
+                             "history": history, "batch_losses": batch_losses, "rng": _rng_state(),
+                             "text_digest": digest}, checkpoint_path)
         trained = model
         if ddp.world_size > 1:
             device_ids = [device.index] if device.type == "cuda" else None
             trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         if ddp.main:
             log(f"fused-rnn train: {config.model}, {sum(p.numel() for p in model.parameters()):,} parameters, "
-                f"{len(vocab)}-character vocabulary, {len(train_text):,} training / {len(val_text):,} "
+                f"{len(vocab)}-character vocabulary, {train_chars:,} training / {val_chars:,} "
                 f"validation characters{'' if config.text else ' (the Python standard library source)'}, "
                 f"backend {config.backend}, {ddp.world_size} process(es)"
                 + (f"; resuming after epoch {start_epoch}" if checkpoint is not None else ""))
@@ -354,11 +443,39 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, l
                 model.reset_state()
             model.train()
             began = time.monotonic()
-            total, counted, chars = 0.0, 0, 0
+            total, counted, chars, done = 0.0, 0, 0, 0
+            if position is not None:  # resuming inside this epoch, after `done` batches
+                done, total = position["batch"], position["total"]
+                counted, chars = position["counted"], position["chars"]
+                began -= position["seconds"]
+                if isinstance(model, StatefulModel) and position.get("state") is not None:
+                    model.state = [tuple(t.to(device) for t in layer) for layer in position["state"]]
+                position = None
             total_label = "?" if config.epochs is None else str(config.epochs)
             bar = _progress(len(epoch_batches), f"epoch {epoch + 1}/{total_label}", progress and ddp.main)
+            if bar is not None and done:
+                bar.update(done)
+            saved_at = time.monotonic()
             for k, (inputs, targets) in enumerate(epoch_batches):
-                loss = float(train_step(trained, optimizer, inputs.to(device), targets.to(device), config.clip))
+                if k < done:
+                    continue
+                stopping = stop is not None and stop.requested
+                if ddp.world_size == 1 and (stopping or config.checkpoint_minutes > 0
+                                            and time.monotonic() - saved_at >= config.checkpoint_minutes * 60):
+                    carried = getattr(model, "state", None)
+                    snapshot(epoch, {"batch": k, "total": total, "counted": counted, "chars": chars,
+                                     "seconds": time.monotonic() - began,
+                                     "state": None if carried is None else [tuple(t.cpu() for t in layer)
+                                                                            for layer in carried]})
+                    saved_at = time.monotonic()
+                if stopping:
+                    if bar is not None:
+                        bar.close()
+                    if ddp.world_size > 1:  # each rank stops; the last epoch's checkpoint stands
+                        raise Interrupted(checkpoint_path, epoch - 1, -1)
+                    raise Interrupted(checkpoint_path, epoch, k)
+                loss = float(train_step(trained, optimizer, inputs.to(device, torch.int64),
+                                        targets.to(device, torch.int64), config.clip))
                 loss = ddp.mean(loss)  # every rank sees the same value, and stops together on a NaN
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"the training loss became {loss} in epoch {epoch + 1}, batch {k + 1}: "
@@ -387,10 +504,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, l
                     log(f"epoch {epoch}: train loss {record['train_loss']:.4f}, validation loss {val_loss:.4f}, "
                         f"{record['chars_per_s']:,} chars/s")
                     log(f"--- sample (temperature {config.temperature}) ---\n{seed_text}{sample}\n---")
-                    save_checkpoint({"config": asdict(config), "vocab": vocab.chars, "model": model.state_dict(),
-                                     "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history,
-                                     "batch_losses": batch_losses, "rng": _rng_state(), "text_digest": digest},
-                                    checkpoint_path)
+                    snapshot(epoch, None)
                     _write_logs(out, config, history)
                 except Exception as error:  # re-raised below, after telling the other ranks
                     failure = error
@@ -448,15 +562,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sampling temperature (default: %(default)s)")
     parser.add_argument("--out", default=defaults.out, help="folder for checkpoint and logs (default: %(default)s)")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    parser.add_argument("--checkpoint-minutes", type=float, default=defaults.checkpoint_minutes,
+                        help="also checkpoint between batches this often, so that a kill loses at most this much "
+                             "work; 0 for epoch ends only (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run_command(args: argparse.Namespace, command: str = "") -> int:
+    """`fused-rnn train`: every failure is one line on stderr and a non-zero status;
+    SIGINT and SIGTERM save the run where it is (exit status 130)."""
     names = {f.name for f in fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    stop = StopFlag()
+    previous = {}
+    for name in ("SIGINT", "SIGTERM"):
+        if hasattr(signal, name):
+            try:
+                previous[name] = signal.signal(getattr(signal, name), stop.request)
+            except ValueError:  # not the main thread: no handlers, Ctrl-C stays an exception
+                pass
     try:
-        train(config, resume=args.resume, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+        train(config, resume=args.resume, progress=not args.no_progress, stop=stop)
+    except Interrupted as interrupted:
+        print(f"fused-rnn train: {interrupted}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("fused-rnn train: interrupted before training began; nothing was saved", file=sys.stderr)
+        return 130
+    except (ValueError, FloatingPointError) as error:
         print(f"fused-rnn train: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # disk full, permission denied, a folder where a file belongs, ...
+        print(f"fused-rnn train: error: {describe_os_error(error)}", file=sys.stderr)
+        return 2
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
     return 0
