@@ -246,3 +246,36 @@ def test_reduced_precision_on_cpu_matches_reference(cell, dtype):
         scale = max(1.0, float(np.abs(expected).max()))
         error = float(np.abs(got.detach().double().numpy() - expected).max()) / scale
         assert error <= REDUCED_TOLERANCE[dtype], f"{name}: error {error:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("cell", ["irnn", "lstm"])
+def test_reduced_precision_cells_on_cpu_match_reference(cell, dtype):
+    """The cells (one step; the LSTM's backward reads c_t in float32, recomputed from the
+    float32 gates since the step returned c_t rounded), forward and every gradient, on
+    the rounded inputs' float64 reference, REDUCED_TOLERANCE relative to the largest."""
+    if "cpp" not in fused_rnn.available_backends("cpu"):
+        pytest.skip("the cpp backend is not built")
+    x, states, w_ih, w_hh, b_ih, b_hh, up = make_layer(cell, 1, 5, 4, 13, bias=True, seed=8)
+    leaves = [torch.tensor(a, dtype=dtype, requires_grad=True) for a in (x[0], *states, w_ih, w_hh, b_ih, b_hh)]
+    rounded = [t.detach().double().numpy() for t in leaves]
+    up = {k: torch.tensor(v, dtype=dtype).double().numpy() for k, v in up.items()}
+    if cell == "irnn":
+        outputs = (fused_rnn.irnn_cell(*leaves, backend="cpp"),)
+        upstream = (up["h"],)
+        _, *want_out, cache = ref.irnn_forward(rounded[0][None], *rounded[1:])
+        want = ref.irnn_backward(None, up["h"], cache)
+        names = ["dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh"]
+    else:
+        outputs = fused_rnn.lstm_cell(leaves[0], (leaves[1], leaves[2]), *leaves[3:], backend="cpp")
+        upstream = (up["h"], up["c"])
+        _, *want_out, cache = ref.lstm_forward(rounded[0][None], *rounded[1:])
+        want = ref.lstm_backward(None, up["h"], up["c"], cache)
+        names = ["dx", "dh0", "dc0", "dw_ih", "dw_hh", "db_ih", "db_hh"]
+    torch.autograd.backward(outputs, [torch.tensor(u, dtype=dtype) for u in upstream])
+    for name, got, expected in [*zip(["h", "c"], outputs, want_out),
+                                *((n, t.grad, want[n][0] if n == "dx" else want[n]) for n, t in zip(names, leaves))]:
+        assert got.dtype == dtype, name
+        scale = max(1.0, float(np.abs(expected).max()))
+        error = float(np.abs(got.detach().double().numpy() - expected).max()) / scale
+        assert error <= REDUCED_TOLERANCE[dtype], f"{name}: error {error:.2e}"

@@ -72,6 +72,46 @@ def sample_calls(dtype, requires_grad):
     return calls
 
 
+def option_calls(dtype, requires_grad):
+    """(op name, args) of the scans with every per-sequence option: the recurrent mask,
+    lengths (0, partial and full) and, for the IRNN, the clip; forward and backward."""
+    calls = []
+    mask = (torch.rand(B, H, generator=torch.Generator().manual_seed(5)) > 0.3).to(dtype) * 1.5
+    lengths = torch.tensor([T, 2, 0])
+    x, h, c, w_ih, w_hh, bias = layer_tensors(1, dtype, requires_grad)
+    calls.append(("irnn_scan_forward", (x, h, w_ih, w_hh, bias, mask, lengths, 0.7)))
+    with torch.no_grad():
+        y, _ = op("irnn_scan_forward")(x, h, w_ih, w_hh, bias, mask, lengths, 0.7)
+    calls.append(("irnn_scan_backward", (torch.randn_like(y), torch.randn_like(h), x.detach(), h.detach(),
+                                         w_ih.detach(), w_hh.detach(), y, True, mask, lengths, 0.7)))
+    x, h, c, w_ih, w_hh, bias = layer_tensors(4, dtype, requires_grad)
+    calls.append(("lstm_scan_forward", (x, h, c, w_ih, w_hh, bias, mask, lengths)))
+    with torch.no_grad():
+        y, h_n, c_n, cells, gates = op("lstm_scan_forward")(x, h, c, w_ih, w_hh, bias, mask, lengths)
+    detached = [t.detach() for t in (x, h, c, w_ih, w_hh)]
+    calls.append(("lstm_scan_backward", (torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n),
+                                         *detached, y, cells, gates, True, mask, lengths)))
+    return calls
+
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+def _opcheck(name, args):
+    # forward ops with requires_grad inputs, so that their autograd registration is checked;
+    # the backward ops have no autograd of their own (a create_graph backward recomputes
+    # through the torch loop instead, tests/test_functional.py), so plain inputs
+    if name.endswith("backward"):
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(op(name), args)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64", "bf16"])
+@pytest.mark.parametrize("index", range(len(option_calls(torch.float32, True))))
+def test_opcheck_with_every_option(index, dtype):
+    _opcheck(*option_calls(dtype, requires_grad=True)[index])
+
+
 def test_every_op_has_a_cpu_kernel():
     for name in OP_NAMES:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_rnn::{name}", "CPU"), name
@@ -81,16 +121,10 @@ def test_samples_cover_every_op():
     assert {name for name, _ in sample_calls(torch.float32, True)} == set(OP_NAMES)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64", "bf16"])
 @pytest.mark.parametrize("index", range(len(sample_calls(torch.float32, True))))
 def test_opcheck(index, dtype):
-    # forward ops with requires_grad inputs, so that their autograd registration is checked;
-    # the backward ops have no autograd of their own (a create_graph backward recomputes
-    # through the torch loop instead, tests/test_functional.py), so plain inputs
-    name, args = sample_calls(dtype, requires_grad=True)[index]
-    if name.endswith("backward"):
-        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-    torch.library.opcheck(op(name), args)
+    _opcheck(*sample_calls(dtype, requires_grad=True)[index])
 
 
 def test_build_info_describes_this_build():

@@ -577,10 +577,21 @@ BackwardOutputs lstm_step_backward(const at::Tensor& grad_h_new, const at::Tenso
                                    const at::Tensor& h, const at::Tensor& c, const at::Tensor& w_ih,
                                    const at::Tensor& w_hh, const at::Tensor& c_new, const at::Tensor& gates) {
   TORCH_CHECK(x.dim() == 2, "fused_rnn: x must be 2-D [B, I], got ", x.sizes());
+  // the scan's backward reads c_t in float32, as its forward kept it (cells); a bf16/fp16
+  // step returned c_new rounded to x's dtype, so c_t = f * c + i * g is recomputed here
+  // in float32 from the activated gates (float32) and c, as the forward computed it (up
+  // to the compiler contracting the kernel's expression into an FMA: an ulp of float32)
+  at::Tensor cells = c_new;
+  if (reduced_precision(x)) {
+    TORCH_CHECK(gates.dim() == 2 && gates.size(1) % 4 == 0, "fused_rnn: gates must be [B, 4H], got ", gates.sizes());
+    const int64_t hidden = gates.size(1) / 4;
+    const auto g = gates.to(at::kFloat);
+    cells = g.narrow(1, hidden, hidden) * c.to(at::kFloat) + g.narrow(1, 0, hidden) * g.narrow(1, 2 * hidden, hidden);
+  }
   auto grads = lstm_backward_impl(at::zeros_like(c_new).unsqueeze(0), grad_h_new.contiguous(),
                                   grad_c_new.contiguous(), x.contiguous().unsqueeze(0), h.contiguous(),
                                   c.contiguous(), w_ih.contiguous(), w_hh.contiguous(), at::Tensor(),
-                                  c_new.contiguous().unsqueeze(0), gates.contiguous().unsqueeze(0), true);
+                                  cells.contiguous().unsqueeze(0), gates.contiguous().unsqueeze(0), true);
   std::get<0>(grads) = std::get<0>(grads).squeeze(0);
   return grads;
 }
