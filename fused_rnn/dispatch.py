@@ -138,6 +138,9 @@ def _unsupported_reason(name: str, device: torch.device, dtype: torch.dtype, exp
     missing_options = [o for o in options if o not in OPTION_SUPPORT[name]]
     if missing_options:
         return f"backend {name!r} does not implement {', '.join(missing_options)}"
+    if name == "nn" and "lengths" in options and torch.compiler.is_compiling():
+        return ("under torch.compile torch.nn's kernels would take lengths through packing, whose sizes depend on "
+                "the values (a graph break)")
     if hidden == 0 and name in ("cuda", "triton"):
         return "hidden_size 0: an empty layer, which the torch loop returns without launching a kernel"
     if name == "triton" and cell is not None:

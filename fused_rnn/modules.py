@@ -31,7 +31,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as torch_functional
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from . import functional, nn_backend
 from ._measure import measured_dispatch_enabled
@@ -74,6 +74,50 @@ def _check_nonlinearity(owner: str, value) -> None:
                          "(use torch.nn.RNN / torch.nn.RNNCell for a tanh RNN)")
     if value != "relu":
         raise ValueError(f"Unknown nonlinearity {value!r}: {owner} takes only 'relu'")
+
+
+def _packed_layout(packed: PackedSequence):
+    """(T, B, offsets [T], rows [T, B] of the packed data, valid [T, B]) of a
+    PackedSequence, in its sorted order, with tensor operations whose shapes are the
+    input's own (no size read from the values: torch.compile(fullgraph=True) traces
+    them), where torch's pad_packed_sequence / pack_padded_sequence are not traceable.
+    B is the length of sorted_indices; a pack without them (enforce_sorted=True) has its
+    batch size only in the values: batch_sizes[0]."""
+    batch_sizes = packed.batch_sizes.to(packed.data.device)
+    steps = batch_sizes.shape[0]
+    if packed.sorted_indices is not None:
+        batch = packed.sorted_indices.shape[0]
+    else:
+        batch = int(packed.batch_sizes[0]) if steps else 0
+    offsets = torch.cumsum(batch_sizes, 0) - batch_sizes
+    columns = torch.arange(batch, device=batch_sizes.device)
+    valid = columns[None, :] < batch_sizes[:, None]
+    rows = (offsets[:, None] + columns[None, :]).clamp(max=max(packed.data.shape[0] - 1, 0))
+    return steps, batch, offsets, rows, valid
+
+
+def _unpack(packed: PackedSequence) -> Tuple[Tensor, Tensor]:
+    """(padded [T, B, *], lengths [B] int64 on the CPU), both in the batch's original
+    order, zeros past each length: what pad_packed_sequence returns."""
+    steps, batch, _, rows, valid = _packed_layout(packed)
+    data = packed.data
+    padded = data[rows.reshape(-1)].reshape(steps, batch, *data.shape[1:])
+    padded = torch.where(valid.reshape(steps, batch, *([1] * (data.dim() - 1))), padded, 0)
+    lengths = valid.sum(0)
+    if packed.unsorted_indices is not None:
+        padded, lengths = padded.index_select(1, packed.unsorted_indices), lengths[packed.unsorted_indices]
+    return padded, lengths.cpu()
+
+
+def _pack_like(y: Tensor, packed: PackedSequence) -> Tensor:
+    """The data of y [T, B, *] (the batch's original order) packed as `packed` is: row
+    p of the result is step t, sorted row p - offsets[t], for the t whose block holds p."""
+    steps, batch, offsets, _, _ = _packed_layout(packed)
+    if packed.sorted_indices is not None:
+        y = y.index_select(1, packed.sorted_indices)
+    positions = torch.arange(packed.data.shape[0], device=offsets.device)
+    step = torch.searchsorted(offsets, positions, right=True) - 1
+    return y.reshape(steps * batch, *y.shape[2:])[step * batch + positions - offsets[step]]
 
 
 def _reverse_within_lengths(x: Tensor, lengths: Optional[Tensor]) -> Tensor:
@@ -323,7 +367,7 @@ class _StackedRNN(nn.Module):
         if isinstance(input, PackedSequence):
             if lengths is not None:
                 raise ValueError("lengths is given by the PackedSequence; do not pass lengths= as well")
-            padded, lengths = pad_packed_sequence(input)  # [T, B, I], in the batch's original order
+            padded, lengths = _unpack(input)  # [T, B, I], in the batch's original order
             return padded, True, lengths, input
         x, batched = self._check_input(input)
         return x, batched, self._check_lengths(lengths, x, batched), None
@@ -332,10 +376,8 @@ class _StackedRNN(nn.Module):
         """The output in the input's form: a PackedSequence with the input's order, or the tensor layout."""
         if packed is None:
             return self._finish_output(y, batched)
-        if packed.sorted_indices is not None:
-            y, lengths = y.index_select(1, packed.sorted_indices), lengths[packed.sorted_indices.cpu()]
-        data = pack_padded_sequence(y, lengths.cpu(), enforce_sorted=True).data
-        return PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+        return PackedSequence(_pack_like(y, packed), packed.batch_sizes, packed.sorted_indices,
+                              packed.unsorted_indices)
 
     def _recurrent_mask(self, x: Tensor) -> Optional[Tensor]:
         """A variational dropout mask on h_{t-1}, [B, H], drawn once per layer, direction

@@ -485,3 +485,54 @@ def test_module_compiles_fullgraph(kind, backend):
     compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
     expected = _run(ours, x, None)
     _assert_same(_run(compiled, x, None), expected, torch.float64)
+
+
+@pytest.mark.parametrize("form", ["lengths", "packed"])
+@pytest.mark.parametrize("kind", ["irnn", "lstm"])
+def test_module_with_lengths_compiles_fullgraph(kind, form):
+    """torch.compile(fullgraph=True) through sequences of different lengths, given as
+    lengths= or as a PackedSequence: no data-dependent Python branch (the lengths'
+    range is checked inside the graph, torch.nn's packing is not dispatched to, and
+    the PackedSequence is unpacked and packed with shape-static tensor operations).
+    Outputs, final states and the weights' gradients equal eager mode's (float64; eager
+    may run torch.nn's kernels where the trace runs a fused one: 1e-12)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    module = (fused_rnn.IRNN if kind == "irnn" else fused_rnn.LSTM)(4, 6, num_layers=2, bidirectional=True,
+                                                                    dtype=torch.float64)
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    lengths = torch.tensor([5, 2, 4])
+
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+
+    def run(x, lengths, packed):
+        if form == "packed":
+            y, state = module(packed)
+            y = y.data
+        else:
+            y, state = module(x, lengths=lengths)
+        h = state if kind == "irnn" else state[0]
+        return y, h
+
+    outputs = {}
+    for mode, fn in (("eager", run), ("compiled", torch.compile(run, fullgraph=True, backend="aot_eager"))):
+        module.zero_grad()
+        y, h = fn(x, lengths, packed)
+        (y.square().sum() + h.sum()).backward()
+        outputs[mode] = (y.detach(), h.detach(), [p.grad.clone() for p in module.parameters()])
+    (y_e, h_e, g_e), (y_c, h_c, g_c) = outputs["eager"], outputs["compiled"]
+    torch.testing.assert_close(y_c, y_e, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h_c, h_e, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_lengths_out_of_range_fail_inside_the_graph():
+    """Under torch.compile the range of lengths is an assertion in the graph."""
+    torch._dynamo.reset()
+    module = fused_rnn.IRNN(4, 6, dtype=torch.float64)
+    compiled = torch.compile(lambda x, l: module(x, lengths=l)[0], fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    compiled(x, torch.tensor([5, 2, 4]))
+    with pytest.raises(RuntimeError, match=r"lengths must lie in \[0, T\] = \[0, 5\]"):
+        compiled(x, torch.tensor([5, 6, 4]))
