@@ -28,6 +28,10 @@ torch.backends.cuda.matmul.allow_tf32 = False
 
 CPU_BACKENDS = fused_rnn.available_backends("cpu")
 
+# The differential fuzz's seed (tests/test_fuzz.py): a new one every run, printed in the
+# report header; FUSED_RNN_FUZZ_SEED replays a run.
+FUZZ_SEED = int(os.environ.get("FUSED_RNN_FUZZ_SEED") or int.from_bytes(os.urandom(4), "little"))
+
 
 @pytest.fixture(params=CPU_BACKENDS)
 def cpu_backend(request):
@@ -35,4 +39,5 @@ def cpu_backend(request):
 
 
 def pytest_report_header(config):
-    return f"fused_rnn build: {fused_rnn.build_info()}; cpu backends: {CPU_BACKENDS}"
+    return [f"fused_rnn build: {fused_rnn.build_info()}; cpu backends: {CPU_BACKENDS}",
+            f"fuzz seed: {FUZZ_SEED} (replay with FUSED_RNN_FUZZ_SEED={FUZZ_SEED})"]
