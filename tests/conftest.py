@@ -33,6 +33,16 @@ CPU_BACKENDS = fused_rnn.available_backends("cpu")
 FUZZ_SEED = int(os.environ.get("FUSED_RNN_FUZZ_SEED") or int.from_bytes(os.urandom(4), "little"))
 
 
+@pytest.fixture
+def corpus(tmp_path):
+    """The application tests' training text (helpers.APP_TEXT) as a file."""
+    from helpers import APP_TEXT
+
+    path = tmp_path / "corpus.txt"
+    path.write_text(APP_TEXT, encoding="utf-8")
+    return path
+
+
 @pytest.fixture(params=CPU_BACKENDS)
 def cpu_backend(request):
     return request.param
@@ -41,3 +51,9 @@ def cpu_backend(request):
 def pytest_report_header(config):
     return [f"fused_rnn build: {fused_rnn.build_info()}; cpu backends: {CPU_BACKENDS}",
             f"fuzz seed: {FUZZ_SEED} (replay with FUSED_RNN_FUZZ_SEED={FUZZ_SEED})"]
+
+
+def pytest_terminal_summary(terminalreporter):
+    # The header above is not shown under -q (the README's and CI's test command), so the
+    # seed to replay a failing fuzz case is repeated at the end of every run.
+    terminalreporter.write_line(f"fuzz seed: {FUZZ_SEED} (replay with FUSED_RNN_FUZZ_SEED={FUZZ_SEED})")

@@ -194,3 +194,18 @@ def spawn_and_wait(fn, args, nprocs, seconds):
                 if process.is_alive():
                     process.terminate()
             raise AssertionError(f"the {nprocs} spawned workers did not finish within {seconds} s")
+
+
+# ---- the char-RNN application's tests (test_app_*.py) ----
+
+# A small corpus of Python-like lines, ~14k characters; the `corpus` fixture of
+# tests/conftest.py writes it to a file.
+APP_TEXT = "".join(f"def f{i}(x):\n    return (x + {i}) * 'ab'[{i % 2}]\n" for i in range(300))
+
+
+def tiny_config(corpus, out, model="stateful-lstm", **kwargs):
+    """A TrainConfig that trains in about a second on the CPU."""
+    from fused_rnn.app.train import TrainConfig
+
+    kwargs = {"hidden": 16, "seq_len": 12, "batch_size": 8, "sample_chars": 20, **kwargs}
+    return TrainConfig(model=model, text=str(corpus), out=str(out), **kwargs)

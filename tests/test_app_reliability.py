@@ -15,22 +15,10 @@ import torch
 
 from fused_rnn.app import checkpoint as ckpt
 from fused_rnn.app.cli import main
-from fused_rnn.app.train import Interrupted, StopFlag, TrainConfig, train
+from fused_rnn.app.train import Interrupted, StopFlag, train
+from helpers import APP_TEXT, tiny_config
 
-TEXT = "".join(f"def g{i}(y):\n    return [y * {i}, '{chr(97 + i % 26)}']\n" for i in range(400))
 QUIET = dict(progress=False, log=lambda *a: None)
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(TEXT, encoding="utf-8")
-    return path
-
-
-def tiny(corpus, out, model="stateful-lstm", **kwargs):
-    return TrainConfig(model=model, text=str(corpus), hidden=16, seq_len=12, batch_size=8, sample_chars=10,
-                       out=str(out), **kwargs)
 
 
 class StopAfter(StopFlag):
@@ -68,14 +56,14 @@ def test_an_interrupted_epoch_resumes_bit_for_bit(corpus, tmp_path, model):
     """Stopped inside the second epoch (the stateful model's carried state, the shuffled
     order, dropout's RNG, the running loss all mid-way) and resumed: the losses and
     weights of the run that was never stopped."""
-    straight = train(tiny(corpus, tmp_path / "a", model, epochs=2), **QUIET)
+    straight = train(tiny_config(corpus, tmp_path / "a", model, epochs=2), **QUIET)
     per_epoch = len(ckpt.load_checkpoint(tmp_path / "a" / "checkpoint.pt")["batch_losses"]) // 2
     with pytest.raises(Interrupted, match=f"epoch 2, after batch {per_epoch // 2}"):
-        train(tiny(corpus, tmp_path / "b", model, epochs=2), stop=StopAfter(per_epoch + per_epoch // 2), **QUIET)
+        train(tiny_config(corpus, tmp_path / "b", model, epochs=2), stop=StopAfter(per_epoch + per_epoch // 2), **QUIET)
     saved = ckpt.load_checkpoint(tmp_path / "b" / "checkpoint.pt", for_resume=True)
     assert saved["epoch"] == 1 and saved["position"]["batch"] == per_epoch // 2
     assert (saved["position"]["state"] is not None) == (model == "stateful-lstm")
-    resumed = train(tiny(corpus, tmp_path / "b", model, epochs=2), resume=True, **QUIET)
+    resumed = train(tiny_config(corpus, tmp_path / "b", model, epochs=2), resume=True, **QUIET)
     _same_run(straight, resumed)
 
 
@@ -94,7 +82,7 @@ def test_checkpoints_inside_an_epoch_every_few_minutes(corpus, tmp_path, monkeyp
     real_save = train_module.save_checkpoint
     monkeypatch.setattr(train_module.time, "monotonic", tick)
     monkeypatch.setattr(train_module, "save_checkpoint", lambda c, p: writes.append(c["position"]) or real_save(c, p))
-    train(tiny(corpus, tmp_path / "c", epochs=1, checkpoint_minutes=1.5), **QUIET)
+    train(tiny_config(corpus, tmp_path / "c", epochs=1, checkpoint_minutes=1.5), **QUIET)
     inside = [w for w in writes if w is not None]
     assert len(inside) >= 3 and writes[-1] is None  # several inside the epoch, then the epoch's own
     assert [w["batch"] for w in inside] == sorted({w["batch"] for w in inside})
@@ -134,7 +122,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(corpus, tmp_path, how)
     then resumed with --resume: its final weights and losses equal those of a run that
     was never interrupted. A killed write's temporary file is removed on resume."""
     big = tmp_path / "big.txt"
-    big.write_text(TEXT * 3, encoding="utf-8")
+    big.write_text(APP_TEXT * 3, encoding="utf-8")
     straight_out, killed_out = tmp_path / "straight", tmp_path / "killed"
     done = subprocess.run(_train_command(big, straight_out), env=_env(), capture_output=True, text=True,
                           timeout=600)

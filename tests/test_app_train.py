@@ -11,20 +11,7 @@ from fused_rnn.app import data
 from fused_rnn.app.cli import main
 from fused_rnn.app.models import build_model
 from fused_rnn.app.train import TrainConfig, evaluate, train
-
-TEXT = "".join(f"def f{i}(x):\n    return (x + {i}) * 'ab'[{i % 2}]\n" for i in range(300))
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(TEXT, encoding="utf-8")
-    return path
-
-
-def tiny(corpus, out, model="stateful-lstm", **kwargs):
-    return TrainConfig(model=model, text=str(corpus), hidden=16, seq_len=kwargs.pop("seq_len", 12), batch_size=8,
-                       sample_chars=20, out=str(out), **kwargs)
+from helpers import APP_TEXT, tiny_config
 
 
 @pytest.mark.parametrize("model", ["stateful-lstm", "seq"])
@@ -32,9 +19,9 @@ def test_resume_gives_the_uninterrupted_run(corpus, tmp_path, model):
     """Two epochs straight against one epoch, then --resume for the second: the same
     losses and parameters bit for bit (dropout and shuffling included)."""
     quiet = dict(progress=False, log=lambda *a: None)
-    straight = train(tiny(corpus, tmp_path / "a", model, epochs=2), **quiet)
-    train(tiny(corpus, tmp_path / "b", model, epochs=1), **quiet)
-    resumed = train(tiny(corpus, tmp_path / "b", model, epochs=2), resume=True, **quiet)
+    straight = train(tiny_config(corpus, tmp_path / "a", model, epochs=2), **quiet)
+    train(tiny_config(corpus, tmp_path / "b", model, epochs=1), **quiet)
+    resumed = train(tiny_config(corpus, tmp_path / "b", model, epochs=2), resume=True, **quiet)
     assert len(straight["history"]) == len(resumed["history"]) == 2
     for a, b in zip(straight["history"], resumed["history"]):
         assert (a["train_loss"], a["val_loss"]) == (b["train_loss"], b["val_loss"])
@@ -116,13 +103,13 @@ def test_bad_text_and_arguments(tmp_path, capsys):
 
 
 def test_time_budget_stops_between_epochs(corpus, tmp_path):
-    result = train(tiny(corpus, tmp_path / "t", minutes=1e-6), progress=False, log=lambda *a: None)
+    result = train(tiny_config(corpus, tmp_path / "t", minutes=1e-6), progress=False, log=lambda *a: None)
     assert len(result["history"]) == 1   # the first epoch always runs, then the budget is spent
 
 
 def test_too_short_validation_fails_before_training(tmp_path):
     short = tmp_path / "short.txt"
-    short.write_text(TEXT[:9000])   # 900 validation characters: no batch of 64 streams of 65
+    short.write_text(APP_TEXT[:9000])   # 900 validation characters: no batch of 64 streams of 65
     with pytest.raises(ValueError, match="too short"):
         train(TrainConfig(text=str(short), hidden=16, epochs=1, out=str(tmp_path / "o")), progress=False,
               log=lambda *a: None)
@@ -131,20 +118,20 @@ def test_too_short_validation_fails_before_training(tmp_path):
 
 def test_resume_refuses_conflicting_settings(corpus, tmp_path):
     quiet = dict(progress=False, log=lambda *a: None)
-    train(tiny(corpus, tmp_path / "r", "seq", epochs=1), **quiet)
+    train(tiny_config(corpus, tmp_path / "r", "seq", epochs=1), **quiet)
     with pytest.raises(ValueError, match=r"--lr 0.5 \(checkpoint: 0.002\)"):
-        train(tiny(corpus, tmp_path / "r", "seq", epochs=2, lr=0.5), resume=True, **quiet)
+        train(tiny_config(corpus, tmp_path / "r", "seq", epochs=2, lr=0.5), resume=True, **quiet)
     result = train(TrainConfig(out=str(tmp_path / "r"), epochs=2), resume=True, **quiet)  # defaults: fine
     assert [h["epoch"] for h in result["history"]] == [1, 2]
 
 
 def test_evaluate_restores_mode_and_state(corpus):
-    vocab = data.Vocab.from_text(TEXT)
+    vocab = data.Vocab.from_text(APP_TEXT)
     config = TrainConfig(model="stateful-lstm", seq_len=12, batch_size=8).resolved()
     model = build_model("stateful-lstm", vocab, hidden_size=16)
-    model(vocab.encode(TEXT[:8 * 12]).view(8, 12))
+    model(vocab.encode(APP_TEXT[:8 * 12]).view(8, 12))
     carried = [tuple(t.clone() for t in layer) for layer in model.state]
-    evaluate(model, config, vocab.encode(TEXT[:3000]), "cpu")
+    evaluate(model, config, vocab.encode(APP_TEXT[:3000]), "cpu")
     assert model.training
     assert all(torch.equal(a, b) for la, lb in zip(carried, model.state) for a, b in zip(la, lb))
 
