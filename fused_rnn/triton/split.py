@@ -330,11 +330,12 @@ def _irnn_split_backward_step(dy_t, dh_n, dz_next, w_hh, y_t, out, low_out, unit
         else:
             g = tl.load(dy_t + offsets, mask=both_ok, other=0.0).to(tl.float32) + through
             # relu' from the sign of h_t as y stores it (the inputs' dtype), as the other scans;
-            # clipped, from h strictly inside (0, clip) (clip as y's dtype rounds it)
+            # clipped, from h strictly inside (0, clip), clip rounded as the forward's store
+            # rounded it (the interpreter's conversion truncates, a GPU's rounds to nearest)
             h = tl.load(y_t + offsets, mask=both_ok, other=0.0).to(tl.float32)
             passes = h > 0.0
             if HAS_CLIP:
-                passes = passes & (h < clip)
+                passes = passes & (h < (tl.zeros_like(h) + clip).to(y_t.dtype.element_ty).to(tl.float32))
             dz = tl.where(passes, g, 0.0)
             if HAS_LENGTHS:
                 dz = tl.where((t < tl.load(lengths + rows, mask=row_ok, other=0))[None, :], dz, 0.0)
@@ -813,8 +814,6 @@ def irnn_split_backward(grad_y: Tensor, grad_h_n: Tensor, x: Tensor, h0: Tensor,
     dz = torch.empty(steps, batch, hidden, dtype=torch.float32, device=x.device)
     dh0 = torch.empty(batch, hidden, dtype=torch.float32, device=x.device)
     w, dy, dh_n, y = w_hh.contiguous(), grad_y.contiguous(), grad_h_n.contiguous(), y.contiguous()
-    if hidden_clip is not None:  # y holds h in x's dtype: compare it with the bound as y stores it
-        hidden_clip = float(torch.tensor(hidden_clip, dtype=x.dtype))
     options = ScanOptions.of(x, w, recurrent_mask, lengths, hidden_clip)
     chosen = split_plan("irnn_split_backward", hidden, batch, w.dtype, allow_tf32, _with_options(options.flags),
                         programs, persistent, w.device)
