@@ -196,6 +196,67 @@ def spawn_and_wait(fn, args, nprocs, seconds):
             raise AssertionError(f"the {nprocs} spawned workers did not finish within {seconds} s")
 
 
+# ---- bfloat16 / float16 inputs, float32 state and accumulation ----
+
+# Against the float64 reference computed from the same rounded inputs and upstream
+# gradients. The operands of every recurrent product are rounded to the dtype (unit
+# roundoff u = 2^-8 for bfloat16, 2^-11 for float16) and outputs are rounded once, so
+# errors grow with T and with the recurrence's gain. Measured worst (Triton, relative to
+# max(1, max|want|)): 7.6e-3 (bf16) and 8.6e-4 (fp16) for the IRNN over <= 9 steps (W_hh
+# spectral radius up to 1.17, inputs off the ReLU kink as below), 4e-3 and 6e-4 for the
+# LSTM at T = 63; the bounds are 4x those, ~8u for both dtypes. The IRNN at T = 63 with
+# that gain reaches 0.4 (bf16) in dx: inherent to rounding h and dz to bf16 at every
+# step of an expanding recurrence, so no test runs it. A wrong gate or index errs by O(1).
+LOW_PRECISION_TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 4e-3}
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+def relu_error_band(x, h0, w_ih, w_hh, b_ih, b_hh, dtype, mask=None, lengths=None, clip=None):
+    """How far a kernel's IRNN pre-activations may lie from the float64 reference's
+    when the kernel rounds to `dtype`: a probabilistic rounding-error bound (Higham &
+    Mary, SIAM J. Sci. Comput. 41(5), 2019: independent rounding errors add in
+    quadrature). Each rounding is an independent error of variance u^2/3 (relative error
+    uniform in [-u, u]): the input projection's result and the recurrent product's
+    operand (mask * h_{t-1}); the error of h_{t-1} (relu and the clip are 1-Lipschitz)
+    propagates through W_hh. Returns (z [T, B, H], 6 standard deviations [T, B, H])."""
+    _, _, cache = ref.irnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, mask, lengths, clip)
+    inputs = x @ w_ih.T + (0 if b_ih is None else b_ih) + (0 if b_hh is None else b_hh)
+    gain = 1.0 if mask is None else mask ** 2
+    variance = np.zeros_like(h0)
+    band = np.empty_like(cache.preactivations)
+    u2 = UNIT_ROUNDOFF[dtype] ** 2 / 3
+    for t in range(x.shape[0]):
+        operand = cache.hidden_states[t] if mask is None else cache.hidden_states[t] * mask
+        variance = (u2 * operand ** 2 + gain * variance) @ (w_hh ** 2).T + u2 * inputs[t] ** 2
+        band[t] = 6 * np.sqrt(variance)
+    return cache.preactivations, band
+
+
+def irnn_inputs_off_the_kink(x, rest, dtype, seed, mask=None, lengths=None, clip=None):
+    """ReLU's derivative jumps at 0 (and the clip's at the clip): a pre-activation
+    within rounding error of a jump may come out on either side in a kernel, and then
+    the gradients differ by O(1) there whatever the precision, which no tolerance can
+    cover without hiding real errors. So the inputs, not the reference, move: each batch
+    row with a pre-activation at step t within relu_error_band of a jump has x_t redrawn,
+    until none has. rest = (h0, w_ih, w_hh, b_ih, b_hh) in float64, rounded here as the
+    kernel gets them (mask: already rounded). Returns x, or None where redrawing x does
+    not help (with I = 1, say, a row's step has one degree of freedom for H units)."""
+    rng = np.random.default_rng(seed)
+    rounded = [None if a is None else torch.tensor(a, dtype=dtype).double().numpy() for a in rest]
+    x = x.copy()
+    for _ in range(300):
+        z, band = relu_error_band(torch.tensor(x, dtype=dtype).double().numpy(), *rounded, dtype, mask, lengths, clip)
+        near = np.abs(z) <= band  # [T, B, H]
+        if clip is not None:
+            near |= np.abs(z - clip) <= band
+        if not near.any():
+            return x
+        t = int(np.argmax(near.any(axis=(1, 2))))
+        rows = near[t].any(axis=1)
+        x[t, rows] = rng.normal(0.0, 0.5, (int(rows.sum()), x.shape[2]))
+    return None
+
+
 # ---- the char-RNN application's tests (test_app_*.py) ----
 
 # A small corpus of Python-like lines, ~14k characters; the `corpus` fixture of

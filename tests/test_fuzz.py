@@ -2,11 +2,12 @@
 NumPy reference (the functional layers, with every option) and against torch.nn
 (modules: layers, directions, batch_first, PackedSequence).
 
-Each run draws a new seed, printed in the report header (conftest.py); to replay one,
+Each run draws a new seed, printed in the report's summary (conftest.py); to replay one,
 set FUSED_RNN_FUZZ_SEED. FUSED_RNN_FUZZ_CASES scales the case counts (default 1: 500
-cases per CPU backend and dtype, 100 for the Triton interpreter, 200 module cases). A
-failing case is shrunk (smaller sizes, fewer options, while it still fails) and printed
-as a test to paste into a test file.
+cases per CPU backend and dtype (cpp, torch and torch.nn's kernels, "nn", which has
+lengths but neither the mask nor the clip), 100 float32 and 100 bf16/fp16 cases for the
+Triton interpreter, 400 module cases). A failing case is shrunk (smaller sizes, fewer
+options, while it still fails) and printed as a test to paste into a test file.
 
 Sizes: T in [0, 300] (1 often), B in [0, 70], I and H in [1, 300], drawn log-uniformly
 so that small layers (and odd sizes and primes) dominate, within a budget of reference
@@ -15,10 +16,12 @@ rtol * |want| (helpers.TOLERANCES): float64 1e-9 (rounding of 1e-16 over at most
 steps of 600-term sums stays below 1e-12); float32 1e-4 (sqrt(K * T) * 6e-8 <= 1.8e-5
 for K, T <= 300: a 5x margin). In float32 an IRNN pre-activation within 1e-4 of 0 (or
 of the clip) makes relu's derivative depend on the last bit: such cases are drawn again
-(a property of the case, read from the reference alone). bfloat16: the LSTM at T <= 16
-only, relative to the largest element, 1e-2 (tests/test_cpu.py's REDUCED_TOLERANCE:
-errors of a few bf16 roundings); the bf16 IRNN's error grows with T and the
-recurrence's gain (docs/triton.md) and has no fixed bound.
+(a property of the case, read from the reference alone). bfloat16 on the CPU: the LSTM
+at T <= 16 only, relative to the largest element, 1e-2 (tests/test_cpu.py's
+REDUCED_TOLERANCE: errors of a few bf16 roundings); the CPU's bf16 IRNN's error grows
+with T and the recurrence's gain (docs/triton.md) and has no fixed bound. The Triton
+kernels in bf16/fp16, at T <= 8: helpers.LOW_PRECISION_TOLERANCE, with the IRNN's
+inputs drawn off ReLU's (and the clip's) jumps by helpers.irnn_inputs_off_the_kink.
 """
 
 import dataclasses
@@ -34,7 +37,7 @@ import torch
 import fused_rnn
 import rnn_reference as ref
 from conftest import FUZZ_SEED
-from helpers import TOLERANCES, make_layer
+from helpers import LOW_PRECISION_TOLERANCE, TOLERANCES, irnn_inputs_off_the_kink, make_layer
 
 SCALE = float(os.environ.get("FUSED_RNN_FUZZ_CASES", "1"))
 CPU = fused_rnn.available_backends("cpu")
@@ -89,22 +92,28 @@ def draw_case(rng, cell, backend, dtype, small=False) -> Case:
         if rng.random() < 0.4 and batch:
             lengths = [int(v) for v in rng.integers(0, steps + 1, batch)]
             lengths[0] = steps  # a full one, and often a 0
-        return Case(cell, steps, batch, inputs, hidden, backend, dtype, bias=bool(rng.random() < 0.8),
+        case = Case(cell, steps, batch, inputs, hidden, backend, dtype, bias=bool(rng.random() < 0.8),
                     state=bool(rng.random() < 0.7), mask=bool(rng.random() < 0.3), lengths=lengths,
                     clip=cell == "irnn" and bool(rng.random() < 0.3), strided=bool(rng.random() < 0.3),
                     seed=int(rng.integers(2 ** 31)))
+        if backend == "nn":  # torch.nn's kernels have lengths, not the recurrent mask or the clip
+            case.mask = case.clip = False
+        return case
 
 
-def _reference(case, x, states, w_ih, w_hh, b_ih, b_hh, mask, lengths, up):
+def _clip(case, x, states, w_ih, w_hh, b_ih, b_hh, mask, lengths):
+    """The case's hidden_clip: below the largest activation, so that some are clipped."""
+    if not case.clip:
+        return None
+    return 0.7 * float(np.max(ref.irnn_forward(x, states[0], w_ih, w_hh, b_ih, b_hh, mask, lengths)[0], initial=1.0))
+
+
+def _reference(case, x, states, w_ih, w_hh, b_ih, b_hh, mask, lengths, clip, up):
     if case.cell == "irnn":
-        clip = None
-        if case.clip:  # below the largest activation, so that some are clipped
-            clip = 0.7 * float(np.max(ref.irnn_forward(x, states[0], w_ih, w_hh, b_ih, b_hh, mask, lengths)[0],
-                                      initial=1.0))
         y, h, cache = ref.irnn_forward(x, states[0], w_ih, w_hh, b_ih, b_hh, mask, lengths, clip)
-        return (y, h), ref.irnn_backward(up["y"], up["h"], cache), clip, cache
+        return (y, h), ref.irnn_backward(up["y"], up["h"], cache), cache
     y, h, c, cache = ref.lstm_forward(x, *states, w_ih, w_hh, b_ih, b_hh, mask, lengths)
-    return (y, h, c), ref.lstm_backward(up["y"], up["h"], up["c"], cache), None, cache
+    return (y, h, c), ref.lstm_backward(up["y"], up["h"], up["c"], cache), cache
 
 
 def _near_tie(case, cache, clip) -> bool:
@@ -125,7 +134,7 @@ def _exploding(outputs, gradients) -> bool:
     return not (largest <= 1e4 and steepest <= 1e8)
 
 
-def _matches(name, got, want, dtype, failures):
+def _matches(name, got, want, case, failures):
     got = got.detach().double().cpu().numpy()
     want = np.asarray(want, dtype=np.float64)
     if got.shape != want.shape:
@@ -133,8 +142,11 @@ def _matches(name, got, want, dtype, failures):
         return
     scale = max(1.0, float(np.abs(want).max(initial=0.0)))
     err = np.abs(got - want)
-    if dtype == torch.bfloat16:
-        bound = REDUCED_TOLERANCE * scale
+    dtype = getattr(torch, case.dtype)
+    if dtype in LOW_PRECISION_TOLERANCE:
+        # the CPU's bf16 LSTM (T <= 16): REDUCED_TOLERANCE; the Triton kernels' bf16 and
+        # fp16 (T <= 8): helpers.LOW_PRECISION_TOLERANCE
+        bound = (REDUCED_TOLERANCE if case.backend == "cpp" else LOW_PRECISION_TOLERANCE[dtype]) * scale
     else:
         atol, rtol = TOLERANCES[dtype]
         bound = atol * scale + rtol * np.abs(want)
@@ -155,12 +167,21 @@ def run_case(case: Case) -> Optional[str]:
     lengths = np.array(case.lengths, dtype=np.int64) if case.lengths is not None else None
     if not case.state:
         states = [np.zeros_like(s) for s in states]
+    raw_x, raw_states, raw_weights = x, states, (w_ih, w_hh, b_ih, b_hh)
     leaves = [torch.tensor(a, dtype=dtype) if a is not None else None for a in (x, *states, w_ih, w_hh, b_ih, b_hh)]
     if dtype != torch.float64:  # the reference runs on the values the backend gets
         x, *states, w_ih, w_hh = [t.double().numpy() for t in leaves[:len(states) + 3]]
         b_ih, b_hh = [None if t is None else t.double().numpy() for t in leaves[len(states) + 3:]]
         up = {k: torch.tensor(v, dtype=dtype).double().numpy() for k, v in up.items()}
-    want_out, want, clip, cache = _reference(case, x, states, w_ih, w_hh, b_ih, b_hh, mask, lengths, up)
+    clip = _clip(case, x, states, w_ih, w_hh, b_ih, b_hh, mask, lengths)
+    if case.cell == "irnn" and dtype in LOW_PRECISION_TOLERANCE:
+        # the same x before rounding, moved off ReLU's (and the clip's) jumps
+        x = irnn_inputs_off_the_kink(raw_x, (raw_states[0], *raw_weights), dtype, case.seed + 2, mask, lengths, clip)
+        if x is None:
+            return "skip"
+        leaves[0] = torch.tensor(x, dtype=dtype)
+        x = leaves[0].double().numpy()
+    want_out, want, cache = _reference(case, x, states, w_ih, w_hh, b_ih, b_hh, mask, lengths, clip, up)
     if _near_tie(case, cache, clip) or _exploding(want_out, want):
         return "skip"
     if case.strided:  # non-contiguous inputs: a transposed copy's transpose, and every other row of a wider x
@@ -190,7 +211,7 @@ def run_case(case: Case) -> Optional[str]:
             names = ["dx", "dh0", "dc0", "dw_ih", "dw_hh", "db_ih", "db_hh"]
         failures = []
         for name, got, expected in zip(("y", "h_T", "c_T"), outputs, want_out):
-            _matches(name, got, expected, dtype, failures)
+            _matches(name, got, expected, case, failures)
         # (an output that depends on no input, as y of an empty sequence, has no graph: its
         # gradients are zero, which the reference's must then be)
         pairs = [(o, torch.tensor(u, dtype=dtype)) for o, u in zip(outputs, upstream) if o.requires_grad]
@@ -207,7 +228,7 @@ def run_case(case: Case) -> Optional[str]:
         if tensor is None or (name in ("dh0", "dc0") and not case.state):
             continue
         grad = tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
-        _matches(name, grad, want[name], dtype, failures)
+        _matches(name, grad, want[name], case, failures)
     return "; ".join(failures) or None
 
 
@@ -276,7 +297,7 @@ def _fuzz(cases):
     assert ran >= 0.8 * len(cases), f"only {ran} of {len(cases)} cases ran ({skipped} ill-conditioned ones drawn)"
 
 
-FUNCTIONAL = [(b, d) for b in ("cpp", "torch") if b in CPU for d in ("float64", "float32")] + \
+FUNCTIONAL = [(b, d) for b in ("cpp", "torch", "nn") if b in CPU for d in ("float64", "float32")] + \
     ([("cpp", "bfloat16")] if "cpp" in CPU else [])
 
 
@@ -299,6 +320,19 @@ def test_triton_interpreted_matches_the_reference(cell):
     if torch.cuda.is_available():
         pytest.skip("with a GPU the Triton kernels run natively, not interpreted: tests/test_gpu.py")
     _fuzz(_cases(50, cell, "triton", "float32", small=True, designs=("tiled", "split")))
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("cell", ["irnn", "lstm"])
+def test_triton_interpreted_low_precision_matches_the_reference(cell, dtype):
+    """25 small random layers per cell and dtype (100 in all) through the Triton backend
+    under the interpreter in bf16 / fp16, both designs, against the float64 reference of
+    the rounded inputs (the IRNN's inputs drawn off ReLU's jumps: helpers)."""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the Triton kernels run natively, not interpreted: tests/test_gpu.py")
+    _fuzz(_cases(25, cell, "triton", dtype, small=True, designs=("tiled", "split")))
 
 
 def _module_pair(rng, kind, backend):

@@ -15,7 +15,7 @@ import torch
 
 import fused_rnn
 import rnn_reference as ref
-from helpers import SHAPES, assert_matches, make_layer
+from helpers import LOW_PRECISION_TOLERANCE, SHAPES, assert_matches, irnn_inputs_off_the_kink, make_layer
 
 triton_irnn = pytest.importorskip("fused_rnn.triton.irnn", reason="triton is not installed")
 from fused_rnn.triton import lstm as triton_lstm  # noqa: E402
@@ -468,58 +468,7 @@ def test_gpu_benchmark_script_runs(tmp_path):
 
 # ---- bfloat16 / float16 inputs, float32 state and accumulation ----
 
-# Against the float64 reference computed from the same rounded inputs and upstream
-# gradients. The operands of every recurrent product are rounded to the dtype (unit
-# roundoff u = 2^-8 for bfloat16, 2^-11 for float16) and outputs are rounded once, so
-# errors grow with T and with the recurrence's gain. Measured worst, relative to
-# max(1, max|want|): 7.6e-3 (bf16) and 8.6e-4 (fp16) for the IRNN over <= 9 steps (W_hh
-# spectral radius up to 1.17, inputs off the ReLU kink as below), 4e-3 and 6e-4 for the
-# LSTM at T = 63; the bounds are 4x those, ~8u (bf16) and ~8u (fp16). The IRNN at T = 63
-# with that gain reaches 0.4 (bf16) in dx: inherent to rounding h and dz to bf16 at
-# every step of an expanding recurrence, so it is not a test case here. A wrong gate or
-# index errs by O(1).
-LOW_PRECISION_TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 4e-3}
 LOW_PRECISION_CASES = ([("irnn", s) for s in SHAPES if s[0] <= 9] + [("lstm", s) for s in SHAPES])
-UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
-
-
-def _relu_error_band(x, h0, w_ih, w_hh, b_ih, b_hh, dtype):
-    """How far a kernel's IRNN pre-activations may lie from the float64 reference's
-    when the kernel rounds its inputs to `dtype`: a probabilistic rounding-error bound
-    (Higham & Mary, SIAM J. Sci. Comput. 41(5), 2019: independent rounding errors add
-    in quadrature). Each rounding is an independent error of variance u^2/3 (relative
-    error uniform in [-u, u]): the input projection's result and the recurrent
-    product's operand h_{t-1}; the error of h_{t-1} (relu is 1-Lipschitz) propagates
-    through W_hh. Returns (z [T, B, H], 6 standard deviations [T, B, H])."""
-    _, _, cache = ref.irnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh)
-    inputs = x @ w_ih.T + b_ih + b_hh
-    variance = np.zeros_like(h0)
-    band = np.empty_like(cache.preactivations)
-    u2 = UNIT_ROUNDOFF[dtype] ** 2 / 3
-    for t in range(x.shape[0]):
-        variance = (u2 * cache.hidden_states[t] ** 2 + variance) @ (w_hh ** 2).T + u2 * inputs[t] ** 2
-        band[t] = 6 * np.sqrt(variance)
-    return cache.preactivations, band
-
-
-def _irnn_inputs_off_the_kink(x, rest, dtype, seed):
-    """ReLU's derivative jumps at 0: a pre-activation within rounding error of 0 may
-    come out with either sign in a kernel, and then the gradients differ by O(1) there
-    whatever the precision, which no tolerance can cover without hiding real errors.
-    So the inputs, not the reference, move: each batch row whose pre-activation at step
-    t lies within the error band of 0 has x_t redrawn, until none does. Returns x."""
-    rng = np.random.default_rng(seed)
-    rounded = [torch.tensor(a, dtype=dtype).double().numpy() for a in rest]
-    for _ in range(1000):
-        rx = torch.tensor(x, dtype=dtype).double().numpy()
-        z, band = _relu_error_band(rx, *rounded, dtype)
-        near = np.abs(z) <= band  # [T, B, H]
-        if not near.any():
-            return x
-        t = int(np.argmax(near.any(axis=(1, 2))))
-        rows = near[t].any(axis=1)
-        x[t, rows] = rng.normal(0.0, 0.5, (int(rows.sum()), x.shape[2]))
-    raise AssertionError("could not draw IRNN inputs off the ReLU kink")
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -529,7 +478,8 @@ def _irnn_inputs_off_the_kink(x, rest, dtype, seed):
 def test_low_precision_matches_reference(cell, shape, dtype, backend):
     x, states, w_ih, w_hh, b_ih, b_hh, up = make_layer(cell, *shape, bias=True, seed=3)
     if cell == "irnn":
-        x = _irnn_inputs_off_the_kink(x, (*states, w_ih, w_hh, b_ih, b_hh), dtype, seed=4)
+        x = irnn_inputs_off_the_kink(x, (*states, w_ih, w_hh, b_ih, b_hh), dtype, seed=4)
+        assert x is not None, "no inputs off the ReLU kink"
     leaves = [torch.tensor(a, dtype=dtype, device=DEVICE, requires_grad=True)
               for a in (x, *states, w_ih, w_hh, b_ih, b_hh)]
     rounded = [t.detach().double().cpu().numpy() for t in leaves]
