@@ -49,7 +49,7 @@ inline pybind11::dict build_info_dict() {
 #endif
   info["cxx_flags"] = FUSED_RNN_CXX_FLAGS;
   // the float32 scans' per-step GEMM on this CPU now (csrc/cpu/blas.h, RecurrentGemm)
-  info["cpu_gemm"] = cpu::own_gemm_enabled() ? "avx2" : "blas";
+  info["cpu_gemm"] = cpu::gemm_kernel_name(cpu::gemm_kernel());
   return info;
 }
 

@@ -66,12 +66,19 @@ inline void check_layer_tensors(const at::Tensor& x,
   }
 }
 
+// The matrix product of the whole-sequence GEMMs below, a [M, K] @ b [K, N] (+ bias [N]
+// on every row): ATen's by default; the CPU scans pass their own (cpu/blas.h).
+using Matmul = at::Tensor (*)(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias);
+
+inline at::Tensor aten_matmul(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias) {
+  return bias.has_value() ? at::addmm(*bias, a, b) : at::mm(a, b);
+}
+
 // [T, B, G*H] = x @ w_ih^T + bias: the input projection of all steps in one GEMM.
 inline at::Tensor input_projection(const at::Tensor& x, const at::Tensor& w_ih,
-                                   const std::optional<at::Tensor>& bias) {
+                                   const std::optional<at::Tensor>& bias, Matmul matmul = aten_matmul) {
   const auto rows = x.size(0) * x.size(1);
-  auto x2d = x.view({rows, x.size(2)});
-  auto pre = bias.has_value() ? at::addmm(*bias, x2d, w_ih.t()) : at::mm(x2d, w_ih.t());
+  auto pre = matmul(x.view({rows, x.size(2)}), w_ih.t(), bias);
   return pre.view({x.size(0), x.size(1), w_ih.size(0)});
 }
 
@@ -86,12 +93,13 @@ struct WeightGrads {
 // the dW_hh GEMM and a column sum): at T = 64, B = 64, I = 42, H = 256 (LSTM, 2 threads,
 // min of 20) 17.6 ms against 15.2 + 5.0 + 0.5 ms. dx = dpre @ W_ih if need_dx, else empty.
 inline WeightGrads weight_grads(const at::Tensor& dpre, const at::Tensor& x, const at::Tensor& h0,
-                                const at::Tensor& y, const at::Tensor& w_ih, const at::Tensor& w_hh, bool need_dx) {
+                                const at::Tensor& y, const at::Tensor& w_ih, const at::Tensor& w_hh, bool need_dx,
+                                Matmul matmul = aten_matmul) {
   const int64_t steps = x.size(0), batch = x.size(1), inputs = x.size(2), hidden = w_hh.size(1);
   const int64_t rows = steps * batch, gh = w_hh.size(0);
   auto dpre2d = dpre.view({rows, gh});
   WeightGrads grads;
-  grads.dx = need_dx ? at::mm(dpre2d, w_ih).view(x.sizes()) : at::empty({0}, x.options());
+  grads.dx = need_dx ? matmul(dpre2d, w_ih, std::nullopt).view(x.sizes()) : at::empty({0}, x.options());
   // [T*B, I + H + 1]: each row is [x_t | h_{t-1} | 1] of one (t, b)
   auto operands = at::empty({rows, inputs + hidden + 1}, x.options());
   operands.narrow(1, 0, inputs).copy_(x.view({rows, inputs}));
@@ -99,7 +107,7 @@ inline WeightGrads weight_grads(const at::Tensor& dpre, const at::Tensor& x, con
   h_prev.narrow(0, 0, batch).copy_(h0);
   if (steps > 1) h_prev.narrow(0, batch, rows - batch).copy_(y.slice(0, 0, steps - 1).reshape({rows - batch, hidden}));
   operands.narrow(1, inputs + hidden, 1).fill_(1);
-  auto stacked = at::mm(operands.t(), dpre2d);  // [I + H + 1, G*H]
+  auto stacked = matmul(operands.t(), dpre2d, std::nullopt);  // [I + H + 1, G*H]
   grads.dw_ih = stacked.narrow(0, 0, inputs).t().contiguous();
   grads.dw_hh = stacked.narrow(0, inputs, hidden).t().contiguous();
   grads.dbias = stacked[inputs + hidden].clone();

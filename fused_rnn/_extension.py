@@ -37,9 +37,9 @@ def build_info() -> dict:
     Keys: ``backends`` (compiled kernel backends, e.g. ``["cpp", "cuda"]``),
     ``cuda_archs`` (e.g. ``["sm_80", "sm_90"]``, empty without CUDA), ``cuda_version``,
     ``compiler``, ``torch_version`` (the torch the extension was compiled against),
-    ``cxx_flags``, ``cpu_gemm`` (the float32 CPU scans' per-step GEMM on this CPU:
-    ``"avx2"``, the package's own kernel, or ``"blas"``; ``FUSED_RNN_CPU_GEMM=blas``
-    forces BLAS); plus ``extension_loaded`` and, when it is not, ``import_error``.
+    ``cxx_flags``, ``cpu_gemm`` (the float32 CPU scans' GEMM kernel on this CPU:
+    ``"avx512"`` or ``"avx2"``, the package's own, or ``"blas"``;
+    ``FUSED_RNN_CPU_ISA=avx2`` or ``=blas`` forces a lower one); plus ``extension_loaded`` and, when it is not, ``import_error``.
     """
     if not HAS_C:
         return {

@@ -27,30 +27,54 @@ def test_layer_matches_reference(cell, shape, bias, dtype, cpu_backend):
     check_layer_against_reference(cell, shape, bias, dtype, cpu_backend)
 
 
-@pytest.mark.parametrize("shape", [(63, 4, 7, 37), (4, 7, 5, 30), (9, 20, 7, 13)],
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return None
+
+
+# The float32 GEMM paths this CPU runs, widest first (csrc/cpu/blas.h): the default path
+# runs in every other test; FUSED_RNN_CPU_ISA forces each lower one here.
+_FLAGS = _cpu_flags() or set()
+GEMM_PATHS = (["avx512"] if "avx512f" in _FLAGS else []) + (["avx2"] if {"avx2", "fma"} <= _FLAGS else []) + ["blas"]
+
+
+@pytest.mark.parametrize("shape", [(63, 4, 7, 37), (4, 7, 5, 30), (9, 20, 7, 13), (3, 70, 5, 26)],
                          ids=lambda s: "T{}B{}I{}H{}".format(*s))
 @pytest.mark.parametrize("cell", ["irnn", "lstm"])
-def test_blas_gemm_path_matches_reference(cell, shape, monkeypatch):
-    """FUSED_RNN_CPU_GEMM=blas routes the float32 scans' per-step GEMM through BLAS
-    instead of the package's AVX2 kernel (the path of CPUs without AVX2): same results."""
+@pytest.mark.parametrize("path", GEMM_PATHS)
+def test_every_gemm_path_matches_reference(cell, shape, path, monkeypatch):
+    """FUSED_RNN_CPU_ISA=<path> routes the float32 scans' GEMMs (per step, and the
+    whole-sequence ones: input projection, weight gradients) through that path: the
+    AVX-512 kernel, the AVX2 kernel, or BLAS (the path of CPUs without either). H = 37,
+    30, 13 and 26 leave partial 32- and 24-column panels; B = 70 more rows than a
+    64-row block."""
     if "cpp" not in fused_rnn.available_backends():
         pytest.skip("the C++ extension is not built")
-    monkeypatch.setenv("FUSED_RNN_CPU_GEMM", "blas")
+    monkeypatch.setenv("FUSED_RNN_CPU_ISA", path)
+    assert fused_rnn.build_info()["cpu_gemm"] == path
     test_layer_matches_reference(cell, shape, True, torch.float32, "cpp")
 
 
-def test_avx2_gemm_is_the_default_where_the_cpu_has_it():
-    """On a CPU with AVX2 and FMA the float32 scans use the package's own GEMM, so the
-    reference tests above exercise it (and FUSED_RNN_CPU_GEMM=blas turns it off)."""
+def test_widest_gemm_is_the_default_and_a_wider_one_cannot_be_forced(monkeypatch):
+    """The float32 scans use the widest kernel the CPU has (build_info says which); the
+    environment can lower it, not raise it, and an unknown value is an error naming the
+    variable and the values it takes."""
     if "cpp" not in fused_rnn.available_backends():
         pytest.skip("the C++ extension is not built")
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(line for line in f if line.startswith("flags")).split()
-    except (OSError, StopIteration):
+    if _cpu_flags() is None:
         pytest.skip("no /proc/cpuinfo")
-    expected = "avx2" if {"avx2", "fma"} <= set(flags) else "blas"
-    assert fused_rnn.build_info()["cpu_gemm"] == expected
+    monkeypatch.delenv("FUSED_RNN_CPU_ISA", raising=False)
+    assert fused_rnn.build_info()["cpu_gemm"] == GEMM_PATHS[0]
+    monkeypatch.setenv("FUSED_RNN_CPU_ISA", "sse")
+    with pytest.raises(RuntimeError, match="FUSED_RNN_CPU_ISA must be avx512, avx2 or blas, got 'sse'"):
+        fused_rnn.build_info()
+    if GEMM_PATHS[0] != "avx512":
+        monkeypatch.setenv("FUSED_RNN_CPU_ISA", "avx512")
+        with pytest.raises(RuntimeError, match="cannot run"):
+            fused_rnn.irnn(torch.randn(2, 3, 4), None, torch.randn(5, 4), torch.randn(5, 5), backend="cpp")
 
 
 # ---- stacked, bidirectional, batch_first: a NumPy composition of the reference layers ----

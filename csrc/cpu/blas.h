@@ -10,12 +10,15 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
 #include "gemm_avx2.h"
+#include "gemm_avx512.h"
+#include "../layer_common.h"
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -79,17 +82,35 @@ void gemm_row_major(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
 // The recurrent product of a scan, C[M, N] (+)= A[M, K] @ W' with the same weight W'
 // at every step: W' is W^T when W is stored [N, K] (trans_w), else W stored [K, N].
 //
-// W' is packed once per scan and reused by every step. float32 on a CPU with AVX2 and
-// FMA uses this package's own kernel (gemm_avx2.h), 1.1-1.3x MKL's sgemm at a thread's
-// per-step shapes. Otherwise, where MKL's packed API is exported (float32 on x86-64
-// torch builds), MKL packs W' (an sgemm call would repack it every step, a tenth of
-// the step's time at B = 64, H = 256); float64 and other builds call BLAS per step.
-// FUSED_RNN_CPU_GEMM=blas in the environment skips the own kernel (read when a scan
-// starts), to compare the two or to rule the kernel out when chasing a problem.
-inline bool own_gemm_enabled() {
-  static const bool cpu_ok = avx2::supported();
-  const char* choice = std::getenv("FUSED_RNN_CPU_GEMM");
-  return cpu_ok && (choice == nullptr || std::strcmp(choice, "blas") != 0);
+// W' is packed once per scan and reused by every step. float32 uses this package's own
+// kernel for the widest instruction set the CPU has: AVX-512 (gemm_avx512.h), else
+// AVX2 and FMA (gemm_avx2.h, 1.1-1.3x MKL's sgemm at a thread's per-step shapes).
+// Otherwise, where MKL's packed API is exported (float32 on x86-64 torch builds), MKL
+// packs W' (an sgemm call would repack it every step, a tenth of the step's time at
+// B = 64, H = 256); float64 and other builds call BLAS per step.
+// FUSED_RNN_CPU_ISA=avx2 or =blas in the environment forces a lower path (read when a
+// scan starts), to compare them or to rule a kernel out when chasing a problem; the
+// tests run every path the machine has.
+enum class GemmKernel { kBlas, kAvx2, kAvx512 };
+
+inline const char* gemm_kernel_name(GemmKernel kernel) {
+  return kernel == GemmKernel::kAvx512 ? "avx512" : kernel == GemmKernel::kAvx2 ? "avx2" : "blas";
+}
+
+// The widest kernel this CPU runs, lowered by FUSED_RNN_CPU_ISA.
+inline GemmKernel gemm_kernel() {
+  static const GemmKernel best = avx512::supported() ? GemmKernel::kAvx512
+                                 : avx2::supported() ? GemmKernel::kAvx2
+                                                     : GemmKernel::kBlas;
+  const char* choice = std::getenv("FUSED_RNN_CPU_ISA");
+  if (choice == nullptr || *choice == '\0') return best;
+  for (const GemmKernel kernel : {GemmKernel::kBlas, GemmKernel::kAvx2, GemmKernel::kAvx512}) {
+    if (std::strcmp(choice, gemm_kernel_name(kernel)) != 0) continue;
+    TORCH_CHECK(kernel <= best, "fused_rnn: FUSED_RNN_CPU_ISA=", choice, " asks for a kernel this CPU cannot run; ",
+                "it runs ", gemm_kernel_name(best), " and the paths below it");
+    return kernel;
+  }
+  TORCH_CHECK(false, "fused_rnn: FUSED_RNN_CPU_ISA must be avx512, avx2 or blas, got '", choice, "'");
 }
 
 template <typename scalar_t>
@@ -99,10 +120,15 @@ class RecurrentGemm {
       : w_(w), trans_w_(trans_w), m_(m), n_(n), k_(k) {
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (m == 0 || n == 0) return;
-      if (own_gemm_enabled()) {
+      kernel_ = gemm_kernel();
+      if (kernel_ == GemmKernel::kAvx512) {
+        packed_ = at::empty({avx512::packed_size(n, k)}, at::TensorOptions().dtype(at::kFloat));
+        avx512::pack(w, trans_w, n, k, packed_.data_ptr<float>());
+        return;
+      }
+      if (kernel_ == GemmKernel::kAvx2) {
         packed_ = at::empty({avx2::packed_size(n, k)}, at::TensorOptions().dtype(at::kFloat));
         avx2::pack(w, trans_w, n, k, packed_.data_ptr<float>());
-        own_ = true;
         return;
       }
       const bool fits = m < INT32_MAX && n < INT32_MAX && k < INT32_MAX;
@@ -121,7 +147,11 @@ class RecurrentGemm {
   // c [M, N] = a [M, K] @ W' + beta * c, rows contiguous (lda = K, ldc = N)
   void operator()(const scalar_t* a, scalar_t beta, scalar_t* c) const {
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (own_) {
+      if (kernel_ == GemmKernel::kAvx512) {
+        avx512::gemm(m_, n_, k_, a, k_, packed_.const_data_ptr<float>(), beta, c, n_);
+        return;
+      }
+      if (kernel_ == GemmKernel::kAvx2) {
         avx2::gemm(m_, n_, k_, a, k_, packed_.const_data_ptr<float>(), beta, c, n_);
         return;
       }
@@ -139,9 +169,50 @@ class RecurrentGemm {
   const scalar_t* w_;
   bool trans_w_;
   int64_t m_, n_, k_;
-  bool own_ = false;   // packed_ holds avx2::pack's layout
-  at::Tensor packed_;  // or MKL's, when defined and !own_
+  GemmKernel kernel_ = GemmKernel::kBlas;  // packed_ holds that kernel's layout,
+  at::Tensor packed_;                      // or MKL's when defined with kBlas
 };
+
+// a [M, K] @ b [K, N] (+ bias [N] on every row) for the whole-sequence GEMMs of the
+// scans (the input projection, the weight gradients, dx): float32 on the AVX-512 kernel,
+// b packed once (its panels in parallel) and the rows of a split across threads; other
+// dtypes and kernels through ATen (MKL, which runs its AVX2 code on AMD CPUs: half the
+// AVX-512 kernel's rate on a core with full-width AVX-512).
+inline at::Tensor sequence_matmul(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias) {
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  if (a.scalar_type() != at::kFloat || m == 0 || n == 0 || gemm_kernel() != GemmKernel::kAvx512) {
+    return aten_matmul(a, b, bias);
+  }
+  // b is W' [K, N]: a transposed view of a row-major [N, K] tensor, or row-major itself
+  const bool trans_w = b.stride(0) == 1 && b.stride(1) == k;
+  const auto w = trans_w ? b : b.contiguous();
+  const float* w_data = w.const_data_ptr<float>();
+  auto packed = at::empty({avx512::packed_size(n, k)}, a.options());
+  float* packed_data = packed.data_ptr<float>();
+  const int64_t panels = (n + avx512::kPanel - 1) / avx512::kPanel, panel_floats = k * avx512::kPanel;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      // panel p of W' is W' restricted to its columns: pack that sub-matrix alone
+      const int64_t first = p * avx512::kPanel, cols = std::min(avx512::kPanel, n - first);
+      const float* sub = trans_w ? w_data + first * k : w_data + first;
+      if (trans_w) {
+        avx512::pack(sub, true, cols, k, packed_data + p * panel_floats);
+      } else {
+        pack_strided(sub, n, cols, k, avx512::kPanel, packed_data + p * panel_floats);
+      }
+    }
+  });
+  const auto lhs = a.contiguous();
+  auto out = at::empty({m, n}, a.options());
+  if (bias.has_value()) out.copy_(bias->expand({m, n}));
+  const float* a_data = lhs.const_data_ptr<float>();
+  float* c = out.data_ptr<float>();
+  const float beta = bias.has_value() ? 1.0f : 0.0f;
+  at::parallel_for(0, m, avx512::kRowBlock, [&](int64_t r0, int64_t r1) {
+    avx512::gemm(r1 - r0, n, k, a_data + r0 * k, k, packed_data, beta, c + r0 * n, n);
+  });
+  return out;
+}
 
 }  // namespace cpu
 }  // namespace fused_rnn

@@ -14,14 +14,15 @@
 namespace fused_rnn {
 namespace cpu {
 
-// The pointwise row loops are compiled twice on x86-64, for AVX2+FMA (x86-64-v3) and
-// for the baseline, and the loader picks one by CPU (function multi-versioning), so one
-// binary vectorises 8-wide where it can and still runs everywhere. "arch=x86-64-v3"
-// in target_clones needs GCC 12; an "arch=haswell" clone would also set Haswell tuning,
-// which stops GCC inlining the cell maths into it, and the loop then does not vectorise.
-// Older compilers get the baseline (SSE2) loops only.
+// The pointwise row loops are compiled three times on x86-64, for AVX-512 (x86-64-v4),
+// AVX2+FMA (x86-64-v3) and the baseline, and the loader picks one by CPU (function
+// multi-versioning), so one binary vectorises 16-wide where it can and still runs
+// everywhere; FUSED_RNN_CPU_ISA (blas.h) lowers the GEMM kernel, not these loops.
+// "arch=x86-64-v3/v4" in target_clones needs GCC 12; an "arch=haswell" clone would also
+// set Haswell tuning, which stops GCC inlining the cell maths into it, and the loop then
+// does not vectorise. Older compilers get the baseline (SSE2) loops only.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && !defined(__CUDACC__)
-#define FUSED_RNN_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define FUSED_RNN_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FUSED_RNN_CPU_CLONES
 #endif

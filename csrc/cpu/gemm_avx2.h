@@ -10,27 +10,20 @@
 // current one (AVX-512) oneDNN's LSTM primitive is faster still (docs/cpu.md).
 //
 // Layout: the weight W' [K, N] (C = A @ W') is packed into panels of kPanel = 24
-// columns, panel p holding W'[k, 24p .. 24p + 23] for k = 0..K-1 contiguously,
-// zero-padded past N. The micro-kernel computes a tile of up to kTileRows = 4 rows x
+// columns (gemm_pack.h). The micro-kernel computes a tile of up to kTileRows = 4 rows x
 // 24 columns: 12 accumulator registers, 3 for the panel's row of W', 1 for the
 // broadcast of A; 16 ymm registers in all, so nothing spills. The loops run panel by
 // panel so that a panel (24 K floats) stays in L1/L2 while every row tile of the
 // block uses it.
-//
-// This header needs only <immintrin.h>: the kernels are compiled for AVX2+FMA with a
-// target attribute, and callers check avx2::supported() at run time, so the package
-// still runs on CPUs without AVX2 (through BLAS instead).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
-#define FUSED_RNN_HAS_AVX2_GEMM 1
+#include "gemm_pack.h"
+
+#if FUSED_RNN_X86_GEMM
 #include <immintrin.h>
-#else
-#define FUSED_RNN_HAS_AVX2_GEMM 0
 #endif
 
 namespace fused_rnn {
@@ -41,24 +34,13 @@ constexpr int64_t kPanel = 24;    // columns per packed panel: three 8-float vec
 constexpr int64_t kTileRows = 4;  // rows per micro-tile (4 x 3 accumulators)
 constexpr int64_t kRowBlock = 64; // rows per block: its slice of A stays in L2 over all panels
 
-inline int64_t packed_size(int64_t n, int64_t k) { return (n + kPanel - 1) / kPanel * kPanel * k; }
+inline int64_t packed_size(int64_t n, int64_t k) { return panels_size(n, k, kPanel); }
 
-// Packs W' [K, N] into panels: W' is W^T when W is stored [N, K] (trans_w), else W
-// stored [K, N]. `out` holds packed_size(n, k) floats.
 inline void pack(const float* w, bool trans_w, int64_t n, int64_t k, float* out) {
-  const int64_t panels = (n + kPanel - 1) / kPanel;
-  for (int64_t p = 0; p < panels; ++p) {
-    float* panel = out + p * k * kPanel;
-    const int64_t first = p * kPanel, cols = std::min(kPanel, n - first);
-    for (int64_t kk = 0; kk < k; ++kk) {
-      float* dst = panel + kk * kPanel;
-      for (int64_t j = 0; j < cols; ++j) dst[j] = trans_w ? w[(first + j) * k + kk] : w[kk * n + first + j];
-      for (int64_t j = cols; j < kPanel; ++j) dst[j] = 0.0f;
-    }
-  }
+  pack_panels(w, trans_w, n, k, kPanel, out);
 }
 
-#if FUSED_RNN_HAS_AVX2_GEMM
+#if FUSED_RNN_X86_GEMM
 
 inline bool supported() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");

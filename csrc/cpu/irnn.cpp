@@ -66,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor> irnn_scan_forward(const at::Tensor& x_in, con
   const ScanOptions options(x, hidden, recurrent_mask, lengths);
   TORCH_CHECK(!hidden_clip.has_value() || *hidden_clip > 0, "fused_rnn: hidden_clip must be positive");
   if (steps == 0) return {x.new_empty({0, batch, hidden}), h0.clone()};
-  auto y = input_projection(x, w_ih, bias);  // [T, B, H]: z_t, then h_t in place
+  auto y = input_projection(x, w_ih, bias, sequence_matmul);  // [T, B, H]: z_t, then h_t in place
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "irnn_scan_forward", [&] {
     scalar_t* y_data = y.data_ptr<scalar_t>();
     const scalar_t* mask = options.mask_data<scalar_t>();
@@ -174,7 +174,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> irnn_scan
       }
     });
   });
-  auto grads = weight_grads(dz, x, options.masked(h0), options.masked(y), w_ih, w_hh, grad_x && !plan.dx_in_step);
+  auto grads = weight_grads(dz, x, options.masked(h0), options.masked(y), w_ih, w_hh,
+                            grad_x && !plan.dx_in_step, sequence_matmul);
   if (plan.dx_in_step) grads.dx = plan.dx;
   return {grads.dx, carry, grads.dw_ih, grads.dw_hh, grads.dbias};
 }

@@ -205,7 +205,7 @@ ForwardOutputs lstm_projected_forward(const at::Tensor& x, const at::Tensor& h0,
                                       const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& w_hr,
                                       const std::optional<at::Tensor>& bias, const ScanOptions& options) {
   const int64_t steps = x.size(0), batch = x.size(1), width = w_hh.size(1), hidden = w_hr.size(1);
-  auto gates = input_projection(x, w_ih, bias);  // [T, B, 4H]
+  auto gates = input_projection(x, w_ih, bias, sequence_matmul);  // [T, B, 4H]
   auto y = at::empty({steps, batch, width}, x.options());
   auto cells = at::empty({steps, batch, hidden}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_projected_forward", [&] {
@@ -281,7 +281,8 @@ ForwardOutputs lstm_scan_forward(const at::Tensor& x_in, const at::Tensor& h0_in
             x.new_empty({0, batch, 4 * hidden})};
   }
   if (w_hr.defined()) return lstm_projected_forward(x, h0, c0, w_ih, w_hh, w_hr, bias, options);
-  auto gates = input_projection(x, w_ih, bias);  // [T, B, 4H]: pre-activations, then activations in place
+  // [T, B, 4H]: pre-activations, then activations in place
+  auto gates = input_projection(x, w_ih, bias, sequence_matmul);
   auto y = at::empty({steps, batch, hidden}, x.options());
   auto cells = at::empty({steps, batch, hidden}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_scan_forward", [&] {
@@ -418,7 +419,7 @@ BackwardOutputs lstm_backward_impl(const at::Tensor& grad_y, const at::Tensor& g
     });
   });
   auto grads = weight_grads(dgates, x, options.masked(h0), y.defined() ? options.masked(y) : y, w_ih, w_hh,
-                            grad_x && !plan.dx_in_step);
+                            grad_x && !plan.dx_in_step, sequence_matmul);
   if (plan.dx_in_step) grads.dx = plan.dx;
   return {grads.dx, dh_carry, dc, grads.dw_ih, grads.dw_hh, grads.dbias};
 }
@@ -503,7 +504,8 @@ ProjectedBackwardOutputs lstm_projected_backward(const at::Tensor& grad_y, const
       }
     });
   });
-  auto grads = weight_grads(dgates, x, options.masked(h0), options.masked(y), w_ih, w_hh, grad_x && !plan.dx_in_step);
+  auto grads = weight_grads(dgates, x, options.masked(h0), options.masked(y), w_ih, w_hh,
+                            grad_x && !plan.dx_in_step, sequence_matmul);
   if (plan.dx_in_step) grads.dx = plan.dx;
   auto dw_hr = at::mm(grad_h.view({steps * batch, width}).t(), units.view({steps * batch, hidden}));  // [P, H]
   return {grads.dx, dh_carry, dc, grads.dw_ih, grads.dw_hh, grads.dbias, dw_hr};
