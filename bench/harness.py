@@ -467,6 +467,29 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def layer_gflop(cell: str, mode: str, config: BenchConfig) -> float:
+    """The arithmetic of one call, GFLOP: 2 T B G H (I + H) for the forward's products
+    (G = 1 for the IRNN, 4 for the LSTM; the cell's pointwise maths not counted), three
+    times that in training (the backward's per-step products [W_hh | W_ih] and the
+    weight-gradient GEMM do as much again each)."""
+    gates = 1 if cell == "irnn" else 4
+    forward = 2.0 * config.T * config.B * gates * config.H * (config.I + config.H) / 1e9
+    return forward * (3 if mode == "training" else 1)
+
+
+def measure_sgemm_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """This machine's float32 GEMM rate through torch.mm (size^3, best of `repeats`, on
+    torch's threads): the reference the CPU table's GFLOP/s columns are read against."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size ** 3 / best / 1e9
+
+
 @dataclass
 class BenchReport:
     machine: Dict[str, object]
@@ -492,6 +515,8 @@ def run_benchmarks(cells: Sequence[str] = CELLS, modes: Sequence[str] = MODES,
     """Runs every (dtype, cell, configuration, mode) case on `device`; `progress`, if
     given, is called with a line before each case."""
     machine = describe_machine(device)
+    if torch.device(device).type == "cpu":
+        machine["sgemm_gflops"] = measure_sgemm_gflops()
     results = []
     for dtype in dtypes:
         for cell in cells:
@@ -551,12 +576,22 @@ def format_markdown(report: BenchReport) -> str:
         "- before timing, every contender's outputs, final states and gradients matched "
         "nn.RNN / nn.LSTM within the harness's tolerance (bench/harness.py) of each tensor's largest entry; "
         "`-`: dispatch does not send that case to that backend.",
-        "",
     ]
+    gflops = not on_gpu and "sgemm_gflops" in m and "cpp" in report.backends
+    if gflops:
+        lines.append(
+            "- GFLOP/s: the products' arithmetic per call (2 T B G H (I + H), G = 1 IRNN / 4 LSTM, three times "
+            "that in training) over the median time; the cell's pointwise maths is not counted. This machine's "
+            f"float32 GEMM rate in the same run, torch.mm of 2048 x 2048 matrices: {m['sgemm_gflops']:.0f} GFLOP/s "
+            "(MKL, which runs its AVX2 code on AMD CPUs; oneDNN's LSTM and the package's AVX-512 kernel go "
+            "past it on cores with full-width AVX-512).")
+    lines.append("")
     header = ["cell", "mode"] + (["dtype"] if len(dtypes) > 1 else []) + ["T", "B", "I", "H",
                                                                            f"{CONTENDER_LABELS[BASELINE]} ms"]
     header += [f"{CONTENDER_LABELS[name]} ms" for name in report.backends]
     header += [f"{CONTENDER_LABELS[name]} speed-up vs nn" for name in report.backends]
+    if gflops:
+        header += [f"{CONTENDER_LABELS[BASELINE]} GFLOP/s", f"{CONTENDER_LABELS['cpp']} GFLOP/s"]
     if on_gpu:
         header.append("max error")
     lines.append("| " + " | ".join(header) + " |")
@@ -570,6 +605,10 @@ def format_markdown(report: BenchReport) -> str:
                 for name in report.backends]
         row += [_format_speedup(result.speedup(name)) if name not in result.unavailable or not on_gpu else "-"
                 for name in report.backends]
+        if gflops:
+            work = layer_gflop(result.cell, result.mode, c)
+            row += [f"{1e3 * work / ms:.0f}" if ms else "unavailable"
+                    for ms in (result.median_ms(BASELINE), result.median_ms("cpp"))]
         if on_gpu:
             row.append(_format_error({k: v for errors in result.errors.values() for k, v in errors.items()}))
         lines.append("| " + " | ".join(row) + " |")

@@ -39,7 +39,8 @@ def build_info() -> dict:
     ``compiler``, ``torch_version`` (the torch the extension was compiled against),
     ``cxx_flags``, ``cpu_gemm`` (the float32 CPU scans' GEMM kernel on this CPU:
     ``"avx512"`` or ``"avx2"``, the package's own, or ``"blas"``;
-    ``FUSED_RNN_CPU_ISA=avx2`` or ``=blas`` forces a lower one); plus ``extension_loaded`` and, when it is not, ``import_error``.
+    ``FUSED_RNN_CPU_ISA=avx2`` or ``=blas`` forces a lower one); plus
+    ``extension_loaded`` and, when it is not, ``import_error``.
     """
     if not HAS_C:
         return {

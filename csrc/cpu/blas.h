@@ -203,13 +203,13 @@ inline at::Tensor sequence_matmul(const at::Tensor& a, const at::Tensor& b, cons
     }
   });
   const auto lhs = a.contiguous();
+  const auto bias_values = bias.has_value() ? bias->contiguous() : at::Tensor();
   auto out = at::empty({m, n}, a.options());
-  if (bias.has_value()) out.copy_(bias->expand({m, n}));
   const float* a_data = lhs.const_data_ptr<float>();
+  const float* bias_data = bias_values.defined() ? bias_values.const_data_ptr<float>() : nullptr;
   float* c = out.data_ptr<float>();
-  const float beta = bias.has_value() ? 1.0f : 0.0f;
   at::parallel_for(0, m, avx512::kRowBlock, [&](int64_t r0, int64_t r1) {
-    avx512::gemm(r1 - r0, n, k, a_data + r0 * k, k, packed_data, beta, c + r0 * n, n);
+    avx512::gemm(r1 - r0, n, k, a_data + r0 * k, k, packed_data, 0.0f, c + r0 * n, n, bias_data);
   });
   return out;
 }

@@ -69,8 +69,9 @@ void parallel_batch(int64_t batch, const Fn& fn) {
 // bfloat16 / float16 layers on the CPU: the kernels run in float32 (state, products and
 // accumulation), on inputs and weights converted once at the call; outputs and
 // gradients come back in the inputs' dtype, the LSTM's saved cells and gates in float32
-// (as on CUDA). There is no native bf16 dot product here (the CPUs this was built on
-// have no AVX-512 BF16): the conversion costs one pass over each tensor.
+// (as on CUDA). There is no native bf16 dot product here yet (AVX-512 BF16's vdpbf16ps,
+// which this machine's CPUs have, is issue 15's next step): the conversion costs one
+// pass over each tensor.
 inline bool reduced_precision(const at::Tensor& x) {
   return x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
 }

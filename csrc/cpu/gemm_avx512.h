@@ -48,12 +48,13 @@ inline bool supported() {
 
 #define FUSED_RNN_AVX512 __attribute__((target("avx512f")))
 
-// C[rows, cols] (+)= A[rows, K] @ panel for rows = MR <= 8; lo/hi mask the panel's two
-// 16-column halves (all ones for a full panel). As in the AVX2 kernel the accumulators
+// C[rows, cols] (+)= A[rows, K] @ panel for rows = MR <= 8, plus bias[cols] on every row
+// when bias is not null; lo/hi mask the panel's two 16-column halves (all ones for a
+// full panel). As in the AVX2 kernel the accumulators
 // are named variables: GCC keeps an array of vectors in memory.
 template <int MR>
 FUSED_RNN_AVX512 inline void tile(int64_t k, const float* a, int64_t lda, const float* panel, bool accumulate, float* c,
-                                  int64_t ldc, __mmask16 lo, __mmask16 hi) {
+                                  int64_t ldc, __mmask16 lo, __mmask16 hi, const float* bias) {
   const __m512 zero = _mm512_setzero_ps();
   __m512 c00 = zero, c01 = zero, c10 = zero, c11 = zero, c20 = zero, c21 = zero, c30 = zero, c31 = zero;
   __m512 c40 = zero, c41 = zero, c50 = zero, c51 = zero, c60 = zero, c61 = zero, c70 = zero, c71 = zero;
@@ -87,6 +88,15 @@ FUSED_RNN_AVX512 inline void tile(int64_t k, const float* a, int64_t lda, const 
 #undef FUSED_RNN_TILE_ROW
   // full panels with plain loads and stores (AMD's masked stores are much slower)
   const bool full = lo == __mmask16(0xFFFF) && hi == __mmask16(0xFFFF);
+  if (bias != nullptr) {
+    const __m512 bias0 = _mm512_maskz_loadu_ps(lo, bias), bias1 = _mm512_maskz_loadu_ps(hi, bias + 16);
+    c00 = _mm512_add_ps(c00, bias0), c01 = _mm512_add_ps(c01, bias1), c10 = _mm512_add_ps(c10, bias0);
+    c11 = _mm512_add_ps(c11, bias1), c20 = _mm512_add_ps(c20, bias0), c21 = _mm512_add_ps(c21, bias1);
+    c30 = _mm512_add_ps(c30, bias0), c31 = _mm512_add_ps(c31, bias1), c40 = _mm512_add_ps(c40, bias0);
+    c41 = _mm512_add_ps(c41, bias1), c50 = _mm512_add_ps(c50, bias0), c51 = _mm512_add_ps(c51, bias1);
+    c60 = _mm512_add_ps(c60, bias0), c61 = _mm512_add_ps(c61, bias1), c70 = _mm512_add_ps(c70, bias0);
+    c71 = _mm512_add_ps(c71, bias1);
+  }
 #define FUSED_RNN_TILE_STORE(i, acc0, acc1)                                                              \
   if constexpr (MR > i) {                                                                                \
     float* row = c + i * ldc;                                                                            \
@@ -112,9 +122,9 @@ FUSED_RNN_AVX512 inline void tile(int64_t k, const float* a, int64_t lda, const 
 }
 
 // Row-major C[M, N] = A[M, K] @ W' (beta = 0) or C += A @ W' (beta = 1), W' packed by
-// pack(). lda and ldc are row strides.
+// pack(), plus bias [N] on every row when bias is not null. lda and ldc are row strides.
 FUSED_RNN_AVX512 inline void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* packed,
-                                  float beta, float* c, int64_t ldc) {
+                                  float beta, float* c, int64_t ldc, const float* bias = nullptr) {
   const bool accumulate = beta != 0.0f;
   const int64_t panels = (n + kPanel - 1) / kPanel;
   for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
@@ -125,16 +135,17 @@ FUSED_RNN_AVX512 inline void gemm(int64_t m, int64_t n, int64_t k, const float* 
       const __mmask16 lo = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
       const __mmask16 hi = cols >= 32 ? __mmask16(0xFFFF) : cols > 16 ? __mmask16((1u << (cols - 16)) - 1) : 0;
       float* out = c + col;
+      const float* bias_cols = bias != nullptr ? bias + col : nullptr;
       int64_t r = r0;
-      for (; r + kTileRows <= r1; r += kTileRows) tile<8>(k, a + r * lda, lda, panel, accumulate, out + r * ldc, ldc, lo, hi);
+      for (; r + kTileRows <= r1; r += kTileRows) tile<8>(k, a + r * lda, lda, panel, accumulate, out + r * ldc, ldc, lo, hi, bias_cols);
       switch (r1 - r) {
-        case 7: tile<7>(k, a + r * lda, lda, panel, accumulate, out + r * ldc, ldc, lo, hi); break;
-        case 6: tile<6>(k, a + r * lda, lda, panel, accumulate, out + r * ldc, ldc, lo, hi); break;
-        case 5: tile<5>(k, a + r * lda, lda, panel, accumulate, out + r * ldc, ldc, lo, hi); break;
-        case 4: tile<4>(k, a + r * lda, lda, panel, accumulate, out + r * ldc, ldc, lo, hi); break;
-        case 3: tile<3>(k, a + r * lda, lda, panel, accumulate, out + r * ldc, ldc, lo, hi); break;
-        case 2: tile<2>(k, a + r * lda, lda, panel, accumulate, out + r * ldc, ldc, lo, hi); break;
-        case 1: tile<1>(k, a + r * lda, lda, panel, accumulate, out + r * ldc, ldc, lo, hi); break;
+        case 7: tile<7>(k, a + r * lda, lda, panel, accumulate, out + r * ldc, ldc, lo, hi, bias_cols); break;
+        case 6: tile<6>(k, a + r * lda, lda, panel, accumulate, out + r * ldc, ldc, lo, hi, bias_cols); break;
+        case 5: tile<5>(k, a + r * lda, lda, panel, accumulate, out + r * ldc, ldc, lo, hi, bias_cols); break;
+        case 4: tile<4>(k, a + r * lda, lda, panel, accumulate, out + r * ldc, ldc, lo, hi, bias_cols); break;
+        case 3: tile<3>(k, a + r * lda, lda, panel, accumulate, out + r * ldc, ldc, lo, hi, bias_cols); break;
+        case 2: tile<2>(k, a + r * lda, lda, panel, accumulate, out + r * ldc, ldc, lo, hi, bias_cols); break;
+        case 1: tile<1>(k, a + r * lda, lda, panel, accumulate, out + r * ldc, ldc, lo, hi, bias_cols); break;
         default: break;
       }
     }
