@@ -102,6 +102,7 @@ CONFIGS = (  # the CPU table's
     BenchConfig("lesson", 64, 64, 42, 256, "the char-level lesson's model (42-dim embeddings, 256 units)"),
     BenchConfig("small-batch", 100, 1, 42, 256, "one sequence at a time, as in generation"),
     BenchConfig("fastrnns", 100, 64, 512, 512, "the defaults of PyTorch's benchmarks/fastrnns"),
+    BenchConfig("short", 8, 64, 42, 256, "the lesson's stateful model, trained on sequences of 8"),
 )
 CONFIGS_BY_NAME = {config.name: config for config in CONFIGS}
 

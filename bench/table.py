@@ -65,7 +65,7 @@ def write_section(section: str, source: str, name: str, entries: dict, path: Pat
 
 def write_speedups(report_json: dict) -> None:
     """The CPU section of the predictions "auto" uses: each fused backend's measured
-    speed-up over nn.RNN / nn.LSTM per (cell, mode, dtype, batch, hidden)."""
+    speed-up over nn.RNN / nn.LSTM per (cell, mode, dtype, batch, hidden, steps)."""
     m = report_json["machine"]
     entries = {}
     for result in report_json["results"]:
@@ -73,7 +73,7 @@ def write_speedups(report_json: dict) -> None:
         ratios = {name: round(value["speedup_vs_nn"], 3) for name, value in result["contenders"].items()
                   if name in ("cpp",) and value.get("speedup_vs_nn") is not None}
         if ratios:
-            entries[(result["cell"], result["mode"], result.get("dtype", "float32"), c["B"], c["H"])] = ratios
+            entries[(result["cell"], result["mode"], result.get("dtype", "float32"), c["B"], c["H"], c["T"])] = ratios
     source = f"measured by bench/table.py on {m['cpu_model']}, {m['torch_threads']} threads, {m['date']}"
     write_section("CPU", source, "CPU", entries)
 

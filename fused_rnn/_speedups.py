@@ -35,20 +35,31 @@ def source(device: torch.device) -> str:
     return tables.CPU_SOURCE if device.type == "cpu" else tables.GPU_SOURCE
 
 
-def _nearest(entries, batch: int, hidden: int):
+def _nearest(entries, batch: int, hidden: int, steps: Optional[int] = None):
+    """The value of the entry ((b, h) or (b, h, t), value) nearest to the call, within
+    NEAREST in batch and hidden size (and in sequence length, for entries that have
+    one when the call's is known). Where the sequence length is unknown, or entries lie
+    equally near, the lowest of the nearest entries' values: a prediction never rests
+    on the more favourable of two shapes the call may be."""
     best, best_distance = None, None
     limit = math.log(NEAREST)
-    for (b, h), value in entries:
+    for key, value in entries:
+        b, h = key[0], key[1]
         db, dh = abs(math.log(max(b, 1) / max(batch, 1))), abs(math.log(max(h, 1) / max(hidden, 1)))
-        if db > limit or dh > limit:
+        dt = abs(math.log(max(key[2], 1) / max(steps, 1))) if len(key) > 2 and steps is not None else 0.0
+        if db > limit or dh > limit or dt > limit:
             continue
-        if best_distance is None or db + dh < best_distance:
-            best, best_distance = value, db + dh
+        distance = db + dh + dt
+        if best_distance is None or distance < best_distance - 1e-12:
+            best, best_distance = value, distance
+        elif abs(distance - best_distance) <= 1e-12:
+            best = min(best, value)
     return best
 
 
 def predicted(name: str, device: torch.device, dtype: torch.dtype, cell: Optional[str], hidden: Optional[int],
-              batch: Optional[int], training: Optional[bool], options: Tuple[str, ...] = ()) -> Optional[float]:
+              batch: Optional[int], training: Optional[bool], options: Tuple[str, ...] = (),
+              steps: Optional[int] = None) -> Optional[float]:
     """Predicted speed of backend `name` on this call relative to torch.nn's kernels
     (above 1: faster), or None without a prediction. With `training` unknown, the lower
     of the inference and training predictions. The Triton backend's is that of the
@@ -56,7 +67,7 @@ def predicted(name: str, device: torch.device, dtype: torch.dtype, cell: Optiona
     if name == "triton":
         name = "triton-split" if triton_design(device, dtype, cell, hidden, batch, training, options) == "split" \
             else "triton"
-    return _predicted(name, device, dtype, cell, hidden, batch, training)
+    return _predicted(name, device, dtype, cell, hidden, batch, training, steps)
 
 
 # FUSED_RNN_TRITON_DESIGN=split or tiled forces the Triton backend's design (tests, experiments)
@@ -78,7 +89,7 @@ def triton_design(device: torch.device, dtype: torch.dtype, cell: Optional[str],
     return "split" if split is not None and (tiled is None or split > tiled) else "tiled"
 
 
-def _predicted(name, device, dtype, cell, hidden, batch, training) -> Optional[float]:
+def _predicted(name, device, dtype, cell, hidden, batch, training, steps=None) -> Optional[float]:
     if cell is None or hidden is None or batch is None:
         return None
     dtype_name = str(dtype).replace("torch.", "")
@@ -86,13 +97,14 @@ def _predicted(name, device, dtype, cell, hidden, batch, training) -> Optional[f
     values = []
     for mode in modes:
         if device.type == "cpu":
-            entries = [((b, h), v.get(name)) for (c, m, d, b, h), v in tables.CPU.items()
-                       if (c, m, d) == (cell, mode, dtype_name) and name in v]
+            # keys (cell, mode, dtype, batch, hidden[, steps])
+            entries = [(key[3:], v.get(name)) for key, v in tables.CPU.items()
+                       if key[:3] == (cell, mode, dtype_name) and name in v]
         else:
             gpu = gpu_class(device)
             entries = [((b, h), v.get(name)) for (g, c, m, d, b, h), v in tables.GPU.items()
                        if (g, c, m, d) == (gpu, cell, mode, dtype_name) and name in v]
-        value = _nearest(entries, batch, hidden)
+        value = _nearest(entries, batch, hidden, steps if device.type == "cpu" else None)
         if value is None:
             return None
         values.append(value)

@@ -153,14 +153,17 @@ def _unsupported_reason(name: str, device: torch.device, dtype: torch.dtype, exp
 
 def select_backend(device, dtype: torch.dtype, backend: str = "auto", cell: Optional[str] = None,
                    hidden: Optional[int] = None, batch: Optional[int] = None,
-                   options: Tuple[str, ...] = (), training: Optional[bool] = None) -> BackendChoice:
+                   options: Tuple[str, ...] = (), training: Optional[bool] = None,
+                   steps: Optional[int] = None) -> BackendChoice:
     """The backend that runs tensors of `device` and `dtype` (raises ValueError if an
     explicitly requested backend cannot). `cell` ("irnn" or "lstm"), when given, also
     checks that the backend's kernels for that cell have a launch config for the dtype;
     with `hidden` (and `batch`) it checks the shape limits of a whole-sequence scan (the
     CUDA scans keep W_hh on chip) and lets ``"auto"`` use the predicted speed of each
     backend on that shape; `training` (whether a backward follows; default: unknown)
-    picks the training or the inference prediction. `options` names the options in use
+    picks the training or the inference prediction, and `steps` (the sequence length,
+    default: unknown) the nearest tabulated sequence length where the CPU table has
+    several. `options` names the options in use
     ("recurrent_mask", "lengths", "hidden_clip", "proj_size"), which not every backend
     implements. The result's ``basis`` says how the choice was made and ``skipped`` why
     each other backend was not taken."""
@@ -180,7 +183,7 @@ def select_backend(device, dtype: torch.dtype, backend: str = "auto", cell: Opti
             skipped[name] = reason
     fused = [name for name in eligible if name in FUSED]
     from . import _speedups
-    predicted = {name: _speedups.predicted(name, device, dtype, cell, hidden, batch, training, options)
+    predicted = {name: _speedups.predicted(name, device, dtype, cell, hidden, batch, training, options, steps)
                  for name in fused}
     if "nn" not in eligible:  # an option torch.nn does not have: the fastest fused kernel, else the loop
         known = {name: x for name, x in predicted.items() if x is not None}

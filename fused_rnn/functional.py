@@ -252,7 +252,7 @@ def _run_with_fallback(cell, backend, tensors, hidden, options, run):
         refusal = str(error)
     x = tensors[0]
     choice = select_backend(x.device, x.dtype, "auto", cell=cell, hidden=hidden, batch=x.shape[1],
-                            options=options, training=_records_grad(tensors))
+                            options=options, training=_records_grad(tensors), steps=x.shape[0])
     fallback = next(n for n in ("nn", "triton", "torch") if n in choice.eligible)
     warnings.warn(f"{refusal}; this call runs on backend {fallback!r} instead", RuntimeWarning,
                   stacklevel=3)
@@ -265,7 +265,7 @@ def _backend_for(cell, backend, tensors, hidden, options, run) -> str:
     x = tensors[0]
     training = _records_grad(tensors)
     choice = select_backend(x.device, x.dtype, backend, cell=cell, hidden=hidden, batch=x.shape[1],
-                            options=options, training=training)
+                            options=options, training=training, steps=x.shape[0])
     if backend != "auto" or not _measure.measured_dispatch_enabled() or choice.basis.startswith("measured") \
             or len(choice.eligible) < 2:
         return choice.name

@@ -447,7 +447,7 @@ class _StackedRNN(nn.Module):
         cell = "irnn" if isinstance(self, IRNN) else "lstm"
         options = ("proj_size",) if self.proj_size else ()
         choice = select_backend(x.device, x.dtype, self.backend, cell=cell, hidden=self.hidden_size,
-                                batch=x.shape[1], options=options, training=training)
+                                batch=x.shape[1], options=options, training=training, steps=x.shape[0])
         if choice.name != "nn" or (self.backend == "auto" and measured_dispatch_enabled()
                                    and not choice.basis.startswith("measured")):
             return None

@@ -79,11 +79,23 @@ def test_the_shipped_cpu_predictions_keep_auto_at_least_as_fast_as_torch_nn():
     """Every tabulated case where the fused kernel lost to torch.nn goes to torch.nn's
     kernels, and every clear win to the fused kernel (the CPU benchmark table, measured;
     the README's auto column is its result)."""
-    for (cell, mode, dtype, batch, hidden), speedups in _speedup_tables.CPU.items():
+    for (cell, mode, dtype, batch, hidden, steps), speedups in _speedup_tables.CPU.items():
         choice = fused_rnn.select_backend("cpu", getattr(torch, dtype), cell=cell, hidden=hidden, batch=batch,
-                                          training=mode == "training")
+                                          training=mode == "training", steps=steps)
         expected = "cpp" if speedups["cpp"] >= dispatch.CLEAR_WIN else "nn"
         assert choice.name == expected, (cell, mode, batch, hidden, speedups, choice)
+
+
+@needs_cpp
+def test_the_sequence_length_picks_the_nearest_row_and_unknown_takes_the_lower(predictions):
+    """A CPU table with rows at two sequence lengths: a call takes the row nearest its
+    own length; a call whose length is unknown takes the lower prediction of the two."""
+    predictions({("lstm", "training", "float32", 64, 256, 8): {"cpp": 0.9},
+                 ("lstm", "training", "float32", 64, 256, 64): {"cpp": 1.5}})
+    call = dict(cell="lstm", hidden=256, batch=64, training=True)
+    assert fused_rnn.select_backend("cpu", torch.float32, steps=10, **call).name == "nn"
+    assert fused_rnn.select_backend("cpu", torch.float32, steps=100, **call).name == "cpp"
+    assert fused_rnn.select_backend("cpu", torch.float32, **call).name == "nn"
 
 
 # ---- measured ----
