@@ -361,7 +361,7 @@ def stage_dispatch(dry_run: bool) -> dict:
         fused_rnn.set_measured_dispatch(True)
         y2 = fused_rnn.irnn(p["x"].to(device), p["state"][0].to(device), *[w.to(device) for w in p["weights"]])[0]
         choice = fused_rnn.select_backend(device, torch.float32, cell="irnn", hidden=p["weights"][1].shape[1],
-                                          batch=4, training=False)
+                                          batch=p["x"].shape[1], training=False, steps=p["x"].shape[0])
         report["measured dispatch"] = {"chose": choice.name, "basis": choice.basis}
     report["agree"] = _errors(torch, [y2.detach().cpu()], [y.detach().cpu()])
     if not choice.basis.startswith("measured"):

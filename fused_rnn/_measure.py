@@ -125,9 +125,12 @@ def batch_bucket(batch: int) -> int:
 
 
 def call_key(dtype: torch.dtype, cell: str, hidden: int, batch: int, options: Sequence[str],
-             training: Optional[bool]) -> str:
+             training: Optional[bool], steps: Optional[int] = None) -> str:
+    """The kind of call a measurement stands for; sequence lengths that round to the same
+    power of two share one (the fused kernels' ratio to torch.nn's depends on T)."""
     mode = "training" if training else "inference"
-    return f"{cell}|{str(dtype).replace('torch.', '')}|{mode}|B{batch_bucket(batch)}|H{hidden}|" + \
+    length = "" if steps is None else f"T{batch_bucket(steps)}|"
+    return f"{cell}|{str(dtype).replace('torch.', '')}|{mode}|B{batch_bucket(batch)}|H{hidden}|{length}" + \
         "+".join(sorted(options))
 
 
@@ -174,7 +177,7 @@ def _store(path: Path, key: str, entry: dict, device: torch.device) -> None:
 
 def cached_choice(device: torch.device, dtype: torch.dtype, cell: Optional[str], hidden: Optional[int],
                   batch: Optional[int], options: Sequence[str], training: Optional[bool],
-                  eligible: Sequence[str]) -> Optional[Tuple[str, str]]:
+                  eligible: Sequence[str], steps: Optional[int] = None) -> Optional[Tuple[str, str]]:
     """(backend, its timings as text) measured for a call of this kind on this device,
     if measured dispatch is on and it was measured; else None."""
     if not measured_dispatch_enabled() or cell is None or hidden is None or batch is None:
@@ -183,7 +186,7 @@ def cached_choice(device: torch.device, dtype: torch.dtype, cell: Optional[str],
     choices = _memory.get(str(path))
     if choices is None:
         choices = _memory[str(path)] = _read(path)
-    key = call_key(dtype, cell, hidden, batch, options, training)
+    key = call_key(dtype, cell, hidden, batch, options, training, steps)
     if key not in choices:  # another process may have measured it since this one read the file
         choices = _memory[str(path)] = _read(path)
     entry = choices.get(key)
@@ -219,7 +222,7 @@ def _seconds(step: Callable[[], object], device: torch.device) -> float:
 
 def measure(device: torch.device, dtype: torch.dtype, cell: str, hidden: int, batch: int,
             options: Sequence[str], training: bool, candidates: Sequence[str],
-            run: Callable[[str], Sequence[torch.Tensor]]) -> str:
+            run: Callable[[str], Sequence[torch.Tensor]], steps: Optional[int] = None) -> str:
     """Times `run(backend)` (the call on that backend; in training it also returns the
     gradients) for every candidate whose results agree with the first candidate's,
     caches and returns the fastest."""
@@ -243,6 +246,6 @@ def measure(device: torch.device, dtype: torch.dtype, cell: str, hidden: int, ba
     seconds = {name: _seconds(lambda name=name: run(name), device) for name in agreeing}
     winner = min(seconds, key=seconds.get)
     timings = ", ".join(f"{name} {1e3 * s:.3g} ms" for name, s in sorted(seconds.items(), key=lambda item: item[1]))
-    _store(cache_file(device), call_key(dtype, cell, hidden, batch, options, training),
+    _store(cache_file(device), call_key(dtype, cell, hidden, batch, options, training, steps),
            {"backend": winner, "timings": timings}, device)
     return winner

@@ -6,7 +6,8 @@ bench/table.py --write-speedups`), the GPU's from the performance model (`python
 bench/gpu_model.py --write-speedups`, a model, not a measurement). A call gets the
 prediction of the nearest tabulated shape of its cell, mode and dtype, if one lies
 within a factor :data:`NEAREST` in both batch and hidden size; otherwise none, and
-dispatch keeps torch.nn's kernels.
+dispatch keeps torch.nn's kernels. The CPU table also has rows at several sequence
+lengths: the nearest to the call's length counts (see :func:`_nearest`).
 """
 
 import math
@@ -37,17 +38,18 @@ def source(device: torch.device) -> str:
 
 def _nearest(entries, batch: int, hidden: int, steps: Optional[int] = None):
     """The value of the entry ((b, h) or (b, h, t), value) nearest to the call, within
-    NEAREST in batch and hidden size (and in sequence length, for entries that have
-    one when the call's is known). Where the sequence length is unknown, or entries lie
-    equally near, the lowest of the nearest entries' values: a prediction never rests
-    on the more favourable of two shapes the call may be."""
+    NEAREST in batch and hidden size. The sequence length, for entries that have one and
+    a call whose length is known, only adds to the distance: the table's few lengths
+    choose between rows and never leave a call without a prediction. Where the length
+    is unknown, or entries lie equally near, the lowest of the nearest entries' values:
+    a prediction never rests on the more favourable of two shapes the call may be."""
     best, best_distance = None, None
     limit = math.log(NEAREST)
     for key, value in entries:
         b, h = key[0], key[1]
         db, dh = abs(math.log(max(b, 1) / max(batch, 1))), abs(math.log(max(h, 1) / max(hidden, 1)))
         dt = abs(math.log(max(key[2], 1) / max(steps, 1))) if len(key) > 2 and steps is not None else 0.0
-        if db > limit or dh > limit or dt > limit:
+        if db > limit or dh > limit:
             continue
         distance = db + dh + dt
         if best_distance is None or distance < best_distance - 1e-12:

@@ -192,7 +192,7 @@ def select_backend(device, dtype: torch.dtype, backend: str = "auto", cell: Opti
                         for n in eligible if n != name})
         return BackendChoice(name, skipped, f"torch.nn's kernels cannot: {skipped['nn']}", tuple(eligible))
     from . import _measure
-    measured = _measure.cached_choice(device, dtype, cell, hidden, batch, options, training, eligible)
+    measured = _measure.cached_choice(device, dtype, cell, hidden, batch, options, training, eligible, steps)
     if measured is not None:
         name, timings = measured
         skipped.update({n: f"measured slower on this device ({timings})" for n in eligible if n != name})

@@ -280,7 +280,7 @@ def _backend_for(cell, backend, tensors, hidden, options, run) -> str:
         return (*outputs, *torch.autograd.grad(loss, differentiable, allow_unused=True))
 
     return _measure.measure(x.device, x.dtype, cell, hidden, x.shape[1], options, training, choice.eligible,
-                            timed_run)
+                            timed_run, steps=x.shape[0])
 
 
 def irnn_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, backend="auto") -> Tensor:

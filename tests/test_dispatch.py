@@ -112,18 +112,20 @@ def test_measured_dispatch_times_once_and_reuses_the_winner(cache, monkeypatch):
     assert len(files) == 1
     stored = json.loads(files[0].read_text())
     (key, entry), = stored["choices"].items()
-    assert key.startswith("irnn|float32|inference|B4|H6") and entry["backend"] in ("cpp", "nn", "torch")
+    assert key.startswith("irnn|float32|inference|B4|H6|T4|") and entry["backend"] in ("cpp", "nn", "torch")
     assert stored["environment"]["fused_rnn"] == fused_rnn.__version__
     y_again, _ = fused_rnn.irnn(x, None, w_ih, w_hh)
     assert len(timed) == 3  # the cached winner, no new timing
     torch.testing.assert_close(y_again, y_first, rtol=1e-5, atol=1e-6)  # float32, any backend
-    choice = fused_rnn.select_backend("cpu", torch.float32, cell="irnn", hidden=6, batch=3, training=False)
+    choice = fused_rnn.select_backend("cpu", torch.float32, cell="irnn", hidden=6, batch=3, training=False,
+                                      steps=5)
     assert choice.name == entry["backend"] and choice.basis.startswith("measured")
-    # another batch bucket, and training, are other kinds of call
+    # another batch bucket, training, and another length bucket are other kinds of call
     fused_rnn.irnn(torch.randn(5, 40, 4), None, w_ih, w_hh)
     fused_rnn.irnn(x, None, w_ih.requires_grad_(), w_hh)
-    assert len(timed) == 9
-    assert len(json.loads(files[0].read_text())["choices"]) == 3
+    fused_rnn.irnn(torch.randn(64, 3, 4), None, w_ih.detach(), w_hh)
+    assert len(timed) == 12
+    assert len(json.loads(files[0].read_text())["choices"]) == 4
 
 
 @needs_cpp
@@ -133,7 +135,8 @@ def test_the_cache_serves_another_process_and_a_changed_environment_does_not(cac
         import torch, fused_rnn
         torch.set_num_threads(1)  # as this process (conftest.py): the thread count is part of the key
         fused_rnn.set_measured_dispatch(True)
-        print(fused_rnn.select_backend("cpu", torch.float32, cell="lstm", hidden=5, batch=2, training=False).basis)
+        print(fused_rnn.select_backend("cpu", torch.float32, cell="lstm", hidden=5, batch=2, training=False,
+                                       steps=4).basis)
     """)
     env = dict(__import__("os").environ, **{_measure.CACHE_DIR_VARIABLE: str(cache)})
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
@@ -144,7 +147,8 @@ def test_the_cache_serves_another_process_and_a_changed_environment_does_not(cac
     _measure._memory.clear()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_measure, "environment", lambda device: changed)
-        choice = fused_rnn.select_backend("cpu", torch.float32, cell="lstm", hidden=5, batch=2, training=False)
+        choice = fused_rnn.select_backend("cpu", torch.float32, cell="lstm", hidden=5, batch=2, training=False,
+                                          steps=4)
     assert not choice.basis.startswith("measured")
 
 
@@ -154,7 +158,8 @@ def test_clear_dispatch_cache(cache):
     assert list(cache.glob("dispatch-*.json"))
     assert fused_rnn.clear_dispatch_cache() == 1
     assert not list(cache.glob("dispatch-*.json"))
-    choice = fused_rnn.select_backend("cpu", torch.float32, cell="irnn", hidden=5, batch=2, training=False)
+    choice = fused_rnn.select_backend("cpu", torch.float32, cell="irnn", hidden=5, batch=2, training=False,
+                                      steps=3)
     assert not choice.basis.startswith("measured")
 
 

@@ -157,7 +157,8 @@ FUSED_RNN_AVX512 inline void gemm(int64_t m, int64_t n, int64_t k, const float* 
 #else  // not x86-64 with GCC/Clang: callers use the AVX2 kernel's fallback (BLAS)
 
 inline bool supported() { return false; }
-inline void gemm(int64_t, int64_t, int64_t, const float*, int64_t, const float*, float, float*, int64_t) {}
+inline void gemm(int64_t, int64_t, int64_t, const float*, int64_t, const float*, float, float*, int64_t,
+                 const float* = nullptr) {}
 
 #endif
 

@@ -151,8 +151,8 @@ def _irnn_backward_step(dy_t, dh_n, dz_next, w, y_t, dz_t, rows, row_ok, H, FROM
         if MASK_RELU:
             h = tl.load(y_t + row_offsets + cols[None, :], mask=mask, other=0.0)
             g = tl.where(h <= 0.0, 0.0, g)  # as torch's threshold_backward: NaN h passes the gradient
-            if HAS_CLIP:  # clip rounded as the forward's store rounded it (y holds h in x's dtype)
-                g = tl.where(h >= (tl.zeros_like(g) + clip).to(y_t.dtype.element_ty), 0.0, g)
+            if HAS_CLIP:
+                g = tl.where(h >= clip, 0.0, g)
             if HAS_LENGTHS:
                 g = tl.where(active[:, None], g, 0.0)
         tl.store(dz_t + row_offsets + cols[None, :], g, mask=mask)
@@ -233,6 +233,8 @@ def irnn_scan_backward(grad_y: Tensor, grad_h_n: Tensor, x: Tensor, h0: Optional
     dz = torch.empty(steps, batch, hidden, dtype=torch.float32, device=x.device)
     dh0 = torch.empty(batch, hidden, dtype=torch.float32, device=x.device)
     w_hh = w_hh.contiguous()
+    if hidden_clip is not None:  # y holds h in x's dtype: compare it with the bound as y stores it
+        hidden_clip = float(torch.tensor(hidden_clip, dtype=x.dtype))
     options = ScanOptions.of(x, w_hh, recurrent_mask, lengths, hidden_clip)
     SCAN_BACKWARD.launch(batch, w_hh, grad_y.contiguous(), grad_h_n.contiguous(), y.contiguous(), w_hh, dz, dh0,
                          options.keep, options.lengths, options.clip, steps, batch, hidden, config=config,
