@@ -121,14 +121,10 @@ class RecurrentGemm {
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (m == 0 || n == 0) return;
       kernel_ = gemm_kernel();
-      if (kernel_ == GemmKernel::kAvx512) {
-        packed_ = at::empty({avx512::packed_size(n, k)}, at::TensorOptions().dtype(at::kFloat));
-        avx512::pack(w, trans_w, n, k, packed_.data_ptr<float>());
-        return;
-      }
-      if (kernel_ == GemmKernel::kAvx2) {
-        packed_ = at::empty({avx2::packed_size(n, k)}, at::TensorOptions().dtype(at::kFloat));
-        avx2::pack(w, trans_w, n, k, packed_.data_ptr<float>());
+      if (kernel_ != GemmKernel::kBlas) {  // the own kernels' layouts differ only in panel width
+        const int64_t panel = kernel_ == GemmKernel::kAvx512 ? avx512::kPanel : avx2::kPanel;
+        packed_ = at::empty({panels_size(n, k, panel)}, at::TensorOptions().dtype(at::kFloat));
+        pack_panels(w, trans_w, n, k, panel, packed_.data_ptr<float>());
         return;
       }
       const bool fits = m < INT32_MAX && n < INT32_MAX && k < INT32_MAX;
@@ -187,7 +183,7 @@ inline at::Tensor sequence_matmul(const at::Tensor& a, const at::Tensor& b, cons
   const bool trans_w = b.stride(0) == 1 && b.stride(1) == k;
   const auto w = trans_w ? b : b.contiguous();
   const float* w_data = w.const_data_ptr<float>();
-  auto packed = at::empty({avx512::packed_size(n, k)}, a.options());
+  auto packed = at::empty({panels_size(n, k, avx512::kPanel)}, a.options());
   float* packed_data = packed.data_ptr<float>();
   const int64_t panels = (n + avx512::kPanel - 1) / avx512::kPanel, panel_floats = k * avx512::kPanel;
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
@@ -196,7 +192,7 @@ inline at::Tensor sequence_matmul(const at::Tensor& a, const at::Tensor& b, cons
       const int64_t first = p * avx512::kPanel, cols = std::min(avx512::kPanel, n - first);
       const float* sub = trans_w ? w_data + first * k : w_data + first;
       if (trans_w) {
-        avx512::pack(sub, true, cols, k, packed_data + p * panel_floats);
+        pack_panels(sub, true, cols, k, avx512::kPanel, packed_data + p * panel_floats);
       } else {
         pack_strided(sub, n, cols, k, avx512::kPanel, packed_data + p * panel_floats);
       }

@@ -33,12 +33,6 @@ constexpr int64_t kPanel = 32;     // columns per packed panel: two 16-float vec
 constexpr int64_t kTileRows = 8;   // rows per micro-tile (8 x 2 accumulators)
 constexpr int64_t kRowBlock = 64;  // rows per block: its slice of A stays in L2 over all panels
 
-inline int64_t packed_size(int64_t n, int64_t k) { return panels_size(n, k, kPanel); }
-
-inline void pack(const float* w, bool trans_w, int64_t n, int64_t k, float* out) {
-  pack_panels(w, trans_w, n, k, kPanel, out);
-}
-
 #if FUSED_RNN_X86_GEMM
 
 inline bool supported() {
@@ -122,7 +116,7 @@ FUSED_RNN_AVX512 inline void tile(int64_t k, const float* a, int64_t lda, const 
 }
 
 // Row-major C[M, N] = A[M, K] @ W' (beta = 0) or C += A @ W' (beta = 1), W' packed by
-// pack(), plus bias [N] on every row when bias is not null. lda and ldc are row strides.
+// pack_panels() with kPanel, plus bias [N] on every row when bias is not null. lda and ldc are row strides.
 FUSED_RNN_AVX512 inline void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* packed,
                                   float beta, float* c, int64_t ldc, const float* bias = nullptr) {
   const bool accumulate = beta != 0.0f;
