@@ -84,7 +84,8 @@ void gemm_row_major(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
 //
 // W' is packed once per scan and reused by every step. float32 uses this package's own
 // kernel for the widest instruction set the CPU has: AVX-512 (gemm_avx512.h), else
-// AVX2 and FMA (gemm_avx2.h, 1.1-1.3x MKL's sgemm at a thread's per-step shapes).
+// AVX2 and FMA (gemm_avx2.h, 1.1-1.3x MKL's sgemm at a thread's per-step shapes), with
+// one packed W' shared by the scan's threads (PackedWeight).
 // Otherwise, where MKL's packed API is exported (float32 on x86-64 torch builds), MKL
 // packs W' (an sgemm call would repack it every step, a tenth of the step's time at
 // B = 64, H = 256); float64 and other builds call BLAS per step.
@@ -113,47 +114,103 @@ inline GemmKernel gemm_kernel() {
   TORCH_CHECK(false, "fused_rnn: FUSED_RNN_CPU_ISA must be avx512, avx2 or blas, got '", choice, "'");
 }
 
+// W' [K, N] packed once for one of the package's own kernels (gemm_common.h's layout):
+// W' is W^T when W is stored [N, K] (trans_w), else W stored [K, N], with row stride ld.
+// Called outside a parallel region, the panels are packed by all threads; the packed
+// weight is read-only afterwards, so the threads of a scan share one.
+class PackedWeight {
+ public:
+  PackedWeight() = default;
+  PackedWeight(GemmKernel kernel, const float* w, bool trans_w, int64_t ld, int64_t n, int64_t k)
+      : kernel_(kernel), n_(n), k_(k) {
+    TORCH_CHECK(kernel != GemmKernel::kBlas, "fused_rnn: internal error: PackedWeight for BLAS");
+    const int64_t panel = this->panel();
+    data_ = at::empty({panels_size(n, k, panel)}, at::TensorOptions().dtype(at::kFloat));
+    float* out = data_.data_ptr<float>();
+    at::parallel_for(0, (n + panel - 1) / panel, 1, [&](int64_t p0, int64_t p1) {
+      pack_panels(w, trans_w, ld, n, k, panel, out, p0, p1);
+    });
+  }
+
+  bool defined() const { return data_.defined(); }
+  GemmKernel kernel() const { return kernel_; }
+
+  // c [M, N] = a [M, K] @ W' (+ c when beta = 1) (+ bias [N] on every row); lda and ldc
+  // are row strides.
+  void multiply(int64_t m, const float* a, int64_t lda, float beta, float* c, int64_t ldc,
+                const float* bias = nullptr) const {
+    const float* packed = data_.const_data_ptr<float>();
+    if (kernel_ == GemmKernel::kAvx512) {
+      avx512::gemm(m, n_, k_, a, lda, packed, beta, c, ldc, bias);
+    } else {
+      avx2::gemm(m, n_, k_, a, lda, packed, beta, c, ldc, bias);
+    }
+  }
+
+ private:
+  int64_t panel() const { return kernel_ == GemmKernel::kAvx512 ? avx512::Kernel::kPanel : avx2::Kernel::kPanel; }
+
+  GemmKernel kernel_ = GemmKernel::kBlas;
+  int64_t n_ = 0, k_ = 0;
+  at::Tensor data_;
+};
+
+// The recurrent weight of a scan packed for the own kernel, on the calling thread before
+// the scan's threads start (undefined for float64 and for the BLAS path).
+template <typename scalar_t>
+PackedWeight pack_recurrent(const scalar_t* w, bool trans_w, int64_t n, int64_t k) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const GemmKernel kernel = gemm_kernel();
+    if (kernel != GemmKernel::kBlas && n > 0) return PackedWeight(kernel, w, trans_w, trans_w ? k : n, n, k);
+  }
+  return {};
+}
+
 template <typename scalar_t>
 class RecurrentGemm {
  public:
-  RecurrentGemm(const scalar_t* w, bool trans_w, int64_t m, int64_t n, int64_t k)
+  // `shared`: W' already packed by pack_recurrent (the scans' threads share it); without
+  // it the own kernels pack W' here (the hidden-split slices, each its own part of W).
+  RecurrentGemm(const scalar_t* w, bool trans_w, int64_t m, int64_t n, int64_t k,
+                const PackedWeight* shared = nullptr)
       : w_(w), trans_w_(trans_w), m_(m), n_(n), k_(k) {
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (m == 0 || n == 0) return;
-      kernel_ = gemm_kernel();
-      if (kernel_ != GemmKernel::kBlas) {  // the own kernels' layouts differ only in panel width
-        const int64_t panel = kernel_ == GemmKernel::kAvx512 ? avx512::kPanel : avx2::kPanel;
-        packed_ = at::empty({panels_size(n, k, panel)}, at::TensorOptions().dtype(at::kFloat));
-        pack_panels(w, trans_w, n, k, panel, packed_.data_ptr<float>());
+      if (shared != nullptr && shared->defined()) {
+        packed_ = shared;
+        return;
+      }
+      const GemmKernel kernel = gemm_kernel();
+      if (kernel != GemmKernel::kBlas) {
+        own_ = PackedWeight(kernel, w, trans_w, trans_w ? k : n, n, k);
+        packed_ = &own_;
         return;
       }
       const bool fits = m < INT32_MAX && n < INT32_MAX && k < INT32_MAX;
       if (fits && k > 0 && cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr &&
           cblas_sgemm_compute != nullptr) {
         const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(m), int(n), int(k));
-        packed_ = at::empty({static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float))},
-                            at::TensorOptions().dtype(at::kFloat));
+        mkl_packed_ = at::empty({static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float))},
+                                at::TensorOptions().dtype(at::kFloat));
         const int ld = static_cast<int>(trans_w ? k : n);
         cblas_sgemm_pack(kRowMajor, kBMatrix, trans_w ? kTrans : kNoTrans, int(m), int(n), int(k), 1.0f, w, ld,
-                         packed_.data_ptr<float>());
+                         mkl_packed_.data_ptr<float>());
       }
     }
   }
+  RecurrentGemm(const RecurrentGemm&) = delete;
+  RecurrentGemm& operator=(const RecurrentGemm&) = delete;
 
   // c [M, N] = a [M, K] @ W' + beta * c, rows contiguous (lda = K, ldc = N)
   void operator()(const scalar_t* a, scalar_t beta, scalar_t* c) const {
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (kernel_ == GemmKernel::kAvx512) {
-        avx512::gemm(m_, n_, k_, a, k_, packed_.const_data_ptr<float>(), beta, c, n_);
+      if (packed_ != nullptr) {
+        packed_->multiply(m_, a, k_, beta, c, n_);
         return;
       }
-      if (kernel_ == GemmKernel::kAvx2) {
-        avx2::gemm(m_, n_, k_, a, k_, packed_.const_data_ptr<float>(), beta, c, n_);
-        return;
-      }
-      if (packed_.defined()) {
+      if (mkl_packed_.defined()) {
         cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(m_), int(n_), int(k_), a, int(k_),
-                            packed_.const_data_ptr<float>(), int(trans_w_ ? k_ : n_), beta, c, int(n_));
+                            mkl_packed_.const_data_ptr<float>(), int(trans_w_ ? k_ : n_), beta, c, int(n_));
         return;
       }
     }
@@ -165,47 +222,41 @@ class RecurrentGemm {
   const scalar_t* w_;
   bool trans_w_;
   int64_t m_, n_, k_;
-  GemmKernel kernel_ = GemmKernel::kBlas;  // packed_ holds that kernel's layout,
-  at::Tensor packed_;                      // or MKL's when defined with kBlas
+  const PackedWeight* packed_ = nullptr;  // the own kernel's W' (shared, or own_)
+  PackedWeight own_;
+  at::Tensor mkl_packed_;                 // MKL's packed W' on the BLAS path
 };
 
 // a [M, K] @ b [K, N] (+ bias [N] on every row) for the whole-sequence GEMMs of the
-// scans (the input projection, the weight gradients, dx): float32 on the AVX-512 kernel,
-// b packed once (its panels in parallel) and the rows of a split across threads; other
-// dtypes and kernels through ATen (MKL, which runs its AVX2 code on AMD CPUs: half the
+// scans (the input projection, the weight gradients, dx): float32 on the own kernel, b
+// packed once (its panels in parallel) and the rows of a split across threads; float64
+// and the BLAS path through ATen (MKL, which runs its AVX2 code on AMD CPUs: half the
 // AVX-512 kernel's rate on a core with full-width AVX-512).
+//
+// On AVX2 the own kernel only takes the input projection, whose b is a weight (W_ih^T,
+// small to pack): its rate there is MKL's (one Zen 3 core: 64 against 64 GFLOP/s at the
+// lesson's shape, 83 against 82 for the weight gradients), and packing the weight
+// gradients' b, an activation-sized [T B, 4H] matrix (16 MB at the lesson's shape), lost
+// to MKL's internal packing: LSTM training 1.25x nn.LSTM against 1.39x with MKL (same
+// run, 2 threads).
 inline at::Tensor sequence_matmul(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias) {
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
-  if (a.scalar_type() != at::kFloat || m == 0 || n == 0 || gemm_kernel() != GemmKernel::kAvx512) {
-    return aten_matmul(a, b, bias);
-  }
-  // b is W' [K, N]: a transposed view of a row-major [N, K] tensor, or row-major itself
-  const bool trans_w = b.stride(0) == 1 && b.stride(1) == k;
-  const auto w = trans_w ? b : b.contiguous();
-  const float* w_data = w.const_data_ptr<float>();
-  auto packed = at::empty({panels_size(n, k, avx512::kPanel)}, a.options());
-  float* packed_data = packed.data_ptr<float>();
-  const int64_t panels = (n + avx512::kPanel - 1) / avx512::kPanel, panel_floats = k * avx512::kPanel;
-  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      // panel p of W' is W' restricted to its columns: pack that sub-matrix alone
-      const int64_t first = p * avx512::kPanel, cols = std::min(avx512::kPanel, n - first);
-      const float* sub = trans_w ? w_data + first * k : w_data + first;
-      if (trans_w) {
-        pack_panels(sub, true, cols, k, avx512::kPanel, packed_data + p * panel_floats);
-      } else {
-        pack_strided(sub, n, cols, k, avx512::kPanel, packed_data + p * panel_floats);
-      }
-    }
-  });
-  const auto lhs = a.contiguous();
+  const GemmKernel kernel = a.scalar_type() == at::kFloat ? gemm_kernel() : GemmKernel::kBlas;
+  // b is W' [K, N]: a transposed view of a row-major [N, K] matrix (a weight), or row-major
+  const bool trans_w = b.stride(0) == 1 && b.stride(1) >= k && k > 1;
+  const bool own = kernel == GemmKernel::kAvx512 || (kernel == GemmKernel::kAvx2 && trans_w);
+  if (!own || m == 0 || n == 0) return aten_matmul(a, b, bias);
+  const auto w = trans_w || (b.stride(1) == 1 && b.stride(0) >= n) ? b : b.contiguous();
+  const PackedWeight packed(kernel, w.const_data_ptr<float>(), trans_w, trans_w ? w.stride(1) : w.stride(0), n, k);
+  const auto lhs = a.stride(1) == 1 ? a : a.contiguous();
+  const int64_t lda = lhs.stride(0);
   const auto bias_values = bias.has_value() ? bias->contiguous() : at::Tensor();
   auto out = at::empty({m, n}, a.options());
   const float* a_data = lhs.const_data_ptr<float>();
   const float* bias_data = bias_values.defined() ? bias_values.const_data_ptr<float>() : nullptr;
   float* c = out.data_ptr<float>();
-  at::parallel_for(0, m, avx512::kRowBlock, [&](int64_t r0, int64_t r1) {
-    avx512::gemm(r1 - r0, n, k, a_data + r0 * k, k, packed_data, 0.0f, c + r0 * n, n, bias_data);
+  at::parallel_for(0, m, 64, [&](int64_t r0, int64_t r1) {
+    packed.multiply(r1 - r0, a_data + r0 * lda, lda, 0.0f, c + r0 * n, n, bias_data);
   });
   return out;
 }

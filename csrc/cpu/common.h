@@ -223,14 +223,20 @@ struct BackwardPlan {
   bool dx_in_step;
   at::Tensor weight;  // [G*H, H + I] = [W_hh | W_ih] when dx_in_step, else W_hh
   at::Tensor dx;      // [T, B, I], filled by the steps when dx_in_step
+  PackedWeight packed;  // float32: `weight` packed for the own kernel, shared by the threads
 };
 
+// step_gemm: the scan uses BackwardStepGemm (false: the LSTM's hidden-split scan, which
+// packs its own slices of W_hh, so nothing is packed here).
 inline BackwardPlan plan_backward(const at::Tensor& x, const at::Tensor& w_ih, const at::Tensor& w_hh,
-                                  bool grad_x) {
+                                  bool grad_x, bool step_gemm = true) {
   BackwardPlan plan;
   plan.dx_in_step = grad_x && x.size(1) >= kMinRowsPerThread;
   plan.weight = plan.dx_in_step ? at::cat({w_hh, w_ih}, 1).contiguous() : w_hh;
   if (plan.dx_in_step) plan.dx = at::empty_like(x);
+  if (step_gemm && x.scalar_type() == at::kFloat) {  // W' = weight [G*H, H (+ I)] as stored
+    plan.packed = pack_recurrent(plan.weight.const_data_ptr<float>(), false, plan.weight.size(1), plan.weight.size(0));
+  }
   return plan;
 }
 
@@ -243,7 +249,8 @@ class BackwardStepGemm {
         hidden_(hidden),
         width_(plan.weight.size(1)),
         rows_(rows),
-        gemm_(plan.weight.const_data_ptr<scalar_t>(), false, rows, plan.weight.size(1), plan.weight.size(0)) {
+        gemm_(plan.weight.const_data_ptr<scalar_t>(), false, rows, plan.weight.size(1), plan.weight.size(0),
+              &plan.packed) {
     if (dx_in_step_) {
       inputs_ = width_ - hidden;
       dx_ = plan.dx.data_ptr<scalar_t>() + b0 * inputs_;

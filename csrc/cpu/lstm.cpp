@@ -23,6 +23,7 @@
 #include "../cell_math.h"
 #include "blas.h"
 #include "common.h"
+#include "lstm_step_avx2.h"
 
 namespace fused_rnn {
 namespace cpu {
@@ -214,11 +215,15 @@ ForwardOutputs lstm_projected_forward(const at::Tensor& x, const at::Tensor& h0,
     scalar_t* c_data = cells.data_ptr<scalar_t>();
     const scalar_t* mask = options.mask_data<scalar_t>();
     const int64_t* lengths_data = options.lengths_data();
+    const auto packed_hh = pack_recurrent(w_hh.const_data_ptr<scalar_t>(), true, 4 * hidden, width);
+    const auto packed_hr = pack_recurrent(w_hr.const_data_ptr<scalar_t>(), true, width, hidden);
     parallel_batch(batch, [&](int64_t b0, int64_t b1) {
       const int64_t rows = b1 - b0;
       // gates_t [rows, 4H] += h_prev [rows, P] @ W_hh^T;  h_t [rows, P] = u_t [rows, H] @ W_hr^T
-      const RecurrentGemm<scalar_t> recurrent(w_hh.const_data_ptr<scalar_t>(), true, rows, 4 * hidden, width);
-      const RecurrentGemm<scalar_t> projection(w_hr.const_data_ptr<scalar_t>(), true, rows, width, hidden);
+      const RecurrentGemm<scalar_t> recurrent(w_hh.const_data_ptr<scalar_t>(), true, rows, 4 * hidden, width,
+                                              &packed_hh);
+      const RecurrentGemm<scalar_t> projection(w_hr.const_data_ptr<scalar_t>(), true, rows, width, hidden,
+                                               &packed_hr);
       std::vector<scalar_t> units(rows * hidden), masked(mask != nullptr ? rows * width : 0);
       for (int64_t t = 0; t < steps; ++t) {
         const scalar_t* h_prev = t == 0 ? h0.const_data_ptr<scalar_t>() : y_data + (t - 1) * batch * width;
@@ -254,6 +259,53 @@ ForwardOutputs lstm_projected_forward(const at::Tensor& x, const at::Tensor& h0,
 }
 
 
+// The float32 forward on the AVX2 kernel with the cell in the GEMM's epilogue
+// (lstm_step_avx2.h), for scans without a mask, lengths or projection whose batch is
+// split across threads. AVX-512 CPUs keep the unfused path on their wider kernel until
+// this step has an AVX-512 tile (it cannot be tested on the AVX2-only machines this was
+// written on).
+bool fused_forward_applies(const at::Tensor& x, const ScanOptions& options, int64_t batch, int64_t hidden) {
+  return x.scalar_type() == at::kFloat && !options.any() && hidden_split_threads(batch, hidden) <= 1 &&
+         gemm_kernel() == GemmKernel::kAvx2;
+}
+
+ForwardOutputs lstm_forward_fused(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
+                                  const at::Tensor& w_ih, const at::Tensor& w_hh, const std::optional<at::Tensor>& bias) {
+  const int64_t steps = x.size(0), batch = x.size(1), inputs = x.size(2), hidden = w_hh.size(1);
+  auto gates = at::empty({steps, batch, 4 * hidden}, x.options());  // activated, for the backward
+  auto y = at::empty({steps, batch, hidden}, x.options());
+  auto cells = at::empty({steps, batch, hidden}, x.options());
+  const auto bias_values = bias.has_value() ? bias->contiguous() : at::Tensor();
+  auto packed = at::empty({avx2::lstm_packed_size(hidden, inputs)}, x.options());
+  auto packed_bias = at::empty({avx2::lstm_panels(hidden) * avx2::kLstmPanel}, x.options());
+  const float* bias_data = bias_values.defined() ? bias_values.const_data_ptr<float>() : nullptr;
+  at::parallel_for(0, avx2::lstm_panels(hidden), 1, [&](int64_t p0, int64_t p1) {
+    avx2::pack_lstm_step(w_hh.const_data_ptr<float>(), w_ih.const_data_ptr<float>(), bias_data, hidden, inputs,
+                         packed.data_ptr<float>(), packed_bias.data_ptr<float>(), p0, p1);
+  });
+  const float* w_data = packed.const_data_ptr<float>();
+  const float* b_data = packed_bias.const_data_ptr<float>();
+  const float* x_data = x.const_data_ptr<float>();
+  float* gates_data = gates.data_ptr<float>();
+  float* y_data = y.data_ptr<float>();
+  float* c_data = cells.data_ptr<float>();
+  const int64_t step_elems = batch * hidden;
+  parallel_batch(batch, [&](int64_t b0, int64_t b1) {
+    for (int64_t t = 0; t < steps; ++t) {
+      const float* h_prev = t == 0 ? h0.const_data_ptr<float>() : y_data + (t - 1) * step_elems;
+      const float* c_prev = t == 0 ? c0.const_data_ptr<float>() : c_data + (t - 1) * step_elems;
+      const avx2::LstmStepRows at{h_prev + b0 * hidden,
+                                  x_data + (t * batch + b0) * inputs,
+                                  c_prev + b0 * hidden,
+                                  c_data + t * step_elems + b0 * hidden,
+                                  y_data + t * step_elems + b0 * hidden,
+                                  gates_data + (t * batch + b0) * 4 * hidden};
+      avx2::lstm_forward_step(b1 - b0, hidden, inputs, w_data, b_data, at);
+    }
+  });
+  return {y, y[steps - 1].clone(), cells[steps - 1].clone(), cells, gates};
+}
+
 ForwardOutputs lstm_scan_forward(const at::Tensor& x_in, const at::Tensor& h0_in, const at::Tensor& c0_in,
                                  const at::Tensor& w_ih_in, const at::Tensor& w_hh_in,
                                  const std::optional<at::Tensor>& bias,
@@ -281,6 +333,7 @@ ForwardOutputs lstm_scan_forward(const at::Tensor& x_in, const at::Tensor& h0_in
             x.new_empty({0, batch, 4 * hidden})};
   }
   if (w_hr.defined()) return lstm_projected_forward(x, h0, c0, w_ih, w_hh, w_hr, bias, options);
+  if (fused_forward_applies(x, options, batch, hidden)) return lstm_forward_fused(x, h0, c0, w_ih, w_hh, bias);
   // [T, B, 4H]: pre-activations, then activations in place
   auto gates = input_projection(x, w_ih, bias, sequence_matmul);
   auto y = at::empty({steps, batch, hidden}, x.options());
@@ -299,10 +352,12 @@ ForwardOutputs lstm_scan_forward(const at::Tensor& x_in, const at::Tensor& h0_in
     const scalar_t* mask = options.mask_data<scalar_t>();
     const int64_t* lengths_data = options.lengths_data();
     std::vector<scalar_t> masked(mask != nullptr ? step_elems : 0);  // masked h_{t-1} rows, per thread
+    const auto packed = pack_recurrent(w_hh.const_data_ptr<scalar_t>(), true, 4 * hidden, hidden);
     parallel_batch(batch, [&](int64_t b0, int64_t b1) {
       const int64_t rows = b1 - b0;
       // gates_t [rows, 4H] += h_prev [rows, H] @ W_hh^T
-      const RecurrentGemm<scalar_t> recurrent(w_hh.const_data_ptr<scalar_t>(), true, rows, 4 * hidden, hidden);
+      const RecurrentGemm<scalar_t> recurrent(w_hh.const_data_ptr<scalar_t>(), true, rows, 4 * hidden, hidden,
+                                              &packed);
       for (int64_t t = 0; t < steps; ++t) {
         const scalar_t* h_prev = t == 0 ? h0.const_data_ptr<scalar_t>() : y_data + (t - 1) * step_elems;
         const scalar_t* c_prev = t == 0 ? c0.const_data_ptr<scalar_t>() : c_data + (t - 1) * step_elems;
@@ -371,7 +426,8 @@ BackwardOutputs lstm_backward_impl(const at::Tensor& grad_y, const at::Tensor& g
             at::zeros_like(w_ih), at::zeros_like(w_hh),
             at::zeros({4 * hidden}, w_hh.options())};
   }
-  const auto plan = plan_backward(x, w_ih, w_hh, grad_x);
+  const int split = options.any() ? 1 : hidden_split_threads(batch, hidden);
+  const auto plan = plan_backward(x, w_ih, w_hh, grad_x, split <= 1);
   auto dgates = at::empty_like(gates);   // [T, B, 4H]
   auto dh_carry = grad_h_n.clone();      // [B, H]
   auto dc = grad_c_n.clone();            // [B, H]
@@ -384,7 +440,6 @@ BackwardOutputs lstm_backward_impl(const at::Tensor& grad_y, const at::Tensor& g
     scalar_t* dh = dh_carry.data_ptr<scalar_t>();
     scalar_t* dc_data = dc.data_ptr<scalar_t>();
     const int64_t step_elems = batch * hidden;
-    const int split = options.any() ? 1 : hidden_split_threads(batch, hidden);
     if (split > 1) {
       lstm_backward_hidden_split<scalar_t>(split, steps, batch, hidden, w_hh, dy_data, c0.const_data_ptr<scalar_t>(),
                                            c_data, gates_data, dgates_data, dh, dc_data);
@@ -461,11 +516,13 @@ ProjectedBackwardOutputs lstm_projected_backward(const at::Tensor& grad_y, const
     const scalar_t* mask = options.mask_data<scalar_t>();
     const int64_t* lengths_data = options.lengths_data();
     scalar_t* saved_data = saved.defined() ? saved.data_ptr<scalar_t>() : nullptr;
+    const auto packed_hr = pack_recurrent(w_hr.const_data_ptr<scalar_t>(), false, hidden, width);
     parallel_batch(batch, [&](int64_t b0, int64_t b1) {
       const int64_t rows = b1 - b0;
       BackwardStepGemm<scalar_t> step_gemm(plan, width, b0, rows);  // dh [rows, P] = dgates_t @ W_hh
       // du [rows, H] = g_t [rows, P] @ W_hr
-      const RecurrentGemm<scalar_t> unproject(w_hr.const_data_ptr<scalar_t>(), false, rows, hidden, width);
+      const RecurrentGemm<scalar_t> unproject(w_hr.const_data_ptr<scalar_t>(), false, rows, hidden, width,
+                                              &packed_hr);
       std::vector<scalar_t> du(rows * hidden), no_carry(hidden, scalar_t(0));
       for (int64_t t = steps - 1; t >= 0; --t) {
         const scalar_t* c_prev = t == 0 ? c0.const_data_ptr<scalar_t>() : c_data + (t - 1) * batch * hidden;
