@@ -444,6 +444,7 @@ def describe_machine(device="cpu") -> Dict[str, object]:
         "torch_version": torch.__version__,
         "fused_rnn_version": fused_rnn.__version__,
         "fused_rnn_compiler": info.get("compiler"),
+        "cpu_gemm": info.get("cpu_gemm"),
         "python_version": platform.python_version(),
         "os": platform.platform(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -585,7 +586,8 @@ def format_markdown(report: BenchReport) -> str:
             "that in training) over the median time; the cell's pointwise maths is not counted. This machine's "
             f"float32 GEMM rate in the same run, torch.mm of 2048 x 2048 matrices: {m['sgemm_gflops']:.0f} GFLOP/s "
             "(MKL, which runs its AVX2 code on AMD CPUs; oneDNN's LSTM and the package's AVX-512 kernel go "
-            "past it on cores with full-width AVX-512).")
+            "past it on cores with full-width AVX-512). The package's float32 GEMM kernel on this CPU: "
+            f"{m.get('cpu_gemm') or 'unknown'} (fused_rnn.build_info()['cpu_gemm']).")
     lines.append("")
     header = ["cell", "mode"] + (["dtype"] if len(dtypes) > 1 else []) + ["T", "B", "I", "H",
                                                                            f"{CONTENDER_LABELS[BASELINE]} ms"]

@@ -83,7 +83,8 @@ def format_summary(report) -> str:
     mode and configuration (same-run medians), and where it was measured."""
     m = report.machine
     configs = list(dict.fromkeys(r.config for r in report.results))
-    lines = [f"CPU: {m['cpu_model']}, {m['torch_threads']} threads, torch {m['torch_version']}, {m['date']}; "
+    gemm = f" (the package's GEMM kernel: {m['cpu_gemm']})" if m.get("cpu_gemm") else ""
+    lines = [f"CPU: {m['cpu_model']}{gemm}, {m['torch_threads']} threads, torch {m['torch_version']}, {m['date']}; "
              f"`python bench/table.py --readme`; full table: [bench/results/cpu.md](bench/results/cpu.md). "
              "Speed of the fused CPU kernels (`backend=\"cpp\"`) and of the default (`auto`) over "
              "`nn.RNN(nonlinearity=\"relu\")` / `nn.LSTM` (median of same-run ratios; above 1x is faster):", "",

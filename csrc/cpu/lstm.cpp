@@ -261,12 +261,17 @@ ForwardOutputs lstm_projected_forward(const at::Tensor& x, const at::Tensor& h0,
 
 // The float32 forward on the AVX2 kernel with the cell in the GEMM's epilogue
 // (lstm_step_avx2.h), for scans without a mask, lengths or projection whose batch is
-// split across threads. AVX-512 CPUs keep the unfused path on their wider kernel until
-// this step has an AVX-512 tile (it cannot be tested on the AVX2-only machines this was
-// written on).
+// split across threads, and whose input is narrow next to the hidden state (I <= H / 4):
+// the fusion saves the projection's short-K GEMM and the passes over the gates, but its
+// 3 x 32 tile with K blocks runs a long K more slowly than the 4 x 24 GEMM tile, so on a
+// Zen 3 core it won at the lesson's I = 42, H = 256 (a step of 32 rows in 289 us against
+// about 300 unfused; LSTM inference 1.04x against 0.99x nn.LSTM, same run) and lost at
+// fastrnns' I = H = 512 (1913 against about 1730 us; inference 0.88x against 1.06x). AVX-512
+// CPUs keep the unfused path on their wider kernel until this step has an AVX-512 tile
+// (it cannot be tested on the AVX2-only machine this was written on).
 bool fused_forward_applies(const at::Tensor& x, const ScanOptions& options, int64_t batch, int64_t hidden) {
-  return x.scalar_type() == at::kFloat && !options.any() && hidden_split_threads(batch, hidden) <= 1 &&
-         gemm_kernel() == GemmKernel::kAvx2;
+  return x.scalar_type() == at::kFloat && !options.any() && 4 * x.size(2) <= hidden &&
+         hidden_split_threads(batch, hidden) <= 1 && gemm_kernel() == GemmKernel::kAvx2;
 }
 
 ForwardOutputs lstm_forward_fused(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
