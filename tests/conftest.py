@@ -30,7 +30,10 @@ CPU_BACKENDS = fused_rnn.available_backends("cpu")
 
 # The differential fuzz's seed (tests/test_fuzz.py): a new one every run, printed in the
 # report header; FUSED_RNN_FUZZ_SEED replays a run.
+# pytest-xdist's workers are started after this file is imported in the controller and
+# inherit its environment, so the seed set here is the one every worker uses.
 FUZZ_SEED = int(os.environ.get("FUSED_RNN_FUZZ_SEED") or int.from_bytes(os.urandom(4), "little"))
+os.environ["FUSED_RNN_FUZZ_SEED"] = str(FUZZ_SEED)
 
 
 @pytest.fixture

@@ -1,41 +1,62 @@
 // A CPU emulation of the CUDA execution model, just enough to run the float32 kernels
-// of csrc/cuda/persistent_scan.cuh on a machine without a GPU: every CUDA thread is a host
-// thread; __syncthreads is a barrier of the block's threads, __shfl_xor_sync a barrier-
-// separated exchange within the warp, grid.sync() a barrier of the whole grid (all of a
-// cooperative launch's blocks are resident at once, here as on a GPU), and each block
-// has its own dynamic shared memory. The barriers order memory as the CUDA ones do, so
-// a kernel that forgot one can read a value before it is written, as on a GPU.
+// of csrc/cuda/persistent_scan.cuh on a machine without a GPU: every CUDA thread is a
+// fiber (its own stack, ucontext) on the calling host thread; __syncthreads is a barrier
+// of the block's threads, __shfl_xor_sync a barrier-separated exchange within the warp,
+// grid.sync() a barrier of the whole grid (all of a cooperative launch's blocks are
+// resident at once, here as on a GPU), and each block has its own dynamic shared memory.
 //
-// Built by tests/test_cuda_emulation.py (g++ -std=c++20 -pthread -shared) and called
-// through ctypes: one extern "C" entry point per kernel, taking float32 buffers.
-#include <condition_variable>
+// A fiber runs until it waits at a barrier or returns; the scheduler then resumes the
+// next one, in thread order on even rounds and in reverse order on odd ones, so that
+// between two barriers every thread runs both before and after the others: a kernel that
+// forgot a barrier reads a value before another thread wrote it, whichever of the two
+// comes first in thread order. (Host threads, one per CUDA thread, did the same at
+// random, and hundreds of them on two cores spent most of the time in the kernel's
+// scheduler.) A round in which no fiber arrived at a barrier, passed one or returned is a
+// deadlock (threads waiting at a barrier others never reach): the launch stops and the
+// entry point returns -1 instead of hanging.
+//
+// Built by tests/test_cuda_emulation.py (g++ -std=c++20 -shared) and called through
+// ctypes: one extern "C" entry point per kernel, taking float32 buffers.
+#include <ucontext.h>
+
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <memory>
-#include <mutex>
-#include <thread>
 #include <vector>
 
 namespace emu {
+
+// What one emulated thread has: its context, stack and indices.
+struct Fiber {
+  ucontext_t context;
+  std::unique_ptr<char[]> stack;
+  bool done = false;
+};
+
+ucontext_t scheduler;
+std::vector<Fiber>* fibers = nullptr;
+size_t current = 0;
+bool progress = false;  // this round, a fiber arrived at or passed a barrier, or returned
+
+// Back to the scheduler until the fiber is resumed.
+inline void yield() { swapcontext(&(*fibers)[current].context, &scheduler); }
 
 class Barrier {
  public:
   explicit Barrier(int count) : count_(count) {}
   void arrive_and_wait() {
-    std::unique_lock<std::mutex> lock(mutex_);
+    progress = true;
     const int generation = generation_;
     if (++waiting_ == count_) {
       waiting_ = 0;
       ++generation_;
-      cv_.notify_all();
-    } else {
-      cv_.wait(lock, [&] { return generation != generation_; });
+      return;
     }
+    while (generation == generation_) yield();
   }
 
  private:
-  std::mutex mutex_;
-  std::condition_variable cv_;
   int count_, waiting_ = 0, generation_ = 0;
 };
 
@@ -53,8 +74,9 @@ struct Block {
   std::vector<float> shuffle;
 };
 
-thread_local Dim3 thread_index, block_index;
-thread_local Block* block = nullptr;
+// The running fiber's indices and block (set by the scheduler before it resumes one).
+Dim3 thread_index, block_index;
+Block* block = nullptr;
 Dim3 block_dim, grid_dim;
 Barrier* grid_barrier = nullptr;
 
@@ -63,6 +85,14 @@ inline unsigned char* block_shared_memory() {
   const auto address = reinterpret_cast<uintptr_t>(block->smem.data());
   return block->smem.data() + ((16 - address % 16) % 16);
 }
+
+// The body every fiber starts in: the launch's kernel, then back to the scheduler.
+std::function<void()>* body = nullptr;
+void fiber_main() {
+  (*body)();
+  (*fibers)[current].done = true;
+  progress = true;
+}  // uc_link resumes the scheduler
 
 }  // namespace emu
 
@@ -115,28 +145,51 @@ namespace {
 
 using namespace fused_rnn::cuda;
 
-// Runs kernel(args...) on `blocks` x `threads` host threads, all at once.
+// The kernels' locals are a few scalars and arrays of at most kMaxRows x 4 floats.
+constexpr size_t kStackBytes = 256 * 1024;
+
+// Runs kernel(args...) on `blocks` x `threads` fibers; false if it deadlocked.
 template <typename Kernel, typename... Args>
-void launch(int64_t blocks, int threads, size_t smem_bytes, Kernel kernel, Args... args) {
+bool launch(int64_t blocks, int threads, size_t smem_bytes, Kernel kernel, Args... args) {
   emu::block_dim = {static_cast<unsigned>(threads), 1, 1};
   emu::grid_dim = {static_cast<unsigned>(blocks), 1, 1};
   emu::Barrier grid(static_cast<int>(blocks) * threads);
   emu::grid_barrier = &grid;
   std::vector<std::unique_ptr<emu::Block>> block_state;
   for (int64_t b = 0; b < blocks; ++b) block_state.push_back(std::make_unique<emu::Block>(threads, smem_bytes));
-  std::vector<std::thread> pool;
-  for (int64_t b = 0; b < blocks; ++b) {
-    for (int t = 0; t < threads; ++t) {
-      pool.emplace_back([&, b, t] {
-        emu::thread_index = {static_cast<unsigned>(t), 0, 0};
-        emu::block_index = {static_cast<unsigned>(b), 0, 0};
-        emu::block = block_state[b].get();
-        kernel(args...);
-      });
-    }
+  const size_t count = static_cast<size_t>(blocks) * threads;
+  std::vector<emu::Fiber> fibers(count);
+  std::function<void()> body = [&] { kernel(args...); };
+  emu::fibers = &fibers;
+  emu::body = &body;
+  for (auto& fiber : fibers) {
+    fiber.stack = std::make_unique<char[]>(kStackBytes);
+    getcontext(&fiber.context);
+    fiber.context.uc_stack.ss_sp = fiber.stack.get();
+    fiber.context.uc_stack.ss_size = kStackBytes;
+    fiber.context.uc_link = &emu::scheduler;
+    makecontext(&fiber.context, emu::fiber_main, 0);
   }
-  for (auto& thread : pool) thread.join();
+  size_t finished = 0;
+  bool deadlock = false;
+  for (size_t round = 0; finished < count && !deadlock; ++round) {
+    emu::progress = false;
+    for (size_t k = 0; k < count; ++k) {
+      const size_t f = round % 2 == 0 ? k : count - 1 - k;
+      if (fibers[f].done) continue;
+      emu::current = f;
+      emu::thread_index = {static_cast<unsigned>(f % threads), 0, 0};
+      emu::block_index = {static_cast<unsigned>(f / threads), 0, 0};
+      emu::block = block_state[f / threads].get();
+      swapcontext(&emu::scheduler, &fibers[f].context);
+      finished += fibers[f].done;
+    }
+    deadlock = !emu::progress;
+  }
   emu::grid_barrier = nullptr;
+  emu::fibers = nullptr;
+  emu::body = nullptr;
+  return !deadlock;
 }
 
 // The most rows per pass the emulated plans may stage (set_rows_cap): the tests run each
@@ -154,14 +207,15 @@ ScanPlan plan(int64_t gates, int64_t hidden, bool backward, int64_t sm_count, in
 // the plan; returns the number of blocks times 100 plus the rows per pass.
 template <typename Args, typename KernelOf>
 int64_t launch_scan(const ScanPlan& p, int64_t gates, const Args& args, const KernelOf& kernel_of) {
+  bool finished = false;
   kernels::with_rows(p.rows, [&](auto rows) {
     if (gates == 1) {
-      launch(p.blocks, kThreads, p.smem_bytes, kernel_of(std::integral_constant<int, 1>{}, rows), args, p);
+      finished = launch(p.blocks, kThreads, p.smem_bytes, kernel_of(std::integral_constant<int, 1>{}, rows), args, p);
     } else {
-      launch(p.blocks, kThreads, p.smem_bytes, kernel_of(std::integral_constant<int, 4>{}, rows), args, p);
+      finished = launch(p.blocks, kThreads, p.smem_bytes, kernel_of(std::integral_constant<int, 4>{}, rows), args, p);
     }
   });
-  return p.blocks * 100 + p.rows;
+  return finished ? p.blocks * 100 + p.rows : -1;
 }
 
 }  // namespace
@@ -171,7 +225,8 @@ extern "C" {
 void set_rows_cap(int64_t cap) { rows_cap = cap; }
 
 // gates: 1 (IRNN) or 4 (LSTM). Buffers as in ForwardArgs / BackwardArgs (persistent_scan.h).
-// Returns the number of blocks the plan used times 100 plus its rows per pass.
+// Returns the number of blocks the plan used times 100 plus its rows per pass (-1: the
+// kernel deadlocked).
 // mask [B, H], lengths [B] may be null; has_clip switches the IRNN's bound on.
 int64_t emulate_scan_forward(int64_t gates, float* pre, const float* h0, const float* c0, const float* w_hh,
                              float* y, float* state, float* cells, int64_t steps, int64_t batch, int64_t hidden,
@@ -204,25 +259,26 @@ int64_t emulate_scan_backward(int64_t gates, const float* grad_y, const float* g
   });
 }
 
-// The step kernels, with 2 blocks of 32 threads so that the grid-stride loops wrap.
-void emulate_lstm_step(float* gate_values, const float* c, float* c_new, float* h_new, int64_t batch,
+// The step kernels, with 2 blocks of 32 threads so that the grid-stride loops wrap; 0, or -1
+// if the kernel deadlocked.
+int64_t emulate_lstm_step(float* gate_values, const float* c, float* c_new, float* h_new, int64_t batch,
                        int64_t hidden) {
-  launch(2, 32, 0, kernels::lstm_step_kernel<float>, gate_values, c, c_new, h_new, batch, hidden);
+  return launch(2, 32, 0, kernels::lstm_step_kernel<float>, gate_values, c, c_new, h_new, batch, hidden) ? 0 : -1;
 }
 
-void emulate_lstm_step_backward(const float* grad_h_new, const float* grad_c_new, const float* c,
+int64_t emulate_lstm_step_backward(const float* grad_h_new, const float* grad_c_new, const float* c,
                                 const float* c_new, const float* gate_values, float* dgates, float* grad_c,
                                 int64_t batch, int64_t hidden) {
-  launch(2, 32, 0, kernels::lstm_step_backward_kernel<float>, grad_h_new, grad_c_new, c, c_new, gate_values, dgates,
-         grad_c, batch, hidden);
+  return launch(2, 32, 0, kernels::lstm_step_backward_kernel<float>, grad_h_new, grad_c_new, c, c_new, gate_values, dgates,
+         grad_c, batch, hidden) ? 0 : -1;
 }
 
-void emulate_irnn_step(const float* z, float* h_new, int64_t n) {
-  launch(2, 32, 0, kernels::irnn_step_kernel<float>, z, h_new, n);
+int64_t emulate_irnn_step(const float* z, float* h_new, int64_t n) {
+  return launch(2, 32, 0, kernels::irnn_step_kernel<float>, z, h_new, n) ? 0 : -1;
 }
 
-void emulate_irnn_step_backward(const float* grad_h_new, const float* h_new, float* dz, int64_t n) {
-  launch(2, 32, 0, kernels::irnn_step_backward_kernel<float>, grad_h_new, h_new, dz, n);
+int64_t emulate_irnn_step_backward(const float* grad_h_new, const float* h_new, float* dz, int64_t n) {
+  return launch(2, 32, 0, kernels::irnn_step_backward_kernel<float>, grad_h_new, h_new, dz, n) ? 0 : -1;
 }
 
 }  // extern "C"
