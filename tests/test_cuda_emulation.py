@@ -71,6 +71,30 @@ def rows_cap(emulator, request):
     emulator.set_rows_cap(ctypes.c_int64(16))
 
 
+def test_the_emulation_catches_a_missing_barrier_and_a_deadlock(emulator):
+    """What the emulation is for: with a __syncthreads every thread reads its
+    neighbour's store; without it, a read before the neighbour's store shows, for the
+    neighbour above and the one below alike, within two launches (the scheduler's order
+    alternates); and threads waiting at a barrier that another never reaches fail at
+    once instead of hanging."""
+    threads = np.arange(64)
+    expected = {shift: np.where((threads + shift >= 0) & (threads + shift < 64), threads + shift, threads) + 1.0
+                for shift in (1, -1)}
+    for shift in (1, -1):
+        for _ in range(2):
+            out = np.zeros(64, np.float32)
+            emulator.emulate_barrier_probe(1, shift, _ptr(out))
+            assert np.array_equal(out, expected[shift])
+        stale = []
+        for _ in range(2):
+            out = np.zeros(64, np.float32)
+            emulator.emulate_barrier_probe(0, shift, _ptr(out))
+            stale.append(not np.array_equal(out, expected[shift]))
+        assert any(stale), f"a missing barrier went unseen for shift {shift}"
+    with pytest.raises(AssertionError, match="deadlocked"):
+        emulator.emulate_deadlock_probe()
+
+
 def _expected_rows(batch, cap):
     """persistent_plan.h's rule with shared memory to spare: the smallest power of two
     covering the batch, at most the cap."""

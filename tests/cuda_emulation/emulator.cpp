@@ -6,12 +6,13 @@
 // resident at once, here as on a GPU), and each block has its own dynamic shared memory.
 //
 // A fiber runs until it waits at a barrier or returns; the scheduler then resumes the
-// next one, in thread order on even rounds and in reverse order on odd ones, so that
-// between two barriers every thread runs both before and after the others: a kernel that
+// next one, in thread order on one round and in reverse order on the next. So the code
+// between two barriers runs in thread order or in reverse, alternately, and each launch
+// starts with the other order than the one before: over two launches, a kernel that
 // forgot a barrier reads a value before another thread wrote it, whichever of the two
-// comes first in thread order. (Host threads, one per CUDA thread, did the same at
-// random, and hundreds of them on two cores spent most of the time in the kernel's
-// scheduler.) A round in which no fiber arrived at a barrier, passed one or returned is a
+// comes first in thread order (tests/test_cuda_emulation.py checks both). (Host threads,
+// one per CUDA thread, raced at random instead, and hundreds of them on two cores spent
+// most of the time in the kernel's scheduler.) A round in which no fiber arrived at a barrier, passed one or returned is a
 // deadlock (threads waiting at a barrier others never reach): the launch stops and the
 // entry point returns -1 instead of hanging.
 //
@@ -170,9 +171,11 @@ bool launch(int64_t blocks, int threads, size_t smem_bytes, Kernel kernel, Args.
     fiber.context.uc_link = &emu::scheduler;
     makecontext(&fiber.context, emu::fiber_main, 0);
   }
+  static size_t launches = 0;
+  const size_t first_order = launches++ % 2;
   size_t finished = 0;
   bool deadlock = false;
-  for (size_t round = 0; finished < count && !deadlock; ++round) {
+  for (size_t round = first_order; finished < count && !deadlock; ++round) {
     emu::progress = false;
     for (size_t k = 0; k < count; ++k) {
       const size_t f = round % 2 == 0 ? k : count - 1 - k;
@@ -220,7 +223,31 @@ int64_t launch_scan(const ScanPlan& p, int64_t gates, const Args& args, const Ke
 
 }  // namespace
 
+// The emulation's own checks: each of 64 threads stores t + 1 to shared memory, then
+// (after a __syncthreads if with_barrier) reads its neighbour's, t + shift (its own at
+// the ends), into out[t]; and a kernel whose thread 0 leaves before the others'
+// __syncthreads.
+__global__ void barrier_probe_kernel(int with_barrier, int shift, float* out) {
+  float* shared = reinterpret_cast<float*>(fused_rnn::cuda::kernels::dynamic_shared_memory());
+  const int t = static_cast<int>(threadIdx.x), n = static_cast<int>(blockDim.x);
+  shared[t] = static_cast<float>(t + 1);
+  if (with_barrier) __syncthreads();
+  const int neighbour = t + shift;
+  out[t] = shared[neighbour >= 0 && neighbour < n ? neighbour : t];
+}
+
+__global__ void deadlock_probe_kernel() {
+  if (threadIdx.x == 0) return;
+  __syncthreads();
+}
+
 extern "C" {
+
+int64_t emulate_barrier_probe(int with_barrier, int shift, float* out) {
+  return launch(1, 64, 64 * sizeof(float), barrier_probe_kernel, with_barrier, shift, out) ? 0 : -1;
+}
+
+int64_t emulate_deadlock_probe() { return launch(1, 64, 0, deadlock_probe_kernel) ? 0 : -1; }
 
 void set_rows_cap(int64_t cap) { rows_cap = cap; }
 
