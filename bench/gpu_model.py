@@ -198,12 +198,14 @@ def split_plan(gpu: GPU, cell: str, dtype: str, batch: int, hidden: int, backwar
     with a budget of one program per SM, over the BLOCK_U values the kernel has
     spill-free configs for (fused_rnn/triton/_configs.py)."""
     from fused_rnn.triton import _configs
-    from fused_rnn.triton.plan import BLOCK_UNITS, plan
+    from fused_rnn.triton.plan import BLOCK_UNITS, on_fma_variant, plan
 
     name = f"{cell}_split_{'backward' if backward else 'forward'}"
     variant = {"float32": "fp32", "bfloat16": "bf16"}[dtype]
     block_units = tuple(u for u in BLOCK_UNITS if _configs.SPLIT.get((name, variant, u))) or BLOCK_UNITS
-    return plan(hidden, batch, GATES[cell], BYTES[dtype], gpu.sms, block_units, backward)
+    tiles = ({u: [c[0] for c in _configs.SPLIT.get((name, variant, u), ())] for u in block_units}
+             if on_fma_variant(variant) else None)  # the batch tiles of each BLOCK_U's configs
+    return plan(hidden, batch, GATES[cell], BYTES[dtype], gpu.sms, block_units, backward, fma_tiles=tiles)
 
 
 def triton_split_step_us(gpu: GPU, cell: str, dtype: str, batch: int, hidden: int, backward: bool = False,
@@ -216,9 +218,9 @@ def triton_split_step_us(gpu: GPU, cell: str, dtype: str, batch: int, hidden: in
     from fused_rnn.triton.plan import program_step
 
     chosen = split_plan(gpu, cell, dtype, batch, hidden, backward)
-    read, flops = program_step(hidden, GATES[cell], BYTES[dtype], chosen.block_u, chosen.rows, backward)
-    if dtype == "float32":  # CUDA cores: no padding of the batch to 16
-        flops = flops * chosen.rows / max(chosen.rows, 16)
+    # the product multiplies every row of its padded tile (plan.padded_rows)
+    read, flops = program_step(hidden, GATES[cell], BYTES[dtype], chosen.block_u, chosen.rows, backward,
+                               chosen.padded)
     compute = _gemm_us(gpu, dtype, flops, units=1)
     data = read / (gpu.l2_per_sm_gb_s * 1e3)
     fixed = gpu.grid_sync_us if persistent and chosen.programs <= gpu.sms else gpu.launch_us

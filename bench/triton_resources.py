@@ -93,6 +93,7 @@ def _kernels():
 def kernel_specs():
     """(kernel name, variant, config, BLOCK_U) for every kernel, variant, candidate
     config and BLOCK_U."""
+    from fused_rnn.triton import split
     from fused_rnn.triton.common import VARIANTS
     for name, fn, candidates, block_units in _kernels():
         specialized = [p.name for p in fn.params if p.name in _sizes(name) and not p.do_not_specialize]
@@ -101,7 +102,8 @@ def kernel_specs():
         for kernel_variant in VARIANTS:
             for config in candidates:
                 for block_u in block_units:
-                    yield name, kernel_variant, tuple(config), block_u
+                    if block_u is None or split.runs_on(kernel_variant, config, block_u):
+                        yield name, kernel_variant, tuple(config), block_u
 
 
 def _sizes(name):

@@ -110,10 +110,10 @@ def test_irnn_forward_low_precision_matches_reference(dtype):
 
 
 KERNELS = ("irnn_split_forward", "irnn_split_backward", "lstm_split_forward", "lstm_split_backward")
-# Compiles each split kernel (its first dispatchable config at BLOCK_U = 16) for sm_80/sm_90
-# x fp32/bf16, with and without the options, with bench/triton_resources.py's signatures,
-# and prints the PTX as JSON; in a process of its own, since the tests run the kernels
-# under the interpreter.
+# Compiles each split kernel (its first dispatchable config at BLOCK_U = 16, and on FMAs
+# at BLOCK_U = 8 with the 1-row tile) for sm_80/sm_90 x fp32/bf16, with and without the
+# options, with bench/triton_resources.py's signatures, and prints the PTX as JSON; in a
+# process of its own, since the tests run the kernels under the interpreter.
 COMPILE = f"KERNELS = {KERNELS!r}\n" + """
 import itertools, json, sys
 sys.path.insert(0, "bench")
@@ -121,11 +121,15 @@ import triton_resources
 from fused_rnn.triton import _configs
 
 out = {}
-for name, capability, dtype, options in itertools.product(KERNELS, (80, 90), ("fp32", "bf16"), (False, True)):
-    variant = dtype + ("+options" if options else "")
-    config = _configs.SPLIT[(name, variant, 16)][0]
-    kernel, _ = triton_resources.compile_kernel((name, dtype, config, 16), capability, options)
-    out[f"{name} {capability}-{variant}"] = kernel.asm["ptx"]
+for name, capability, dtype, options in itertools.product(KERNELS, (80, 90), ("fp32", "bf16", "fp32-fma"),
+                                                          (False, True)):
+    variant = dtype.split("-")[0] + ("+options" if options else "")
+    if dtype.endswith("fma"):  # the product on FMAs: BLOCK_U = 8, the 1-row batch tile
+        block_u, config = 8, next(c for c in _configs.SPLIT[(name, variant, 8)] if c[0] == 1)
+    else:
+        block_u, config = 16, _configs.SPLIT[(name, variant, 16)][0]
+    kernel, _ = triton_resources.compile_kernel((name, dtype.split("-")[0], config, block_u), capability, options)
+    out[f"{name} {capability}-{dtype}{'+options' if options else ''}"] = kernel.asm["ptx"]
 json.dump(out, sys.stdout)
 """
 
@@ -139,7 +143,7 @@ def split_ptx():
     return json.loads(result.stdout)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp32+options", "bf16+options"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp32-fma", "fp32+options", "bf16+options", "fp32-fma+options"])
 @pytest.mark.parametrize("capability", [80, 90], ids=["sm_80", "sm_90"])
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_barrier_and_exchange_in_the_ptx(split_ptx, kernel, capability, dtype):
@@ -295,23 +299,28 @@ def test_a_persistent_launch_of_more_programs_than_sms_is_refused(monkeypatch):
     assert split.split_plan("irnn_split_forward", 128, 1, torch.float32, False, False, 4, True, cuda).programs <= 4
 
 
-@pytest.mark.parametrize("gates,weight_bytes", [(1, 4), (4, 4), (4, 2)], ids=["irnn-fp32", "lstm-fp32", "lstm-bf16"])
-def test_plans_cover_every_unit_and_row_within_the_budget(gates, weight_bytes):
+@pytest.mark.parametrize("gates,weight_bytes,fma", [(1, 4, False), (4, 4, False), (4, 2, False), (1, 4, True),
+                                                     (4, 4, True)],
+                         ids=["irnn-fp32", "lstm-fp32", "lstm-bf16", "irnn-fp32-fma", "lstm-fp32-fma"])
+def test_plans_cover_every_unit_and_row_within_the_budget(gates, weight_bytes, fma):
     """plan.py: every unit and row is owned (and no program is empty), within the
-    budget whenever the widest unit block allows; one batch group at B <= 16, where the
-    weights are read once per step in total."""
-    from fused_rnn.triton.plan import BLOCK_UNITS, plan
+    budget whenever the widest unit block allows; one batch group where the batch fits
+    the smallest group (16 rows, on FMAs 8), where the weights are read once per step in
+    total; the padded rows hold the group's rows; BLOCK_U below 16 only on FMAs."""
+    from fused_rnn.triton.plan import BLOCK_UNITS, MIN_DOT, plan
 
+    tiles = {u: (1, 8, 16, 32) for u in BLOCK_UNITS} if fma else None
     for hidden in (1, 5, 16, 37, 256, 1000, 1024, 2048, 9000):
         for batch in (1, 7, 16, 17, 64, 256, 1000):
             for budget in (1, 3, 16, 132):
-                p = plan(hidden, batch, gates, weight_bytes, budget)
-                assert p.block_u in BLOCK_UNITS
+                p = plan(hidden, batch, gates, weight_bytes, budget, fma_tiles=tiles)
+                assert p.block_u in BLOCK_UNITS and (fma or p.block_u >= MIN_DOT)
                 assert p.unit_blocks * p.block_u >= hidden > (p.unit_blocks - 1) * p.block_u
                 assert p.groups * p.rows >= batch > (p.groups - 1) * p.rows
+                assert p.padded >= p.rows
                 if -(-hidden // BLOCK_UNITS[-1]) <= budget:
                     assert p.programs <= budget, (hidden, batch, budget, p)
-                if batch <= 16:
+                if batch <= (8 if fma else 16):
                     assert p.groups == 1
 
 
@@ -325,13 +334,48 @@ def test_the_plan_spreads_a_large_batch_over_the_gpu():
     assert large.groups > 1 and 64 < large.programs <= 132, large
 
 
+def test_float32_on_fmas_takes_units_of_8_to_fill_the_gpu():
+    """IEEE float32 runs the product on FMAs, where 8 units a program are no slower per
+    unit: at H = 1024 and B = 8 the plan takes 128 programs of 8 units instead of 64 of
+    16 (which left half of 132 SMs idle), and pads the 8 rows to its 8-row tile, not to
+    16; tensor cores (bf16, TF32: no FMA tiles) keep 16, tl.dot's smallest M; a BLOCK_U
+    without an FMA tile pads to 16."""
+    from fused_rnn.triton.plan import padded_rows, plan
+
+    tiles = {u: (16, 32, 1, 8) for u in (8, 16, 32, 64)}
+    fma, dot = plan(1024, 8, 4, 4, 132, fma_tiles=tiles), plan(1024, 8, 4, 4, 132)
+    assert (fma.block_u, fma.programs, fma.padded) == (8, 128, 8), fma
+    assert (dot.block_u, dot.programs, dot.padded) == (16, 64, 16), dot
+    assert plan(1024, 8, 4, 2, 132).block_u == 16
+    assert plan(1024, 1, 4, 4, 132, fma_tiles=tiles).padded == 1
+    assert plan(1024, 1, 4, 4, 132, fma_tiles={u: (16, 32) for u in tiles}).padded == 16
+    assert [padded_rows(r, (1, 8, 16)) for r in (1, 2, 8, 9, 40)] == [1, 8, 8, 16, 40]
+    assert [padded_rows(r, (8, 16)) for r in (1, 2, 8, 9, 40)] == [8, 8, 8, 16, 40]
+    assert [padded_rows(r) for r in (1, 2, 8, 9, 40)] == [16, 16, 16, 16, 40]
+
+
+def test_small_groups_take_their_fma_tile_first():
+    """The tuner's candidates for a group of rows, the first the one the interpreter
+    runs: 1 row the 1-row tile, 2-8 rows the 8-row tile, each followed by the tiles of
+    16 rows and more for the tuner to time against it; more rows only the latter; bf16
+    (no FMA tiles) all of its own."""
+    fp32 = split.configs("lstm_split_forward", torch.float32, False, False, 16)
+    bf16 = split.configs("lstm_split_forward", torch.bfloat16, False, False, 16)
+    for rows, tile in ((1, 1), (5, 8)):
+        chosen = split.for_rows(fp32, rows)
+        assert chosen[0].block_b == tile and {c.block_b for c in chosen[1:]} == {c.block_b for c in fp32} - {1, 8}
+    assert min(c.block_b for c in split.for_rows(fp32, 9)) >= 16
+    assert split.for_rows(bf16, 1) == bf16 and min(c.block_b for c in bf16) >= 16
+
+
 @pytest.mark.parametrize("cell", ["irnn", "lstm"])
 def test_every_dispatchable_config_matches_reference(cell, monkeypatch):
-    """Each float32 config the tuner may choose, at each BLOCK_U it is dispatchable at
-    (the others switched off so that the plan takes it), against the reference:
-    outputs and every gradient, float32 tolerances, at H = 37 (partial unit blocks) and
-    B = 18 over two groups (partial batch tiles)."""
-    from fused_rnn.triton import _configs
+    """Each float32 config the tuner may choose, of the forward and of the backward, at
+    each BLOCK_U it is dispatchable at (the others switched off so that the plan takes
+    it; the FMA tiles included), against the reference: outputs and every gradient,
+    float32 tolerances, at H = 37 (partial unit blocks) and B = 18 over two or three
+    groups (partial batch tiles)."""
+    from fused_rnn.triton import _configs, plan
 
     x, states, w_ih, w_hh, b_ih, b_hh, up = make_layer(cell, 3, 18, 5, 37, bias=True, seed=5)
     tensors = [_tensor(a) for a in (x, *states, w_ih, w_hh)]
@@ -342,16 +386,22 @@ def test_every_dispatchable_config_matches_reference(cell, monkeypatch):
             else ref.lstm_backward(up["y"], up["h"], up["c"], cache))
     real = split.configs
     tried = 0
-    for (name, variant, block_u), choices in _configs.SPLIT.items():
-        if not name.startswith(cell) or variant != "fp32" or not name.endswith("forward"):
-            continue
-        backward = real(f"{cell}_split_backward", torch.float32, False, False, block_u)
-        for config, back in zip(choices, backward * len(choices)):
-            config = split.SplitConfig(*config)
-            picks = {"forward": config, "backward": back}
-            monkeypatch.setattr(split, "configs", lambda n, d, t, o, u, b=block_u, p=picks:
-                                (p[n.rsplit("_", 1)[1]],) if u == b else ())
-            programs = 2 * -(-37 // block_u)
+    for block_u in plan.BLOCK_UNITS:
+        forwards = real(f"{cell}_split_forward", torch.float32, False, False, block_u)
+        backwards = real(f"{cell}_split_backward", torch.float32, False, False, block_u)
+        # every config of both kernels at this BLOCK_U, the shorter list cycled (a kernel
+        # with none here runs its first config at BLOCK_U = 16 instead)
+        pairs = [(forwards[k % len(forwards)] if forwards else None,
+                  backwards[k % len(backwards)] if backwards else None)
+                 for k in range(max(len(forwards), len(backwards)))]
+        for config, back in pairs:
+            picks = {"forward": (config, block_u) if config else (real(f"{cell}_split_forward", torch.float32,
+                                                                        False, False, 16)[0], 16),
+                     "backward": (back, block_u) if back else (real(f"{cell}_split_backward", torch.float32,
+                                                                    False, False, 16)[0], 16)}
+            monkeypatch.setattr(split, "configs", lambda n, d, t, o, u, p=picks:
+                                (p[n.rsplit("_", 1)[1]][0],) if u == p[n.rsplit("_", 1)[1]][1] else ())
+            programs = 2 * -(-37 // min(picks["forward"][1], picks["backward"][1]))
             if cell == "irnn":
                 y, h_n = split.irnn_split_forward(*tensors, bias, programs=programs)
                 grads = split.irnn_split_backward(_tensor(up["y"]), _tensor(up["h"]), *tensors, y,
@@ -367,7 +417,8 @@ def test_every_dispatchable_config_matches_reference(cell, monkeypatch):
             for grad_name, got in zip(names, grads):
                 assert_matches(f"{grad_name} {config} U{block_u}", got.cpu(), want[grad_name], torch.float32)
             tried += 1
-    assert tried >= 3
+    assert tried == sum(max(len(_configs.SPLIT.get((f"{cell}_split_{d}", "fp32", u), ()))
+                            for d in ("forward", "backward")) for u in plan.BLOCK_UNITS)
 
 
 def test_the_tuner_restores_what_its_trials_overwrite(monkeypatch):
@@ -385,7 +436,7 @@ def test_the_tuner_restores_what_its_trials_overwrite(monkeypatch):
 
     monkeypatch.setattr(split, "TUNER", split._Tuner())
     split.TUNER.timer = clock
-    x, states, w_ih, w_hh, b_ih, b_hh, up = make_layer("lstm", 4, 5, 3, 20, bias=True, seed=9)
+    x, states, w_ih, w_hh, b_ih, b_hh, up = make_layer("lstm", 4, 17, 3, 20, bias=True, seed=9)
     tensors = [_tensor(a) for a in (x, *states, w_ih, w_hh)]
     *want_out, cache = ref.lstm_forward(x, *states, w_ih, w_hh, b_ih, b_hh)
     want = ref.lstm_backward(up["y"], up["h"], up["c"], cache)
@@ -396,9 +447,10 @@ def test_the_tuner_restores_what_its_trials_overwrite(monkeypatch):
         assert_matches(name, got.cpu(), expected, torch.float32)
     for name, got in zip(("dx", "dh0", "dc0", "dw_ih", "dw_hh", "db_ih"), grads):
         assert_matches(name, got.cpu(), want[name], torch.float32)
-    block_u = split.split_plan("lstm_split_forward", 20, 5, torch.float32, False, False, 2).block_u
-    forward = split.configs("lstm_split_forward", torch.float32, False, False, block_u)
-    backward = split.configs("lstm_split_backward", torch.float32, False, False, block_u)
+    chosen_plan = split.split_plan("lstm_split_forward", 20, 17, torch.float32, False, False, 2)
+    block_u, rows = chosen_plan.block_u, chosen_plan.rows
+    forward = split.for_rows(split.configs("lstm_split_forward", torch.float32, False, False, block_u), rows)
+    backward = split.for_rows(split.configs("lstm_split_backward", torch.float32, False, False, block_u), rows)
     assert len(forward) > 1 and len(calls) == len(forward) + len(backward)
     times = [float((i + 1) % 3) for i in range(len(forward))]
     chosen = {k[0]: v for k, v in split.TUNER.chosen.items()}
@@ -457,7 +509,7 @@ def test_a_tuned_call_equals_the_next_call(cell, dtype, monkeypatch):
     the exchange copy holding h_0, which step 1 overwrites)."""
     monkeypatch.setattr(split, "TUNER", split._Tuner())
     split.TUNER.timer = lambda trial: trial() or 1.0
-    x, states, w_ih, w_hh, b_ih, b_hh, up = make_layer(cell, 4, 5, 3, 20, bias=True, seed=11)
+    x, states, w_ih, w_hh, b_ih, b_hh, up = make_layer(cell, 4, 17, 3, 20, bias=True, seed=11)  # 17: tiles of 16
     tensors = [_tensor(a, dtype) for a in (x, *states, w_ih, w_hh)]
     bias = _tensor(b_ih + b_hh, dtype)
     grad_outputs = [_tensor(up[k], dtype) for k in (("y", "h") if cell == "irnn" else ("y", "h", "c"))]

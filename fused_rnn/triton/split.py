@@ -9,7 +9,11 @@ there is one group, and the GPU reads W_hh once per step in total, spread over a
 at large batch more groups spread the arithmetic. The product puts the program's W_hh
 rows on the M side of ``tl.dot`` and the batch on the N side (padded to BLOCK_B >= 16),
 so bf16/fp16 weights run on the tensor cores even at B = 1; float32 stays IEEE unless
-TF32. The LSTM's four gate products share one pass over K and one read of the state.
+TF32. IEEE float32, which runs on the CUDA cores' FMAs either way, may also take tiles
+below tl.dot's 16 (8 units, a batch tile of 1 or 8 rows): the product is then written
+as FMAs (_accumulate), so that H = 1024 spreads over 128 programs and B = 1 is not
+padded to 16 rows. The LSTM's four gate products share one pass over K and one read of
+the state.
 
 The K loop is pipelined by hand: the W_hh tiles and the state tile of chunk k + 1 are
 loaded before the product of chunk k, so their L2 latency overlaps the arithmetic.
@@ -48,7 +52,7 @@ from torch import Tensor
 from .._host import input_projection, weight_grads
 from . import interpreting
 from .common import ScanOptions, _round_to_bfloat16, check_dtype, sigmoid, state_operand, tanh, upcast_dots, variant
-from .plan import BLOCK_UNITS, Plan, plan
+from .plan import BLOCK_UNITS, MIN_DOT, Plan, fma_tile, on_fma, on_fma_variant, plan
 
 # The launch sizes Triton must never specialize (a 1 would become a constant): the
 # sizes, the rows per group and the window of phases.
@@ -90,6 +94,50 @@ def dot_weight_state(weight, state, TF32: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(weight, operand)
 
 
+_MIN_DOT = tl.constexpr(MIN_DOT)
+
+
+@triton.jit
+def _fma(BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Whether the product runs on float32 FMAs instead of tl.dot (plan.on_fma): below
+    tl.dot's smallest M or N (BLOCK_U = 8, or a batch tile of 1 or 8 rows for a small
+    group), with no padding of the tile to 16. An IEEE float32 tl.dot runs on the CUDA
+    cores anyway."""
+    return BLOCK_U < _MIN_DOT or BLOCK_B < _MIN_DOT
+
+
+@triton.jit
+def _accumulator(BLOCK_U: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The product's float32 accumulator: [BLOCK_U, BLOCK_B], or on FMAs [BLOCK_U,
+    BLOCK_K, BLOCK_B], each element a partial sum over every BLOCK_K-th k, so that the
+    K loop only multiplies and adds and the reduction over k runs once (_total)."""
+    if _fma(BLOCK_U, BLOCK_B):
+        return tl.zeros((BLOCK_U, BLOCK_K, BLOCK_B), dtype=tl.float32)
+    else:
+        return tl.zeros((BLOCK_U, BLOCK_B), dtype=tl.float32)
+
+
+@triton.jit
+def _accumulate(acc, weight, state, TF32: tl.constexpr, UPCAST: tl.constexpr, BLOCK_U: tl.constexpr,
+                BLOCK_B: tl.constexpr):
+    """acc + weight [BLOCK_U, BLOCK_K] @ state [BLOCK_K, BLOCK_B] (see _accumulator)."""
+    if _fma(BLOCK_U, BLOCK_B):
+        tl.static_assert(not TF32, "TF32 runs on tl.dot: no config of its has a tile below 16")
+        operand = state_operand(state, weight, UPCAST).to(tl.float32)
+        return acc + weight.to(tl.float32)[:, :, None] * operand[None, :, :]
+    else:
+        return acc + dot_weight_state(weight, state, TF32, UPCAST)
+
+
+@triton.jit
+def _total(acc, BLOCK_U: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The product [BLOCK_U, BLOCK_B] from its accumulator."""
+    if _fma(BLOCK_U, BLOCK_B):
+        return tl.sum(acc, axis=1)
+    else:
+        return acc
+
+
 @triton.jit
 def _weight_tile(w, w_rows, w_ok, k0, K, k_stride, BLOCK_K: tl.constexpr):
     """[M, BLOCK_K]: w[w_rows[m] + k * k_stride] for k in [k0, k0 + BLOCK_K), 0 past K."""
@@ -123,13 +171,13 @@ def _product(w, unit_stride, k_stride, src, unit0, H, rows, row_ok, K, keep, HAS
     src_rows = rows.to(tl.int64) * K
     tile = _weight_tile(w, w_rows, w_ok, 0, K, k_stride, BLOCK_K)
     state = _state_tile(src, src_rows, row_ok, 0, K, keep, HAS_MASK, BLOCK_K)
-    acc = tl.zeros((BLOCK_U, BLOCK_B), dtype=tl.float32)
+    acc = _accumulator(BLOCK_U, BLOCK_K, BLOCK_B)
     for k0 in range(BLOCK_K, K + BLOCK_K, BLOCK_K):  # chunk k0 - BLOCK_K, chunk k0 in flight
         next_tile = _weight_tile(w, w_rows, w_ok, k0, K, k_stride, BLOCK_K)
         next_state = _state_tile(src, src_rows, row_ok, k0, K, keep, HAS_MASK, BLOCK_K)
-        acc += dot_weight_state(tile, state, TF32, UPCAST)
+        acc = _accumulate(acc, tile, state, TF32, UPCAST, BLOCK_U, BLOCK_B)
         tile, state = next_tile, next_state
-    return acc
+    return _total(acc, BLOCK_U, BLOCK_B)
 
 
 @triton.jit
@@ -147,22 +195,23 @@ def _gate_products(w, src, unit0, H, rows, row_ok, keep, HAS_MASK: tl.constexpr,
     t_g = _weight_tile(w + 2 * gate, w_rows, w_ok, 0, H, 1, BLOCK_K)
     t_o = _weight_tile(w + 3 * gate, w_rows, w_ok, 0, H, 1, BLOCK_K)
     state = _state_tile(src, src_rows, row_ok, 0, H, keep, HAS_MASK, BLOCK_K)
-    a_i = tl.zeros((BLOCK_U, BLOCK_B), dtype=tl.float32)
-    a_f = tl.zeros((BLOCK_U, BLOCK_B), dtype=tl.float32)
-    a_g = tl.zeros((BLOCK_U, BLOCK_B), dtype=tl.float32)
-    a_o = tl.zeros((BLOCK_U, BLOCK_B), dtype=tl.float32)
+    a_i = _accumulator(BLOCK_U, BLOCK_K, BLOCK_B)
+    a_f = _accumulator(BLOCK_U, BLOCK_K, BLOCK_B)
+    a_g = _accumulator(BLOCK_U, BLOCK_K, BLOCK_B)
+    a_o = _accumulator(BLOCK_U, BLOCK_K, BLOCK_B)
     for k0 in range(BLOCK_K, H + BLOCK_K, BLOCK_K):
         n_i = _weight_tile(w, w_rows, w_ok, k0, H, 1, BLOCK_K)
         n_f = _weight_tile(w + gate, w_rows, w_ok, k0, H, 1, BLOCK_K)
         n_g = _weight_tile(w + 2 * gate, w_rows, w_ok, k0, H, 1, BLOCK_K)
         n_o = _weight_tile(w + 3 * gate, w_rows, w_ok, k0, H, 1, BLOCK_K)
         n_state = _state_tile(src, src_rows, row_ok, k0, H, keep, HAS_MASK, BLOCK_K)
-        a_i += dot_weight_state(t_i, state, TF32, UPCAST)
-        a_f += dot_weight_state(t_f, state, TF32, UPCAST)
-        a_g += dot_weight_state(t_g, state, TF32, UPCAST)
-        a_o += dot_weight_state(t_o, state, TF32, UPCAST)
+        a_i = _accumulate(a_i, t_i, state, TF32, UPCAST, BLOCK_U, BLOCK_B)
+        a_f = _accumulate(a_f, t_f, state, TF32, UPCAST, BLOCK_U, BLOCK_B)
+        a_g = _accumulate(a_g, t_g, state, TF32, UPCAST, BLOCK_U, BLOCK_B)
+        a_o = _accumulate(a_o, t_o, state, TF32, UPCAST, BLOCK_U, BLOCK_B)
         t_i, t_f, t_g, t_o, state = n_i, n_f, n_g, n_o, n_state
-    return a_i, a_f, a_g, a_o
+    return (_total(a_i, BLOCK_U, BLOCK_B), _total(a_f, BLOCK_U, BLOCK_B), _total(a_g, BLOCK_U, BLOCK_B),
+            _total(a_o, BLOCK_U, BLOCK_B))
 
 
 @triton.jit
@@ -576,15 +625,27 @@ class SplitConfig(NamedTuple):
 
 
 # The candidates bench/triton_resources.py compiles (at every BLOCK_U of plan.py, sm_80
-# and sm_90, with and without the options); those that never spill go to
-# _configs.SPLIT, which dispatch tunes over. The first usable one runs under the
-# interpreter.
+# and sm_90, with and without the options; the FMA tiles for IEEE float32 only,
+# runs_on); those that never spill go to _configs.SPLIT, which dispatch tunes over. The
+# first of for_rows(...) runs under the interpreter.
 CANDIDATES = (
     SplitConfig(16, 32, 8),
     SplitConfig(16, 64, 8),
     SplitConfig(32, 32, 8),
     SplitConfig(16, 16, 8),
+    # float32 FMAs only (runs_on): the tiles of plan.FMA_TILES, for groups of 1 row and of 2-8
+    SplitConfig(1, 32, 8),
+    SplitConfig(8, 32, 8),
 )
+
+
+def runs_on(kernel_variant: str, config: SplitConfig, block_u: int) -> bool:
+    """Whether `config` at BLOCK_U = block_u is a candidate for `kernel_variant`
+    (common.variant): tiles below tl.dot's 16 (BLOCK_U = 8, BLOCK_B = 1 or 8) run the
+    product on float32 FMAs, a candidate for IEEE float32 only (plan.on_fma_variant)."""
+    return not on_fma(block_u, config.block_b) or on_fma_variant(kernel_variant)
+
+
 KERNELS = {"irnn_split_forward": irnn_split_kernel, "irnn_split_backward": irnn_split_backward_kernel,
            "lstm_split_forward": lstm_split_kernel, "lstm_split_backward": lstm_split_backward_kernel}
 
@@ -623,11 +684,14 @@ def split_plan(name: str, hidden: int, batch: int, dtype: torch.dtype, allow_tf3
     on a GPU of more programs than SMs is refused: they might not all be resident, and
     the barrier would wait for programs that cannot start."""
     budget = programs or max(1, triton.cdiv(hidden, 16))
-    block_units = tuple(u for u in BLOCK_UNITS if configs(name, dtype, allow_tf32, options, u))
+    available = {u: configs(name, dtype, allow_tf32, options, u) for u in BLOCK_UNITS}
+    block_units = tuple(u for u in BLOCK_UNITS if available[u])
     if not block_units:  # dispatch checks first (missing_configs)
         raise RuntimeError(f"{name} has no spill-free launch config for {dtype} weights")
+    tiles = ({u: [c.block_b for c in available[u]] for u in block_units}
+             if on_fma_variant(variant(dtype, allow_tf32, options)) else None)
     chosen = plan(hidden, batch, 4 if name.startswith("lstm") else 1, dtype.itemsize, budget, block_units,
-                  backward=name.endswith("backward"))
+                  backward=name.endswith("backward"), fma_tiles=tiles)
     if persistent and device is not None and device.type == "cuda" and not interpreting():
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         if chosen.programs > sms:
@@ -644,6 +708,18 @@ def configs(name: str, dtype: torch.dtype, allow_tf32: bool, options: bool, bloc
     return tuple(SplitConfig(*c) for c in SPLIT.get((name, variant(dtype, allow_tf32, options), block_u), ()))
 
 
+def for_rows(candidates: Tuple[SplitConfig, ...], rows: int) -> Tuple[SplitConfig, ...]:
+    """The candidates for groups of `rows` rows, the first one what the interpreter
+    runs: a group that fits an FMA tile (plan.fma_tile; float32 has them) takes the
+    configs of that tile first, then those of tl.dot's 16 rows or more, for the tuner
+    to time against them; a larger group only the latter (all, if there are none)."""
+    tile = fma_tile(rows, [c.block_b for c in candidates])
+    dot = tuple(c for c in candidates if c.block_b >= MIN_DOT)
+    if tile is None:
+        return dot or candidates
+    return tuple(c for c in candidates if c.block_b == tile) + dot
+
+
 def missing_configs(cell: str, dtype: torch.dtype, allow_tf32: bool = False, options: bool = False) -> Optional[str]:
     """Why the split scans of `cell` cannot run `dtype` weights (None if they can): a
     kernel without a spill-free config at any BLOCK_U."""
@@ -656,9 +732,10 @@ def missing_configs(cell: str, dtype: torch.dtype, allow_tf32: bool = False, opt
 
 
 class _Tuner:
-    """The config of each (kernel, variant, H, BLOCK_U, driver), timed on its first call
-    on a GPU over the dispatchable ones (the key leaves out B and T: a step costs the
-    same whatever the batch's tail or the sequence's length, and re-tuning at every
+    """The config of each (kernel, variant, H, BLOCK_U, FMA tile, driver), timed on its
+    first call on a GPU over the dispatchable ones (the key leaves out T and of the
+    batch only whether a group fits an FMA tile (float32, at most 8 rows): a step costs
+    the same whatever the batch's tail or the sequence's length, and re-tuning at every
     batch size would stall training for a benchmark each time). Buffers the kernel
     updates in place are restored before each trial and before the real run. `timer`
     replaces the CUDA-event timing (the tests run the trials under the interpreter)."""
@@ -740,7 +817,8 @@ def _scan(name: str, phases: int, sizes, chosen: Plan, persistent: bool, tensors
     one launch per phase; tensors/options: its arguments before the counter and after
     the sizes; restore: the buffers it updates in place (for the tuner's trials)."""
     kernel = KERNELS[name]
-    candidates = configs(name, weight.dtype, allow_tf32, _with_options(flags), chosen.block_u)
+    every = configs(name, weight.dtype, allow_tf32, _with_options(flags), chosen.block_u)
+    candidates = for_rows(every, chosen.rows)
     grid = (chosen.unit_blocks, chosen.groups)
     counter = torch.zeros(1, device=weight.device, dtype=torch.int32)
     error = torch.zeros(1, device=weight.device, dtype=torch.int32)
@@ -764,7 +842,7 @@ def _scan(name: str, phases: int, sizes, chosen: Plan, persistent: bool, tensors
             _check_barrier(error)  # a timed-out trial ends the tuning too: run() falls back at once
 
     key = (name, weight.dtype, allow_tf32, _with_options(flags), flags.get("LOW", False), sizes[2], chosen.block_u,
-           persistent, weight.device)
+           fma_tile(chosen.rows, [c.block_b for c in every]), persistent, weight.device)
     launch(TUNER.pick(key, candidates, launch, restore))
 
 
