@@ -51,6 +51,17 @@ def cpu_backend(request):
     return request.param
 
 
+def pytest_collection_modifyitems(config, items):
+    # The slow tests (a minute or more each) first, the longest-allowed (timeout marker)
+    # first among them, so that pytest-xdist's workers start them at once and the short
+    # ones fill in around them, instead of one of them starting last and running alone
+    # (a stable sort: the order is otherwise kept).
+    def key(item):
+        timeout = item.get_closest_marker("timeout")
+        return item.get_closest_marker("slow") is None, -(timeout.args[0] if timeout and timeout.args else 0)
+    items.sort(key=key)
+
+
 def pytest_report_header(config):
     return [f"fused_rnn build: {fused_rnn.build_info()}; cpu backends: {CPU_BACKENDS}",
             f"fuzz seed: {FUZZ_SEED} (replay with FUSED_RNN_FUZZ_SEED={FUZZ_SEED})"]

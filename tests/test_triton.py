@@ -140,8 +140,9 @@ def test_irnn_rejects_other_dtypes():
                                       torch.eye(4, dtype=torch.float64, device=DEVICE), None)
 
 
-@pytest.mark.slow  # about 5 minutes of compiles on 2 cores
-@pytest.mark.timeout(1200)
+# about 1500 compiles: 3-6 minutes on 2 cores with Triton's cache (~/.triton) warm, 20-25 cold
+@pytest.mark.slow
+@pytest.mark.timeout(3000)
 @pytest.mark.skipif(shutil.which("ptxas") is None and not Path("/usr/local/cuda/bin/ptxas").is_file(),
                     reason="ptxas (CUDA toolkit) not found")
 def test_kernels_compile_for_sm80_sm90_without_spills(tmp_path):
@@ -162,7 +163,7 @@ def test_kernels_compile_for_sm80_sm90_without_spills(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "resources.json"
     result = subprocess.run([sys.executable, str(REPO / "bench" / "triton_resources.py"), "--json", str(out)],
-                            env=env, capture_output=True, text=True, timeout=900)
+                            env=env, capture_output=True, text=True, timeout=2700)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = json.loads(out.read_text())["rows"]
     ok = {}
