@@ -28,7 +28,7 @@ VARIANTS = {"float32": "fp32", "bfloat16": "bf16"}
 
 
 def resources(name: str, variant: str, block_u: int, capability: int) -> str:
-    """'registers / spill bytes / shared KB' over the dispatchable configs (with and
+    """'registers / spill bytes / shared bytes' over the dispatchable configs (with and
     without the options), as a range where they differ."""
     from fused_rnn.triton import _configs
 
@@ -40,12 +40,12 @@ def resources(name: str, variant: str, block_u: int, capability: int) -> str:
     if not found:
         return "no config"
 
-    def span(values, scale=1):
-        low, high = min(values) / scale, max(values) / scale
-        return f"{low:g}" if low == high else f"{low:g}-{high:g}"
+    def span(values):
+        low, high = min(values), max(values)
+        return f"{low}" if low == high else f"{low}-{high}"
 
     return (f"{span([f[0] for f in found])} / {span([f[1] for f in found])} / "
-            f"{span([f[2] for f in found], 1024)}")
+            f"{span([f[2] for f in found])}")
 
 
 def report(gpu_name: str, hiddens) -> str:
@@ -54,10 +54,10 @@ def report(gpu_name: str, hiddens) -> str:
     lines = [f"Command: `python bench/split_report.py --gpu {gpu_name} --hidden {','.join(map(str, hiddens))}`. "
              f"The hidden-split Triton scans on {gpu_name} ({gpu.sms} SMs, sm_{capability}): plan (BLOCK_U, grid "
              f"= unit blocks x batch groups, programs per launch), resources of the dispatchable configs at that "
-             f"BLOCK_U (registers per thread / spill bytes / shared KB, ahead-of-time compile, with and without "
+             f"BLOCK_U (registers per thread / spill bytes / shared bytes, ahead-of-time compile, with and without "
              f"the options), and the MODEL's time per step in us (persistent driver) against cuDNN's per-step "
              f"algorithm (`bench/gpu_model.py`; a model, not a measurement).", "",
-             "| cell | dtype | pass | H | B | BLOCK_U | grid | programs | regs / spills / shared KB | "
+             "| cell | dtype | pass | H | B | BLOCK_U | grid | programs | regs / spills / shared bytes | "
              "model split us | model cuDNN us | cuDNN / split |",
              "|---|---|---|---:|---:|---:|---|---:|---|---:|---:|---:|"]
     cache = {}

@@ -6,7 +6,7 @@
 
 #include <string>
 
-#include "cpu/blas.h"
+#include "cpu/common.h"
 
 namespace fused_rnn {
 
@@ -50,6 +50,8 @@ inline pybind11::dict build_info_dict() {
   info["cxx_flags"] = FUSED_RNN_CXX_FLAGS;
   // the float32 scans' per-step GEMM on this CPU now (csrc/cpu/blas.h, RecurrentGemm)
   info["cpu_gemm"] = cpu::gemm_kernel_name(cpu::gemm_kernel());
+  // the instruction set the CPU scans' pointwise row loops run with, which follows it (csrc/cpu/common.h)
+  info["cpu_loops"] = cpu::row_isa_name(cpu::row_isa());
   return info;
 }
 

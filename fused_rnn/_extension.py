@@ -39,7 +39,9 @@ def build_info() -> dict:
     ``compiler``, ``torch_version`` (the torch the extension was compiled against),
     ``cxx_flags``, ``cpu_gemm`` (the float32 CPU scans' GEMM kernel on this CPU:
     ``"avx512"`` or ``"avx2"``, the package's own, or ``"blas"``;
-    ``FUSED_RNN_CPU_ISA=avx2`` or ``=blas`` forces a lower one); plus
+    ``FUSED_RNN_CPU_ISA=avx2`` or ``=blas`` forces a lower one), ``cpu_loops`` (the
+    instruction set of the CPU scans' cell and ReLU loops, which follows ``cpu_gemm``:
+    ``"x86-64-v4"`` with avx512, ``"x86-64-v3"`` with avx2, ``"baseline"`` with blas); plus
     ``extension_loaded`` and, when it is not, ``import_error``.
     """
     if not HAS_C:

@@ -196,6 +196,31 @@ def spawn_and_wait(fn, args, nprocs, seconds):
             raise AssertionError(f"the {nprocs} spawned workers did not finish within {seconds} s")
 
 
+def run_in_group(command, timeout, **kwargs):
+    """subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+    **kwargs), with the command in a process group of its own that is killed whole on
+    timeout: a script that fans out to worker processes (bench/triton_resources.py's
+    compile pool) leaves no orphans compiling on through the rest of the suite."""
+    import os
+    import signal
+    import subprocess
+
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, **kwargs)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    finally:
+        try:  # workers the script left behind, even after it exited
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 # ---- bfloat16 / float16 inputs, float32 state and accumulation ----
 
 # Against the float64 reference computed from the same rounded inputs and upstream

@@ -176,21 +176,27 @@ def _gcc_major():
 
 
 @pytest.mark.skipif(not (sys.platform == "linux" and os.uname().machine == "x86_64"), reason="x86-64 Linux only")
-@pytest.mark.skipif(_gcc_major() < 12, reason="the AVX2 clones need gcc >= 12 (target_clones arch=x86-64-v3)")
+@pytest.mark.skipif(_gcc_major() < 12, reason="the AVX2 / AVX-512 loops need gcc >= 12 (target arch=x86-64-v3/v4)")
 @pytest.mark.skipif(__import__("shutil").which("objdump") is None, reason="objdump (binutils) is not installed")
-def test_cell_loops_are_vectorised_for_avx2():
+def test_cell_loops_are_vectorised_for_avx2_and_avx512():
     """The LSTM cell loops are the CPU kernels' only non-BLAS hot spot; if the compiler
-    stops vectorising their AVX2 clone (as an "arch=haswell" clone once did, without any
-    test failing) the fused LSTM loses a third of its speed. The clone must use ymm registers."""
+    stops vectorising their AVX2 build (as an "arch=haswell" target once did, without
+    any test failing) the fused LSTM loses a third of its speed. Each loop's x86-64-v3
+    build (csrc/cpu/common.h's run_x86_64_v3) must use ymm registers, its x86-64-v4
+    build zmm registers, and the baseline build neither."""
     library = next((REPO / "fused_rnn").glob("_C*.so"))
     disassembly = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", str(library)],
                                  capture_output=True, text=True, timeout=600).stdout
     for row in ("lstm_forward_row<float>", "lstm_backward_row<float>"):
-        body, inside = [], False
+        bodies = {"run_x86_64_v3": [], "run_x86_64_v4": [], "run_baseline": []}
+        inside = None
         for line in disassembly.splitlines():
             if line.endswith(">:"):
-                inside = row in line and "arch_x86_64_v3" in line
+                inside = next((isa for isa in bodies if f"{isa}<" in line and f"::{row}(" in line), None)
             elif inside:
-                body.append(line)
-        assert body, f"no AVX2 clone of {row} in {library.name}"
-        assert sum("ymm" in line for line in body) > 20, f"the AVX2 clone of {row} is not vectorised"
+                bodies[inside].append(line)
+        for isa, body in bodies.items():
+            assert body, f"no {isa} build of {row} in {library.name}"
+        assert sum("ymm" in line for line in bodies["run_x86_64_v3"]) > 20, f"the AVX2 {row} is not vectorised"
+        assert sum("zmm" in line for line in bodies["run_x86_64_v4"]) > 20, f"the AVX-512 {row} is not vectorised"
+        assert not any("ymm" in line or "zmm" in line for line in bodies["run_baseline"]), f"baseline {row} uses AVX"

@@ -57,7 +57,42 @@ def test_every_gemm_path_matches_reference(cell, shape, path, monkeypatch):
         pytest.skip("the C++ extension is not built")
     monkeypatch.setenv("FUSED_RNN_CPU_ISA", path)
     assert fused_rnn.build_info()["cpu_gemm"] == path
+    assert fused_rnn.build_info()["cpu_loops"] == ROW_LOOPS[path]
     test_layer_matches_reference(cell, shape, True, torch.float32, "cpp")
+
+
+# The pointwise loops each GEMM path runs (csrc/cpu/common.h's with_row_isa); gcc < 12
+# builds the baseline loops only.
+ROW_LOOPS = {"avx512": "x86-64-v4", "avx2": "x86-64-v3", "blas": "baseline"}
+if fused_rnn.build_info().get("compiler", "").startswith("gcc") and int(
+        fused_rnn.build_info()["compiler"].split()[1].split(".")[0]) < 12:
+    ROW_LOOPS = dict.fromkeys(ROW_LOOPS, "baseline")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("path", GEMM_PATHS)
+def test_every_path_runs_every_row_loop(path, dtype, monkeypatch):
+    """Each path's pointwise loops (compiled for x86-64-v4, x86-64-v3 or the baseline)
+    against the reference in every place a scan calls them: the ReLU with and without
+    the clip, the LSTM cell forward and backward over batch slices, over hidden-unit
+    slices (B < 16 and H >= 128: the units split across two threads) and with the
+    output projection, and the rows frozen past their lengths."""
+    if "cpp" not in fused_rnn.available_backends():
+        pytest.skip("the C++ extension is not built")
+    from helpers import check_options
+    from test_projection import check_projection
+
+    monkeypatch.setenv("FUSED_RNN_CPU_ISA", path)
+    assert fused_rnn.build_info()["cpu_loops"] == ROW_LOOPS[path]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for cell in ("irnn", "lstm"):
+            check_options(cell, (7, 20, 5, 19), dtype, "cpp", ("recurrent_mask", "lengths", "hidden_clip"))
+            test_layer_matches_reference(cell, (5, 3, 6, 130), True, dtype, "cpp")
+        check_projection((6, 20, 5, 24, 9), dtype, "cpp", ("lengths",))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_widest_gemm_is_the_default_and_a_wider_one_cannot_be_forced(monkeypatch):

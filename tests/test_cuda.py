@@ -4,7 +4,6 @@ GPU, every kernel against the NumPy reference (float32 here; bfloat16/float16 an
 modules in test_triton.py, which runs them for every GPU backend)."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 import fused_rnn
 from fused_rnn import _C
 from fused_rnn.ops import OP_NAMES
-from helpers import SHAPES, check_cells_against_reference, check_layer_against_reference
+from helpers import SHAPES, check_cells_against_reference, check_layer_against_reference, run_in_group
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA_BUILT = bool(fused_rnn.build_info().get("cuda_compiled"))
@@ -41,8 +40,8 @@ def test_kernels_compile_for_sm80_sm90_without_spills(tmp_path):
     allows (bench/cuda_resources.py, which docs/cuda.md's table comes from, exits
     non-zero otherwise)."""
     out = tmp_path / "resources.json"
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "cuda_resources.py"), "--json", str(out)],
-                            capture_output=True, text=True, timeout=600)
+    result = run_in_group([sys.executable, str(REPO / "bench" / "cuda_resources.py"), "--json", str(out)],
+                          timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
     seen = {(r["kernel"], r["dtype"], r["arch"]) for r in report["rows"]}

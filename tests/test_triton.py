@@ -15,7 +15,7 @@ import torch
 
 import fused_rnn
 import rnn_reference as ref
-from helpers import LOW_PRECISION_TOLERANCE, SHAPES, assert_matches, irnn_inputs_off_the_kink, make_layer
+from helpers import LOW_PRECISION_TOLERANCE, SHAPES, assert_matches, irnn_inputs_off_the_kink, make_layer, run_in_group
 
 triton_irnn = pytest.importorskip("fused_rnn.triton.irnn", reason="triton is not installed")
 from fused_rnn.triton import lstm as triton_lstm  # noqa: E402
@@ -162,8 +162,8 @@ def test_kernels_compile_for_sm80_sm90_without_spills(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "resources.json"
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "triton_resources.py"), "--json", str(out)],
-                            env=env, capture_output=True, text=True, timeout=2700)
+    result = run_in_group([sys.executable, str(REPO / "bench" / "triton_resources.py"), "--json", str(out)],
+                          timeout=2700, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = json.loads(out.read_text())["rows"]
     ok = {}

@@ -21,7 +21,7 @@ import torch
 
 import rnn_reference as ref
 from fused_rnn.triton import split
-from helpers import assert_matches, make_layer
+from helpers import assert_matches, make_layer, run_in_group
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -137,8 +137,8 @@ json.dump(out, sys.stdout)
 @pytest.fixture(scope="module")
 def split_ptx():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, timeout=300,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = run_in_group([sys.executable, "-c", COMPILE], timeout=300, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout)
 

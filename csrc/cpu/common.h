@@ -14,18 +14,66 @@
 namespace fused_rnn {
 namespace cpu {
 
-// The pointwise row loops are compiled three times on x86-64, for AVX-512 (x86-64-v4),
-// AVX2+FMA (x86-64-v3) and the baseline, and the loader picks one by CPU (function
-// multi-versioning), so one binary vectorises 16-wide where it can and still runs
-// everywhere; FUSED_RNN_CPU_ISA (blas.h) lowers the GEMM kernel, not these loops.
-// "arch=x86-64-v3/v4" in target_clones needs GCC 12; an "arch=haswell" clone would also
-// set Haswell tuning, which stops GCC inlining the cell maths into it, and the loop then
-// does not vectorise. Older compilers get the baseline (SSE2) loops only.
+// The pointwise row loops (the cells, the ReLUs) are compiled three times on x86-64:
+// for AVX-512 (x86-64-v4), AVX2+FMA (x86-64-v3) and the baseline (SSE2). A scan picks
+// one when it starts, with the GEMM kernel (blas.h's gemm_kernel(), which
+// FUSED_RNN_CPU_ISA lowers): the avx512 path runs the v4 loops, avx2 the v3 loops, and
+// blas the baseline ones, so each path is the whole of what a CPU of that kind runs and
+// the tests run every path this CPU has. A loop is an always-inline function called
+// through with_row_isa(isa, [&]() FUSED_RNN_INLINE { ... }): the lambda is inlined into
+// a wrapper compiled for that instruction set, and the loop with it.
+// "arch=x86-64-v3/v4" needs GCC 12; an "arch=haswell" target would also set Haswell
+// tuning, which stops GCC inlining the cell maths, and the loop then does not
+// vectorise. Other compilers get the baseline loops only.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && !defined(__CUDACC__)
-#define FUSED_RNN_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define FUSED_RNN_ROW_ISAS 1
+#define FUSED_RNN_TARGET_V4 __attribute__((target("arch=x86-64-v4")))
+#define FUSED_RNN_TARGET_V3 __attribute__((target("arch=x86-64-v3")))
 #else
-#define FUSED_RNN_CPU_CLONES
+#define FUSED_RNN_ROW_ISAS 0
+#define FUSED_RNN_TARGET_V4
+#define FUSED_RNN_TARGET_V3
 #endif
+#define FUSED_RNN_INLINE __attribute__((always_inline))
+
+enum class RowIsa { kBaseline, kX86_64_v3, kX86_64_v4 };
+
+inline const char* row_isa_name(RowIsa isa) {
+  return isa == RowIsa::kX86_64_v4 ? "x86-64-v4" : isa == RowIsa::kX86_64_v3 ? "x86-64-v3" : "baseline";
+}
+
+// The row loops of the GEMM path `kernel` (read once when a scan starts).
+inline RowIsa row_isa(GemmKernel kernel = gemm_kernel()) {
+  if (!FUSED_RNN_ROW_ISAS) return RowIsa::kBaseline;
+  return kernel == GemmKernel::kAvx512 ? RowIsa::kX86_64_v4
+         : kernel == GemmKernel::kAvx2 ? RowIsa::kX86_64_v3
+                                       : RowIsa::kBaseline;
+}
+
+template <typename Loop>
+FUSED_RNN_TARGET_V4 void run_x86_64_v4(const Loop& loop) {
+  loop();
+}
+
+template <typename Loop>
+FUSED_RNN_TARGET_V3 void run_x86_64_v3(const Loop& loop) {
+  loop();
+}
+
+template <typename Loop>
+void run_baseline(const Loop& loop) {
+  loop();
+}
+
+// loop() compiled for `isa` (loop: an always-inline lambda, see above).
+template <typename Loop>
+inline void with_row_isa(RowIsa isa, const Loop& loop) {
+  switch (isa) {
+    case RowIsa::kX86_64_v4: return run_x86_64_v4(loop);
+    case RowIsa::kX86_64_v3: return run_x86_64_v3(loop);
+    default: return run_baseline(loop);
+  }
+}
 
 // Batch rows are independent in a recurrence, so the scans split the batch, not each
 // step: every thread runs the whole sequence on its own slice of rows with a

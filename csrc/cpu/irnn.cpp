@@ -19,28 +19,28 @@ namespace cpu {
 namespace {
 
 template <typename scalar_t>
-FUSED_RNN_CPU_CLONES void relu_rows(scalar_t* z, int64_t count) {
+FUSED_RNN_INLINE inline void relu_rows(scalar_t* z, int64_t count) {
 #pragma omp simd
   for (int64_t j = 0; j < count; ++j) z[j] = cell::relu(z[j]);
 }
 
 template <typename scalar_t>
-FUSED_RNN_CPU_CLONES void relu_clipped_rows(scalar_t* z, int64_t count, scalar_t clip) {
+FUSED_RNN_INLINE inline void relu_clipped_rows(scalar_t* z, int64_t count, scalar_t clip) {
 #pragma omp simd
   for (int64_t j = 0; j < count; ++j) z[j] = cell::relu_clipped(z[j], clip);
 }
 
 // dz = (dy + g) * [y > 0], elementwise over `count` elements.
 template <typename scalar_t>
-FUSED_RNN_CPU_CLONES void relu_backward_rows(const scalar_t* dy, const scalar_t* g, const scalar_t* y, scalar_t* dz, int64_t count) {
+FUSED_RNN_INLINE inline void relu_backward_rows(const scalar_t* dy, const scalar_t* g, const scalar_t* y, scalar_t* dz, int64_t count) {
 #pragma omp simd
   for (int64_t j = 0; j < count; ++j) dz[j] = cell::relu_backward(dy[j] + g[j], y[j]);
 }
 
 // dz = (dy + g) * [0 < y < clip]
 template <typename scalar_t>
-FUSED_RNN_CPU_CLONES void relu_clipped_backward_rows(const scalar_t* dy, const scalar_t* g, const scalar_t* y,
-                                                     scalar_t* dz, int64_t count, scalar_t clip) {
+FUSED_RNN_INLINE inline void relu_clipped_backward_rows(const scalar_t* dy, const scalar_t* g, const scalar_t* y,
+                                                           scalar_t* dz, int64_t count, scalar_t clip) {
 #pragma omp simd
   for (int64_t j = 0; j < count; ++j) dz[j] = cell::relu_clipped_backward(dy[j] + g[j], y[j], clip);
 }
@@ -67,6 +67,7 @@ std::tuple<at::Tensor, at::Tensor> irnn_scan_forward(const at::Tensor& x_in, con
   TORCH_CHECK(!hidden_clip.has_value() || *hidden_clip > 0, "fused_rnn: hidden_clip must be positive");
   if (steps == 0) return {x.new_empty({0, batch, hidden}), h0.clone()};
   auto y = input_projection(x, w_ih, bias, sequence_matmul);  // [T, B, H]: z_t, then h_t in place
+  const RowIsa isa = row_isa();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "irnn_scan_forward", [&] {
     scalar_t* y_data = y.data_ptr<scalar_t>();
     const scalar_t* mask = options.mask_data<scalar_t>();
@@ -88,11 +89,13 @@ std::tuple<at::Tensor, at::Tensor> irnn_scan_forward(const at::Tensor& x_in, con
         } else {
           recurrent(h_prev + offset, 1, z);
         }
-        if (hidden_clip.has_value()) {
-          relu_clipped_rows(z, rows * hidden, static_cast<scalar_t>(*hidden_clip));
-        } else {
-          relu_rows(z, rows * hidden);
-        }
+        with_row_isa(isa, [&]() FUSED_RNN_INLINE {
+          if (hidden_clip.has_value()) {
+            relu_clipped_rows(z, rows * hidden, static_cast<scalar_t>(*hidden_clip));
+          } else {
+            relu_rows(z, rows * hidden);
+          }
+        });
         for (int64_t b = b0; b < b1 && lengths_data != nullptr; ++b) {  // past its length a row keeps its state
           if (!step_active(lengths_data, t, b)) std::memcpy(z + (b - b0) * hidden, h_prev + b * hidden,
                                                             hidden * sizeof(scalar_t));
@@ -142,6 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> irnn_scan
   auto dz = at::empty_like(y);              // [T, B, H]
   auto carry = grad_h_n.clone();            // [B, H]: dL/dh_t from step t+1 (and from h_T)
   auto saved = options.lengths.defined() ? at::empty_like(carry) : at::Tensor();  // rows past their length
+  const RowIsa isa = row_isa();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "irnn_scan_backward", [&] {
     const scalar_t* y_data = y.const_data_ptr<scalar_t>();
     const scalar_t* dy_data = grad_y.const_data_ptr<scalar_t>();
@@ -159,12 +163,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> irnn_scan
       for (int64_t t = steps - 1; t >= 0; --t) {
         const int64_t base = t * step_elems + offset;
         scalar_t* dz_t = dz_data + base;
-        if (hidden_clip.has_value()) {
-          relu_clipped_backward_rows(dy_data + base, g, y_data + base, dz_t, rows * hidden,
-                                     static_cast<scalar_t>(*hidden_clip));
-        } else {
-          relu_backward_rows(dy_data + base, g, y_data + base, dz_t, rows * hidden);
-        }
+        with_row_isa(isa, [&]() FUSED_RNN_INLINE {
+          if (hidden_clip.has_value()) {
+            relu_clipped_backward_rows(dy_data + base, g, y_data + base, dz_t, rows * hidden,
+                                       static_cast<scalar_t>(*hidden_clip));
+          } else {
+            relu_backward_rows(dy_data + base, g, y_data + base, dz_t, rows * hidden);
+          }
+        });
         for (int64_t b = b0; b < b1 && lengths_data != nullptr; ++b) {  // no step past a row's length
           if (!step_active(lengths_data, t, b)) std::memset(dz_t + (b - b0) * hidden, 0, hidden * sizeof(scalar_t));
         }

@@ -33,8 +33,8 @@ namespace {
 // gates[j], gates[stride + j], gates[2 * stride + j], gates[3 * stride + j] (stride = H);
 // pre-activations in, activations out.
 template <typename scalar_t>
-FUSED_RNN_CPU_CLONES void lstm_forward_row(scalar_t* gates, int64_t stride, const scalar_t* c_prev, scalar_t* c,
-                                           scalar_t* h, int64_t count) {
+FUSED_RNN_INLINE inline void lstm_forward_row_loop(scalar_t* gates, int64_t stride, const scalar_t* c_prev,
+                                                   scalar_t* c, scalar_t* h, int64_t count) {
   scalar_t* gi = gates;
   scalar_t* gf = gates + stride;
   scalar_t* gg = gates + 2 * stride;
@@ -49,9 +49,9 @@ FUSED_RNN_CPU_CLONES void lstm_forward_row(scalar_t* gates, int64_t stride, cons
 // lstm_forward_row). grad_h = dy_t + carried dh; `dc` holds dL/dc_t on entry and
 // dL/dc_{t-1} on exit.
 template <typename scalar_t>
-FUSED_RNN_CPU_CLONES void lstm_backward_row(const scalar_t* dy, const scalar_t* dh_carry, scalar_t* dc,
-                                            const scalar_t* gates, int64_t stride, const scalar_t* c,
-                                            const scalar_t* c_prev, scalar_t* dgates, int64_t count) {
+FUSED_RNN_INLINE inline void lstm_backward_row_loop(const scalar_t* dy, const scalar_t* dh_carry, scalar_t* dc,
+                                                    const scalar_t* gates, int64_t stride, const scalar_t* c,
+                                                    const scalar_t* c_prev, scalar_t* dgates, int64_t count) {
   const scalar_t* gi = gates;
   const scalar_t* gf = gates + stride;
   const scalar_t* gg = gates + 2 * stride;
@@ -65,6 +65,21 @@ FUSED_RNN_CPU_CLONES void lstm_backward_row(const scalar_t* dy, const scalar_t* 
     cell::lstm_backward(dy[j] + dh_carry[j], dc[j], gi[j], gf[j], gg[j], go[j], c[j], c_prev[j], di[j], df[j],
                         dg[j], dout[j], dc[j]);
   }
+}
+
+// The row loops, compiled for the scan's instruction set (common.h's with_row_isa).
+template <typename scalar_t>
+void lstm_forward_row(RowIsa isa, scalar_t* gates, int64_t stride, const scalar_t* c_prev, scalar_t* c, scalar_t* h,
+                      int64_t count) {
+  with_row_isa(isa, [&]() FUSED_RNN_INLINE { lstm_forward_row_loop(gates, stride, c_prev, c, h, count); });
+}
+
+template <typename scalar_t>
+void lstm_backward_row(RowIsa isa, const scalar_t* dy, const scalar_t* dh_carry, scalar_t* dc, const scalar_t* gates,
+                       int64_t stride, const scalar_t* c, const scalar_t* c_prev, scalar_t* dgates, int64_t count) {
+  with_row_isa(isa, [&]() FUSED_RNN_INLINE {
+    lstm_backward_row_loop(dy, dh_carry, dc, gates, stride, c, c_prev, dgates, count);
+  });
 }
 
 // Small batches: the hidden units are split across threads instead of the batch
@@ -117,6 +132,7 @@ void lstm_forward_hidden_split(int threads, int64_t steps, int64_t batch, int64_
                                const scalar_t* h0, const scalar_t* c0, scalar_t* gates_data, scalar_t* y_data,
                                scalar_t* c_data) {
   const int64_t step_elems = batch * hidden;
+  const RowIsa isa = row_isa();
   auto slices = unit_slices<scalar_t>(threads, batch, w_hh, true);
 #pragma omp parallel num_threads(threads)
   {
@@ -140,7 +156,7 @@ void lstm_forward_hidden_split(int threads, int64_t steps, int64_t batch, int64_
 #pragma omp simd
             for (int64_t j = 0; j < units; ++j) gate[j] += add[j];
           }
-          lstm_forward_row(row, hidden, c_prev + b * hidden + j0, c_data + t * step_elems + b * hidden + j0,
+          lstm_forward_row(isa, row, hidden, c_prev + b * hidden + j0, c_data + t * step_elems + b * hidden + j0,
                            y_data + t * step_elems + b * hidden + j0, units);
         }
       }
@@ -159,6 +175,7 @@ void lstm_backward_hidden_split(int threads, int64_t steps, int64_t batch, int64
                                 const scalar_t* dy_data, const scalar_t* c0, const scalar_t* c_data,
                                 const scalar_t* gates_data, scalar_t* dgates_data, scalar_t* dh, scalar_t* dc) {
   const int64_t step_elems = batch * hidden;
+  const RowIsa isa = row_isa();
   auto slices = unit_slices<scalar_t>(threads, batch, w_hh, false);
 #pragma omp parallel num_threads(threads)
   {
@@ -171,7 +188,7 @@ void lstm_backward_hidden_split(int threads, int64_t steps, int64_t batch, int64
         const int64_t j0 = slices[k].first, units = slices[k].units;
         for (int64_t b = 0; b < batch && units > 0; ++b) {
           const int64_t at_unit = b * hidden + j0;
-          lstm_backward_row(dy_data + t * step_elems + at_unit, dh + at_unit, dc + at_unit,
+          lstm_backward_row(isa, dy_data + t * step_elems + at_unit, dh + at_unit, dc + at_unit,
                             gates_t + b * 4 * hidden + j0, hidden, c_data + t * step_elems + at_unit, c_prev + at_unit,
                             dgates_t + b * 4 * hidden + j0, units);
         }
@@ -195,9 +212,14 @@ using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor
 // u = o * tanh(c) for `count` units of one row: the projection's input, as the forward
 // cell computed it (the backward recomputes it for dW_hr instead of saving it).
 template <typename scalar_t>
-FUSED_RNN_CPU_CLONES void lstm_unit_row(const scalar_t* gate_o, const scalar_t* c, scalar_t* u, int64_t count) {
+FUSED_RNN_INLINE inline void lstm_unit_row_loop(const scalar_t* gate_o, const scalar_t* c, scalar_t* u, int64_t count) {
 #pragma omp simd
   for (int64_t j = 0; j < count; ++j) u[j] = gate_o[j] * cell::tanh_(c[j]);
+}
+
+template <typename scalar_t>
+void lstm_unit_row(RowIsa isa, const scalar_t* gate_o, const scalar_t* c, scalar_t* u, int64_t count) {
+  with_row_isa(isa, [&]() FUSED_RNN_INLINE { lstm_unit_row_loop(gate_o, c, u, count); });
 }
 
 // The forward scan with the projection, on float32/float64 tensors that are contiguous
@@ -209,6 +231,7 @@ ForwardOutputs lstm_projected_forward(const at::Tensor& x, const at::Tensor& h0,
   auto gates = input_projection(x, w_ih, bias, sequence_matmul);  // [T, B, 4H]
   auto y = at::empty({steps, batch, width}, x.options());
   auto cells = at::empty({steps, batch, hidden}, x.options());
+  const RowIsa isa = row_isa();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_projected_forward", [&] {
     scalar_t* gates_data = gates.data_ptr<scalar_t>();
     scalar_t* y_data = y.data_ptr<scalar_t>();
@@ -244,7 +267,7 @@ ForwardOutputs lstm_projected_forward(const at::Tensor& x, const at::Tensor& h0,
             std::memset(u, 0, hidden * sizeof(scalar_t));
             continue;
           }
-          lstm_forward_row(gates_t + b * 4 * hidden, hidden, c_prev + b * hidden, c_t + b * hidden, u, hidden);
+          lstm_forward_row(isa, gates_t + b * 4 * hidden, hidden, c_prev + b * hidden, c_t + b * hidden, u, hidden);
         }
         projection(units.data(), 0, h_t + b0 * width);
         for (int64_t b = b0; b < b1; ++b) {
@@ -343,6 +366,7 @@ ForwardOutputs lstm_scan_forward(const at::Tensor& x_in, const at::Tensor& h0_in
   auto gates = input_projection(x, w_ih, bias, sequence_matmul);
   auto y = at::empty({steps, batch, hidden}, x.options());
   auto cells = at::empty({steps, batch, hidden}, x.options());
+  const RowIsa isa = row_isa();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_scan_forward", [&] {
     scalar_t* gates_data = gates.data_ptr<scalar_t>();
     scalar_t* y_data = y.data_ptr<scalar_t>();
@@ -381,7 +405,7 @@ ForwardOutputs lstm_scan_forward(const at::Tensor& x_in, const at::Tensor& h0_in
             std::memcpy(h_t + b * hidden, h_prev + b * hidden, hidden * sizeof(scalar_t));
             continue;
           }
-          lstm_forward_row(gates_t + b * 4 * hidden, hidden, c_prev + b * hidden, c_t + b * hidden, h_t + b * hidden,
+          lstm_forward_row(isa, gates_t + b * 4 * hidden, hidden, c_prev + b * hidden, c_t + b * hidden, h_t + b * hidden,
                            hidden);
         }
       }
@@ -437,6 +461,7 @@ BackwardOutputs lstm_backward_impl(const at::Tensor& grad_y, const at::Tensor& g
   auto dh_carry = grad_h_n.clone();      // [B, H]
   auto dc = grad_c_n.clone();            // [B, H]
   auto saved = options.lengths.defined() ? at::empty_like(dh_carry) : at::Tensor();  // rows past their length
+  const RowIsa isa = row_isa();
   AT_DISPATCH_FLOATING_TYPES(dtype, "lstm_scan_backward", [&] {
     const scalar_t* dy_data = grad_y.const_data_ptr<scalar_t>();
     const scalar_t* c_data = cells.const_data_ptr<scalar_t>();
@@ -468,7 +493,7 @@ BackwardOutputs lstm_backward_impl(const at::Tensor& grad_y, const at::Tensor& g
             std::memset(dgates_t + b * 4 * hidden, 0, 4 * hidden * sizeof(scalar_t));
             continue;
           }
-          lstm_backward_row(dy_t + b * hidden, dh + b * hidden, dc_data + b * hidden, gates_t + b * 4 * hidden,
+          lstm_backward_row(isa, dy_t + b * hidden, dh + b * hidden, dc_data + b * hidden, gates_t + b * 4 * hidden,
                             hidden, c_t + b * hidden, c_prev + b * hidden, dgates_t + b * 4 * hidden, hidden);
         }
         save_inactive(lengths_data, t, dh, saved_data, b0, b1, hidden);
@@ -509,6 +534,7 @@ ProjectedBackwardOutputs lstm_projected_backward(const at::Tensor& grad_y, const
   auto dh_carry = grad_h_n.clone();                            // [B, P]
   auto dc = grad_c_n.clone();                                  // [B, H]
   auto saved = options.lengths.defined() ? at::empty_like(dh_carry) : at::Tensor();
+  const RowIsa isa = row_isa();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lstm_projected_backward", [&] {
     const scalar_t* dy_data = grad_y.const_data_ptr<scalar_t>();
     const scalar_t* c_data = cells.const_data_ptr<scalar_t>();
@@ -555,8 +581,8 @@ ProjectedBackwardOutputs lstm_projected_backward(const at::Tensor& grad_y, const
             continue;
           }
           const scalar_t* row_gates = gates_t + b * 4 * hidden;
-          lstm_unit_row(row_gates + 3 * hidden, c_t + b * hidden, u, hidden);
-          lstm_backward_row(du.data() + (b - b0) * hidden, no_carry.data(), dc_data + b * hidden, row_gates, hidden,
+          lstm_unit_row(isa, row_gates + 3 * hidden, c_t + b * hidden, u, hidden);
+          lstm_backward_row(isa, du.data() + (b - b0) * hidden, no_carry.data(), dc_data + b * hidden, row_gates, hidden,
                             c_t + b * hidden, c_prev + b * hidden, dgates_t + b * 4 * hidden, hidden);
         }
         save_inactive(lengths_data, t, dh, saved_data, b0, b1, width);

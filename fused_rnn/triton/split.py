@@ -732,8 +732,8 @@ def missing_configs(cell: str, dtype: torch.dtype, allow_tf32: bool = False, opt
 
 
 class _Tuner:
-    """The config of each (kernel, variant, H, BLOCK_U, FMA tile, driver), timed on its
-    first call on a GPU over the dispatchable ones (the key leaves out T and of the
+    """The config of each (kernel, variant, H, BLOCK_U, candidates (an FMA tile's or
+    tl.dot's), driver), timed on its first call on a GPU over the dispatchable ones (the key leaves out T and of the
     batch only whether a group fits an FMA tile (float32, at most 8 rows): a step costs
     the same whatever the batch's tail or the sequence's length, and re-tuning at every
     batch size would stall training for a benchmark each time). Buffers the kernel
@@ -841,8 +841,9 @@ def _scan(name: str, phases: int, sizes, chosen: Plan, persistent: bool, tensors
         if persistent:
             _check_barrier(error)  # a timed-out trial ends the tuning too: run() falls back at once
 
+    # the candidates stand for the group's tile class (an FMA tile or tl.dot's): they are what is timed
     key = (name, weight.dtype, allow_tf32, _with_options(flags), flags.get("LOW", False), sizes[2], chosen.block_u,
-           fma_tile(chosen.rows, [c.block_b for c in every]), persistent, weight.device)
+           candidates, persistent, weight.device)
     launch(TUNER.pick(key, candidates, launch, restore))
 
 
