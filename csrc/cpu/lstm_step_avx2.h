@@ -47,14 +47,19 @@ inline void pack_lstm_step(const float* w_hh, const float* w_ih, const float* bi
   const int64_t depth = hidden + inputs;
   for (int64_t p = p0; p < p1; ++p) {
     float* block = packed + p * depth * kLstmPanel;
-    for (int64_t col = 0; col < kLstmPanel; ++col) {
-      const int64_t gate = col / kLstmUnits, unit = p * kLstmUnits + col % kLstmUnits;
-      const bool real = unit < hidden;
-      const float* hh = w_hh + (gate * hidden + unit) * hidden;
-      const float* ih = w_ih + (gate * hidden + unit) * inputs;
-      for (int64_t kk = 0; kk < hidden; ++kk) block[kk * kLstmPanel + col] = real ? hh[kk] : 0.0f;
-      for (int64_t kk = 0; kk < inputs; ++kk) block[(hidden + kk) * kLstmPanel + col] = real ? ih[kk] : 0.0f;
-      packed_bias[p * kLstmPanel + col] = real && bias != nullptr ? bias[gate * hidden + unit] : 0.0f;
+    const int64_t unit0 = p * kLstmUnits, units = std::min(kLstmUnits, hidden - unit0);
+    for (int64_t gate = 0; gate < 4; ++gate) {  // the gate's columns: its rows of w_hh and w_ih, transposed
+      float* columns = block + gate * kLstmUnits;
+      transpose_rows(w_hh + (gate * hidden + unit0) * hidden, hidden, units, hidden, columns, kLstmPanel, true);
+      transpose_rows(w_ih + (gate * hidden + unit0) * inputs, inputs, units, inputs, columns + hidden * kLstmPanel,
+                     kLstmPanel, true);
+      for (int64_t kk = 0; kk < depth; ++kk) {  // past the last unit (a partial panel): zeros
+        for (int64_t u = units; u < kLstmUnits; ++u) columns[kk * kLstmPanel + u] = 0.0f;
+      }
+      for (int64_t u = 0; u < kLstmUnits; ++u) {
+        packed_bias[p * kLstmPanel + gate * kLstmUnits + u] =
+            u < units && bias != nullptr ? bias[gate * hidden + unit0 + u] : 0.0f;
+      }
     }
   }
 }
