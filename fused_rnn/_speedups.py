@@ -36,8 +36,13 @@ def source(device: torch.device) -> str:
     return tables.CPU_SOURCE if device.type == "cpu" else tables.GPU_SOURCE
 
 
+def _log(size: int) -> float:
+    return math.log(max(size, 1))
+
+
 def _nearest(entries, batch: int, hidden: int, steps: Optional[int] = None):
-    """The value of the entry ((b, h) or (b, h, t), value) nearest to the call, within
+    """The value of the entry ((log b, log h, log t or None), value) nearest to the call
+    (sizes as logs of at least 1: the table's are precomputed, see _entries), within
     NEAREST in batch and hidden size. The sequence length, for entries that have one and
     a call whose length is known, only adds to the distance: the table's few lengths
     choose between rows and never leave a call without a prediction. Where the length
@@ -45,18 +50,41 @@ def _nearest(entries, batch: int, hidden: int, steps: Optional[int] = None):
     a prediction never rests on the more favourable of two shapes the call may be."""
     best, best_distance = None, None
     limit = math.log(NEAREST)
-    for key, value in entries:
-        b, h = key[0], key[1]
-        db, dh = abs(math.log(max(b, 1) / max(batch, 1))), abs(math.log(max(h, 1) / max(hidden, 1)))
-        dt = abs(math.log(max(key[2], 1) / max(steps, 1))) if len(key) > 2 and steps is not None else 0.0
+    log_batch, log_hidden = _log(batch), _log(hidden)
+    log_steps = None if steps is None else _log(steps)
+    for (lb, lh, lt), value in entries:
+        db, dh = abs(lb - log_batch), abs(lh - log_hidden)
         if db > limit or dh > limit:
             continue
-        distance = db + dh + dt
+        distance = db + dh + (abs(lt - log_steps) if lt is not None and log_steps is not None else 0.0)
         if best_distance is None or distance < best_distance - 1e-12:
             best, best_distance = value, distance
         elif abs(distance - best_distance) <= 1e-12:
             best = min(best, value)
     return best
+
+
+# (backend, device type or GPU class, cell, mode, dtype) -> (the table read, its entries
+# for them): dispatch asks on every call, and the table changes only when a test swaps it
+_ENTRIES = {}
+
+
+def _entries(name: str, device: torch.device, cell: str, mode: str, dtype_name: str):
+    """[((log b, log h, log t or None), speed-up)] of backend `name` in the table of this
+    device, for one cell, mode and dtype."""
+    gpu = None if device.type == "cpu" else gpu_class(device)
+    table = tables.CPU if device.type == "cpu" else tables.GPU
+    key = (name, device.type, gpu, cell, mode, dtype_name)
+    cached = _ENTRIES.get(key)
+    if cached is not None and cached[0] is table:
+        return cached[1]
+    if device.type == "cpu":  # keys (cell, mode, dtype, batch, hidden[, steps])
+        rows = [(k[3:], v[name]) for k, v in table.items() if k[:3] == (cell, mode, dtype_name) and name in v]
+    else:  # keys (GPU, cell, mode, dtype, batch, hidden)
+        rows = [(k[4:], v[name]) for k, v in table.items() if k[:4] == (gpu, cell, mode, dtype_name) and name in v]
+    entries = [((_log(k[0]), _log(k[1]), _log(k[2]) if len(k) > 2 else None), value) for k, value in rows]
+    _ENTRIES[key] = (table, entries)
+    return entries
 
 
 def predicted(name: str, device: torch.device, dtype: torch.dtype, cell: Optional[str], hidden: Optional[int],
@@ -98,15 +126,8 @@ def _predicted(name, device, dtype, cell, hidden, batch, training, steps=None) -
     modes = ("training",) if training else ("inference",) if training is False else ("inference", "training")
     values = []
     for mode in modes:
-        if device.type == "cpu":
-            # keys (cell, mode, dtype, batch, hidden[, steps])
-            entries = [(key[3:], v.get(name)) for key, v in tables.CPU.items()
-                       if key[:3] == (cell, mode, dtype_name) and name in v]
-        else:
-            gpu = gpu_class(device)
-            entries = [((b, h), v.get(name)) for (g, c, m, d, b, h), v in tables.GPU.items()
-                       if (g, c, m, d) == (gpu, cell, mode, dtype_name) and name in v]
-        value = _nearest(entries, batch, hidden, steps if device.type == "cpu" else None)
+        value = _nearest(_entries(name, device, cell, mode, dtype_name), batch, hidden,
+                         steps if device.type == "cpu" else None)
         if value is None:
             return None
         values.append(value)
