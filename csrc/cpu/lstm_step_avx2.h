@@ -50,9 +50,9 @@ inline void pack_lstm_step(const float* w_hh, const float* w_ih, const float* bi
     const int64_t unit0 = p * kLstmUnits, units = std::min(kLstmUnits, hidden - unit0);
     for (int64_t gate = 0; gate < 4; ++gate) {  // the gate's columns: its rows of w_hh and w_ih, transposed
       float* columns = block + gate * kLstmUnits;
-      transpose_rows(w_hh + (gate * hidden + unit0) * hidden, hidden, units, hidden, columns, kLstmPanel, true);
+      transpose_rows(w_hh + (gate * hidden + unit0) * hidden, hidden, units, hidden, columns, kLstmPanel);
       transpose_rows(w_ih + (gate * hidden + unit0) * inputs, inputs, units, inputs, columns + hidden * kLstmPanel,
-                     kLstmPanel, true);
+                     kLstmPanel);
       for (int64_t kk = 0; kk < depth; ++kk) {  // past the last unit (a partial panel): zeros
         for (int64_t u = units; u < kLstmUnits; ++u) columns[kk * kLstmPanel + u] = 0.0f;
       }
