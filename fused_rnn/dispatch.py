@@ -174,6 +174,38 @@ def select_backend(device, dtype: torch.dtype, backend: str = "auto", cell: Opti
         if reason is not None:
             raise ValueError(f"backend={backend!r} cannot run these inputs: {reason}")
         return BackendChoice(backend, {}, "requested")
+    from . import _measure
+    if device.type != "cpu" or _measure.measured_dispatch_enabled() or torch.compiler.is_compiling():
+        return _select_auto(device, dtype, cell, hidden, batch, options, training, steps)
+    key, context = (dtype, cell, hidden, batch, options, training, steps), _cpu_context()
+    known = _CPU_CHOICES.get(key)
+    if known is not None and all(a is b for a, b in zip(known[0], context)):
+        return known[1]
+    choice = _select_auto(device, dtype, cell, hidden, batch, options, training, steps)
+    if len(_CPU_CHOICES) >= 4096:
+        _CPU_CHOICES.clear()
+    _CPU_CHOICES[key] = (context, choice)
+    return choice
+
+
+# auto's choice for each kind of CPU call: dispatch runs on every layer call, and its
+# 20-40 us are a visible part of a small call (a module handing a T = 1, B = 1 call to
+# torch.nn's kernels took 0.74x nn.LSTM's time). A choice depends on the call's
+# description and on what _cpu_context() holds (the tables, and what the tests swap);
+# measured dispatch, whose choices change as it measures, and tracing under
+# torch.compile are never memoised.
+_CPU_CHOICES: Dict[tuple, tuple] = {}
+
+
+def _cpu_context() -> tuple:
+    from . import _speedup_tables
+    return _speedup_tables.CPU, _missing_requirement
+
+
+def _select_auto(device: torch.device, dtype: torch.dtype, cell: Optional[str], hidden: Optional[int],
+                 batch: Optional[int], options: Tuple[str, ...], training: Optional[bool],
+                 steps: Optional[int]) -> BackendChoice:
+    """select_backend(backend="auto") without the memo."""
     skipped, eligible = {}, []
     for name in BACKENDS:
         reason = _unsupported_reason(name, device, dtype, cell=cell, hidden=hidden, batch=batch, options=options)

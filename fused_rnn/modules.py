@@ -305,11 +305,18 @@ class _StackedRNN(nn.Module):
         """No-op, for code written against nn.RNN (no cuDNN weight buffer to compact here)."""
 
     def _layer_weights(self, index: int):
-        # (w_ih, w_hh, b_ih, b_hh, w_hr); the biases are None when bias=False, w_hr without proj_size
+        # (w_ih, w_hh, b_ih, b_hh, w_hr); the biases are None when bias=False, w_hr without proj_size.
+        # Parameters straight from _parameters (this runs on every call; nn.Module.__getattr__ is
+        # slow), anything else (a weight-dropping wrapper's plain tensor) through getattr.
         names = self._all_weights[index]
         suffix = names[0][len("weight_ih"):]
-        return tuple(getattr(self, f"{kind}{suffix}", None) if f"{kind}{suffix}" in names else None
-                     for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"))
+        parameters = self._parameters
+        weights = []
+        for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"):
+            name = kind + suffix
+            weights.append(None if name not in names else parameters[name] if name in parameters
+                           else getattr(self, name, None))
+        return tuple(weights)
 
     def _check_input(self, input) -> Tuple[Tensor, bool]:
         """Returns (input as [T, B, I], whether it was batched)."""
