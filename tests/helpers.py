@@ -211,7 +211,10 @@ def run_in_group(command, timeout, **kwargs):
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
+        try:  # reap it; a process that left the group may still hold the pipes
+            process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
         raise
     finally:
         try:  # workers the script left behind, even after it exited
