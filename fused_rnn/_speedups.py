@@ -49,7 +49,7 @@ def _nearest(entries, batch: int, hidden: int, steps: Optional[int] = None):
     is unknown, or entries lie equally near, the lowest of the nearest entries' values:
     a prediction never rests on the more favourable of two shapes the call may be."""
     best, best_distance = None, None
-    limit = math.log(NEAREST)
+    limit = math.log(NEAREST) + 1e-9  # a row exactly NEAREST away counts (a difference of logs may exceed it by an ulp)
     log_batch, log_hidden = _log(batch), _log(hidden)
     log_steps = None if steps is None else _log(steps)
     for (lb, lh, lt), value in entries:
@@ -66,6 +66,7 @@ def _nearest(entries, batch: int, hidden: int, steps: Optional[int] = None):
 
 # (backend, device type or GPU class, cell, mode, dtype) -> (the table read, its entries
 # for them): dispatch asks on every call, and the table changes only when a test swaps it
+# (dispatch._forget_choices() also forgets these, for a test that edits it in place)
 _ENTRIES = {}
 
 

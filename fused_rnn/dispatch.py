@@ -174,32 +174,42 @@ def select_backend(device, dtype: torch.dtype, backend: str = "auto", cell: Opti
         if reason is not None:
             raise ValueError(f"backend={backend!r} cannot run these inputs: {reason}")
         return BackendChoice(backend, {}, "requested")
+    options = tuple(options)
     from . import _measure
     if device.type != "cpu" or _measure.measured_dispatch_enabled() or torch.compiler.is_compiling():
         return _select_auto(device, dtype, cell, hidden, batch, options, training, steps)
     key, context = (dtype, cell, hidden, batch, options, training, steps), _cpu_context()
     known = _CPU_CHOICES.get(key)
-    if known is not None and all(a is b for a, b in zip(known[0], context)):
-        return known[1]
-    choice = _select_auto(device, dtype, cell, hidden, batch, options, training, steps)
-    if len(_CPU_CHOICES) >= 4096:
-        _CPU_CHOICES.clear()
-    _CPU_CHOICES[key] = (context, choice)
-    return choice
+    if known is None or not all(a is b for a, b in zip(known[0], context)):
+        if len(_CPU_CHOICES) >= 4096:
+            _CPU_CHOICES.clear()
+        known = _CPU_CHOICES[key] = (context, _select_auto(device, dtype, cell, hidden, batch, options, training,
+                                                           steps))
+    return known[1]._replace(skipped=dict(known[1].skipped))  # the caller's own copy of what it may change
 
 
 # auto's choice for each kind of CPU call: dispatch runs on every layer call, and its
-# 20-40 us are a visible part of a small call (a module handing a T = 1, B = 1 call to
+# 20-40 us were a visible part of a small call (a module handing a T = 1, B = 1 call to
 # torch.nn's kernels took 0.74x nn.LSTM's time). A choice depends on the call's
-# description and on what _cpu_context() holds (the tables, and what the tests swap);
-# measured dispatch, whose choices change as it measures, and tracing under
-# torch.compile are never memoised.
+# description and on the module-level state _cpu_context() returns (compared by
+# identity: the tables and functions a test may swap); the support tables
+# (OPTION_SUPPORT, _KERNEL_SUPPORT) are constants, and a test that edits them in place
+# calls _forget_choices() (tests/conftest.py does around every test). Measured dispatch,
+# whose choices change as it measures, and tracing under torch.compile are never
+# memoised.
 _CPU_CHOICES: Dict[tuple, tuple] = {}
 
 
 def _cpu_context() -> tuple:
-    from . import _speedup_tables
-    return _speedup_tables.CPU, _missing_requirement
+    from . import _speedup_tables, _speedups
+    return _speedup_tables.CPU, _missing_requirement, _speedups.predicted, _speedups.NEAREST, CLEAR_WIN
+
+
+def _forget_choices() -> None:
+    """Drops the memoised choices of auto and the speed-up tables' index."""
+    from . import _speedups
+    _CPU_CHOICES.clear()
+    _speedups._ENTRIES.clear()
 
 
 def _select_auto(device: torch.device, dtype: torch.dtype, cell: Optional[str], hidden: Optional[int],

@@ -36,6 +36,15 @@ FUZZ_SEED = int(os.environ.get("FUSED_RNN_FUZZ_SEED") or int.from_bytes(os.urand
 os.environ["FUSED_RNN_FUZZ_SEED"] = str(FUZZ_SEED)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dispatch_choices():
+    """auto's memoised choices (fused_rnn/dispatch.py) start and end empty in every test:
+    some tests edit dispatch's tables in place, which the memo does not watch."""
+    fused_rnn.dispatch._forget_choices()
+    yield
+    fused_rnn.dispatch._forget_choices()
+
+
 @pytest.fixture
 def corpus(tmp_path):
     """The application tests' training text (helpers.APP_TEXT) as a file."""

@@ -219,7 +219,7 @@ def run_in_group(command, timeout, **kwargs):
     finally:
         try:  # workers the script left behind, even after it exited
             os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):  # none left (or the id is no longer the group's)
             pass
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 

@@ -3,6 +3,8 @@ reference (python/rnn_reference.py):
 outputs, final states and ALL gradients, for single layers (functional API) and for
 stacked, bidirectional, batch_first modules."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -61,12 +63,20 @@ def test_every_gemm_path_matches_reference(cell, shape, path, monkeypatch):
     test_layer_matches_reference(cell, shape, True, torch.float32, "cpp")
 
 
-# The pointwise loops each GEMM path runs (csrc/cpu/common.h's with_row_isa); gcc < 12
-# builds the baseline loops only.
-ROW_LOOPS = {"avx512": "x86-64-v4", "avx2": "x86-64-v3", "blas": "baseline"}
-if fused_rnn.build_info().get("compiler", "").startswith("gcc") and int(
-        fused_rnn.build_info()["compiler"].split()[1].split(".")[0]) < 12:
-    ROW_LOOPS = dict.fromkeys(ROW_LOOPS, "baseline")
+# The pointwise loops each GEMM path runs (csrc/cpu/common.h's row_isa): the path's
+# level, at most the CPU's (x86-64-v4 needs AVX-512 F, BW, CD, DQ and VL; x86-64-v3 AVX2,
+# FMA, BMI1/2, LZCNT ("abm"), MOVBE, F16C); only gcc >= 12 on x86-64 builds the v3 and
+# v4 loops, other compilers the baseline ones.
+_V3 = {"avx", "avx2", "fma", "bmi1", "bmi2", "abm", "movbe", "f16c", "xsave"}
+_V4 = _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+_LEVELS = ("baseline", "x86-64-v3", "x86-64-v4")
+_COMPILER = fused_rnn.build_info().get("compiler", "").split()
+if (len(_COMPILER) > 1 and _COMPILER[0] == "gcc" and int(_COMPILER[1].split(".")[0]) >= 12
+        and os.uname().machine == "x86_64"):
+    _CPU_LEVEL = 2 if _V4 <= _FLAGS else 1 if _V3 <= _FLAGS else 0
+else:
+    _CPU_LEVEL = 0
+ROW_LOOPS = {path: _LEVELS[min(level, _CPU_LEVEL)] for path, level in (("avx512", 2), ("avx2", 1), ("blas", 0))}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fused_rnn
-from fused_rnn import _measure, _speedup_tables, dispatch
+from fused_rnn import _measure, _speedup_tables, _speedups, dispatch
 
 HAS_CPP = "cpp" in fused_rnn.available_backends("cpu")
 needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="the cpp backend is not built")
@@ -282,3 +282,34 @@ def test_rows_per_pass_are_the_models_fastest():
                     exact += rows == fastest
                     checked += 1
     assert checked > 500 and exact >= 0.9 * checked
+
+
+def test_a_row_exactly_nearest_away_still_predicts(monkeypatch):
+    """A tabulated shape exactly NEAREST (4x) away in batch or hidden size stands for the
+    call (the rows are kept as logarithms, whose difference may exceed log 4 by an ulp)."""
+    table = {("irnn", "inference", "float32", 64, 256, 64): {"cpp": 2.0}}
+    monkeypatch.setattr(_speedup_tables, "CPU", table)
+    cpu = torch.device("cpu")
+    for batch, hidden in ((16, 256), (256, 256), (64, 64), (64, 1024)):
+        assert _speedups.predicted("cpp", cpu, torch.float32, "irnn", hidden, batch, False) == 2.0, (batch, hidden)
+    for batch, hidden in ((15, 256), (257, 256), (64, 63), (64, 1025)):
+        assert _speedups.predicted("cpp", cpu, torch.float32, "irnn", hidden, batch, False) is None, (batch, hidden)
+
+
+def test_auto_memo_follows_a_swapped_table_and_hands_out_copies(monkeypatch):
+    """auto's memoised CPU choice is made again when the table it came from is swapped,
+    each caller gets its own `skipped` to change, and options may be any sequence."""
+    if "cpp" not in fused_rnn.available_backends("cpu"):
+        pytest.skip("the cpp backend is not built")
+    call = dict(cell="irnn", hidden=256, batch=64, training=False, steps=64)
+    fast = {("irnn", "inference", "float32", 64, 256, 64): {"cpp": 2.0}}
+    slow = {("irnn", "inference", "float32", 64, 256, 64): {"cpp": 0.5}}
+    monkeypatch.setattr(_speedup_tables, "CPU", fast)
+    first = dispatch.select_backend("cpu", torch.float32, **call)
+    assert first.name == "cpp"
+    first.skipped.clear()
+    again = dispatch.select_backend("cpu", torch.float32, **call)
+    assert again.name == "cpp" and "nn" in again.skipped  # the memo kept its own copy
+    monkeypatch.setattr(_speedup_tables, "CPU", slow)
+    assert dispatch.select_backend("cpu", torch.float32, **call).name == "nn"
+    assert dispatch.select_backend("cpu", torch.float32, options=["lengths"], **call).name in ("cpp", "nn")

@@ -42,26 +42,34 @@ inline const char* row_isa_name(RowIsa isa) {
   return isa == RowIsa::kX86_64_v4 ? "x86-64-v4" : isa == RowIsa::kX86_64_v3 ? "x86-64-v3" : "baseline";
 }
 
-// The row loops of the GEMM path `kernel` (read once when a scan starts).
+// The row loops of the GEMM path `kernel` (read once when a scan starts), at most the
+// level the CPU has: the GEMM kernels need AVX512F (resp. AVX2 and FMA) only, while
+// x86-64-v4 code may also use AVX512 VL, DQ and BW (which Knights Landing lacks) and
+// x86-64-v3 code BMI, LZCNT, MOVBE and F16C (which a virtual machine may hide).
 inline RowIsa row_isa(GemmKernel kernel = gemm_kernel()) {
-  if (!FUSED_RNN_ROW_ISAS) return RowIsa::kBaseline;
-  return kernel == GemmKernel::kAvx512 ? RowIsa::kX86_64_v4
-         : kernel == GemmKernel::kAvx2 ? RowIsa::kX86_64_v3
-                                       : RowIsa::kBaseline;
+#if FUSED_RNN_ROW_ISAS
+  static const bool v4 = __builtin_cpu_supports("x86-64-v4"), v3 = __builtin_cpu_supports("x86-64-v3");
+  if (kernel == GemmKernel::kAvx512 && v4) return RowIsa::kX86_64_v4;
+  if (kernel != GemmKernel::kBlas && v3) return RowIsa::kX86_64_v3;
+#endif
+  (void)kernel;
+  return RowIsa::kBaseline;
 }
 
+// noinline: each instruction set's build of a loop stays a function of its own (the
+// tests read them in the disassembly)
 template <typename Loop>
-FUSED_RNN_TARGET_V4 void run_x86_64_v4(const Loop& loop) {
+FUSED_RNN_TARGET_V4 __attribute__((noinline)) void run_x86_64_v4(const Loop& loop) {
   loop();
 }
 
 template <typename Loop>
-FUSED_RNN_TARGET_V3 void run_x86_64_v3(const Loop& loop) {
+FUSED_RNN_TARGET_V3 __attribute__((noinline)) void run_x86_64_v3(const Loop& loop) {
   loop();
 }
 
 template <typename Loop>
-void run_baseline(const Loop& loop) {
+__attribute__((noinline)) void run_baseline(const Loop& loop) {
   loop();
 }
 
