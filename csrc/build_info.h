@@ -52,6 +52,8 @@ inline pybind11::dict build_info_dict() {
   info["cpu_gemm"] = cpu::gemm_kernel_name(cpu::gemm_kernel());
   // the instruction set the CPU scans' pointwise row loops run with, which follows it (csrc/cpu/common.h)
   info["cpu_loops"] = cpu::row_isa_name(cpu::row_isa());
+  // the products of a bfloat16 layer's CPU scans (csrc/cpu/gemm_bf16.h): "avx512_bf16", "emulated" (FUSED_RNN_CPU_BF16=emulate, for the tests), or "off" (float32)
+  info["cpu_bf16"] = cpu::bf16_products_name(cpu::bf16_products());
   return info;
 }
 

@@ -88,6 +88,41 @@ TORCH_LIBRARY(fused_rnn, m) {
       " -> (Tensor grad_x, Tensor grad_h, Tensor grad_c, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
 }
 
+namespace {
+
+// The CPU bf16 kernel's product alone (csrc/cpu/gemm_bf16.h), for the tests: c (+)= a @ W'
+// (+ bias) with W' = w^T for w [N, K] when trans_w, else w [K, N]; float32 in and out,
+// with the products FUSED_RNN_CPU_BF16 selects for a bfloat16 layer. With c, the
+// product is added to a copy of it.
+at::Tensor cpu_bf16_matmul(const at::Tensor& a, const at::Tensor& w, bool trans_w,
+                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& c) {
+  using namespace fused_rnn::cpu;
+  for (const auto* t : {&a, &w}) {
+    TORCH_CHECK(t->dim() == 2 && t->device().is_cpu() && t->scalar_type() == at::kFloat,
+                "fused_rnn: cpu_bf16_matmul takes 2-D float32 CPU tensors, got ", t->sizes(), " ",
+                t->scalar_type(), " on ", t->device());
+  }
+  const int64_t m = a.size(0), k = a.size(1), n = trans_w ? w.size(0) : w.size(1);
+  TORCH_CHECK((trans_w ? w.size(1) : w.size(0)) == k, "fused_rnn: w must be ", trans_w ? "[N, " : "[", k,
+              trans_w ? "]" : ", N]", " for a ", a.sizes(), ", got ", w.sizes());
+  const Bf16Products mode = bf16_products();
+  TORCH_CHECK(mode != Bf16Products::kOff, "fused_rnn: this CPU has no bf16 products (FUSED_RNN_CPU_BF16=",
+              "emulate runs them on AVX2)");
+  const auto lhs = a.contiguous(), weight = w.contiguous();
+  const auto bias_values = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  TORCH_CHECK(!bias_values.defined() || bias_values.numel() == n, "fused_rnn: bias must have ", n,
+              " elements, got ", bias_values.numel());
+  auto out = c.has_value() ? c->to(at::kFloat).contiguous().clone() : at::empty({m, n}, a.options());
+  TORCH_CHECK(out.sizes() == at::IntArrayRef({m, n}), "fused_rnn: c must be [", m, ", ", n, "], got ", out.sizes());
+  if (m == 0 || n == 0) return out;
+  const PackedWeight packed(gemm_kernel(), mode, weight.const_data_ptr<float>(), trans_w, weight.size(1), n, k);
+  packed.multiply(m, lhs.const_data_ptr<float>(), k, c.has_value() ? 1.0f : 0.0f, out.data_ptr<float>(), n,
+                  bias_values.defined() ? bias_values.const_data_ptr<float>() : nullptr);
+  return out;
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_rnn compiled kernels; importing this module registers the fused_rnn:: ops";
   m.def("build_info", &fused_rnn::build_info_dict, "How this extension was built (backends, CUDA archs, compiler)");
@@ -97,6 +132,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "plan_scan(gates, weight_size, hidden, backward, sm_count, smem_per_block, batch=1)", pybind11::arg("gates"),
         pybind11::arg("weight_size"), pybind11::arg("hidden"), pybind11::arg("backward"), pybind11::arg("sm_count"),
         pybind11::arg("smem_per_block"), pybind11::arg("batch") = 1);
+  m.def("cpu_bf16_matmul", &cpu_bf16_matmul,
+        "cpu_bf16_matmul(a, w, trans_w, bias=None, c=None): the CPU bf16 kernel's product alone, for the tests",
+        pybind11::arg("a"), pybind11::arg("w"), pybind11::arg("trans_w"), pybind11::arg("bias") = pybind11::none(),
+        pybind11::arg("c") = pybind11::none());
   m.def("cuda_max_hidden_on_chip", &fused_rnn::cuda::max_hidden_on_chip,
         "max_hidden_on_chip(gates, weight_size, sm_count, smem_per_block)");
 #if defined(FUSED_RNN_WITH_CUDA)

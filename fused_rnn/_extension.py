@@ -41,7 +41,11 @@ def build_info() -> dict:
     ``"avx512"`` or ``"avx2"``, the package's own, or ``"blas"``;
     ``FUSED_RNN_CPU_ISA=avx2`` or ``=blas`` forces a lower one), ``cpu_loops`` (the
     instruction set of the CPU scans' cell and ReLU loops, which follows ``cpu_gemm``:
-    ``"x86-64-v4"`` with avx512, ``"x86-64-v3"`` with avx2, ``"baseline"`` with blas); plus
+    ``"x86-64-v4"`` with avx512, ``"x86-64-v3"`` with avx2, ``"baseline"`` with blas),
+    ``cpu_bf16`` (the products of bfloat16 layers on the CPU: ``"avx512_bf16"`` with a CPU
+    that has it on the avx512 path, else ``"off"``, float32 products;
+    ``FUSED_RNN_CPU_BF16=off`` turns them off, ``=emulate`` runs the bf16 kernel with its
+    dot product emulated in AVX2, for the tests: ``"emulated"``); plus
     ``extension_loaded`` and, when it is not, ``import_error``.
     """
     if not HAS_C:

@@ -200,3 +200,27 @@ def test_cell_loops_are_vectorised_for_avx2_and_avx512():
         assert sum("ymm" in line for line in bodies["run_x86_64_v3"]) > 20, f"the AVX2 {row} is not vectorised"
         assert sum("zmm" in line for line in bodies["run_x86_64_v4"]) > 20, f"the AVX-512 {row} is not vectorised"
         assert not any("ymm" in line or "zmm" in line for line in bodies["run_baseline"]), f"baseline {row} uses AVX"
+
+
+@pytest.mark.skipif(not (sys.platform == "linux" and os.uname().machine == "x86_64"), reason="x86-64 Linux only")
+@pytest.mark.skipif(__import__("shutil").which("objdump") is None, reason="objdump (binutils) is not installed")
+def test_bf16_kernel_is_vdpbf16ps_on_zmm_registers():
+    """The bf16 GEMM (csrc/cpu/gemm_bf16.h) is written once with GCC vector types and its
+    dot product in inline assembly, so nothing but the disassembly shows that the native
+    build is what it claims: gemm_native must run vdpbf16ps on zmm registers (16 per
+    8-row tile, 72 over the tile sizes 1..8), and the test-only emulation neither."""
+    library = next((REPO / "fused_rnn").glob("_C*.so"))
+    disassembly = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", str(library)],
+                                 capture_output=True, text=True, timeout=600).stdout
+    bodies = {"gemm_native": [], "gemm_emulated": []}
+    inside = None
+    for line in disassembly.splitlines():
+        if line.endswith(">:"):
+            inside = next((name for name in bodies if f"fused_rnn::cpu::bf16::{name}(" in line), None)
+        elif inside:
+            bodies[inside].append(line)
+    for name, body in bodies.items():
+        assert body, f"no {name} in {library.name}"
+    native = [line for line in bodies["gemm_native"] if "vdpbf16ps" in line]
+    assert len(native) >= 72 and all(line.count("%zmm") == 3 for line in native), "gemm_native is not vdpbf16ps"
+    assert not any("vdpbf16ps" in line or "zmm" in line for line in bodies["gemm_emulated"])

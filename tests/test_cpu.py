@@ -12,11 +12,14 @@ import torch
 import fused_rnn
 import rnn_reference as ref
 from helpers import (
+    LOW_PRECISION_TOLERANCE,
     SHAPES,
     assert_matches,
     check_cells_against_reference,
     check_layer_against_reference,
+    irnn_inputs_off_the_kink,
     make_layer,
+    sequence_options,
     to_torch,
 )
 
@@ -279,9 +282,10 @@ def test_threaded_kernels_match_reference(cell, shape):
         torch.set_num_threads(previous)
 
 
-# bfloat16 / float16 on the CPU kernels: float32 state and accumulation on inputs
-# converted at the call, against the float64 reference on the same rounded inputs.
-# Every product and sum is float32; only the outputs and the saved y (h_{t-1} of the
+# bfloat16 / float16 on the CPU kernels with float32 products (float16 always; bfloat16
+# where the CPU has no AVX-512 BF16, or with FUSED_RNN_CPU_BF16=off): float32 state and
+# accumulation on inputs converted at the call, against the float64 reference on the
+# same rounded inputs. Every product and sum is float32; only the outputs and the saved y (h_{t-1} of the
 # weight gradients, relu's sign) are rounded, once per step: errors stay within a few
 # units of the dtype's rounding (bf16 2^-8 = 3.9e-3, fp16 2^-11 = 4.9e-4): measured worst
 # 3.1e-3 (bf16, dw_hh of the LSTM) at T = 9. The bounds give 3-4x of margin and stay
@@ -291,9 +295,10 @@ REDUCED_TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("cell", ["irnn", "lstm"])
-def test_reduced_precision_on_cpu_matches_reference(cell, dtype):
+def test_reduced_precision_on_cpu_matches_reference(cell, dtype, monkeypatch):
     if "cpp" not in fused_rnn.available_backends("cpu"):
         pytest.skip("the cpp backend is not built")
+    monkeypatch.setenv("FUSED_RNN_CPU_BF16", "off")  # float32 products (bf16 products: below)
     x, states, w_ih, w_hh, b_ih, b_hh, up = make_layer(cell, 9, 5, 4, 13, bias=True, seed=6)
     leaves = [torch.tensor(a, dtype=dtype, requires_grad=True) for a in (x, *states, w_ih, w_hh, b_ih, b_hh)]
     rounded = [t.detach().double().numpy() for t in leaves]
@@ -319,14 +324,10 @@ def test_reduced_precision_on_cpu_matches_reference(cell, dtype):
         assert error <= REDUCED_TOLERANCE[dtype], f"{name}: error {error:.2e}"
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("cell", ["irnn", "lstm"])
-def test_reduced_precision_cells_on_cpu_match_reference(cell, dtype):
-    """The cells (one step; the LSTM's backward reads c_t in float32, recomputed from the
-    float32 gates since the step returned c_t rounded), forward and every gradient, on
-    the rounded inputs' float64 reference, REDUCED_TOLERANCE relative to the largest."""
-    if "cpp" not in fused_rnn.available_backends("cpu"):
-        pytest.skip("the cpp backend is not built")
+def _reduced_precision_cell_matches_reference(cell, dtype, tolerance):
+    """One cell step of `dtype` through the cpp backend against the float64 reference on
+    the rounded inputs, forward and every gradient, within `tolerance` relative to the
+    largest element. Returns {name: output or gradient}."""
     x, states, w_ih, w_hh, b_ih, b_hh, up = make_layer(cell, 1, 5, 4, 13, bias=True, seed=8)
     leaves = [torch.tensor(a, dtype=dtype, requires_grad=True) for a in (x[0], *states, w_ih, w_hh, b_ih, b_hh)]
     rounded = [t.detach().double().numpy() for t in leaves]
@@ -344,9 +345,233 @@ def test_reduced_precision_cells_on_cpu_match_reference(cell, dtype):
         want = ref.lstm_backward(None, up["h"], up["c"], cache)
         names = ["dx", "dh0", "dc0", "dw_ih", "dw_hh", "db_ih", "db_hh"]
     torch.autograd.backward(outputs, [torch.tensor(u, dtype=dtype) for u in upstream])
+    results = {}
     for name, got, expected in [*zip(["h", "c"], outputs, want_out),
                                 *((n, t.grad, want[n][0] if n == "dx" else want[n]) for n, t in zip(names, leaves))]:
         assert got.dtype == dtype, name
         scale = max(1.0, float(np.abs(expected).max()))
         error = float(np.abs(got.detach().double().numpy() - expected).max()) / scale
-        assert error <= REDUCED_TOLERANCE[dtype], f"{name}: error {error:.2e}"
+        assert error <= tolerance, f"{cell} {name}: error {error:.2e} > {tolerance:g}"
+        results[name] = got.detach()
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("cell", ["irnn", "lstm"])
+def test_reduced_precision_cells_on_cpu_match_reference(cell, dtype, monkeypatch):
+    """The cells (one step; the LSTM's backward reads c_t in float32, recomputed from the
+    float32 gates since the step returned c_t rounded), forward and every gradient, on
+    the rounded inputs' float64 reference, REDUCED_TOLERANCE relative to the largest."""
+    if "cpp" not in fused_rnn.available_backends("cpu"):
+        pytest.skip("the cpp backend is not built")
+    monkeypatch.setenv("FUSED_RNN_CPU_BF16", "off")  # float32 products (bf16 products: below)
+    _reduced_precision_cell_matches_reference(cell, dtype, REDUCED_TOLERANCE[dtype])
+
+
+# ---- bfloat16 products (csrc/cpu/gemm_bf16.h) ----
+
+# The modes this CPU runs: "native" (vdpbf16ps; a bf16 layer's default where the CPU has
+# AVX-512 BF16 on the avx512 path) and "emulate" (the same kernel with its dot product
+# in AVX2 FMAs), so that every machine with AVX2 tests the kernel and the scans around it.
+BF16_MODES = ((["native"] if {"avx512f", "avx512_bf16"} <= _FLAGS and GEMM_PATHS[0] == "avx512" else [])
+              + (["emulate"] if {"avx2", "fma"} <= _FLAGS else []))
+BF16_NAMES = {"native": "avx512_bf16", "emulate": "emulated"}
+
+
+def _bf16(array):
+    """array rounded to bfloat16 (to nearest even), as float64"""
+    return torch.tensor(array).to(torch.bfloat16).double().numpy()
+
+
+@pytest.mark.parametrize("mode", BF16_MODES)
+def test_bf16_kernel_rounds_its_operands_and_sums_in_float32(mode, monkeypatch):
+    """The kernel's product alone (fused_rnn._C.cpu_bf16_matmul): c (+)= a @ W' (+ bias)
+    against float64 on a and W' rounded to bf16, at M below and above a row tile (8) and a
+    row block (64), N with partial 32-column panels, odd K, K across pair blocks (512),
+    W' given as W^T and as W, with and without the bias and the accumulated c.
+
+    Bound: each product of two bf16 values is exact in float32, and the K products, the
+    bias and c are summed in float32, each addition rounding by at most u = 2^-24
+    relative, so |error| <= (K + 2) u (|a| |W'| + |bias| + |c|) per element (Higham,
+    Accuracy and Stability of Numerical Algorithms, 2nd ed., section 3.1). The same
+    product of the unrounded a (float32 products) is off by about 2^-9 |a| |W'|, far outside
+    it: the test also requires that difference, so the products cannot be float32."""
+    if "cpp" not in fused_rnn.available_backends():
+        pytest.skip("the C++ extension is not built")
+    from fused_rnn import _C
+
+    monkeypatch.setenv("FUSED_RNN_CPU_BF16", mode)
+    assert fused_rnn.build_info()["cpu_bf16"] == BF16_NAMES[mode]
+    rng = np.random.default_rng(0)
+    cases = [(1, 1, 1, True, False, False), (7, 33, 5, True, True, False), (8, 32, 512, False, False, True),
+             (70, 70, 1031, True, True, True), (9, 100, 600, False, True, False), (65, 31, 2, True, False, True),
+             (3, 5, 0, True, True, True), (130, 64, 37, False, False, False)]
+    for m, n, k, trans_w, with_bias, accumulate in cases:
+        a = rng.normal(size=(m, k)).astype(np.float32)
+        w = rng.normal(size=(n, k) if trans_w else (k, n)).astype(np.float32)
+        bias = rng.normal(size=n).astype(np.float32) if with_bias else None
+        c = rng.normal(size=(m, n)).astype(np.float32) if accumulate else None
+        optional = [None if v is None else torch.tensor(v) for v in (bias, c)]
+        got = _C.cpu_bf16_matmul(torch.tensor(a), torch.tensor(w), trans_w, *optional).double().numpy()
+        w_prime = w.T if trans_w else w
+        rest = (0 if bias is None else bias.astype(np.float64)) + (0 if c is None else c.astype(np.float64))
+        want = _bf16(a) @ _bf16(w_prime) + rest
+        bound = (k + 2) * 2.0 ** -24 * (np.abs(_bf16(a)) @ np.abs(_bf16(w_prime)) + np.abs(rest))
+        case = f"M{m} N{n} K{k} trans_w={trans_w} bias={with_bias} c={accumulate}"
+        assert got.shape == (m, n), case
+        assert np.all(np.abs(got - want) <= bound), f"{case}: error {np.abs(got - want).max():.2e}"
+        if k >= 2:
+            unrounded = a.astype(np.float64) @ _bf16(w_prime) + rest
+            assert np.any(np.abs(got - unrounded) > bound), f"{case}: the products are not bf16"
+    # NaNs stay NaNs through the rounding, whatever their payload (one whose low bits
+    # would carry into the exponent, or into the sign), in either operand; infinities stay
+    # infinite
+    nans = np.array([0x7F800001, 0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000], dtype=np.uint32).view(np.float32)
+    a = rng.normal(size=(6, 40)).astype(np.float32)
+    a[:4, 7] = nans
+    a[4, 3] = np.inf
+    w = rng.normal(size=(40, 20)).astype(np.float32)
+    got = _C.cpu_bf16_matmul(torch.tensor(a), torch.tensor(w), False).numpy()
+    assert np.isnan(got[:4]).all() and np.isinf(got[4]).sum() + np.isnan(got[4]).sum() == 20
+    assert np.isfinite(got[5]).all()
+    w[5, :4] = nans
+    w[6, 4] = -np.inf
+    got = _C.cpu_bf16_matmul(torch.tensor(np.abs(a[5:])), torch.tensor(w), False).numpy()
+    assert np.isnan(got[:, :4]).all() and (got[:, 4] == -np.inf).all() and np.isfinite(got[:, 5:]).all()
+
+
+def _bf16_scan_matches_reference(cell, shape, used=(), width=None, seed=3):
+    """A bf16 layer (inputs, states, weights) through the cpp backend against the float64
+    reference on the rounded values: outputs, final states and every gradient within
+    helpers.LOW_PRECISION_TOLERANCE relative to the largest element. That is the Triton
+    kernels' bound, whose numerics these are: the operands of every product are rounded
+    to bf16 (here also h_{t-1} and the pre-activation gradients, which the float32
+    products keep in float32); the IRNN's inputs are drawn off ReLU's jump (helpers).
+    `width`: the LSTM's projection P. Returns {name: output or gradient}."""
+    steps, batch, inputs, hidden = shape
+    mask, lengths = sequence_options(steps, batch, hidden if width is None else width, seed=seed)
+    mask = _bf16(mask) if "recurrent_mask" in used else None
+    lengths = lengths if "lengths" in used else None
+    if width is None:
+        x, states, w_ih, w_hh, b_ih, b_hh, up = make_layer(cell, *shape, bias=True, seed=seed)
+        w_hr = None
+    else:
+        from test_projection import make_projected_layer
+
+        arrays, upstream, _, _ = make_projected_layer(*shape, width, seed=seed)
+        x, states, w_ih, w_hh, b_ih, b_hh, w_hr = (arrays["x"], [arrays["h0"], arrays["c0"]], arrays["w_ih"],
+                                                   arrays["w_hh"], arrays["b_ih"], arrays["b_hh"], arrays["w_hr"])
+        up = dict(zip(("y", "h", "c"), upstream))
+    if cell == "irnn":
+        x = irnn_inputs_off_the_kink(x, (*states, w_ih, w_hh, b_ih, b_hh), torch.bfloat16, seed + 1, mask, lengths)
+        assert x is not None, "no inputs off the ReLU kink"
+    arrays = [x, *states, w_ih, w_hh, b_ih, b_hh] + ([] if w_hr is None else [w_hr])
+    leaves = [torch.tensor(a, dtype=torch.bfloat16, requires_grad=True) for a in arrays]
+    rounded = [t.detach().double().numpy() for t in leaves]
+    up = {k: _bf16(v) for k, v in up.items()}
+    options = dict(recurrent_mask=None if mask is None else torch.tensor(mask, dtype=torch.bfloat16),
+                   lengths=None if lengths is None else torch.tensor(lengths))
+    if cell == "irnn":
+        outputs = fused_rnn.irnn(*leaves, backend="cpp", **options)
+        upstream = (up["y"], up["h"])
+        *want_out, cache = ref.irnn_forward(*rounded, recurrent_mask=mask, lengths=lengths)
+        want = ref.irnn_backward(up["y"], up["h"], cache)
+        names = ["dx", "dh0", "dw_ih", "dw_hh", "db_ih", "db_hh"]
+    else:
+        projection = {} if w_hr is None else {"w_hr": leaves[7]}
+        y, (h_n, c_n) = fused_rnn.lstm(leaves[0], (leaves[1], leaves[2]), *leaves[3:7], backend="cpp", **options,
+                                       **projection)
+        outputs, upstream = (y, h_n, c_n), (up["y"], up["h"], up["c"])
+        *want_out, cache = ref.lstm_forward(*rounded[:7], recurrent_mask=mask, lengths=lengths,
+                                            w_hr=None if w_hr is None else rounded[7])
+        want = ref.lstm_backward(up["y"], up["h"], up["c"], cache)
+        names = ["dx", "dh0", "dc0", "dw_ih", "dw_hh", "db_ih", "db_hh", "dw_hr"][:len(leaves)]
+    torch.autograd.backward(outputs, [torch.tensor(u, dtype=torch.bfloat16) for u in upstream])
+    tolerance = LOW_PRECISION_TOLERANCE[torch.bfloat16]
+    results = {}
+    for name, got, expected in [*zip(["y", "h_T", "c_T"], outputs, want_out),
+                                *((n, t.grad, want[n]) for n, t in zip(names, leaves))]:
+        assert got.dtype == torch.bfloat16, name
+        scale = max(1.0, float(np.abs(expected).max()))
+        error = float(np.abs(got.detach().double().numpy() - expected).max()) / scale
+        assert error <= tolerance, f"{cell} {shape} {used}: {name}: error {error:.2e} > {tolerance:g}"
+        results[name] = got.detach()
+    return results
+
+
+# (cell, (T, B, I, H), options, projection P): H = 13, 37, 130 leave partial 32-column
+# panels; B = 70 spans two row blocks; the LSTM backward's K = 4H = 520 two pair blocks;
+# B = 3 with H = 130 splits the LSTM's hidden units across two threads
+BF16_SCANS = [("irnn", (9, 5, 4, 13), (), None), ("irnn", (6, 20, 7, 37), ("recurrent_mask", "lengths"), None),
+              ("lstm", (9, 5, 4, 13), (), None), ("lstm", (20, 70, 33, 130), (), None),
+              ("lstm", (5, 3, 6, 130), (), None), ("lstm", (7, 20, 5, 19), ("recurrent_mask", "lengths"), None),
+              ("lstm", (6, 20, 5, 24), ("lengths",), 9)]
+
+
+@pytest.mark.parametrize("cell, shape, used, width", BF16_SCANS,
+                         ids=["{}-T{}B{}I{}H{}".format(c, *s) + "".join("-" + u for u in used) + (f"-P{p}" if p else "")
+                              for c, s, used, p in BF16_SCANS])
+@pytest.mark.parametrize("mode", BF16_MODES)
+def test_bf16_products_match_reference(mode, cell, shape, used, width, monkeypatch):
+    """Both cells' scans with bf16 products, forward and backward (the input projection,
+    every step's product, dx and the weight gradients), on batch slices and hidden-unit
+    slices (two threads), with the mask, the lengths and the projection. The same call
+    with FUSED_RNN_CPU_BF16=off (float32 products) gives another value for every output
+    and gradient (but dW_hr, a float32 product in both), so no part of the forward or
+    the backward keeps float32 products unnoticed: the tolerance alone, which float32
+    products meet too, could not tell."""
+    if "cpp" not in fused_rnn.available_backends():
+        pytest.skip("the C++ extension is not built")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setenv("FUSED_RNN_CPU_BF16", mode)
+        assert fused_rnn.build_info()["cpu_bf16"] == BF16_NAMES[mode]
+        products = _bf16_scan_matches_reference(cell, shape, used, width)
+        monkeypatch.setenv("FUSED_RNN_CPU_BF16", "off")
+        float32 = _bf16_scan_matches_reference(cell, shape, used, width)
+    finally:
+        torch.set_num_threads(threads)
+    for name, value in products.items():
+        if name != "dw_hr":
+            assert not torch.equal(value, float32[name]), f"{name} is the same with float32 products"
+
+
+@pytest.mark.parametrize("cell", ["irnn", "lstm"])
+@pytest.mark.parametrize("mode", BF16_MODES)
+def test_bf16_products_in_the_cells_match_reference(mode, cell, monkeypatch):
+    """The cells (one step) with bf16 products: LOW_PRECISION_TOLERANCE. h0 is a bf16
+    input, so the forward's product rounds nothing that float32 products keep. In the
+    LSTM's backward the pre-activation gradients (float32: the gates' derivatives) are
+    rounded, which changes dh0 and dx; the IRNN's are the bf16 upstream gradient times
+    relu's 0 or 1, exact in bf16, so every output and gradient equals float32 products'."""
+    if "cpp" not in fused_rnn.available_backends("cpu"):
+        pytest.skip("the cpp backend is not built")
+    monkeypatch.setenv("FUSED_RNN_CPU_BF16", mode)
+    products = _reduced_precision_cell_matches_reference(cell, torch.bfloat16, LOW_PRECISION_TOLERANCE[torch.bfloat16])
+    monkeypatch.setenv("FUSED_RNN_CPU_BF16", "off")
+    float32 = _reduced_precision_cell_matches_reference(cell, torch.bfloat16, REDUCED_TOLERANCE[torch.bfloat16])
+    for name, value in products.items():
+        if cell == "irnn":
+            assert torch.equal(value, float32[name]), f"{name} differs from float32 products'"
+        elif name in ("dh0", "dx"):
+            assert not torch.equal(value, float32[name]), f"{name} is the same with float32 products"
+
+
+def test_bf16_products_switch_names_its_values(monkeypatch):
+    """FUSED_RNN_CPU_BF16 takes native, emulate or off; anything else, or native on a CPU
+    without AVX-512 BF16, is an error that says so."""
+    if "cpp" not in fused_rnn.available_backends():
+        pytest.skip("the C++ extension is not built")
+    monkeypatch.setenv("FUSED_RNN_CPU_BF16", "fast")
+    with pytest.raises(RuntimeError, match="FUSED_RNN_CPU_BF16 must be native, emulate or off, got 'fast'"):
+        fused_rnn.build_info()
+    monkeypatch.setenv("FUSED_RNN_CPU_BF16", "off")
+    assert fused_rnn.build_info()["cpu_bf16"] == "off"
+    monkeypatch.delenv("FUSED_RNN_CPU_BF16")
+    assert fused_rnn.build_info()["cpu_bf16"] == ("avx512_bf16" if "native" in BF16_MODES else "off")
+    if "native" not in BF16_MODES:
+        monkeypatch.setenv("FUSED_RNN_CPU_BF16", "native")
+        with pytest.raises(RuntimeError, match="needs a CPU with AVX-512 BF16"):
+            fused_rnn.lstm(torch.randn(2, 3, 4, dtype=torch.bfloat16), None, torch.randn(20, 4, dtype=torch.bfloat16),
+                           torch.randn(20, 5, dtype=torch.bfloat16), backend="cpp")

@@ -18,6 +18,7 @@
 
 #include "gemm_avx2.h"
 #include "gemm_avx512.h"
+#include "gemm_bf16.h"
 #include "../layer_common.h"
 
 extern "C" {
@@ -114,17 +115,79 @@ inline GemmKernel gemm_kernel() {
   TORCH_CHECK(false, "fused_rnn: FUSED_RNN_CPU_ISA must be avx512, avx2 or blas, got '", choice, "'");
 }
 
-// W' [K, N] packed once for one of the package's own kernels (gemm_common.h's layout):
-// W' is W^T when W is stored [N, K] (trans_w), else W stored [K, N], with row stride ld.
-// Called outside a parallel region, the panels are packed by all threads; the packed
-// weight is read-only afterwards, so the threads of a scan share one.
+// bfloat16 layers: the scans' float32 GEMMs take bf16 products (gemm_bf16.h) where
+// the CPU has AVX-512 BF16 and runs the avx512 path (kNative), else none (kOff: the
+// scans compute in float32, as for float16). FUSED_RNN_CPU_BF16=off turns the native
+// products off (to compare), =native requires them, and =emulate runs the same kernel
+// with the dot product emulated in AVX2 FMAs (kEmulated: for the tests, on CPUs
+// without AVX-512 BF16).
+enum class Bf16Products { kOff, kEmulated, kNative };
+
+inline const char* bf16_products_name(Bf16Products mode) {
+  return mode == Bf16Products::kNative ? "avx512_bf16" : mode == Bf16Products::kEmulated ? "emulated" : "off";
+}
+
+inline Bf16Products bf16_products() {
+  const bool native = bf16::native_supported() && gemm_kernel() == GemmKernel::kAvx512;
+  const char* choice = std::getenv("FUSED_RNN_CPU_BF16");
+  if (choice == nullptr || *choice == '\0') return native ? Bf16Products::kNative : Bf16Products::kOff;
+  if (std::strcmp(choice, "off") == 0) return Bf16Products::kOff;
+  if (std::strcmp(choice, "native") == 0) {
+    TORCH_CHECK(native, "fused_rnn: FUSED_RNN_CPU_BF16=native needs a CPU with AVX-512 BF16 on the avx512 path; ",
+                "this one runs ", gemm_kernel_name(gemm_kernel()),
+                bf16::native_supported() ? "" : " and has no AVX-512 BF16");
+    return Bf16Products::kNative;
+  }
+  if (std::strcmp(choice, "emulate") == 0) {
+    TORCH_CHECK(bf16::emulation_supported(), "fused_rnn: FUSED_RNN_CPU_BF16=emulate needs a CPU with AVX2 and FMA");
+    return Bf16Products::kEmulated;
+  }
+  TORCH_CHECK(false, "fused_rnn: FUSED_RNN_CPU_BF16 must be native, emulate or off, got '", choice, "'");
+}
+
+// The bf16 products of the calling thread's current call (kOff outside a bf16 call).
+// Everything that packs a weight runs on the calling thread before a scan's threads
+// start, so they read it here and the packed weights carry it into the threads. (A
+// RecurrentGemm built inside a parallel region without a shared packed weight would
+// read kOff there and multiply in float32; none is: pack_recurrent's result is defined
+// whenever bf16 products are on.)
+inline Bf16Products& current_bf16_products() {
+  thread_local Bf16Products mode = Bf16Products::kOff;
+  return mode;
+}
+
+// Within its lifetime the float32 GEMMs of the calling thread take bf16 products (when
+// `bf16_inputs` and bf16_products() has them): set by the ops on bfloat16 tensors, around
+// their float32 scan.
+class Bf16Scope {
+ public:
+  explicit Bf16Scope(bool bf16_inputs) : previous_(current_bf16_products()) {
+    current_bf16_products() = bf16_inputs ? bf16_products() : Bf16Products::kOff;
+  }
+  ~Bf16Scope() { current_bf16_products() = previous_; }
+  Bf16Scope(const Bf16Scope&) = delete;
+  Bf16Scope& operator=(const Bf16Scope&) = delete;
+
+ private:
+  Bf16Products previous_;
+};
+
+// W' [K, N] packed once for one of the package's own kernels (gemm_common.h's layout;
+// bf16 pairs for the bf16 kernel, gemm_bf16.h): W' is W^T when W is stored [N, K]
+// (trans_w), else W stored [K, N], with row stride ld. Called outside a parallel region,
+// the panels are packed by all threads; the packed weight is read-only afterwards, so
+// the threads of a scan share one.
 class PackedWeight {
  public:
   PackedWeight() = default;
-  PackedWeight(GemmKernel kernel, const float* w, bool trans_w, int64_t ld, int64_t n, int64_t k)
-      : kernel_(kernel), n_(n), k_(k) {
+  PackedWeight(GemmKernel kernel, Bf16Products bf16, const float* w, bool trans_w, int64_t ld, int64_t n, int64_t k)
+      : kernel_(kernel), bf16_(bf16), n_(n), k_(k) {
+    if (bf16 != Bf16Products::kOff) {
+      pack_pairs(w, trans_w, ld);
+      return;
+    }
     TORCH_CHECK(kernel != GemmKernel::kBlas, "fused_rnn: internal error: PackedWeight for BLAS");
-    const int64_t panel = this->panel();
+    const int64_t panel = kernel == GemmKernel::kAvx512 ? avx512::Kernel::kPanel : avx2::Kernel::kPanel;
     data_ = at::empty({panels_size(n, k, panel)}, at::TensorOptions().dtype(at::kFloat));
     float* out = data_.data_ptr<float>();
     at::parallel_for(0, (n + panel - 1) / panel, 1, [&](int64_t p0, int64_t p1) {
@@ -139,6 +202,15 @@ class PackedWeight {
   // are row strides.
   void multiply(int64_t m, const float* a, int64_t lda, float beta, float* c, int64_t ldc,
                 const float* bias = nullptr) const {
+    if (bf16_ != Bf16Products::kOff) {
+      const auto* pairs = static_cast<const uint32_t*>(data_.const_data_ptr());
+      if (bf16_ == Bf16Products::kNative) {
+        bf16::gemm_native(m, n_, k_, a, lda, pairs, beta, c, ldc, bias);
+      } else {
+        bf16::gemm_emulated(m, n_, k_, a, lda, pairs, beta, c, ldc, bias);
+      }
+      return;
+    }
     const float* packed = data_.const_data_ptr<float>();
     if (kernel_ == GemmKernel::kAvx512) {
       avx512::gemm(m, n_, k_, a, lda, packed, beta, c, ldc, bias);
@@ -148,9 +220,38 @@ class PackedWeight {
   }
 
  private:
-  int64_t panel() const { return kernel_ == GemmKernel::kAvx512 ? avx512::Kernel::kPanel : avx2::Kernel::kPanel; }
+  // W' as bf16 pairs (gemm_bf16.h): the pair rows [K/2, N] (W^T's, from W's rows when
+  // trans_w) are built first, then packed into panels as 32-bit lanes.
+  void pack_pairs(const float* w, bool trans_w, int64_t ld) {
+    const int64_t pairs = (k_ + 1) / 2, panel = bf16::kPanel;
+    const auto int32 = at::TensorOptions().dtype(at::kInt);
+    auto rows = at::empty({n_ * pairs}, int32);  // [N, K/2] when trans_w, else [K/2, N]
+    auto* pair_data = static_cast<uint32_t*>(rows.data_ptr());
+    if (trans_w) {
+      at::parallel_for(0, n_, 16, [&](int64_t r0, int64_t r1) {
+        bf16::to_pairs(w + r0 * ld, ld, r1 - r0, 0, k_, pair_data + r0 * pairs, pairs);
+      });
+    } else {
+      at::parallel_for(0, pairs, 16, [&](int64_t p0, int64_t p1) {
+        for (int64_t kp = p0; kp < p1; ++kp) {
+          const float* even = w + 2 * kp * ld;
+          const float* odd = 2 * kp + 1 < k_ ? even + ld : nullptr;
+          uint32_t* dst = pair_data + kp * n_;
+          for (int64_t j = 0; j < n_; ++j) {
+            dst[j] = bf16::round_bf16(even[j]) | (odd != nullptr ? bf16::round_bf16(odd[j]) << 16 : 0u);
+          }
+        }
+      });
+    }
+    data_ = at::empty({panels_size(n_, pairs, panel)}, int32);
+    auto* out = static_cast<uint32_t*>(data_.data_ptr());
+    at::parallel_for(0, (n_ + panel - 1) / panel, 1, [&](int64_t p0, int64_t p1) {
+      pack_panels<uint32_t>(pair_data, trans_w, trans_w ? pairs : n_, n_, pairs, panel, out, p0, p1);
+    });
+  }
 
   GemmKernel kernel_ = GemmKernel::kBlas;
+  Bf16Products bf16_ = Bf16Products::kOff;
   int64_t n_ = 0, k_ = 0;
   at::Tensor data_;
 };
@@ -161,7 +262,10 @@ template <typename scalar_t>
 PackedWeight pack_recurrent(const scalar_t* w, bool trans_w, int64_t n, int64_t k) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     const GemmKernel kernel = gemm_kernel();
-    if (kernel != GemmKernel::kBlas && n > 0) return PackedWeight(kernel, w, trans_w, trans_w ? k : n, n, k);
+    const Bf16Products bf16 = current_bf16_products();
+    if ((kernel != GemmKernel::kBlas || bf16 != Bf16Products::kOff) && n > 0) {
+      return PackedWeight(kernel, bf16, w, trans_w, trans_w ? k : n, n, k);
+    }
   }
   return {};
 }
@@ -181,8 +285,9 @@ class RecurrentGemm {
         return;
       }
       const GemmKernel kernel = gemm_kernel();
-      if (kernel != GemmKernel::kBlas) {
-        own_ = PackedWeight(kernel, w, trans_w, trans_w ? k : n, n, k);
+      const Bf16Products bf16 = current_bf16_products();
+      if (kernel != GemmKernel::kBlas || bf16 != Bf16Products::kOff) {
+        own_ = PackedWeight(kernel, bf16, w, trans_w, trans_w ? k : n, n, k);
         packed_ = &own_;
         return;
       }
@@ -244,10 +349,14 @@ inline at::Tensor sequence_matmul(const at::Tensor& a, const at::Tensor& b, cons
   const GemmKernel kernel = a.scalar_type() == at::kFloat ? gemm_kernel() : GemmKernel::kBlas;
   // b is W' [K, N]: a transposed view of a row-major [N, K] matrix (a weight), or row-major
   const bool trans_w = b.stride(0) == 1 && b.stride(1) >= k && k > 1;
-  const bool own = kernel == GemmKernel::kAvx512 || (kernel == GemmKernel::kAvx2 && trans_w);
+  // bf16 products (a bf16 layer's call) take every one of them, as on the avx512 path
+  const Bf16Products bf16 = a.scalar_type() == at::kFloat ? current_bf16_products() : Bf16Products::kOff;
+  const bool own = kernel == GemmKernel::kAvx512 || (kernel == GemmKernel::kAvx2 && trans_w) ||
+                   bf16 != Bf16Products::kOff;
   if (!own || m == 0 || n == 0) return aten_matmul(a, b, bias);
   const auto w = trans_w || (b.stride(1) == 1 && b.stride(0) >= n) ? b : b.contiguous();
-  const PackedWeight packed(kernel, w.const_data_ptr<float>(), trans_w, trans_w ? w.stride(1) : w.stride(0), n, k);
+  const PackedWeight packed(kernel, bf16, w.const_data_ptr<float>(), trans_w, trans_w ? w.stride(1) : w.stride(0), n,
+                            k);
   const auto lhs = a.stride(1) == 1 ? a : a.contiguous();
   const int64_t lda = lhs.stride(0);
   const auto bias_values = bias.has_value() ? bias->contiguous() : at::Tensor();

@@ -33,8 +33,9 @@ inline int64_t panels_size(int64_t n, int64_t k, int64_t panel) { return (n + pa
 // the callers check) full 8 x 8 blocks go through registers, which packs the LSTM's
 // 1.2 MB weight at the lesson's shape 2.5x faster (210-250 -> 88 us on a Zen 3 core; a
 // fixed cost of every scan call).
-inline void transpose_rows_scalar(const float* src, int64_t ld, int64_t rows, int64_t depth, float* dst,
-                                  int64_t dst_stride) {
+// T: float, or the bf16 kernel's 32-bit pairs (gemm_bf16.h), moved as they are.
+template <typename T>
+inline void transpose_rows_scalar(const T* src, int64_t ld, int64_t rows, int64_t depth, T* dst, int64_t dst_stride) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t i = 0; i < depth; ++i) dst[i * dst_stride + r] = src[r * ld + i];
   }
@@ -69,13 +70,19 @@ __attribute__((target("avx2"))) inline void transpose_8x8(const float* src, int6
 
 // transpose_rows_scalar's result, full 8 x 8 blocks in AVX2 registers: for the own
 // kernels' packing only, which runs where the CPU has AVX2.
-inline void transpose_rows(const float* src, int64_t ld, int64_t rows, int64_t depth, float* dst,
-                           int64_t dst_stride) {
+// transpose_8x8 moves the 32-bit lanes of T through float registers; its loads and
+// stores are intrinsics (which may alias any type).
+template <typename T>
+inline void transpose_rows(const T* src, int64_t ld, int64_t rows, int64_t depth, T* dst, int64_t dst_stride) {
+  static_assert(sizeof(T) == sizeof(float), "transpose_rows moves 32-bit lanes");
   int64_t r = 0;
 #if FUSED_RNN_X86_GEMM
   for (; r + 8 <= rows; r += 8) {
     int64_t i = 0;
-    for (; i + 8 <= depth; i += 8) transpose_8x8(src + r * ld + i, ld, dst + i * dst_stride + r, dst_stride);
+    for (; i + 8 <= depth; i += 8) {
+      transpose_8x8(reinterpret_cast<const float*>(src + r * ld + i), ld,
+                    reinterpret_cast<float*>(dst + i * dst_stride + r), dst_stride);
+    }
     transpose_rows_scalar(src + r * ld + i, ld, 8, depth - i, dst + i * dst_stride + r, dst_stride);
   }
 #endif
@@ -86,21 +93,23 @@ inline void transpose_rows(const float* src, int64_t ld, int64_t rows, int64_t d
 // with row stride ld (K, resp. N, when dense). `out` holds panels_size(n, k, panel)
 // floats; panels [p0, p1) only are written (threads split the panels). For the own
 // kernels only (a CPU with AVX2).
-inline void pack_panels(const float* w, bool trans_w, int64_t ld, int64_t n, int64_t k, int64_t panel, float* out,
+// T: float, or the bf16 kernel's 32-bit pairs.
+template <typename T>
+inline void pack_panels(const T* w, bool trans_w, int64_t ld, int64_t n, int64_t k, int64_t panel, T* out,
                         int64_t p0, int64_t p1) {
   for (int64_t p = p0; p < p1; ++p) {
-    float* block = out + p * k * panel;
+    T* block = out + p * k * panel;
     const int64_t first = p * panel, cols = std::min(panel, n - first);
     if (trans_w) {  // W^T's panel is a block of W's rows, transposed
       transpose_rows(w + first * ld, ld, cols, k, block, panel);
     } else {
       for (int64_t kk = 0; kk < k; ++kk) {
-        const float* row = w + kk * ld + first;
+        const T* row = w + kk * ld + first;
         for (int64_t j = 0; j < cols; ++j) block[kk * panel + j] = row[j];
       }
     }
     for (int64_t kk = 0; kk < k; ++kk) {
-      for (int64_t j = cols; j < panel; ++j) block[kk * panel + j] = 0.0f;
+      for (int64_t j = cols; j < panel; ++j) block[kk * panel + j] = T(0);
     }
   }
 }
@@ -122,6 +131,30 @@ __attribute__((always_inline)) inline void partial_tile(int64_t rows, Args... ar
   }
 }
 
+// One block of the loop nest below: C[rows, N] (+)= A[rows, depth] @ the packed
+// panels' rows [k0, k0 + depth) (`packed` points at row k0 of panel 0; panels are
+// k_total rows apart), panel by panel, row tile by row tile. T is what A and the panels
+// hold: float, or bf16 pairs (gemm_bf16.h).
+template <class Kernel, typename T>
+__attribute__((always_inline)) inline void gemm_block(int64_t rows, int64_t n, int64_t k_total, int64_t depth,
+                                                      const T* a, int64_t lda, const T* packed, bool accumulate,
+                                                      float* c, int64_t ldc, const float* bias) {
+  constexpr int64_t kPanel = Kernel::kPanel, kTileRows = Kernel::kTileRows;
+  const int64_t panels = (n + kPanel - 1) / kPanel;
+  for (int64_t p = 0; p < panels; ++p) {
+    const T* panel = packed + p * k_total * kPanel;
+    const int64_t col = p * kPanel, cols = std::min(kPanel, n - col);
+    float* out = c + col;
+    const float* panel_bias = bias != nullptr ? bias + col : nullptr;
+    int64_t r = 0;
+    for (; r + kTileRows <= rows; r += kTileRows) {
+      Kernel::template tile<kTileRows>(depth, a + r * lda, lda, panel, accumulate, out + r * ldc, ldc, cols,
+                                       panel_bias);
+    }
+    partial_tile<Kernel>(rows - r, depth, a + r * lda, lda, panel, accumulate, out + r * ldc, ldc, cols, panel_bias);
+  }
+}
+
 // Row-major C[M, N] = A[M, K] @ W' (+ C if accumulate) (+ bias [N] on every row when bias
 // is not null), W' packed by pack_panels() with Kernel::kPanel; lda and ldc are row
 // strides. Kernel::tile<MR>(k, a, lda, panel, accumulate, c, ldc, cols, bias) computes
@@ -131,35 +164,20 @@ __attribute__((always_inline)) inline void partial_tile(int64_t rows, Args... ar
 // every row tile of a block of kRowBlock rows reads it (with all of K at once, a panel of
 // the backward's K = 4H = 1024 is 96 KB and each tile read it from L2: 70 against 85
 // GFLOP/s on one Zen 3 core); then blocks of rows, whose slice of A stays in L2 over
-// all panels; then panels; then row tiles. Inlined into each kernel's gemm(), which
-// carries the instruction set's target attribute, so that the tiles inline into it.
+// all panels; then panels; then row tiles (gemm_block). Inlined into each kernel's
+// gemm(), which carries the instruction set's target attribute, so that the tiles
+// inline into it.
 template <class Kernel>
 __attribute__((always_inline)) inline void blocked_gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                                                         const float* packed, bool accumulate, float* c, int64_t ldc,
                                                         const float* bias) {
-  constexpr int64_t kPanel = Kernel::kPanel, kTileRows = Kernel::kTileRows;
-  const int64_t panels = (n + kPanel - 1) / kPanel;
   // k0 == 0 runs once even when K = 0 (C = bias, or C unchanged when accumulating)
   for (int64_t k0 = 0; k0 == 0 || k0 < k; k0 += Kernel::kDepth) {
     const int64_t depth = std::min(Kernel::kDepth, k - k0);
-    const bool add = accumulate || k0 > 0;
-    const float* block_bias = k0 == 0 ? bias : nullptr;
     for (int64_t r0 = 0; r0 < m; r0 += Kernel::kRowBlock) {
-      const int64_t r1 = std::min(m, r0 + Kernel::kRowBlock);
-      for (int64_t p = 0; p < panels; ++p) {
-        const float* panel = packed + (p * k + k0) * kPanel;
-        const int64_t col = p * kPanel, cols = std::min(kPanel, n - col);
-        const float* a_block = a + k0;
-        float* out = c + col;
-        const float* panel_bias = block_bias != nullptr ? block_bias + col : nullptr;
-        int64_t r = r0;
-        for (; r + kTileRows <= r1; r += kTileRows) {
-          Kernel::template tile<kTileRows>(depth, a_block + r * lda, lda, panel, add, out + r * ldc, ldc, cols,
-                                           panel_bias);
-        }
-        partial_tile<Kernel>(r1 - r, depth, a_block + r * lda, lda, panel, add, out + r * ldc, ldc, cols,
-                             panel_bias);
-      }
+      const int64_t rows = std::min(Kernel::kRowBlock, m - r0);
+      gemm_block<Kernel>(rows, n, k, depth, a + r0 * lda + k0, lda, packed + k0 * Kernel::kPanel,
+                         accumulate || k0 > 0, c + r0 * ldc, ldc, k0 == 0 ? bias : nullptr);
     }
   }
 }

@@ -53,6 +53,7 @@ std::tuple<at::Tensor, at::Tensor> irnn_scan_forward(const at::Tensor& x_in, con
                                                       std::optional<double> hidden_clip) {
   FUSED_RNN_EXCLUDE_AUTOCAST;
   if (reduced_precision(x_in)) {
+    const Bf16Scope bf16_products(x_in.scalar_type() == at::kBFloat16);
     check_layer_tensors(x_in, {{&h0_in, "h0"}}, w_ih_in, w_hh_in, bias, 1, c10::DeviceType::CPU,
                         {at::kBFloat16, at::kHalf});
     auto [y, h_n] = irnn_scan_forward(to_float32(x_in), to_float32(h0_in), to_float32(w_ih_in), to_float32(w_hh_in),
@@ -115,6 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> irnn_scan
     std::optional<double> hidden_clip) {
   FUSED_RNN_EXCLUDE_AUTOCAST;
   if (reduced_precision(x_in)) {
+    const Bf16Scope bf16_products(x_in.scalar_type() == at::kBFloat16);
     const auto dtype = x_in.scalar_type();
     // y holds h in the inputs' dtype: compare it with the bound as y stores it
     const auto clip = hidden_clip.has_value()

@@ -291,10 +291,12 @@ ForwardOutputs lstm_projected_forward(const at::Tensor& x, const at::Tensor& h0,
 // about 300 unfused; LSTM inference 1.04x against 0.99x nn.LSTM, same run) and lost at
 // fastrnns' I = H = 512 (1913 against about 1730 us; inference 0.88x against 1.06x). AVX-512
 // CPUs keep the unfused path on their wider kernel until this step has an AVX-512 tile
-// (it cannot be tested on the AVX2-only machine this was written on).
+// (it cannot be tested on the AVX2-only machine this was written on). A bf16 layer's scan with bf16
+// products (gemm_bf16.h) takes the unfused path too.
 bool fused_forward_applies(const at::Tensor& x, const ScanOptions& options, int64_t batch, int64_t hidden) {
   return x.scalar_type() == at::kFloat && !options.any() && 4 * x.size(2) <= hidden &&
-         hidden_split_threads(batch, hidden) <= 1 && gemm_kernel() == GemmKernel::kAvx2;
+         hidden_split_threads(batch, hidden) <= 1 && gemm_kernel() == GemmKernel::kAvx2 &&
+         current_bf16_products() == Bf16Products::kOff;
 }
 
 ForwardOutputs lstm_forward_fused(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
@@ -342,6 +344,7 @@ ForwardOutputs lstm_scan_forward(const at::Tensor& x_in, const at::Tensor& h0_in
                                  const std::optional<at::Tensor>& w_hr_in) {
   FUSED_RNN_EXCLUDE_AUTOCAST;
   if (reduced_precision(x_in)) {  // cells and gates stay float32 (the saved state)
+    const Bf16Scope bf16_products(x_in.scalar_type() == at::kBFloat16);
     check_lstm_tensors(x_in, h0_in, c0_in, w_ih_in, w_hh_in, w_hr_in, bias, {at::kBFloat16, at::kHalf});
     auto [y, h_n, c_n, cells, gates] =
         lstm_scan_forward(to_float32(x_in), to_float32(h0_in), to_float32(c0_in), to_float32(w_ih_in),
@@ -427,6 +430,7 @@ BackwardOutputs lstm_backward_impl(const at::Tensor& grad_y, const at::Tensor& g
                                    const std::optional<at::Tensor>& lengths = std::nullopt) {
   FUSED_RNN_EXCLUDE_AUTOCAST;
   if (reduced_precision(x)) {
+    const Bf16Scope bf16_products(x.scalar_type() == at::kBFloat16);
     auto [dx, dh0, dc0, dw_ih, dw_hh, dbias] = lstm_backward_impl(
         to_float32(grad_y), to_float32(grad_h_n), to_float32(grad_c_n), to_float32(x), to_float32(h0),
         to_float32(c0), to_float32(w_ih), to_float32(w_hh), to_float32(y), cells, gates, grad_x,
@@ -617,6 +621,7 @@ ProjectedBackwardOutputs lstm_scan_backward(const at::Tensor& grad_y_in, const a
   }
   FUSED_RNN_EXCLUDE_AUTOCAST;
   if (reduced_precision(x_in)) {
+    const Bf16Scope bf16_products(x_in.scalar_type() == at::kBFloat16);
     auto grads = lstm_scan_backward(to_float32(grad_y_in), to_float32(grad_h_n_in), to_float32(grad_c_n_in),
                                     to_float32(x_in), to_float32(h0_in), to_float32(c0_in), to_float32(w_ih_in),
                                     to_float32(w_hh_in), to_float32(y_in), cells_in, gates_in, grad_x,
