@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "bench" / "results" / "cpu.md"
 README = ROOT / "README.md"
 # where each generated block lives: the README keeps summaries, docs/ the full tables
-DOCS = {"cpu": README, "char": ROOT / "docs" / "app.md", "features": ROOT / "docs" / "cpu.md",
+DOCS = {"cpu": README, "cpu-bfloat16": README, "char": ROOT / "docs" / "app.md", "features": ROOT / "docs" / "cpu.md",
         "cuda": ROOT / "docs" / "cuda.md", "triton": ROOT / "docs" / "triton.md", "model": ROOT / "docs" / "cuda.md",
         "split": ROOT / "docs" / "triton.md"}
 
@@ -59,13 +59,34 @@ def write_section(section: str, source: str, name: str, entries: dict, path: Pat
     _, tail = rest.split(end, 1)
     key_comment = next(line for line in rest.splitlines() if line.startswith("# ("))
     rows = "".join(f"    {key!r}: {value!r},\n" for key, value in sorted(entries.items()))
-    body = f"{begin}\n{section}_SOURCE = {source!r}\n{key_comment}\n{name} = {{\n{rows}}}\n"
+    # a source of several parts ("float32: ...; bfloat16: ...") one part per line
+    parts = [part + "; " for part in source.split("; ")]
+    parts[-1] = parts[-1][:-2]
+    value = repr(source) if len(parts) == 1 else "(\n" + "".join(f"    {part!r}\n" for part in parts) + ")"
+    body = f"{begin}\n{section}_SOURCE = {value}\n{key_comment}\n{name} = {{\n{rows}}}\n"
     path.write_text(head + body + end + tail, encoding="utf-8")
 
 
-def write_speedups(report_json: dict) -> None:
+def _sources_by_dtype(source: str) -> dict:
+    """The CPU section's source line, one part per dtype ("float32: measured ...;
+    bfloat16: measured ..."; a line without dtypes is float32's)."""
+    parts = {}
+    for part in source.split("; "):
+        names, separator, text = part.partition(": ")
+        if separator and set(names.split(",")) <= set(bench.DTYPES):
+            parts.update(dict.fromkeys(names.split(","), text))
+        else:
+            parts["float32"] = part
+    return parts
+
+
+def write_speedups(report_json: dict, path: Path = SPEEDUPS) -> None:
     """The CPU section of the predictions "auto" uses: each fused backend's measured
-    speed-up over nn.RNN / nn.LSTM per (cell, mode, dtype, batch, hidden, steps)."""
+    speed-up over nn.RNN / nn.LSTM per (cell, mode, dtype, batch, hidden, steps). The
+    report's dtypes replace theirs; the other dtypes' entries stay, with their source
+    (a bfloat16 run need not measure float32 again)."""
+    import runpy
+
     m = report_json["machine"]
     entries = {}
     for result in report_json["results"]:
@@ -74,20 +95,38 @@ def write_speedups(report_json: dict) -> None:
                   if name in ("cpp",) and value.get("speedup_vs_nn") is not None}
         if ratios:
             entries[(result["cell"], result["mode"], result.get("dtype", "float32"), c["B"], c["H"], c["T"])] = ratios
-    source = f"measured by bench/table.py on {m['cpu_model']}, {m['torch_threads']} threads, {m['date']}"
-    write_section("CPU", source, "CPU", entries)
+    measured = list(dict.fromkeys(result.get("dtype", "float32") for result in report_json["results"]))
+    current = runpy.run_path(str(path))
+    entries.update({key: value for key, value in current["CPU"].items() if key[2] not in measured})
+    sources = {dtype: text for dtype, text in _sources_by_dtype(current["CPU_SOURCE"]).items()
+               if dtype not in measured and any(key[2] == dtype for key in entries)}
+    sources[",".join(measured)] = (f"measured by bench/table.py on {m['cpu_model']}, {m['torch_threads']} threads, "
+                                   f"{m['date']}")
+    source = "; ".join(f"{dtypes}: {text}" for dtypes, text in sources.items())
+    write_section("CPU", source, "CPU", entries, path)
 
 
-def format_summary(report) -> str:
-    """The README's summary: the cpp backend's speed-up over nn.RNN / nn.LSTM per cell,
-    mode and configuration (same-run medians), and where it was measured."""
+def summary_block(dtype: str) -> str:
+    """Where the README keeps the summary of a dtype's table."""
+    return "cpu" if dtype == "float32" else f"cpu-{dtype}"
+
+
+def format_summary(report, dtype: str = "float32", out: Path = DEFAULT_OUT) -> str:
+    """The README's summary of one dtype's rows: the cpp backend's speed-up over nn.RNN /
+    nn.LSTM per cell, mode and configuration (same-run medians), and where it was
+    measured."""
     m = report.machine
-    configs = list(dict.fromkeys(r.config for r in report.results))
+    rows = [r for r in report.results if r.dtype == dtype]
+    configs = list(dict.fromkeys(r.config for r in rows))
     gemm = f" (the package's GEMM kernel: {m['cpu_gemm']})" if m.get("cpu_gemm") else ""
+    if dtype == "bfloat16" and m.get("cpu_bf16"):
+        gemm = f" (bf16 products: {m['cpu_bf16']})"
+    link = out.resolve().relative_to(ROOT).as_posix() if out.resolve().is_relative_to(ROOT) else str(out)
+    layers = "`nn.RNN(nonlinearity=\"relu\")` / `nn.LSTM`" + ("" if dtype == "float32" else f", all in {dtype}")
     lines = [f"CPU: {m['cpu_model']}{gemm}, {m['torch_threads']} threads, torch {m['torch_version']}, {m['date']}; "
-             f"`python bench/table.py --readme`; full table: [bench/results/cpu.md](bench/results/cpu.md). "
+             f"`{report.command or 'python bench/table.py --readme'}`; full table: [{link}]({link}). "
              "Speed of the fused CPU kernels (`backend=\"cpp\"`) and of the default (`auto`) over "
-             "`nn.RNN(nonlinearity=\"relu\")` / `nn.LSTM` (median of same-run ratios; above 1x is faster):", "",
+             f"{layers} (median of same-run ratios; above 1x is faster):", "",
              "| cell | mode | " + " | ".join(f"{c.name} (T={c.T}, B={c.B}, H={c.H}): cpp / auto" for c in configs)
              + " |", "|---|---|" + "---:|" * len(configs)]
 
@@ -95,9 +134,9 @@ def format_summary(report) -> str:
         value = result.speedup(name) if result is not None else None
         return "-" if value is None else f"{value:.2f}x"
 
-    for cell in dict.fromkeys(r.cell for r in report.results):
-        for mode in dict.fromkeys(r.mode for r in report.results):
-            results = {r.config: r for r in report.results if r.cell == cell and r.mode == mode}
+    for cell in dict.fromkeys(r.cell for r in rows):
+        for mode in dict.fromkeys(r.mode for r in rows):
+            results = {r.config: r for r in rows if r.cell == cell and r.mode == mode}
             lines.append(f"| {cell} | {mode} | " + " | ".join(
                 f"{ratio(results.get(c), 'cpp')} / {ratio(results.get(c), 'auto')}" for c in configs) + " |")
     return "\n".join(lines) + "\n"
@@ -129,7 +168,9 @@ def run(args: argparse.Namespace, command: str) -> int:
     print(table, end="")
     print(f"wrote {args.out}", file=sys.stderr)
     if args.readme and "cpp" in args.backends:
-        print(f"updated {replace_block(format_summary(report), 'cpu')}", file=sys.stderr)
+        for dtype in dict.fromkeys(r.dtype for r in report.results):
+            path = replace_block(format_summary(report, dtype, args.out), summary_block(dtype))
+            print(f"updated {path}", file=sys.stderr)
     return 0
 
 

@@ -3,27 +3,50 @@ read by fused_rnn._speedups. Generated: each section is written by the command i
 """
 
 # begin CPU: written by `python bench/table.py --write-speedups` (measured)
-CPU_SOURCE = 'measured by bench/table.py on AMD EPYC, 2 threads, 2026-12-01 17:20 UTC'
+CPU_SOURCE = (
+    'float32: measured by bench/table.py on AMD EPYC, 2 threads, 2026-12-01 17:20 UTC; '
+    'bfloat16: measured by bench/table.py on AMD EPYC, 2 threads, 2026-12-01 19:34 UTC'
+)
 # (cell, mode, dtype, batch, hidden, steps) -> {backend: speed-up over torch.nn's kernels}
 CPU = {
+    ('irnn', 'inference', 'bfloat16', 1, 256, 1): {'cpp': 0.612},
+    ('irnn', 'inference', 'bfloat16', 1, 256, 100): {'cpp': 4.614},
+    ('irnn', 'inference', 'bfloat16', 64, 256, 3): {'cpp': 7.83},
+    ('irnn', 'inference', 'bfloat16', 64, 256, 8): {'cpp': 10.828},
+    ('irnn', 'inference', 'bfloat16', 64, 256, 64): {'cpp': 13.039},
     ('irnn', 'inference', 'float32', 1, 256, 1): {'cpp': 0.675},
     ('irnn', 'inference', 'float32', 1, 256, 100): {'cpp': 3.093},
     ('irnn', 'inference', 'float32', 64, 256, 3): {'cpp': 1.231},
     ('irnn', 'inference', 'float32', 64, 256, 8): {'cpp': 1.401},
     ('irnn', 'inference', 'float32', 64, 256, 64): {'cpp': 1.585},
     ('irnn', 'inference', 'float32', 64, 512, 100): {'cpp': 1.269},
+    ('irnn', 'training', 'bfloat16', 1, 256, 1): {'cpp': 0.735},
+    ('irnn', 'training', 'bfloat16', 1, 256, 100): {'cpp': 12.53},
+    ('irnn', 'training', 'bfloat16', 64, 256, 3): {'cpp': 15.38},
+    ('irnn', 'training', 'bfloat16', 64, 256, 8): {'cpp': 26.578},
+    ('irnn', 'training', 'bfloat16', 64, 256, 64): {'cpp': 28.553},
     ('irnn', 'training', 'float32', 1, 256, 1): {'cpp': 0.714},
     ('irnn', 'training', 'float32', 1, 256, 100): {'cpp': 6.721},
     ('irnn', 'training', 'float32', 64, 256, 3): {'cpp': 1.109},
     ('irnn', 'training', 'float32', 64, 256, 8): {'cpp': 1.437},
     ('irnn', 'training', 'float32', 64, 256, 64): {'cpp': 1.752},
     ('irnn', 'training', 'float32', 64, 512, 100): {'cpp': 1.381},
+    ('lstm', 'inference', 'bfloat16', 1, 256, 1): {'cpp': 0.395},
+    ('lstm', 'inference', 'bfloat16', 1, 256, 100): {'cpp': 6.35},
+    ('lstm', 'inference', 'bfloat16', 64, 256, 3): {'cpp': 8.129},
+    ('lstm', 'inference', 'bfloat16', 64, 256, 8): {'cpp': 10.11},
+    ('lstm', 'inference', 'bfloat16', 64, 256, 64): {'cpp': 11.145},
     ('lstm', 'inference', 'float32', 1, 256, 1): {'cpp': 0.889},
     ('lstm', 'inference', 'float32', 1, 256, 100): {'cpp': 1.222},
     ('lstm', 'inference', 'float32', 64, 256, 3): {'cpp': 1.026},
     ('lstm', 'inference', 'float32', 64, 256, 8): {'cpp': 1.059},
     ('lstm', 'inference', 'float32', 64, 256, 64): {'cpp': 1.009},
     ('lstm', 'inference', 'float32', 64, 512, 100): {'cpp': 0.905},
+    ('lstm', 'training', 'bfloat16', 1, 256, 1): {'cpp': 0.784},
+    ('lstm', 'training', 'bfloat16', 1, 256, 100): {'cpp': 20.226},
+    ('lstm', 'training', 'bfloat16', 64, 256, 3): {'cpp': 24.963},
+    ('lstm', 'training', 'bfloat16', 64, 256, 8): {'cpp': 31.13},
+    ('lstm', 'training', 'bfloat16', 64, 256, 64): {'cpp': 39.985},
     ('lstm', 'training', 'float32', 1, 256, 1): {'cpp': 0.831},
     ('lstm', 'training', 'float32', 1, 256, 100): {'cpp': 1.373},
     ('lstm', 'training', 'float32', 64, 256, 3): {'cpp': 0.997},

@@ -313,3 +313,42 @@ def test_auto_memo_follows_a_swapped_table_and_hands_out_copies(monkeypatch):
     monkeypatch.setattr(_speedup_tables, "CPU", slow)
     assert dispatch.select_backend("cpu", torch.float32, **call).name == "nn"
     assert dispatch.select_backend("cpu", torch.float32, options=["lengths"], **call).name in ("cpp", "nn")
+
+
+def test_a_bfloat16_table_run_keeps_the_float32_predictions(tmp_path):
+    """bench/table.py --write-speedups from a run of some dtypes replaces those dtypes'
+    CPU predictions and keeps the others' with their source line, so a bfloat16 run
+    (bench/results/cpu_bfloat16.md) need not measure float32 again, and running float32
+    afterwards keeps bfloat16's."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import runpy
+
+    import table
+
+    path = tmp_path / "tables.py"
+    path.write_text(table.SPEEDUPS.read_text(encoding="utf-8"), encoding="utf-8")
+    before = runpy.run_path(str(path))
+
+    def report(dtype, date, ratio):
+        config = {"B": 64, "H": 256, "T": 64}
+        return {"machine": {"cpu_model": "CPU", "torch_threads": 2, "date": date},
+                "results": [{"cell": "lstm", "mode": mode, "dtype": dtype, "config": config,
+                             "contenders": {"cpp": {"speedup_vs_nn": ratio}, "auto": {"speedup_vs_nn": 1.0}}}
+                            for mode in ("inference", "training")]}
+
+    table.write_speedups(report("bfloat16", "day 1", 12.0), path)
+    after = runpy.run_path(str(path))
+    float32 = {k: v for k, v in before["CPU"].items() if k[2] == "float32"}
+    assert float32 and {k: v for k, v in after["CPU"].items() if k[2] == "float32"} == float32
+    assert after["CPU"][("lstm", "training", "bfloat16", 64, 256, 64)] == {"cpp": 12.0}
+    assert "bfloat16: measured by bench/table.py on CPU, 2 threads, day 1" in after["CPU_SOURCE"]
+    assert table._sources_by_dtype(after["CPU_SOURCE"])["float32"] == \
+        table._sources_by_dtype(before["CPU_SOURCE"])["float32"]
+    table.write_speedups(report("float32", "day 2", 2.0), path)
+    last = runpy.run_path(str(path))
+    assert {k: v for k, v in last["CPU"].items() if k[2] == "float32"} == {
+        ("lstm", mode, "float32", 64, 256, 64): {"cpp": 2.0} for mode in ("inference", "training")}
+    assert last["CPU"][("lstm", "inference", "bfloat16", 64, 256, 64)] == {"cpp": 12.0}
+    assert table._sources_by_dtype(last["CPU_SOURCE"]) == {
+        "bfloat16": "measured by bench/table.py on CPU, 2 threads, day 1",
+        "float32": "measured by bench/table.py on CPU, 2 threads, day 2"}
