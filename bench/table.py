@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "bench" / "results" / "cpu.md"
 README = ROOT / "README.md"
 # where each generated block lives: the README keeps summaries, docs/ the full tables
-DOCS = {"cpu": README, "cpu-bfloat16": README, "char": ROOT / "docs" / "app.md", "features": ROOT / "docs" / "cpu.md",
+DOCS = {"cpu": README, "cpu-bfloat16": ROOT / "docs" / "cpu.md", "char": ROOT / "docs" / "app.md",
+        "features": ROOT / "docs" / "cpu.md",
         "cuda": ROOT / "docs" / "cuda.md", "triton": ROOT / "docs" / "triton.md", "model": ROOT / "docs" / "cuda.md",
         "split": ROOT / "docs" / "triton.md"}
 
