@@ -74,6 +74,12 @@ inline at::Tensor aten_matmul(const at::Tensor& a, const at::Tensor& b, const st
   return bias.has_value() ? at::addmm(*bias, a, b) : at::mm(a, b);
 }
 
+// a^T as a contiguous tensor, for the weight gradients below: ATen's by default; the CPU
+// scans pass their own (cpu/blas.h).
+using Transpose = at::Tensor (*)(const at::Tensor& a);
+
+inline at::Tensor aten_transposed(const at::Tensor& a) { return a.t().contiguous(); }
+
 // [T, B, G*H] = x @ w_ih^T + bias: the input projection of all steps in one GEMM.
 inline at::Tensor input_projection(const at::Tensor& x, const at::Tensor& w_ih,
                                    const std::optional<at::Tensor>& bias, Matmul matmul = aten_matmul) {
@@ -94,7 +100,7 @@ struct WeightGrads {
 // min of 20) 17.6 ms against 15.2 + 5.0 + 0.5 ms. dx = dpre @ W_ih if need_dx, else empty.
 inline WeightGrads weight_grads(const at::Tensor& dpre, const at::Tensor& x, const at::Tensor& h0,
                                 const at::Tensor& y, const at::Tensor& w_ih, const at::Tensor& w_hh, bool need_dx,
-                                Matmul matmul = aten_matmul) {
+                                Matmul matmul = aten_matmul, Transpose transposed = aten_transposed) {
   const int64_t steps = x.size(0), batch = x.size(1), inputs = x.size(2), hidden = w_hh.size(1);
   const int64_t rows = steps * batch, gh = w_hh.size(0);
   auto dpre2d = dpre.view({rows, gh});
@@ -108,8 +114,8 @@ inline WeightGrads weight_grads(const at::Tensor& dpre, const at::Tensor& x, con
   if (steps > 1) h_prev.narrow(0, batch, rows - batch).copy_(y.slice(0, 0, steps - 1).reshape({rows - batch, hidden}));
   operands.narrow(1, inputs + hidden, 1).fill_(1);
   auto stacked = matmul(operands.t(), dpre2d, std::nullopt);  // [I + H + 1, G*H]
-  grads.dw_ih = stacked.narrow(0, 0, inputs).t().contiguous();
-  grads.dw_hh = stacked.narrow(0, inputs, hidden).t().contiguous();
+  grads.dw_ih = transposed(stacked.narrow(0, 0, inputs));
+  grads.dw_hh = transposed(stacked.narrow(0, inputs, hidden));
   grads.dbias = stacked[inputs + hidden].clone();
   return grads;
 }

@@ -439,6 +439,8 @@ class _StackedRNN(nn.Module):
         measured dispatch still to measure, and on a GPU a call that records gradients
         (its backward may need the second-order wrapper of a layer call) take the
         per-layer path."""
+        if self.backend not in ("auto", "nn"):  # a fused backend named by the caller: no choice to make
+            return None
         if lengths is not None or self.recurrent_dropout > 0 or getattr(self, "hidden_clip", None) is not None \
                 or (self.training and self.weight_dropout > 0) or functional.autocast_dtype(x.device.type) \
                 or x.numel() == 0:  # a sequence of length 0 returns the initial state (torch.nn raises)

@@ -108,6 +108,33 @@ def test_every_path_runs_every_row_loop(path, dtype, monkeypatch):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 42, 64), (1, 15, 7, 37), (1, 16, 7, 37)],
+                         ids=lambda s: "T{}B{}I{}H{}".format(*s))
+@pytest.mark.parametrize("path", GEMM_PATHS)
+def test_single_steps_match_reference(path, shape, monkeypatch):
+    """One step on fewer than 16 rows (the sampling loops: a character at a time) packs
+    no weight and splits no hidden units: BLAS multiplies the weights as stored
+    (csrc/cpu/common.h's packs_weights); 16 rows pack them, as every longer scan does.
+    Both cells on every path, float32 and float64, forward and backward, plain, with
+    every option, and with the output projection."""
+    if "cpp" not in fused_rnn.available_backends():
+        pytest.skip("the C++ extension is not built")
+    from helpers import check_options
+    from test_projection import check_projection
+
+    monkeypatch.setenv("FUSED_RNN_CPU_ISA", path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for dtype in (torch.float32, torch.float64):
+            for cell in ("irnn", "lstm"):
+                test_layer_matches_reference(cell, shape, True, dtype, "cpp")
+                check_options(cell, shape, dtype, "cpp", ("recurrent_mask", "lengths", "hidden_clip"))
+            check_projection((*shape, 9), dtype, "cpp", ("recurrent_mask", "lengths"))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_widest_gemm_is_the_default_and_a_wider_one_cannot_be_forced(monkeypatch):
     """The float32 scans use the widest kernel the CPU has (build_info says which); the
     environment can lower it, not raise it, and an unknown value is an error naming the

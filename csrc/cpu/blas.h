@@ -258,9 +258,11 @@ class PackedWeight {
 
 // The recurrent weight of a scan packed for the own kernel, on the calling thread before
 // the scan's threads start (undefined for float64 and for the BLAS path).
+// `pack` false (common.h's packs_weights: a scan of one step on a few rows): nothing.
 template <typename scalar_t>
-PackedWeight pack_recurrent(const scalar_t* w, bool trans_w, int64_t n, int64_t k) {
+PackedWeight pack_recurrent(const scalar_t* w, bool trans_w, int64_t n, int64_t k, bool pack = true) {
   if constexpr (std::is_same_v<scalar_t, float>) {
+    if (!pack) return {};
     const GemmKernel kernel = gemm_kernel();
     const Bf16Products bf16 = current_bf16_products();
     if ((kernel != GemmKernel::kBlas || bf16 != Bf16Products::kOff) && n > 0) {
@@ -275,11 +277,13 @@ class RecurrentGemm {
  public:
   // `shared`: W' already packed by pack_recurrent (the scans' threads share it); without
   // it the own kernels pack W' here (the hidden-split slices, each its own part of W).
+  // `pack` false: nothing is packed and every product calls BLAS on W' as stored (a scan
+  // of one step on a few rows, common.h's packs_weights).
   RecurrentGemm(const scalar_t* w, bool trans_w, int64_t m, int64_t n, int64_t k,
-                const PackedWeight* shared = nullptr)
+                const PackedWeight* shared = nullptr, bool pack = true)
       : w_(w), trans_w_(trans_w), m_(m), n_(n), k_(k) {
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (m == 0 || n == 0) return;
+      if (m == 0 || n == 0 || !pack) return;
       if (shared != nullptr && shared->defined()) {
         packed_ = shared;
         return;
@@ -344,6 +348,11 @@ class RecurrentGemm {
 // gradients' b, an activation-sized [T B, 4H] matrix (16 MB at the lesson's shape), lost
 // to MKL's internal packing: LSTM training 1.25x nn.LSTM against 1.39x with MKL (same
 // run, 2 threads).
+//
+// Below kMinPackedRows rows (a single step of a few rows: the sampling loops) packing b
+// costs more than the product, which BLAS does on b as stored.
+constexpr int64_t kMinPackedRows = 16;
+
 inline at::Tensor sequence_matmul(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias) {
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
   const GemmKernel kernel = a.scalar_type() == at::kFloat ? gemm_kernel() : GemmKernel::kBlas;
@@ -351,8 +360,8 @@ inline at::Tensor sequence_matmul(const at::Tensor& a, const at::Tensor& b, cons
   const bool trans_w = b.stride(0) == 1 && b.stride(1) >= k && k > 1;
   // bf16 products (a bf16 layer's call) take every one of them, as on the avx512 path
   const Bf16Products bf16 = a.scalar_type() == at::kFloat ? current_bf16_products() : Bf16Products::kOff;
-  const bool own = kernel == GemmKernel::kAvx512 || (kernel == GemmKernel::kAvx2 && trans_w) ||
-                   bf16 != Bf16Products::kOff;
+  const bool own_kernel = kernel == GemmKernel::kAvx512 || (kernel == GemmKernel::kAvx2 && trans_w);
+  const bool own = (own_kernel && m >= kMinPackedRows) || bf16 != Bf16Products::kOff;
   if (!own || m == 0 || n == 0) return aten_matmul(a, b, bias);
   const auto w = trans_w || (b.stride(1) == 1 && b.stride(0) >= n) ? b : b.contiguous();
   const PackedWeight packed(kernel, bf16, w.const_data_ptr<float>(), trans_w, trans_w ? w.stride(1) : w.stride(0), n,
@@ -366,6 +375,26 @@ inline at::Tensor sequence_matmul(const at::Tensor& a, const at::Tensor& b, cons
   float* c = out.data_ptr<float>();
   at::parallel_for(0, m, 64, [&](int64_t r0, int64_t r1) {
     packed.multiply(r1 - r0, a_data + r0 * lda, lda, 0.0f, c + r0 * n, n, bias_data);
+  });
+  return out;
+}
+
+// a^T, contiguous, for the weight gradients (layer_common.h's weight_grads), whose blocks
+// of the stacked GEMM's [I + H + 1, G*H] result become dW_ih and dW_hh. ATen copies a
+// transpose element by element: 620 us for the LSTM's 256 x 1024 block of dW_hh at the
+// lesson's shape on a Zen 3 core, a twentieth of a training call at T = 8. On the own
+// kernels' paths (a CPU with AVX2) float32 goes through 8 x 8 register transposes
+// (gemm_common.h), the threads splitting the columns.
+inline at::Tensor transposed(const at::Tensor& a) {
+  if (a.scalar_type() != at::kFloat || a.dim() != 2 || a.stride(1) != 1 || gemm_kernel() == GemmKernel::kBlas) {
+    return a.t().contiguous();
+  }
+  const int64_t rows = a.size(0), cols = a.size(1), ld = a.stride(0);
+  auto out = at::empty({cols, rows}, a.options());
+  const float* src = a.const_data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, cols, 64, [&](int64_t i0, int64_t i1) {
+    transpose_rows(src + i0, ld, rows, i1 - i0, dst + i0 * rows, rows);
   });
   return out;
 }

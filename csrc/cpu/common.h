@@ -100,9 +100,19 @@ constexpr int64_t kMinRowsPerThread = 16;
 constexpr int64_t kMinUnitsPerThread = 64;
 constexpr int64_t kUnitAlign = 8;
 
-// How many threads split the hidden units (<= 1: do not split).
-inline int hidden_split_threads(int64_t batch, int64_t hidden) {
-  if (batch >= kMinRowsPerThread || at::in_parallel_region()) return 1;
+// Whether a scan of `steps` steps on `batch` rows packs its recurrent weights for the
+// own kernel (or MKL). One step on fewer than kMinPackedRows rows (the sampling
+// loops: one character at a time) multiplies each weight once, nearly a GEMV bound by
+// reading it: packing would read it and write it once more, and the hidden split would
+// copy W_hh's slices, for no step to reuse. Such a scan calls BLAS on the weights as
+// stored. bf16 products (blas.h) always pack: their kernel multiplies pairs.
+inline bool packs_weights(int64_t steps, int64_t batch) {
+  return steps > 1 || batch >= kMinPackedRows || current_bf16_products() != Bf16Products::kOff;
+}
+
+// How many threads split the hidden units of a scan (<= 1: do not split).
+inline int hidden_split_threads(int64_t steps, int64_t batch, int64_t hidden) {
+  if (batch >= kMinRowsPerThread || at::in_parallel_region() || !packs_weights(steps, batch)) return 1;
   return static_cast<int>(std::min<int64_t>(at::get_num_threads(), hidden / kMinUnitsPerThread));
 }
 
@@ -277,6 +287,7 @@ void finish_carry(const int64_t* lengths, const scalar_t* mask, int64_t t, scala
 // measured too and lost: 43.6 ms against 41.2 ms, so the forward projects x up front.)
 struct BackwardPlan {
   bool dx_in_step;
+  bool pack;  // packs_weights: the step GEMMs multiply a packed `weight`
   at::Tensor weight;  // [G*H, H + I] = [W_hh | W_ih] when dx_in_step, else W_hh
   at::Tensor dx;      // [T, B, I], filled by the steps when dx_in_step
   PackedWeight packed;  // float32: `weight` packed for the own kernel, shared by the threads
@@ -288,9 +299,10 @@ inline BackwardPlan plan_backward(const at::Tensor& x, const at::Tensor& w_ih, c
                                   bool grad_x, bool step_gemm = true) {
   BackwardPlan plan;
   plan.dx_in_step = grad_x && x.size(1) >= kMinRowsPerThread;
+  plan.pack = packs_weights(x.size(0), x.size(1));
   plan.weight = plan.dx_in_step ? at::cat({w_hh, w_ih}, 1).contiguous() : w_hh;
   if (plan.dx_in_step) plan.dx = at::empty_like(x);
-  if (step_gemm && x.scalar_type() == at::kFloat) {  // W' = weight [G*H, H (+ I)] as stored
+  if (step_gemm && plan.pack && x.scalar_type() == at::kFloat) {  // W' = weight [G*H, H (+ I)] as stored
     plan.packed = pack_recurrent(plan.weight.const_data_ptr<float>(), false, plan.weight.size(1), plan.weight.size(0));
   }
   return plan;
@@ -306,7 +318,7 @@ class BackwardStepGemm {
         width_(plan.weight.size(1)),
         rows_(rows),
         gemm_(plan.weight.const_data_ptr<scalar_t>(), false, rows, plan.weight.size(1), plan.weight.size(0),
-              &plan.packed) {
+              &plan.packed, plan.pack) {
     if (dx_in_step_) {
       inputs_ = width_ - hidden;
       dx_ = plan.dx.data_ptr<scalar_t>() + b0 * inputs_;

@@ -76,11 +76,13 @@ std::tuple<at::Tensor, at::Tensor> irnn_scan_forward(const at::Tensor& x_in, con
     const int64_t step_elems = batch * hidden;
     // a per-thread buffer of masked h_{t-1} rows, made before the threads start
     std::vector<scalar_t> masked(mask != nullptr ? step_elems : 0);
-    const auto packed = pack_recurrent(w_hh.const_data_ptr<scalar_t>(), true, hidden, hidden);
+    const bool pack = packs_weights(steps, batch);
+    const auto packed = pack_recurrent(w_hh.const_data_ptr<scalar_t>(), true, hidden, hidden, pack);
     parallel_batch(batch, [&](int64_t b0, int64_t b1) {
       const int64_t rows = b1 - b0, offset = b0 * hidden;
       // z [rows, H] += h_prev [rows, H] @ W_hh^T
-      const RecurrentGemm<scalar_t> recurrent(w_hh.const_data_ptr<scalar_t>(), true, rows, hidden, hidden, &packed);
+      const RecurrentGemm<scalar_t> recurrent(w_hh.const_data_ptr<scalar_t>(), true, rows, hidden, hidden, &packed,
+                                              pack);
       for (int64_t t = 0; t < steps; ++t) {
         const scalar_t* h_prev = t == 0 ? h0.const_data_ptr<scalar_t>() : y_data + (t - 1) * step_elems;
         scalar_t* z = y_data + t * step_elems + offset;
@@ -184,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> irnn_scan
     });
   });
   auto grads = weight_grads(dz, x, options.masked(h0), options.masked(y), w_ih, w_hh,
-                            grad_x && !plan.dx_in_step, sequence_matmul);
+                            grad_x && !plan.dx_in_step, sequence_matmul, transposed);
   if (plan.dx_in_step) grads.dx = plan.dx;
   return {grads.dx, carry, grads.dw_ih, grads.dw_hh, grads.dbias};
 }

@@ -238,15 +238,16 @@ ForwardOutputs lstm_projected_forward(const at::Tensor& x, const at::Tensor& h0,
     scalar_t* c_data = cells.data_ptr<scalar_t>();
     const scalar_t* mask = options.mask_data<scalar_t>();
     const int64_t* lengths_data = options.lengths_data();
-    const auto packed_hh = pack_recurrent(w_hh.const_data_ptr<scalar_t>(), true, 4 * hidden, width);
-    const auto packed_hr = pack_recurrent(w_hr.const_data_ptr<scalar_t>(), true, width, hidden);
+    const bool pack = packs_weights(steps, batch);
+    const auto packed_hh = pack_recurrent(w_hh.const_data_ptr<scalar_t>(), true, 4 * hidden, width, pack);
+    const auto packed_hr = pack_recurrent(w_hr.const_data_ptr<scalar_t>(), true, width, hidden, pack);
     parallel_batch(batch, [&](int64_t b0, int64_t b1) {
       const int64_t rows = b1 - b0;
       // gates_t [rows, 4H] += h_prev [rows, P] @ W_hh^T;  h_t [rows, P] = u_t [rows, H] @ W_hr^T
       const RecurrentGemm<scalar_t> recurrent(w_hh.const_data_ptr<scalar_t>(), true, rows, 4 * hidden, width,
-                                              &packed_hh);
+                                              &packed_hh, pack);
       const RecurrentGemm<scalar_t> projection(w_hr.const_data_ptr<scalar_t>(), true, rows, width, hidden,
-                                               &packed_hr);
+                                               &packed_hr, pack);
       std::vector<scalar_t> units(rows * hidden), masked(mask != nullptr ? rows * width : 0);
       for (int64_t t = 0; t < steps; ++t) {
         const scalar_t* h_prev = t == 0 ? h0.const_data_ptr<scalar_t>() : y_data + (t - 1) * batch * width;
@@ -294,9 +295,10 @@ ForwardOutputs lstm_projected_forward(const at::Tensor& x, const at::Tensor& h0,
 // (it cannot be tested on the AVX2-only machine this was written on). A bf16 layer's scan with bf16
 // products (gemm_bf16.h) takes the unfused path too.
 bool fused_forward_applies(const at::Tensor& x, const ScanOptions& options, int64_t batch, int64_t hidden) {
+  const int64_t steps = x.size(0);
   return x.scalar_type() == at::kFloat && !options.any() && 4 * x.size(2) <= hidden &&
-         hidden_split_threads(batch, hidden) <= 1 && gemm_kernel() == GemmKernel::kAvx2 &&
-         current_bf16_products() == Bf16Products::kOff;
+         hidden_split_threads(steps, batch, hidden) <= 1 && gemm_kernel() == GemmKernel::kAvx2 &&
+         current_bf16_products() == Bf16Products::kOff && packs_weights(steps, batch);
 }
 
 ForwardOutputs lstm_forward_fused(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c0,
@@ -375,7 +377,7 @@ ForwardOutputs lstm_scan_forward(const at::Tensor& x_in, const at::Tensor& h0_in
     scalar_t* y_data = y.data_ptr<scalar_t>();
     scalar_t* c_data = cells.data_ptr<scalar_t>();
     const int64_t step_elems = batch * hidden;
-    const int split = options.any() ? 1 : hidden_split_threads(batch, hidden);
+    const int split = options.any() ? 1 : hidden_split_threads(steps, batch, hidden);
     if (split > 1) {
       lstm_forward_hidden_split<scalar_t>(split, steps, batch, hidden, w_hh, h0.const_data_ptr<scalar_t>(),
                                           c0.const_data_ptr<scalar_t>(), gates_data, y_data, c_data);
@@ -384,12 +386,13 @@ ForwardOutputs lstm_scan_forward(const at::Tensor& x_in, const at::Tensor& h0_in
     const scalar_t* mask = options.mask_data<scalar_t>();
     const int64_t* lengths_data = options.lengths_data();
     std::vector<scalar_t> masked(mask != nullptr ? step_elems : 0);  // masked h_{t-1} rows, per thread
-    const auto packed = pack_recurrent(w_hh.const_data_ptr<scalar_t>(), true, 4 * hidden, hidden);
+    const bool pack = packs_weights(steps, batch);
+    const auto packed = pack_recurrent(w_hh.const_data_ptr<scalar_t>(), true, 4 * hidden, hidden, pack);
     parallel_batch(batch, [&](int64_t b0, int64_t b1) {
       const int64_t rows = b1 - b0;
       // gates_t [rows, 4H] += h_prev [rows, H] @ W_hh^T
       const RecurrentGemm<scalar_t> recurrent(w_hh.const_data_ptr<scalar_t>(), true, rows, 4 * hidden, hidden,
-                                              &packed);
+                                              &packed, pack);
       for (int64_t t = 0; t < steps; ++t) {
         const scalar_t* h_prev = t == 0 ? h0.const_data_ptr<scalar_t>() : y_data + (t - 1) * step_elems;
         const scalar_t* c_prev = t == 0 ? c0.const_data_ptr<scalar_t>() : c_data + (t - 1) * step_elems;
@@ -459,7 +462,7 @@ BackwardOutputs lstm_backward_impl(const at::Tensor& grad_y, const at::Tensor& g
             at::zeros_like(w_ih), at::zeros_like(w_hh),
             at::zeros({4 * hidden}, w_hh.options())};
   }
-  const int split = options.any() ? 1 : hidden_split_threads(batch, hidden);
+  const int split = options.any() ? 1 : hidden_split_threads(steps, batch, hidden);
   const auto plan = plan_backward(x, w_ih, w_hh, grad_x, split <= 1);
   auto dgates = at::empty_like(gates);   // [T, B, 4H]
   auto dh_carry = grad_h_n.clone();      // [B, H]
@@ -508,7 +511,7 @@ BackwardOutputs lstm_backward_impl(const at::Tensor& grad_y, const at::Tensor& g
     });
   });
   auto grads = weight_grads(dgates, x, options.masked(h0), y.defined() ? options.masked(y) : y, w_ih, w_hh,
-                            grad_x && !plan.dx_in_step, sequence_matmul);
+                            grad_x && !plan.dx_in_step, sequence_matmul, transposed);
   if (plan.dx_in_step) grads.dx = plan.dx;
   return {grads.dx, dh_carry, dc, grads.dw_ih, grads.dw_hh, grads.dbias};
 }
@@ -551,13 +554,13 @@ ProjectedBackwardOutputs lstm_projected_backward(const at::Tensor& grad_y, const
     const scalar_t* mask = options.mask_data<scalar_t>();
     const int64_t* lengths_data = options.lengths_data();
     scalar_t* saved_data = saved.defined() ? saved.data_ptr<scalar_t>() : nullptr;
-    const auto packed_hr = pack_recurrent(w_hr.const_data_ptr<scalar_t>(), false, hidden, width);
+    const auto packed_hr = pack_recurrent(w_hr.const_data_ptr<scalar_t>(), false, hidden, width, plan.pack);
     parallel_batch(batch, [&](int64_t b0, int64_t b1) {
       const int64_t rows = b1 - b0;
       BackwardStepGemm<scalar_t> step_gemm(plan, width, b0, rows);  // dh [rows, P] = dgates_t @ W_hh
       // du [rows, H] = g_t [rows, P] @ W_hr
       const RecurrentGemm<scalar_t> unproject(w_hr.const_data_ptr<scalar_t>(), false, rows, hidden, width,
-                                              &packed_hr);
+                                              &packed_hr, plan.pack);
       std::vector<scalar_t> du(rows * hidden), no_carry(hidden, scalar_t(0));
       for (int64_t t = steps - 1; t >= 0; --t) {
         const scalar_t* c_prev = t == 0 ? c0.const_data_ptr<scalar_t>() : c_data + (t - 1) * batch * hidden;
@@ -597,7 +600,7 @@ ProjectedBackwardOutputs lstm_projected_backward(const at::Tensor& grad_y, const
     });
   });
   auto grads = weight_grads(dgates, x, options.masked(h0), options.masked(y), w_ih, w_hh,
-                            grad_x && !plan.dx_in_step, sequence_matmul);
+                            grad_x && !plan.dx_in_step, sequence_matmul, transposed);
   if (plan.dx_in_step) grads.dx = plan.dx;
   auto dw_hr = at::mm(grad_h.view({steps * batch, width}).t(), units.view({steps * batch, hidden}));  // [P, H]
   return {grads.dx, dh_carry, dc, grads.dw_ih, grads.dw_hh, grads.dbias, dw_hr};
