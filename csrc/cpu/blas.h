@@ -277,12 +277,14 @@ class RecurrentGemm {
  public:
   // `shared`: W' already packed by pack_recurrent (the scans' threads share it); without
   // it the own kernels pack W' here (the hidden-split slices, each its own part of W).
-  // `pack` false: nothing is packed and every product calls BLAS on W' as stored (a scan
-  // of one step on a few rows, common.h's packs_weights).
+  // `pack` false: nothing is packed and every product multiplies W' as stored (a scan of
+  // one step on a few rows, common.h's packs_weights): avx2::few_rows, or BLAS.
   RecurrentGemm(const scalar_t* w, bool trans_w, int64_t m, int64_t n, int64_t k,
                 const PackedWeight* shared = nullptr, bool pack = true)
       : w_(w), trans_w_(trans_w), m_(m), n_(n), k_(k) {
     if constexpr (std::is_same_v<scalar_t, float>) {
+      // unpacked: avx2::few_rows on the own kernels' paths (a CPU with AVX2), else BLAS
+      few_rows_ = !pack && gemm_kernel() != GemmKernel::kBlas;
       if (m == 0 || n == 0 || !pack) return;
       if (shared != nullptr && shared->defined()) {
         packed_ = shared;
@@ -313,6 +315,10 @@ class RecurrentGemm {
   // c [M, N] = a [M, K] @ W' + beta * c, rows contiguous (lda = K, ldc = N)
   void operator()(const scalar_t* a, scalar_t beta, scalar_t* c) const {
     if constexpr (std::is_same_v<scalar_t, float>) {
+      if (few_rows_) {
+        avx2::few_rows(trans_w_, m_, n_, k_, a, k_, w_, trans_w_ ? k_ : n_, beta, c, n_);
+        return;
+      }
       if (packed_ != nullptr) {
         packed_->multiply(m_, a, k_, beta, c, n_);
         return;
@@ -331,6 +337,7 @@ class RecurrentGemm {
   const scalar_t* w_;
   bool trans_w_;
   int64_t m_, n_, k_;
+  bool few_rows_ = false;                 // unpacked on the own kernels' paths: avx2::few_rows
   const PackedWeight* packed_ = nullptr;  // the own kernel's W' (shared, or own_)
   PackedWeight own_;
   at::Tensor mkl_packed_;                 // MKL's packed W' on the BLAS path
@@ -350,7 +357,8 @@ class RecurrentGemm {
 // run, 2 threads).
 //
 // Below kMinPackedRows rows (a single step of a few rows: the sampling loops) packing b
-// costs more than the product, which BLAS does on b as stored.
+// costs more than the product, which avx2::few_rows does on b as stored (BLAS on the
+// blas path).
 constexpr int64_t kMinPackedRows = 16;
 
 inline at::Tensor sequence_matmul(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias) {
@@ -360,12 +368,13 @@ inline at::Tensor sequence_matmul(const at::Tensor& a, const at::Tensor& b, cons
   const bool trans_w = b.stride(0) == 1 && b.stride(1) >= k && k > 1;
   // bf16 products (a bf16 layer's call) take every one of them, as on the avx512 path
   const Bf16Products bf16 = a.scalar_type() == at::kFloat ? current_bf16_products() : Bf16Products::kOff;
+  // a few rows: unpacked, on the own kernels' paths (avx2::few_rows)
+  const bool few = m < kMinPackedRows && kernel != GemmKernel::kBlas && bf16 == Bf16Products::kOff;
   const bool own_kernel = kernel == GemmKernel::kAvx512 || (kernel == GemmKernel::kAvx2 && trans_w);
-  const bool own = (own_kernel && m >= kMinPackedRows) || bf16 != Bf16Products::kOff;
+  const bool own = few || own_kernel || bf16 != Bf16Products::kOff;
   if (!own || m == 0 || n == 0) return aten_matmul(a, b, bias);
   const auto w = trans_w || (b.stride(1) == 1 && b.stride(0) >= n) ? b : b.contiguous();
-  const PackedWeight packed(kernel, bf16, w.const_data_ptr<float>(), trans_w, trans_w ? w.stride(1) : w.stride(0), n,
-                            k);
+  const int64_t ldw = trans_w ? w.stride(1) : w.stride(0);
   const auto lhs = a.stride(1) == 1 ? a : a.contiguous();
   const int64_t lda = lhs.stride(0);
   const auto bias_values = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -373,6 +382,11 @@ inline at::Tensor sequence_matmul(const at::Tensor& a, const at::Tensor& b, cons
   const float* a_data = lhs.const_data_ptr<float>();
   const float* bias_data = bias_values.defined() ? bias_values.const_data_ptr<float>() : nullptr;
   float* c = out.data_ptr<float>();
+  if (few) {
+    avx2::few_rows(trans_w, m, n, k, a_data, lda, w.const_data_ptr<float>(), ldw, 0.0f, c, n, bias_data);
+    return out;
+  }
+  const PackedWeight packed(kernel, bf16, w.const_data_ptr<float>(), trans_w, ldw, n, k);
   at::parallel_for(0, m, 64, [&](int64_t r0, int64_t r1) {
     packed.multiply(r1 - r0, a_data + r0 * lda, lda, 0.0f, c + r0 * n, n, bias_data);
   });

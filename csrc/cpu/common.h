@@ -104,8 +104,9 @@ constexpr int64_t kUnitAlign = 8;
 // own kernel (or MKL). One step on fewer than kMinPackedRows rows (the sampling
 // loops: one character at a time) multiplies each weight once, nearly a GEMV bound by
 // reading it: packing would read it and write it once more, and the hidden split would
-// copy W_hh's slices, for no step to reuse. Such a scan calls BLAS on the weights as
-// stored. bf16 products (blas.h) always pack: their kernel multiplies pairs.
+// copy W_hh's slices, for no step to reuse. Such a scan multiplies the weights as stored
+// (avx2::few_rows on the own kernels' paths, BLAS on the blas path). bf16 products
+// (blas.h) always pack: their kernel multiplies pairs.
 inline bool packs_weights(int64_t steps, int64_t batch) {
   return steps > 1 || batch >= kMinPackedRows || current_bf16_products() != Bf16Products::kOff;
 }

@@ -113,6 +113,82 @@ FUSED_RNN_AVX2 inline void gemm(int64_t m, int64_t n, int64_t k, const float* a,
   blocked_gemm<Kernel>(m, n, k, a, lda, packed, beta != 0.0f, c, ldc, bias);
 }
 
+FUSED_RNN_AVX2 inline float horizontal_sum(__m256 v) {
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)));
+}
+
+// Row-major C[M, N] = A[M, K] @ W' (beta = 0) or C += A @ W' (beta = 1), plus bias [N] on
+// every row when bias is not null, for a few rows of A on W as stored, unpacked: the
+// products of a single step of fewer than 16 rows (blas.h), which read W once. With
+// trans_w, W is [N, K] (W' = W^T) and each output is a dot product of a row of A and a
+// row of W, four rows of W at a time (four independent sums; the four rows stay in L1
+// over the rows of A); else W is [K, N] and row k of W, scaled by a[r, k], is added to
+// every row r of C in turn. ldw is W's row stride. MKL's sgemm runs its generic GEMV
+// code on AMD CPUs: 42-47 us for the LSTM's 1024 x 256 W_hh at one row on a Zen 3 core,
+// against 21 us for this loop.
+FUSED_RNN_AVX2 inline void few_rows(bool trans_w, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                                    const float* w, int64_t ldw, float beta, float* c, int64_t ldc,
+                                    const float* bias = nullptr) {
+  if (trans_w) {
+    for (int64_t j = 0; j < n; j += 4) {
+      const int64_t rows = n - j < 4 ? n - j : 4;
+      // rows of W past the last point at the block's first and are never stored
+      const float* w0 = w + j * ldw;
+      const float* w1 = rows > 1 ? w0 + ldw : w0;
+      const float* w2 = rows > 2 ? w0 + 2 * ldw : w0;
+      const float* w3 = rows > 3 ? w0 + 3 * ldw : w0;
+      for (int64_t r = 0; r < m; ++r) {
+        const float* x = a + r * lda;
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        int64_t p = 0;
+        for (; p + 8 <= k; p += 8) {
+          const __m256 xv = _mm256_loadu_ps(x + p);
+          s0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + p), xv, s0);
+          s1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + p), xv, s1);
+          s2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + p), xv, s2);
+          s3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + p), xv, s3);
+        }
+        float dot[4] = {horizontal_sum(s0), horizontal_sum(s1), horizontal_sum(s2), horizontal_sum(s3)};
+        for (; p < k; ++p) {
+          dot[0] += w0[p] * x[p];
+          dot[1] += w1[p] * x[p];
+          dot[2] += w2[p] * x[p];
+          dot[3] += w3[p] * x[p];
+        }
+        float* out = c + r * ldc + j;
+        for (int64_t i = 0; i < rows; ++i) {
+          float base = beta != 0.0f ? out[i] : 0.0f;
+          if (bias != nullptr) base += bias[j + i];
+          out[i] = base + dot[i];
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t r = 0; r < m; ++r) {
+    float* out = c + r * ldc;
+    for (int64_t j = 0; j < n; ++j) {
+      const float base = beta != 0.0f ? out[j] : 0.0f;
+      out[j] = bias != nullptr ? base + bias[j] : base;
+    }
+  }
+  for (int64_t p = 0; p < k; ++p) {
+    const float* row = w + p * ldw;
+    for (int64_t r = 0; r < m; ++r) {
+      const float scale = a[r * lda + p];
+      const __m256 s = _mm256_set1_ps(scale);
+      float* out = c + r * ldc;
+      int64_t j = 0;
+      for (; j + 8 <= n; j += 8) {
+        _mm256_storeu_ps(out + j, _mm256_fmadd_ps(s, _mm256_loadu_ps(row + j), _mm256_loadu_ps(out + j)));
+      }
+      for (; j < n; ++j) out[j] += scale * row[j];
+    }
+  }
+}
+
 #undef FUSED_RNN_AVX2
 
 #else  // no AVX2 build: callers fall back to BLAS
@@ -123,6 +199,8 @@ struct Kernel {
 inline bool supported() { return false; }
 inline void gemm(int64_t, int64_t, int64_t, const float*, int64_t, const float*, float, float*, int64_t,
                  const float* = nullptr) {}
+inline void few_rows(bool, int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t, float, float*,
+                     int64_t, const float* = nullptr) {}
 
 #endif
 
