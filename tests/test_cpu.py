@@ -113,16 +113,21 @@ def test_every_path_runs_every_row_loop(path, dtype, monkeypatch):
 @pytest.mark.parametrize("path", GEMM_PATHS)
 def test_single_steps_match_reference(path, shape, monkeypatch):
     """One step on fewer than 16 rows (the sampling loops: a character at a time) packs
-    no weight and splits no hidden units: BLAS multiplies the weights as stored
-    (csrc/cpu/common.h's packs_weights); 16 rows pack them, as every longer scan does.
-    Both cells on every path, float32 and float64, forward and backward, plain, with
-    every option, and with the output projection."""
+    no weight and splits no hidden units: avx2::few_rows (BLAS on the blas path and in
+    float64) multiplies the weights as stored (csrc/cpu/common.h's packs_weights); 16
+    rows pack them, as every longer scan does. Both cells on every path, float32 and
+    float64, forward and backward, plain, with every option, and with the output
+    projection: few_rows' dot products (W as [N, K]: the recurrent product accumulating,
+    the input projection with its bias, K = 7 below a vector, N = 9 not a multiple of 4)
+    and its scaled rows (W as [K, N]: the backward's dh and dx, N = 37 and 42 past whole
+    vectors)."""
     if "cpp" not in fused_rnn.available_backends():
         pytest.skip("the C++ extension is not built")
     from helpers import check_options
     from test_projection import check_projection
 
     monkeypatch.setenv("FUSED_RNN_CPU_ISA", path)
+    assert fused_rnn.build_info()["cpu_gemm"] == path
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

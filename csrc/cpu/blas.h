@@ -357,8 +357,8 @@ class RecurrentGemm {
 // run, 2 threads).
 //
 // Below kMinPackedRows rows (a single step of a few rows: the sampling loops) packing b
-// costs more than the product, which avx2::few_rows does on b as stored (BLAS on the
-// blas path).
+// costs more than the product, which avx2::few_rows does on b as stored on the avx2 and
+// avx512 paths (BLAS on the blas path).
 constexpr int64_t kMinPackedRows = 16;
 
 inline at::Tensor sequence_matmul(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias) {

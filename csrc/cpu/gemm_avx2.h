@@ -119,8 +119,8 @@ FUSED_RNN_AVX2 inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)));
 }
 
-// Row-major C[M, N] = A[M, K] @ W' (beta = 0) or C += A @ W' (beta = 1), plus bias [N] on
-// every row when bias is not null, for a few rows of A on W as stored, unpacked: the
+// Row-major C[M, N] = A[M, K] @ W' (beta = 0) or C += A @ W' (any other beta, as gemm),
+// plus bias [N] on every row when bias is not null, for a few rows of A on W as stored, unpacked: the
 // products of a single step of fewer than 16 rows (blas.h), which read W once. With
 // trans_w, W is [N, K] (W' = W^T) and each output is a dot product of a row of A and a
 // row of W, four rows of W at a time (four independent sums; the four rows stay in L1
