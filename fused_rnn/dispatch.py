@@ -37,6 +37,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
+from . import _measure, _speedup_tables, _speedups
 from ._extension import _C, HAS_C, IMPORT_ERROR, REBUILD_HINT
 
 _ALL_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -174,25 +175,35 @@ def select_backend(device, dtype: torch.dtype, backend: str = "auto", cell: Opti
         if reason is not None:
             raise ValueError(f"backend={backend!r} cannot run these inputs: {reason}")
         return BackendChoice(backend, {}, "requested")
-    options = tuple(options)
-    from . import _measure
-    if device.type != "cpu" or _measure.measured_dispatch_enabled() or torch.compiler.is_compiling():
+    choice = auto_choice(device, dtype, cell, hidden, batch, tuple(options), training, steps)
+    return choice._replace(skipped=dict(choice.skipped))  # the caller's own copy of what it may change
+
+
+def auto_choice(device: torch.device, dtype: torch.dtype, cell: Optional[str], hidden: Optional[int],
+                batch: Optional[int], options: Tuple[str, ...], training: Optional[bool], steps: Optional[int],
+                measured: Optional[bool] = None) -> BackendChoice:
+    """select_backend(backend="auto") for the layer calls: `options` a tuple, and the
+    choice handed out is the memo's own (the caller reads it, never changes it).
+    `measured`: whether measured dispatch is on, when the caller has read it already."""
+    if measured is None:
+        measured = _measure.measured_dispatch_enabled()
+    if device.type != "cpu" or measured or torch.compiler.is_compiling():
         return _select_auto(device, dtype, cell, hidden, batch, options, training, steps)
-    key, context = (dtype, cell, hidden, batch, options, training, steps), _cpu_context()
+    key = (dtype, cell, hidden, batch, options, training, steps)
     known = _CPU_CHOICES.get(key)
-    if known is None or not all(a is b for a, b in zip(known[0], context)):
+    if known is None or known[0] != _cpu_context():  # identical, or tables of equal content
         if len(_CPU_CHOICES) >= 4096:
             _CPU_CHOICES.clear()
-        known = _CPU_CHOICES[key] = (context, _select_auto(device, dtype, cell, hidden, batch, options, training,
-                                                           steps))
-    return known[1]._replace(skipped=dict(known[1].skipped))  # the caller's own copy of what it may change
+        known = _CPU_CHOICES[key] = (_cpu_context(), _select_auto(device, dtype, cell, hidden, batch, options,
+                                                                  training, steps))
+    return known[1]
 
 
 # auto's choice for each kind of CPU call: dispatch runs on every layer call, and its
 # 20-40 us were a visible part of a small call (a module handing a T = 1, B = 1 call to
 # torch.nn's kernels took 0.74x nn.LSTM's time). A choice depends on the call's
 # description and on the module-level state _cpu_context() returns (compared by
-# identity: the tables and functions a test may swap); the support tables
+# identity, or equal content: the tables and functions a test may swap); the support tables
 # (OPTION_SUPPORT, _KERNEL_SUPPORT) are constants, and a test that edits them in place
 # calls _forget_choices() (tests/conftest.py does around every test). Measured dispatch,
 # whose choices change as it measures, and tracing under torch.compile are never
@@ -201,13 +212,11 @@ _CPU_CHOICES: Dict[tuple, tuple] = {}
 
 
 def _cpu_context() -> tuple:
-    from . import _speedup_tables, _speedups
     return _speedup_tables.CPU, _missing_requirement, _speedups.predicted, _speedups.NEAREST, CLEAR_WIN
 
 
 def _forget_choices() -> None:
     """Drops the memoised choices of auto and the speed-up tables' index."""
-    from . import _speedups
     _CPU_CHOICES.clear()
     _speedups._ENTRIES.clear()
 
@@ -224,7 +233,6 @@ def _select_auto(device: torch.device, dtype: torch.dtype, cell: Optional[str], 
         else:
             skipped[name] = reason
     fused = [name for name in eligible if name in FUSED]
-    from . import _speedups
     predicted = {name: _speedups.predicted(name, device, dtype, cell, hidden, batch, training, options, steps)
                  for name in fused}
     if "nn" not in eligible:  # an option torch.nn does not have: the fastest fused kernel, else the loop
@@ -233,7 +241,6 @@ def _select_auto(device: torch.device, dtype: torch.dtype, cell: Optional[str], 
         skipped.update({n: f"{name} is predicted faster" if n in known else f"{name} comes first"
                         for n in eligible if n != name})
         return BackendChoice(name, skipped, f"torch.nn's kernels cannot: {skipped['nn']}", tuple(eligible))
-    from . import _measure
     measured = _measure.cached_choice(device, dtype, cell, hidden, batch, options, training, eligible, steps)
     if measured is not None:
         name, timings = measured

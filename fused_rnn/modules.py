@@ -36,7 +36,7 @@ from torch.nn.utils.rnn import PackedSequence
 from . import functional, nn_backend
 from ._measure import measured_dispatch_enabled
 from ._validation import InputError, InputTypeError
-from .dispatch import BACKENDS, select_backend
+from .dispatch import BACKENDS, auto_choice, select_backend
 
 _BACKEND_NAMES = ("auto",) + BACKENDS
 _HH_INITS = ("identity", "pytorch")
@@ -129,6 +129,17 @@ def _reverse_within_lengths(x: Tensor, lengths: Optional[Tensor]) -> Tensor:
     ends = lengths.to(x.device)[None, :]                          # [1, B]
     index = torch.where(steps < ends, ends - 1 - steps, steps)    # [T, B]
     return x.gather(0, index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x))
+
+
+def _all_like(dtype: torch.dtype, device: torch.device, tensors) -> bool:
+    """Whether every tensor of `tensors` that is not None has this dtype and device."""
+    if device.type == "cpu":  # is_cpu is cheaper than building a device to compare
+        return all(t is None or (t.dtype is dtype and t.is_cpu) for t in tensors)
+    return all(t is None or (t.dtype is dtype and t.device == device) for t in tensors)
+
+
+def _any_requires_grad(tensors) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def _check_backend(backend) -> None:
@@ -305,18 +316,15 @@ class _StackedRNN(nn.Module):
         """No-op, for code written against nn.RNN (no cuDNN weight buffer to compact here)."""
 
     def _layer_weights(self, index: int):
-        # (w_ih, w_hh, b_ih, b_hh, w_hr); the biases are None when bias=False, w_hr without proj_size.
+        # (w_ih, w_hh, b_ih, b_hh, w_hr); the biases are None when bias=False, w_hr without proj_size
+        # (the names of a layer are in that order, without the ones it does not have).
         # Parameters straight from _parameters (this runs on every call; nn.Module.__getattr__ is
         # slow), anything else (a weight-dropping wrapper's plain tensor) through getattr.
-        names = self._all_weights[index]
-        suffix = names[0][len("weight_ih"):]
         parameters = self._parameters
-        weights = []
-        for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"):
-            name = kind + suffix
-            weights.append(None if name not in names else parameters[name] if name in parameters
-                           else getattr(self, name, None))
-        return tuple(weights)
+        values = [parameters[name] if name in parameters else getattr(self, name, None)
+                  for name in self._all_weights[index]]
+        b_ih, b_hh = (values[2], values[3]) if self.bias else (None, None)
+        return values[0], values[1], b_ih, b_hh, (values[-1] if self.proj_size else None)
 
     def _check_input(self, input) -> Tuple[Tensor, bool]:
         """Returns (input as [T, B, I], whether it was batched)."""
@@ -348,14 +356,13 @@ class _StackedRNN(nn.Module):
         if not isinstance(state, Tensor):
             raise InputTypeError(f"{name} must be a torch.Tensor or None, got {type(state).__name__}")
         width = self.hidden_size if width is None else width
-        stacked = self.num_layers * self.num_directions
-        if batched:
-            expected = (stacked, batch, width)
-            meaning = f"[num_layers * num_directions, B, {size_name}] = {list(expected)}"
-        else:
-            expected = (stacked, width)
-            meaning = f"[num_layers * num_directions, {size_name}] = {list(expected)} for unbatched input"
-        if tuple(state.shape) != expected:
+        stacked = len(self._all_weights)  # num_layers * num_directions
+        expected = (stacked, batch, width) if batched else (stacked, width)
+        if state.shape != expected:
+            if batched:
+                meaning = f"[num_layers * num_directions, B, {size_name}] = {list(expected)}"
+            else:
+                meaning = f"[num_layers * num_directions, {size_name}] = {list(expected)} for unbatched input"
             raise InputError(f"{name} must have shape {meaning}, got shape {tuple(state.shape)}")
         return state if batched else state.unsqueeze(1)
 
@@ -394,18 +401,20 @@ class _StackedRNN(nn.Module):
         keep = 1.0 - self.recurrent_dropout
         return x.new_empty(x.shape[1], self._state_width).bernoulli_(keep) / keep
 
-    def _dropped_weights(self, index: int):
-        w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_weights(index)
-        if self.training and self.weight_dropout > 0.0:  # DropConnect on W_hh (AWD-LSTM)
-            w_hh = torch_functional.dropout(w_hh, self.weight_dropout, training=True)
-        return w_ih, w_hh, b_ih, b_hh, w_hr
+    def _dropped(self, weights):
+        """One layer's (w_ih, w_hh, b_ih, b_hh, w_hr), with DropConnect on W_hh (AWD-LSTM) in training."""
+        if self.training and self.weight_dropout > 0.0:
+            w_ih, w_hh, b_ih, b_hh, w_hr = weights
+            return w_ih, torch_functional.dropout(w_hh, self.weight_dropout, training=True), b_ih, b_hh, w_hr
+        return weights
 
     def _run_stack(self, x: Tensor, states: Tuple[Optional[Tensor], ...], lengths: Optional[Tensor] = None):
         """x [T, B, I]; states: initial states, each [L*D, B, H] or None; lengths [B] or None.
 
         Returns (y [T, B, D*H], final states, each [L*D, B, H]).
         """
-        whole = self._whole_stack_on_nn(x, states, lengths)
+        weights = [self._layer_weights(index) for index in range(len(self._all_weights))]
+        whole = self._whole_stack_on_nn(x, states, lengths, weights)
         if whole is not None:
             return whole
         num_directions = self.num_directions
@@ -415,12 +424,12 @@ class _StackedRNN(nn.Module):
             outputs = []
             for direction in range(num_directions):
                 index = layer * num_directions + direction
-                initial = tuple(None if s is None else s[index] for s in states)
+                initial = [None if s is None else s[index] for s in states]
                 # the reverse direction is the forward kernel on each sequence reversed
                 # within its length (padding stays at the end)
                 sequence = layer_input if direction == 0 else _reverse_within_lengths(layer_input, lengths)
                 options = dict(recurrent_mask=self._recurrent_mask(sequence), lengths=lengths)
-                y, final = self._run_layer(sequence, initial, self._dropped_weights(index), options)
+                y, final = self._run_layer(sequence, initial, self._dropped(weights[index]), options)
                 outputs.append(y if direction == 0 else _reverse_within_lengths(y, lengths))
                 for kept, value in zip(finals, final):
                     kept.append(value)
@@ -428,9 +437,12 @@ class _StackedRNN(nn.Module):
             # as nn.RNN: between layers only, and only while training
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = torch_functional.dropout(layer_input, self.dropout, training=True)
-        return layer_input, tuple(torch.stack(kept) for kept in finals)
+        if x.shape[0] and len(weights) == 1:  # one layer: its fresh final states as views [1, B, H]
+            return layer_input, tuple([kept[0].unsqueeze(0) for kept in finals])
+        return layer_input, tuple([torch.stack(kept) for kept in finals])  # copies (T = 0: of the initial states)
 
-    def _whole_stack_on_nn(self, x: Tensor, states: Tuple[Optional[Tensor], ...], lengths: Optional[Tensor]):
+    def _whole_stack_on_nn(self, x: Tensor, states: Tuple[Optional[Tensor], ...], lengths: Optional[Tensor],
+                           weights: List[tuple]):
         """When every layer of this call would run on the "nn" backend, the whole stack in
         one call of torch.nn's kernels, as torch.nn's module makes it (layer by layer, the
         Python around each call would make `auto` slower than the module it replaces at
@@ -438,32 +450,35 @@ class _StackedRNN(nn.Module):
         dropout, hidden_clip), autocast (whose mixed precision differs from ours), a
         measured dispatch still to measure, and on a GPU a call that records gradients
         (its backward may need the second-order wrapper of a layer call) take the
-        per-layer path."""
+        per-layer path. `weights`: each layer's _layer_weights."""
         if self.backend not in ("auto", "nn"):  # a fused backend named by the caller: no choice to make
             return None
         if lengths is not None or self.recurrent_dropout > 0 or getattr(self, "hidden_clip", None) is not None \
                 or (self.training and self.weight_dropout > 0) or functional.autocast_dtype(x.device.type) \
                 or x.numel() == 0:  # a sequence of length 0 returns the initial state (torch.nn raises)
             return None
-        weights = [self._layer_weights(i) for i in range(self.num_layers * self.num_directions)]
-        tensors = [x, *states, *(w for layer in weights for w in layer)]
-        if x.shape[2] != self.input_size or any(t is not None and (t.dtype != x.dtype or t.device != x.device)
-                                                for t in tensors):
+        dtype, device = x.dtype, x.device
+        if x.shape[2] != self.input_size or not _all_like(dtype, device, states) \
+                or not all(_all_like(dtype, device, layer) for layer in weights):
             return None  # the per-layer path names the mistake
-        training = functional._records_grad(tensors)
-        if training and x.device.type != "cpu":
+        training = torch.is_grad_enabled() and (x.requires_grad or _any_requires_grad(states)
+                                                or any(_any_requires_grad(layer) for layer in weights))
+        if training and device.type != "cpu":
             return None
-        cell = "irnn" if isinstance(self, IRNN) else "lstm"
         options = ("proj_size",) if self.proj_size else ()
-        choice = select_backend(x.device, x.dtype, self.backend, cell=cell, hidden=self.hidden_size,
-                                batch=x.shape[1], options=options, training=training, steps=x.shape[0])
-        if choice.name != "nn" or (self.backend == "auto" and measured_dispatch_enabled()
-                                   and not choice.basis.startswith("measured")):
-            return None
-        layers, batch = self.num_layers * self.num_directions, x.shape[1]
-        widths = (self.proj_size or self.hidden_size, self.hidden_size)
-        full = tuple(x.new_zeros(layers, batch, width) if s is None else s for s, width in zip(states, widths))
-        return nn_backend.run_stack(cell, x, full, weights, self.num_layers, self.dropout, self.training,
+        if self.backend == "auto":
+            measured = measured_dispatch_enabled()
+            choice = auto_choice(device, dtype, self._cell, self.hidden_size, x.shape[1], options, training,
+                                 x.shape[0], measured)
+            if choice.name != "nn" or (measured and not choice.basis.startswith("measured")):
+                return None
+        else:  # raises where torch.nn's kernels cannot run these tensors
+            select_backend(device, dtype, "nn", cell=self._cell, hidden=self.hidden_size, options=options)
+        if states[0] is None or states[-1] is None:
+            layers, batch = len(weights), x.shape[1]
+            widths = (self.proj_size or self.hidden_size, self.hidden_size)
+            states = tuple(x.new_zeros(layers, batch, width) if s is None else s for s, width in zip(states, widths))
+        return nn_backend.run_stack(self._cell, x, states, weights, self.num_layers, self.dropout, self.training,
                                     self.bidirectional)
 
     def _finish_output(self, y: Tensor, batched: bool) -> Tensor:
@@ -551,6 +566,7 @@ class IRNN(_StackedRNN):
     """
 
     _gates = 1
+    _cell = "irnn"
     mode = "RNN_RELU"
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, nonlinearity: str = "relu",
@@ -625,6 +641,7 @@ class LSTM(_StackedRNN):
     """
 
     _gates = 4
+    _cell = "lstm"
     mode = "LSTM"
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,

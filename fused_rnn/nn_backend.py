@@ -58,6 +58,8 @@ def _run(op, x: Tensor, states: Tuple[Tensor, ...], params: List[Tensor], has_bi
         return y, tuple(f[0] for f in finals)
     lengths = lengths.to("cpu", torch.int64)
     present = torch.nonzero(lengths > 0).flatten()
+    if len(present) == 0:  # no step to run: zeros out, the initial states kept
+        return x.new_zeros(steps, batch, states[0].shape[1]), tuple(s.clone() for s in states)
     if len(present) < batch:  # packing cannot take a sequence of length 0: it keeps its state
         y_rows, final_rows = _run(op, x[:, present.to(x.device)], tuple(s[present.to(s.device)] for s in states),
                                   params, has_biases, lengths[present])

@@ -361,6 +361,29 @@ def test_cell_without_bias_has_none_biases():
 # backend attribute, extra_repr
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["irnn", "lstm"])
+def test_final_state_is_never_the_initial_state_itself(kind, backend):
+    """A one-layer module returns its final state as a view of the kernel's fresh
+    output (no copy); where that state is the initial one (T = 0, or every length 0)
+    it is a copy, so writing into h_n never changes the caller's hx."""
+    module = (fused_rnn.IRNN if kind == "irnn" else fused_rnn.LSTM)(3, 4, backend=backend, dtype=torch.float64)
+    loop = (fused_rnn.IRNN if kind == "irnn" else fused_rnn.LSTM)(3, 4, backend="torch", dtype=torch.float64)
+    loop.load_state_dict(module.state_dict())
+    for steps, lengths in ((0, None), (2, None), (2, torch.tensor([0, 0])), (2, torch.tensor([2, 0]))):
+        hx = tuple(torch.randn(1, 2, 4, dtype=torch.float64) for _ in range(1 if kind == "irnn" else 2))
+        kept = tuple(h.clone() for h in hx)
+        x = torch.randn(steps, 2, 3, dtype=torch.float64)
+        with torch.no_grad():
+            y, finals = module(x, hx[0] if kind == "irnn" else hx, lengths=lengths)
+            torch.testing.assert_close((y, finals), loop(x, hx[0] if kind == "irnn" else hx, lengths=lengths),
+                                       **TOLERANCES[torch.float64])
+        for final in (finals,) if kind == "irnn" else finals:
+            final.add_(1.0)
+        for h, before in zip(hx, kept):
+            assert torch.equal(h, before), (steps, lengths)
+
+
 def test_backend_can_be_changed_after_construction():
     rnn = fused_rnn.LSTM(4, 6, num_layers=2, bidirectional=True, dtype=torch.float64)
     x = torch.randn(5, 3, 4, dtype=torch.float64)
