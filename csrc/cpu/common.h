@@ -139,6 +139,16 @@ void parallel_batch(int64_t batch, const Fn& fn) {
 // (as on CUDA). There is no native bf16 dot product here yet (AVX-512 BF16's vdpbf16ps,
 // which this machine's CPUs have, is issue 15's next step): the conversion costs one
 // pass over each tensor.
+// seq[T - 1] of a contiguous [T, B, W] sequence (T > 0) as a fresh [B, W] tensor: one
+// memcpy instead of ATen's select and clone, whose dispatch is a few us of a single step.
+inline at::Tensor last_step(const at::Tensor& seq) {
+  TORCH_INTERNAL_ASSERT(seq.dim() == 3 && seq.size(0) > 0 && seq.is_contiguous());
+  auto out = at::empty({seq.size(1), seq.size(2)}, seq.options());
+  const size_t bytes = static_cast<size_t>(out.numel()) * seq.element_size();
+  std::memcpy(out.data_ptr(), static_cast<const char*>(seq.const_data_ptr()) + (seq.size(0) - 1) * bytes, bytes);
+  return out;
+}
+
 inline bool reduced_precision(const at::Tensor& x) {
   return x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
 }

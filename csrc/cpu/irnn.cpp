@@ -106,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor> irnn_scan_forward(const at::Tensor& x_in, con
       }
     });
   });
-  auto h_n = y[steps - 1].clone();
+  auto h_n = last_step(y);
   options.zero_beyond_lengths(y);
   return {y, h_n};
 }

@@ -277,9 +277,9 @@ ForwardOutputs lstm_projected_forward(const at::Tensor& x, const at::Tensor& h0,
       }
     });
   });
-  auto h_n = y[steps - 1].clone();
+  auto h_n = last_step(y);
   options.zero_beyond_lengths(y);
-  return {y, h_n, cells[steps - 1].clone(), cells, gates};
+  return {y, h_n, last_step(cells), cells, gates};
 }
 
 
@@ -335,7 +335,7 @@ ForwardOutputs lstm_forward_fused(const at::Tensor& x, const at::Tensor& h0, con
       avx2::lstm_forward_step(b1 - b0, hidden, inputs, w_data, b_data, at);
     }
   });
-  return {y, y[steps - 1].clone(), cells[steps - 1].clone(), cells, gates};
+  return {y, last_step(y), last_step(cells), cells, gates};
 }
 
 ForwardOutputs lstm_scan_forward(const at::Tensor& x_in, const at::Tensor& h0_in, const at::Tensor& c0_in,
@@ -417,9 +417,9 @@ ForwardOutputs lstm_scan_forward(const at::Tensor& x_in, const at::Tensor& h0_in
       }
     });
   });
-  auto h_n = y[steps - 1].clone();
+  auto h_n = last_step(y);
   options.zero_beyond_lengths(y);
-  return {y, h_n, cells[steps - 1].clone(), cells, gates};
+  return {y, h_n, last_step(cells), cells, gates};
 }
 
 using BackwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
