@@ -134,11 +134,16 @@ def _layer_args_fit(x, states, w_ih, w_hh, b_ih, b_hh, gates: int, x_rank: int, 
     expected = [(w_hh, (rows, width)), (w_ih, (rows, inputs)), (b_ih, (rows,)), (b_hh, (rows,)),
                 (w_hr, (width, hidden))]
     expected += [(state, (batch, hidden if name.startswith("c") else width)) for name, state in states.items()]
-    for tensor, shape in expected:
-        if tensor is not None and not (isinstance(tensor, Tensor) and tensor.dtype is dtype
-                                       and tensor.device == device and tensor.shape == shape):
-            return False
-    return True
+    tensors = [tensor for tensor, _ in expected]
+    return all(tensor is None or (isinstance(tensor, Tensor) and tensor.shape == shape) for tensor, shape in expected) \
+        and all_like(dtype, device, tensors)
+
+
+def all_like(dtype: torch.dtype, device: torch.device, tensors) -> bool:
+    """Whether every tensor of `tensors` that is not None has this dtype and device."""
+    if device.type == "cpu":  # is_cpu is cheaper than building a device to compare
+        return all(t is None or (t.dtype is dtype and t.is_cpu) for t in tensors)
+    return all(t is None or (t.dtype is dtype and t.device == device) for t in tensors)
 
 
 def check_sequence_options(x: Tensor, width: int, recurrent_mask: Optional[Tensor], lengths: Optional[Tensor],

@@ -35,7 +35,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import functional, nn_backend
 from ._measure import measured_dispatch_enabled
-from ._validation import InputError, InputTypeError
+from ._validation import InputError, InputTypeError, all_like
 from .dispatch import BACKENDS, auto_choice, select_backend
 
 _BACKEND_NAMES = ("auto",) + BACKENDS
@@ -129,13 +129,6 @@ def _reverse_within_lengths(x: Tensor, lengths: Optional[Tensor]) -> Tensor:
     ends = lengths.to(x.device)[None, :]                          # [1, B]
     index = torch.where(steps < ends, ends - 1 - steps, steps)    # [T, B]
     return x.gather(0, index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x))
-
-
-def _all_like(dtype: torch.dtype, device: torch.device, tensors) -> bool:
-    """Whether every tensor of `tensors` that is not None has this dtype and device."""
-    if device.type == "cpu":  # is_cpu is cheaper than building a device to compare
-        return all(t is None or (t.dtype is dtype and t.is_cpu) for t in tensors)
-    return all(t is None or (t.dtype is dtype and t.device == device) for t in tensors)
 
 
 def _any_requires_grad(tensors) -> bool:
@@ -454,25 +447,24 @@ class _StackedRNN(nn.Module):
         if self.backend not in ("auto", "nn"):  # a fused backend named by the caller: no choice to make
             return None
         if lengths is not None or self.recurrent_dropout > 0 or getattr(self, "hidden_clip", None) is not None \
-                or (self.training and self.weight_dropout > 0) or functional.autocast_dtype(x.device.type) \
-                or x.numel() == 0:  # a sequence of length 0 returns the initial state (torch.nn raises)
-            return None
+                or (self.training and self.weight_dropout > 0) or x.numel() == 0:
+            return None  # (a sequence of length 0 returns the initial state, where torch.nn raises)
         dtype, device = x.dtype, x.device
-        if x.shape[2] != self.input_size or not _all_like(dtype, device, states) \
-                or not all(_all_like(dtype, device, layer) for layer in weights):
-            return None  # the per-layer path names the mistake
         training = torch.is_grad_enabled() and (x.requires_grad or _any_requires_grad(states)
                                                 or any(_any_requires_grad(layer) for layer in weights))
         if training and device.type != "cpu":
             return None
         options = ("proj_size",) if self.proj_size else ()
-        if self.backend == "auto":
+        if self.backend == "auto":  # first the choice, which a call for a fused kernel stops at
             measured = measured_dispatch_enabled()
             choice = auto_choice(device, dtype, self._cell, self.hidden_size, x.shape[1], options, training,
                                  x.shape[0], measured)
             if choice.name != "nn" or (measured and not choice.basis.startswith("measured")):
                 return None
-        else:  # raises where torch.nn's kernels cannot run these tensors
+        if functional.autocast_dtype(device.type) or x.shape[2] != self.input_size \
+                or not all(all_like(dtype, device, tensors) for tensors in (states, *weights)):
+            return None  # autocast's mixed precision differs from ours; the per-layer path names a mistake
+        if self.backend == "nn":  # raises where torch.nn's kernels cannot run these tensors
             select_backend(device, dtype, "nn", cell=self._cell, hidden=self.hidden_size, options=options)
         if states[0] is None or states[-1] is None:
             layers, batch = len(weights), x.shape[1]

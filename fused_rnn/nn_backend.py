@@ -51,8 +51,7 @@ def _run(op, x: Tensor, states: Tuple[Tensor, ...], params: List[Tensor], has_bi
     sequence: y is zero past each row's length and the states are those at its length."""
     steps, batch = x.shape[0], x.shape[1]
     train = _training(x, *states, *params)
-    hx = tuple(s.unsqueeze(0) for s in states)
-    hx = hx[0] if len(hx) == 1 else hx
+    hx = states[0].unsqueeze(0) if len(states) == 1 else (states[0].unsqueeze(0), states[1].unsqueeze(0))
     if lengths is None:
         y, *finals = op(x, hx, params, has_biases, 1, 0.0, train, False, False)
         return y, tuple(f[0] for f in finals)
