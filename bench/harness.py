@@ -47,7 +47,7 @@ import fused_rnn
 CELLS = ("irnn", "lstm")
 MODES = ("inference", "training")
 BASELINE = "torch.nn"  # the nn.RNN / nn.LSTM module itself (the "nn" backend is a contender)
-FUSED_BACKENDS = ("cpp", "auto", "torch")  # the CPU table's contenders
+FUSED_BACKENDS = ("cpp", "auto", "nn", "torch")  # the CPU table's contenders ("nn": auto's route to torch.nn)
 GPU_BACKENDS = ("cuda", "triton", "auto")
 CONTENDER_LABELS = {BASELINE: "nn.RNN / nn.LSTM", "cpp": "cpp", "torch": "torch loop", "cuda": "cuda",
                     "triton": "triton", "nn": "nn backend", "auto": "auto"}
@@ -678,7 +678,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"fewer, shorter rounds ({QUICK_PLAN.rounds} instead of {FULL_PLAN.rounds})")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write every timing as JSON to PATH")
-    parser.add_argument("--backends", type=lambda s: _choices(s, (*FUSED_BACKENDS, "nn")),
+    parser.add_argument("--backends", type=lambda s: _choices(s, FUSED_BACKENDS),
                         default=list(FUSED_BACKENDS),
                         help="fused_rnn backends to time against nn.RNN / nn.LSTM (default: cpp,auto,torch)")
     parser.add_argument("--cells", type=lambda s: _choices(s, CELLS), default=list(CELLS),

@@ -25,7 +25,11 @@ kernels unless one of the package's is expected to be clearly faster on this cal
 2. otherwise predicted, from :data:`fused_rnn._speedups` (CPU: the benchmark table
    measured on the project's machine; GPU: the performance model of bench/gpu_model.py):
    a fused backend is taken when it is predicted at least :data:`CLEAR_WIN` times as
-   fast as torch.nn's kernels;
+   fast as torch.nn's kernels, or, where the CPU table measured the functional API's
+   route to those kernels slower than torch.nn's module (a single step of one row, whose
+   argument checks and dispatch weigh more than the step), CLEAR_WIN times as fast as
+   that route (a module reaches them in one call for its whole stack, as fast as
+   torch.nn's module: its bar stays CLEAR_WIN);
 3. and a call with an option torch.nn does not have (the recurrent mask,
    ``hidden_clip``) goes to the first fused backend that takes it, else the torch loop.
 
@@ -181,21 +185,24 @@ def select_backend(device, dtype: torch.dtype, backend: str = "auto", cell: Opti
 
 def auto_choice(device: torch.device, dtype: torch.dtype, cell: Optional[str], hidden: Optional[int],
                 batch: Optional[int], options: Tuple[str, ...], training: Optional[bool], steps: Optional[int],
-                measured: Optional[bool] = None) -> BackendChoice:
+                measured: Optional[bool] = None, layer_route: bool = True) -> BackendChoice:
     """select_backend(backend="auto") for the layer calls: `options` a tuple, and the
     choice handed out is the memo's own (the caller reads it, never changes it).
-    `measured`: whether measured dispatch is on, when the caller has read it already."""
+    `measured`: whether measured dispatch is on, when the caller has read it already.
+    `layer_route`: whether torch.nn's kernels would be reached through a layer call of
+    the functional API (whose speed the CPU table measures), or, False, through a
+    module's one call for its whole stack (as fast as torch.nn's own module)."""
     if measured is None:
         measured = _measure.measured_dispatch_enabled()
     if device.type != "cpu" or measured or torch.compiler.is_compiling():
-        return _select_auto(device, dtype, cell, hidden, batch, options, training, steps)
-    key = (dtype, cell, hidden, batch, options, training, steps)
+        return _select_auto(device, dtype, cell, hidden, batch, options, training, steps, layer_route)
+    key = (dtype, cell, hidden, batch, options, training, steps, layer_route)
     known = _CPU_CHOICES.get(key)
     if known is None or known[0] != _cpu_context():  # identical, or tables of equal content
         if len(_CPU_CHOICES) >= 4096:
             _CPU_CHOICES.clear()
         known = _CPU_CHOICES[key] = (_cpu_context(), _select_auto(device, dtype, cell, hidden, batch, options,
-                                                                  training, steps))
+                                                                  training, steps, layer_route))
     return known[1]
 
 
@@ -223,8 +230,8 @@ def _forget_choices() -> None:
 
 def _select_auto(device: torch.device, dtype: torch.dtype, cell: Optional[str], hidden: Optional[int],
                  batch: Optional[int], options: Tuple[str, ...], training: Optional[bool],
-                 steps: Optional[int]) -> BackendChoice:
-    """select_backend(backend="auto") without the memo."""
+                 steps: Optional[int], layer_route: bool = True) -> BackendChoice:
+    """select_backend(backend="auto") without the memo (`layer_route`: see auto_choice)."""
     skipped, eligible = {}, []
     for name in BACKENDS:
         reason = _unsupported_reason(name, device, dtype, cell=cell, hidden=hidden, batch=batch, options=options)
@@ -246,7 +253,16 @@ def _select_auto(device: torch.device, dtype: torch.dtype, cell: Optional[str], 
         name, timings = measured
         skipped.update({n: f"measured slower on this device ({timings})" for n in eligible if n != name})
         return BackendChoice(name, skipped, f"measured on this device ({timings})", tuple(eligible))
-    clear = {name: x for name, x in predicted.items() if x is not None and x >= CLEAR_WIN}
+    # the bar: CLEAR_WIN times the speed of auto's own route to torch.nn's kernels (a
+    # layer call of the functional API, its Python included, measured in the CPU table's
+    # "nn" column), where that is below torch.nn's module: at a single step of one row
+    # the route costs more than the kernel gains, and a fused kernel clearly faster than
+    # it is the faster way to run the call. A module's route, one call for its whole
+    # stack, is as fast as torch.nn's module: the bar stays CLEAR_WIN there.
+    route = _speedups.predicted("nn", device, dtype, cell, hidden, batch, training, options, steps) \
+        if layer_route else None
+    bar = CLEAR_WIN * (min(1.0, route) if route is not None else 1.0)
+    clear = {name: x for name, x in predicted.items() if x is not None and x >= bar}
     best = max(clear, key=clear.get) if clear else "nn"
     for name in eligible:
         if name == best:
@@ -256,8 +272,10 @@ def _select_auto(device: torch.device, dtype: torch.dtype, cell: Optional[str], 
             skipped[name] = f"{best} is predicted faster" if best != "nn" else "torch.nn's kernels are taken"
         elif x is None:
             skipped[name] = "no prediction for this device, dtype and shape: torch.nn's kernels are kept"
-        elif x < CLEAR_WIN:
-            skipped[name] = f"predicted {x:.2f}x torch.nn, below the {CLEAR_WIN}x a prediction must show"
+        elif x < bar:
+            skipped[name] = f"predicted {x:.2f}x torch.nn, below the {bar:.3g}x a prediction must show" + (
+                f" ({CLEAR_WIN}x the {route:.2f}x of torch.nn's kernels through this package)" if bar < CLEAR_WIN
+                else "")
         else:
             skipped[name] = f"predicted {x:.2f}x torch.nn, less than {best}"
     if best == "nn":

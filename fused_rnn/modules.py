@@ -458,7 +458,7 @@ class _StackedRNN(nn.Module):
         if self.backend == "auto":  # first the choice, which a call for a fused kernel stops at
             measured = measured_dispatch_enabled()
             choice = auto_choice(device, dtype, self._cell, self.hidden_size, x.shape[1], options, training,
-                                 x.shape[0], measured)
+                                 x.shape[0], measured, layer_route=False)
             if choice.name != "nn" or (measured and not choice.basis.startswith("measured")):
                 return None
         if functional.autocast_dtype(device.type) or x.shape[2] != self.input_size \
