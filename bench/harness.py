@@ -680,7 +680,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write every timing as JSON to PATH")
     parser.add_argument("--backends", type=lambda s: _choices(s, FUSED_BACKENDS),
                         default=list(FUSED_BACKENDS),
-                        help="fused_rnn backends to time against nn.RNN / nn.LSTM (default: cpp,auto,torch)")
+                        help="fused_rnn backends to time against nn.RNN / nn.LSTM (default: cpp,auto,nn,torch)")
     parser.add_argument("--cells", type=lambda s: _choices(s, CELLS), default=list(CELLS),
                         help="default: irnn,lstm")
     parser.add_argument("--modes", type=lambda s: _choices(s, MODES), default=list(MODES),

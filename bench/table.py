@@ -84,7 +84,8 @@ def _sources_by_dtype(source: str) -> dict:
 def write_speedups(report_json: dict, path: Path = SPEEDUPS) -> None:
     """The CPU section of the predictions "auto" uses: the fused backend's measured
     speed-up over nn.RNN / nn.LSTM per (cell, mode, dtype, batch, hidden, steps), and that
-    of the package's own route to torch.nn's kernels (the "nn" backend). The
+    of the package's own route to torch.nn's kernels (the "nn" backend; a run without
+    that contender leaves auto's bar at CLEAR_WIN for its rows). The
     report's dtypes replace theirs; the other dtypes' entries stay, with their source
     (a bfloat16 run need not measure float32 again)."""
     import runpy

@@ -430,9 +430,8 @@ class _StackedRNN(nn.Module):
             # as nn.RNN: between layers only, and only while training
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = torch_functional.dropout(layer_input, self.dropout, training=True)
-        if x.shape[0] and len(weights) == 1:  # one layer: its fresh final states as views [1, B, H]
-            return layer_input, tuple([kept[0].unsqueeze(0) for kept in finals])
-        return layer_input, tuple([torch.stack(kept) for kept in finals])  # copies (T = 0: of the initial states)
+        # copies, never views (truncated-BPTT code calls h_n.detach_(), which a view refuses)
+        return layer_input, tuple([torch.stack(kept) for kept in finals])
 
     def _whole_stack_on_nn(self, x: Tensor, states: Tuple[Optional[Tensor], ...], lengths: Optional[Tensor],
                            weights: List[tuple]):

@@ -54,23 +54,47 @@ def test_a_prediction_must_clear_the_margin(predictions):
 
 @needs_cpp
 def test_the_bar_is_the_clear_win_over_auto_s_own_route_to_torch_nn(predictions):
-    """Where the table measured the package's route to torch.nn's kernels (the "nn"
-    backend, with the argument checks and dispatch around them) slower than torch.nn's
-    module, a fused kernel clearly faster than that route is taken; a route at or above
-    the module's speed leaves the bar at CLEAR_WIN."""
+    """Where the table measured the functional API's route to torch.nn's kernels (the
+    "nn" backend, with the argument checks and dispatch around them) clearly slower than
+    torch.nn's module, a fused kernel clearly faster than that route is taken; a route
+    within SLOW_ROUTE of the module's speed (noise), or faster, leaves the bar at
+    CLEAR_WIN, and so does a call whose length or mode is unknown."""
     call = dict(cell="irnn", hidden=256, batch=1, steps=1, training=False)
     key = ("irnn", "inference", "float32", 1, 256, 1)
     predictions({key: {"cpp": 1.12, "nn": 0.8}})
-    assert fused_rnn.select_backend("cpu", torch.float32, **call).name == "cpp"
-    predictions({key: {"cpp": 1.12, "nn": 0.95}})
     choice = fused_rnn.select_backend("cpu", torch.float32, **call)
-    assert choice.name == "nn" and "below the 1.23x" in choice.skipped["cpp"] and "0.95x" in choice.skipped["cpp"]
-    predictions({key: {"cpp": 1.29, "nn": 1.1}})
-    assert fused_rnn.select_backend("cpu", torch.float32, **call).name == "nn"
-    # a module's route to torch.nn's kernels is one call for its whole stack: the bar stays CLEAR_WIN
+    assert choice.name == "cpp" and "above the 1.04x bar" in choice.basis and "0.80x" in choice.basis
+    predictions({key: {"cpp": 1.12, "nn": 0.88}})
+    choice = fused_rnn.select_backend("cpu", torch.float32, **call)
+    assert choice.name == "nn" and "below the 1.14x" in choice.skipped["cpp"] and "0.88x" in choice.skipped["cpp"]
+    predictions({key: {"cpp": 1.25, "nn": 0.95}})  # a route within the noise: the bar stays 1.3x
+    choice = fused_rnn.select_backend("cpu", torch.float32, **call)
+    assert choice.name == "nn" and "below the 1.3x a prediction must show" in choice.skipped["cpp"]
+    predictions({key: {"cpp": 1.35, "nn": 1.1}})  # a route faster than the module never raises the bar
+    assert fused_rnn.select_backend("cpu", torch.float32, **call).name == "cpp"
     predictions({key: {"cpp": 1.12, "nn": 0.8}})
-    assert dispatch.auto_choice(torch.device("cpu"), torch.float32, "irnn", 256, 1, (), False, 1,
-                                layer_route=False).name == "nn"
+    assert fused_rnn.select_backend("cpu", torch.float32, cell="irnn", hidden=256, batch=1, steps=1).name == "nn"
+    assert fused_rnn.select_backend("cpu", torch.float32, cell="irnn", hidden=256, batch=1,
+                                    training=False).name == "nn"
+
+
+@needs_cpp
+def test_a_module_keeps_the_plain_bar(predictions, monkeypatch):
+    """A module reaches torch.nn's kernels in one call for its whole stack, as fast as
+    torch.nn's own module: the lowered bar of a layer call is not its own, and a call
+    the functional API would give the fused kernel runs on torch.nn's kernels there."""
+    from fused_rnn import nn_backend
+
+    predictions({("irnn", "inference", "float32", 1, 256, 1): {"cpp": 1.12, "nn": 0.8}})
+    calls = []
+    real = nn_backend.run_stack
+    monkeypatch.setattr(nn_backend, "run_stack", lambda *args: calls.append(1) or real(*args))
+    module = fused_rnn.IRNN(42, 256)
+    with torch.no_grad():
+        module(torch.randn(1, 1, 42))
+    assert calls == [1]
+    assert fused_rnn.select_backend("cpu", torch.float32, cell="irnn", hidden=256, batch=1, steps=1,
+                                    training=False).name == "cpp"
 
 
 @needs_cpp
@@ -103,7 +127,9 @@ def test_the_shipped_cpu_predictions_keep_auto_at_least_as_fast_as_torch_nn():
     for (cell, mode, dtype, batch, hidden, steps), speedups in _speedup_tables.CPU.items():
         choice = fused_rnn.select_backend("cpu", getattr(torch, dtype), cell=cell, hidden=hidden, batch=batch,
                                           training=mode == "training", steps=steps)
-        expected = "cpp" if speedups["cpp"] >= dispatch.CLEAR_WIN * min(1.0, speedups.get("nn", 1.0)) else "nn"
+        route = speedups.get("nn", 1.0)
+        bar = dispatch.CLEAR_WIN * (route if route <= dispatch.SLOW_ROUTE else 1.0)
+        expected = "cpp" if speedups["cpp"] >= bar else "nn"
         assert choice.name == expected, (cell, mode, batch, hidden, speedups, choice)
 
 

@@ -361,16 +361,16 @@ def test_cell_without_bias_has_none_biases():
 # backend attribute, extra_repr
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["auto"])
 @pytest.mark.parametrize("kind", ["irnn", "lstm"])
 def test_final_state_is_never_the_initial_state_itself(kind, backend):
-    """A one-layer module returns its final state as a view of the kernel's fresh
-    output (no copy); where that state is the initial one (T = 0, or every length 0)
-    it is a copy, so writing into h_n never changes the caller's hx."""
+    """Writing into h_n never changes the caller's hx (T = 0 and every length 0 return
+    the initial state's values), and h_n.detach_() works, as on nn.LSTM's (truncated
+    backpropagation through time calls it; a view would refuse it)."""
     module = (fused_rnn.IRNN if kind == "irnn" else fused_rnn.LSTM)(3, 4, backend=backend, dtype=torch.float64)
     loop = (fused_rnn.IRNN if kind == "irnn" else fused_rnn.LSTM)(3, 4, backend="torch", dtype=torch.float64)
     loop.load_state_dict(module.state_dict())
-    for steps, lengths in ((0, None), (2, None), (2, torch.tensor([0, 0])), (2, torch.tensor([2, 0]))):
+    for steps, lengths in ((0, None), (1, None), (2, None), (2, torch.tensor([0, 0])), (2, torch.tensor([2, 0]))):
         hx = tuple(torch.randn(1, 2, 4, dtype=torch.float64) for _ in range(1 if kind == "irnn" else 2))
         kept = tuple(h.clone() for h in hx)
         x = torch.randn(steps, 2, 3, dtype=torch.float64)
@@ -380,6 +380,7 @@ def test_final_state_is_never_the_initial_state_itself(kind, backend):
                                        **TOLERANCES[torch.float64])
         for final in (finals,) if kind == "irnn" else finals:
             final.add_(1.0)
+            final.detach_()
         for h, before in zip(hx, kept):
             assert torch.equal(h, before), (steps, lengths)
 

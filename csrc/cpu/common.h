@@ -145,6 +145,7 @@ inline at::Tensor last_step(const at::Tensor& seq) {
   TORCH_INTERNAL_ASSERT(seq.dim() == 3 && seq.size(0) > 0 && seq.is_contiguous());
   auto out = at::empty({seq.size(1), seq.size(2)}, seq.options());
   const size_t bytes = static_cast<size_t>(out.numel()) * seq.element_size();
+  if (bytes == 0) return out;  // B = 0 or W = 0: no data pointer to copy from
   std::memcpy(out.data_ptr(), static_cast<const char*>(seq.const_data_ptr()) + (seq.size(0) - 1) * bytes, bytes);
   return out;
 }
