@@ -1,7 +1,8 @@
 """Measured dispatch: ``backend="auto"`` timed on the user's own device, cached on disk.
 
 Off by default, like ``torch.backends.cudnn.benchmark``: turn it on with
-:func:`set_measured_dispatch` or ``FUSED_RNN_MEASURED_DISPATCH=1``. Then the first call
+:func:`set_measured_dispatch` or ``FUSED_RNN_MEASURED_DISPATCH=1`` in the environment
+the process starts with. Then the first call
 of each kind (cell, dtype, training or inference, batch bucket, hidden size, options)
 runs every eligible backend on the call's own tensors, checks that their results agree,
 times them (a few milliseconds each) and keeps the fastest; later calls of that kind,
@@ -45,20 +46,26 @@ MAX_CALLS = 10
 # units of their precision (2^-8, 2^-11) over the sequence.
 AGREEMENT = {torch.float64: 1e-8, torch.float32: 1e-3, torch.bfloat16: 6e-2, torch.float16: 1e-2}
 
-_enabled: Optional[bool] = None
+def _environment_says() -> bool:
+    return os.environ.get(ENVIRONMENT_VARIABLE, "") not in ("", "0")
+
+
+# Whether measured dispatch is on: set_measured_dispatch's value, or the environment's as
+# the process started (read once: every layer call asks, and os.environ.get of a variable
+# that is not set raises and catches a KeyError inside, 2-6 us of a single step).
+_enabled: bool = _environment_says()
 _memory: Dict[str, Dict[str, dict]] = {}  # cache file -> its choices, as last read or written
 
 
-def set_measured_dispatch(enabled: bool = True) -> None:
-    """Turn measured dispatch on or off for this process (overrides the environment)."""
+def set_measured_dispatch(enabled: Optional[bool] = True) -> None:
+    """Turn measured dispatch on or off for this process; None: as the environment
+    variable FUSED_RNN_MEASURED_DISPATCH says now (it is otherwise read at import)."""
     global _enabled
-    _enabled = bool(enabled)
+    _enabled = _environment_says() if enabled is None else bool(enabled)
 
 
 def measured_dispatch_enabled() -> bool:
-    if _enabled is not None:
-        return _enabled
-    return os.environ.get(ENVIRONMENT_VARIABLE, "") not in ("", "0")
+    return _enabled
 
 
 def cache_dir() -> Path:

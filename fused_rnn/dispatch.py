@@ -183,8 +183,7 @@ def select_backend(device, dtype: torch.dtype, backend: str = "auto", cell: Opti
     (:data:`SLOW_ROUTE`)."""
     device = torch.device(device)
     if backend != "auto":
-        reason = _unsupported_reason(backend, device, dtype, explicit=True, cell=cell, hidden=hidden, batch=batch,
-                                     options=options)
+        reason = _requested_reason(backend, device, dtype, cell, hidden, batch, tuple(options))
         if reason is not None:
             raise ValueError(f"backend={backend!r} cannot run these inputs: {reason}")
         return BackendChoice(backend, {}, "requested")
@@ -205,14 +204,21 @@ def auto_choice(device: torch.device, dtype: torch.dtype, cell: Optional[str], h
         measured = _measure.measured_dispatch_enabled()
     if device.type != "cpu" or measured or torch.compiler.is_compiling():
         return _select_auto(device, dtype, cell, hidden, batch, options, training, steps, layer_route)
-    key = (dtype, cell, hidden, batch, options, training, steps, layer_route)
-    known = _CPU_CHOICES.get(key)
-    if known is None or known[0] != _cpu_context():  # identical, or tables of equal content
-        if len(_CPU_CHOICES) >= 4096:
-            _CPU_CHOICES.clear()
-        known = _CPU_CHOICES[key] = (_cpu_context(), _select_auto(device, dtype, cell, hidden, batch, options,
-                                                                  training, steps, layer_route))
-    return known[1]
+    return _memoised((dtype, cell, hidden, batch, options, training, steps, layer_route), lambda: _select_auto(
+        device, dtype, cell, hidden, batch, options, training, steps, layer_route))
+
+
+def _requested_reason(backend: str, device: torch.device, dtype: torch.dtype, cell: Optional[str],
+                      hidden: Optional[int], batch: Optional[int], options: Tuple[str, ...]) -> Optional[str]:
+    """Why a backend the caller named cannot run this call (None if it can), memoised
+    with auto's choices for CPU calls (a module with backend="cpp" asks on every layer
+    call; 12 us of a single step). Triton, whose answer on the CPU depends on the
+    interpreter's environment variable, is never memoised."""
+    if device.type != "cpu" or backend == "triton" or torch.compiler.is_compiling():
+        return _unsupported_reason(backend, device, dtype, explicit=True, cell=cell, hidden=hidden, batch=batch,
+                                   options=options)
+    return _memoised(("requested", backend, dtype, cell, hidden, batch, options), lambda: _unsupported_reason(
+        backend, device, dtype, explicit=True, cell=cell, hidden=hidden, batch=batch, options=options))
 
 
 # auto's choice for each kind of CPU call: dispatch runs on every layer call, and its
@@ -225,6 +231,16 @@ def auto_choice(device: torch.device, dtype: torch.dtype, cell: Optional[str], h
 # whose choices change as it measures, and tracing under torch.compile are never
 # memoised.
 _CPU_CHOICES: Dict[tuple, tuple] = {}
+
+
+def _memoised(key: tuple, compute):
+    """_CPU_CHOICES[key], computed by compute() when missing or made in another context."""
+    known = _CPU_CHOICES.get(key)
+    if known is None or known[0] != _cpu_context():  # identical, or tables of equal content
+        if len(_CPU_CHOICES) >= 4096:
+            _CPU_CHOICES.clear()
+        known = _CPU_CHOICES[key] = (_cpu_context(), compute())
+    return known[1]
 
 
 def _cpu_context() -> tuple:

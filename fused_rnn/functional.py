@@ -81,6 +81,9 @@ class LSTMCellFunction:
 
 
 def _contiguous(*tensors):
+    """For the Triton launchers, which index dense tensors; the C++ ops (CPU and CUDA)
+    make their inputs contiguous themselves, in C++ (tests/test_functional.py's
+    non-contiguous test covers both)."""
     return [None if t is None else t.contiguous() for t in tensors]
 
 
@@ -102,7 +105,8 @@ def _autocast(x: Tensor, *tensors):
     (bfloat16 or float16): the kernels then run that mixed precision, float32 state and
     accumulation, as they do for such inputs. Gradients flow back to the float32
     originals through the casts. Unchanged outside autocast."""
-    dtype = autocast_dtype(x.device.type)
+    # is_cpu before x.device, which builds a device object: this runs on every layer call
+    dtype = autocast_dtype("cpu" if isinstance(x, Tensor) and x.is_cpu else x.device.type)
     if dtype is None:
         return (x, *tensors)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype == torch.float32 else t for t in (x, *tensors))
@@ -138,8 +142,10 @@ def irnn(
     """
     x, h0, w_ih, w_hh, b_ih, b_hh, recurrent_mask = _autocast(x, h0, w_ih, w_hh, b_ih, b_hh, recurrent_mask)
     check_layer_args(x, {"h0": h0}, w_ih, w_hh, b_ih, b_hh, gates=1, x_rank=3)
-    check_sequence_options(x, w_hh.shape[1], recurrent_mask, lengths, hidden_clip)
-    options = _options_in_use(recurrent_mask=recurrent_mask, lengths=lengths, hidden_clip=hidden_clip)
+    options = ()
+    if recurrent_mask is not None or lengths is not None or hidden_clip is not None:
+        check_sequence_options(x, w_hh.shape[1], recurrent_mask, lengths, hidden_clip)
+        options = _options_in_use(recurrent_mask=recurrent_mask, lengths=lengths, hidden_clip=hidden_clip)
     tensors = (x, h0, w_ih, w_hh, b_ih, b_hh)
 
     def run(name):
@@ -161,8 +167,8 @@ def _irnn_on(name, x, h0, w_ih, w_hh, b_ih, b_hh, recurrent_mask, lengths, hidde
         return torch_loop.irnn_loop(x, h0, w_ih, w_hh, b_ih, b_hh, recurrent_mask, lengths, hidden_clip)
     if name == "nn":
         return nn_backend.irnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh, lengths)
-    return _call_op(torch.ops.fused_rnn.irnn_scan_forward,
-                    *_contiguous(x, h0, w_ih, w_hh, combined_bias(b_ih, b_hh), recurrent_mask), lengths, hidden_clip)
+    return _call_op(torch.ops.fused_rnn.irnn_scan_forward, x, h0, w_ih, w_hh, combined_bias(b_ih, b_hh),
+                    recurrent_mask, lengths, hidden_clip)
 
 
 def lstm(
@@ -193,8 +199,10 @@ def lstm(
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, recurrent_mask, w_hr = _autocast(x, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                                                         recurrent_mask, w_hr)
     check_layer_args(x, {"h0": h0, "c0": c0}, w_ih, w_hh, b_ih, b_hh, gates=4, x_rank=3, w_hr=w_hr)
-    check_sequence_options(x, w_hh.shape[1], recurrent_mask, lengths, None, "H" if w_hr is None else "P")
-    options = _options_in_use(recurrent_mask=recurrent_mask, lengths=lengths, proj_size=w_hr)
+    options = ()
+    if recurrent_mask is not None or lengths is not None or w_hr is not None:
+        check_sequence_options(x, w_hh.shape[1], recurrent_mask, lengths, None, "H" if w_hr is None else "P")
+        options = _options_in_use(recurrent_mask=recurrent_mask, lengths=lengths, proj_size=w_hr)
     tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
 
     def run(name):
@@ -221,9 +229,8 @@ def _lstm_on(name, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, recurrent_mask, leng
         return y, (h_n, c_n)
     if name == "nn":
         return nn_backend.lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, w_hr)
-    y, h_n, c_n, _, _ = _call_op(torch.ops.fused_rnn.lstm_scan_forward,
-                                 *_contiguous(x, h0, c0, w_ih, w_hh, combined_bias(b_ih, b_hh), recurrent_mask),
-                                 lengths, *_contiguous(w_hr))
+    y, h_n, c_n, _, _ = _call_op(torch.ops.fused_rnn.lstm_scan_forward, x, h0, c0, w_ih, w_hh,
+                                 combined_bias(b_ih, b_hh), recurrent_mask, lengths, w_hr)
     return y, (h_n, c_n)
 
 
@@ -307,7 +314,7 @@ def irnn_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, backend="auto") -> Tensor:
         return torch_loop.irnn_step(x, h, w_ih, w_hh, b_ih, b_hh)
     if name == "nn":
         return nn_backend.irnn_step(x, h, w_ih, w_hh, b_ih, b_hh)
-    return _call_op(torch.ops.fused_rnn.irnn_step, *_contiguous(x, h, w_ih, w_hh, combined_bias(b_ih, b_hh)))
+    return _call_op(torch.ops.fused_rnn.irnn_step, x, h, w_ih, w_hh, combined_bias(b_ih, b_hh))
 
 
 def lstm_cell(x, state, w_ih, w_hh, b_ih=None, b_hh=None, backend="auto") -> Tuple[Tensor, Tensor]:
@@ -324,8 +331,7 @@ def lstm_cell(x, state, w_ih, w_hh, b_ih=None, b_hh=None, backend="auto") -> Tup
         return torch_loop.lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh)
     if name == "nn":
         return nn_backend.lstm_step(x, h, c, w_ih, w_hh, b_ih, b_hh)
-    h_new, c_new, _ = _call_op(torch.ops.fused_rnn.lstm_step,
-                               *_contiguous(x, h, c, w_ih, w_hh, combined_bias(b_ih, b_hh)))
+    h_new, c_new, _ = _call_op(torch.ops.fused_rnn.lstm_step, x, h, c, w_ih, w_hh, combined_bias(b_ih, b_hh))
     return h_new, c_new
 
 

@@ -23,6 +23,7 @@ on W_hh), ``hidden_clip`` for the IRNN, the initialisation options, ``backend``,
 ``lengths=`` argument of ``forward`` for padded input besides ``PackedSequence``.
 """
 
+import itertools
 import math
 import numbers
 import warnings
@@ -129,10 +130,6 @@ def _reverse_within_lengths(x: Tensor, lengths: Optional[Tensor]) -> Tensor:
     ends = lengths.to(x.device)[None, :]                          # [1, B]
     index = torch.where(steps < ends, ends - 1 - steps, steps)    # [T, B]
     return x.gather(0, index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x))
-
-
-def _any_requires_grad(tensors) -> bool:
-    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def _check_backend(backend) -> None:
@@ -449,8 +446,8 @@ class _StackedRNN(nn.Module):
                 or (self.training and self.weight_dropout > 0) or x.numel() == 0:
             return None  # (a sequence of length 0 returns the initial state, where torch.nn raises)
         dtype, device = x.dtype, x.device
-        training = torch.is_grad_enabled() and (x.requires_grad or _any_requires_grad(states)
-                                                or any(_any_requires_grad(layer) for layer in weights))
+        tensors = [x, *states, *itertools.chain.from_iterable(weights)]
+        training = functional._records_grad(tensors)
         if training and device.type != "cpu":
             return None
         options = ("proj_size",) if self.proj_size else ()
@@ -461,7 +458,7 @@ class _StackedRNN(nn.Module):
             if choice.name != "nn" or (measured and not choice.basis.startswith("measured")):
                 return None
         if functional.autocast_dtype(device.type) or x.shape[2] != self.input_size \
-                or not all(all_like(dtype, device, tensors) for tensors in (states, *weights)):
+                or not all_like(dtype, device, tensors):
             return None  # autocast's mixed precision differs from ours; the per-layer path names a mistake
         if self.backend == "nn":  # raises where torch.nn's kernels cannot run these tensors
             select_backend(device, dtype, "nn", cell=self._cell, hidden=self.hidden_size, options=options)

@@ -5,6 +5,7 @@ fused_rnn._speedup_tables), and the fused kernels for options torch.nn has not."
 import itertools
 import json
 import multiprocessing
+import os
 import subprocess
 import sys
 import textwrap
@@ -242,13 +243,25 @@ def test_a_backend_whose_results_disagree_is_left_out(cache):
 
 
 def test_measured_dispatch_is_off_unless_asked(monkeypatch):
-    monkeypatch.setattr(_measure, "_enabled", None)
+    monkeypatch.setattr(_measure, "_enabled", _measure._enabled)  # restored after the test
     monkeypatch.delenv(_measure.ENVIRONMENT_VARIABLE, raising=False)
+    fused_rnn.set_measured_dispatch(None)
     assert not fused_rnn.measured_dispatch_enabled()
     monkeypatch.setenv(_measure.ENVIRONMENT_VARIABLE, "1")
+    assert not fused_rnn.measured_dispatch_enabled()  # the environment is read at import, and on None
+    fused_rnn.set_measured_dispatch(None)
     assert fused_rnn.measured_dispatch_enabled()
     fused_rnn.set_measured_dispatch(False)
     assert not fused_rnn.measured_dispatch_enabled()
+    monkeypatch.setenv(_measure.ENVIRONMENT_VARIABLE, "0")
+    fused_rnn.set_measured_dispatch(None)
+    assert not fused_rnn.measured_dispatch_enabled()
+    # a fresh process reads it as it starts
+    code = "import fused_rnn; print(fused_rnn.measured_dispatch_enabled())"
+    for value, expected in (("1", "True"), ("0", "False"), ("", "False")):
+        env = {**os.environ, _measure.ENVIRONMENT_VARIABLE: value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected
 
 
 # ---- on a GPU: the model's predictions, and a refused cooperative launch ----
