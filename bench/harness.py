@@ -47,10 +47,14 @@ import fused_rnn
 CELLS = ("irnn", "lstm")
 MODES = ("inference", "training")
 BASELINE = "torch.nn"  # the nn.RNN / nn.LSTM module itself (the "nn" backend is a contender)
-FUSED_BACKENDS = ("cpp", "auto", "nn", "torch")  # the CPU table's contenders ("nn": auto's route to torch.nn)
+# the CPU table's contenders: "nn" is the functional API's route to torch.nn's kernels, and
+# "module" the drop-in module (fused_rnn.IRNN / LSTM, backend "cpp") on the baseline's own
+# parameters, whose per-layer path adds Python to a fused call (auto's choice for modules)
+MODULE = "module"
+FUSED_BACKENDS = ("cpp", "auto", "nn", "torch", MODULE)
 GPU_BACKENDS = ("cuda", "triton", "auto")
 CONTENDER_LABELS = {BASELINE: "nn.RNN / nn.LSTM", "cpp": "cpp", "torch": "torch loop", "cuda": "cuda",
-                    "triton": "triton", "nn": "nn backend", "auto": "auto"}
+                    "triton": "triton", "nn": "nn backend", "auto": "auto", MODULE: "cpp module"}
 BASELINE_MODULE_NAMES = {"irnn": 'nn.RNN(nonlinearity="relu")', "lstm": "nn.LSTM"}
 DTYPE = torch.float32
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -146,6 +150,19 @@ class Problem:
     module: nn.RNNBase
     x: Tensor
     state: Tuple[Tensor, ...]
+    _fused_module: Optional[nn.Module] = field(default=None, init=False, repr=False)
+
+    def fused_module(self) -> nn.Module:
+        """fused_rnn's drop-in module for this cell (backend "cpp") holding the baseline's
+        own parameters, so that its gradients are theirs (built on first use)."""
+        if self._fused_module is None:
+            c = self.config
+            kind = fused_rnn.IRNN if self.cell == "irnn" else fused_rnn.LSTM
+            fused = kind(c.I, c.H, backend="cpp", device=self.device, dtype=self.dtype)
+            for name, parameter in self.module.named_parameters():
+                setattr(fused, name, parameter)
+            self._fused_module = fused
+        return self._fused_module
 
     @property
     def device(self) -> torch.device:
@@ -212,13 +229,14 @@ def make_problem(cell: str, config: BenchConfig, seed: int = SEED, device="cpu",
 
 def run_layer(problem: Problem, contender: str) -> Tuple[Tensor, ...]:
     """Runs `contender` on `problem`: (y [T, B, H], h_n [B, H]) or (y, h_n, c_n)."""
-    if contender == BASELINE:
-        # nn.RNN / nn.LSTM take and return states as [num_layers, B, H]
+    if contender in (BASELINE, MODULE):
+        # the modules take and return states as [num_layers, B, H]
+        module = problem.module if contender == BASELINE else problem.fused_module()
         states = tuple(s.unsqueeze(0) for s in problem.state)
         if problem.cell == "irnn":
-            y, h_n = problem.module(problem.x, states[0])
+            y, h_n = module(problem.x, states[0])
             return y, h_n.squeeze(0)
-        y, (h_n, c_n) = problem.module(problem.x, states)
+        y, (h_n, c_n) = module(problem.x, states)
         return y, h_n.squeeze(0), c_n.squeeze(0)
     if problem.cell == "irnn":
         return fused_rnn.irnn(problem.x, problem.state[0], *problem.weights, backend=contender)
@@ -255,6 +273,8 @@ def unavailable_reason(contender: str, problem: Optional[Problem] = None, device
         return None
     if problem is not None:
         device, dtype = problem.device, problem.dtype
+    if contender == MODULE:  # the module's kernels are the "cpp" backend's
+        contender = "cpp"
     try:
         if problem is None:
             fused_rnn.select_backend(device, dtype, contender)
@@ -680,7 +700,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write every timing as JSON to PATH")
     parser.add_argument("--backends", type=lambda s: _choices(s, FUSED_BACKENDS),
                         default=list(FUSED_BACKENDS),
-                        help="fused_rnn backends to time against nn.RNN / nn.LSTM (default: cpp,auto,nn,torch)")
+                        help="fused_rnn backends to time against nn.RNN / nn.LSTM, and \"module\": the drop-in "
+                             f"module on the cpp backend (default: {','.join(FUSED_BACKENDS)})")
     parser.add_argument("--cells", type=lambda s: _choices(s, CELLS), default=list(CELLS),
                         help="default: irnn,lstm")
     parser.add_argument("--modes", type=lambda s: _choices(s, MODES), default=list(MODES),

@@ -83,9 +83,10 @@ def _sources_by_dtype(source: str) -> dict:
 
 def write_speedups(report_json: dict, path: Path = SPEEDUPS) -> None:
     """The CPU section of the predictions "auto" uses: the fused backend's measured
-    speed-up over nn.RNN / nn.LSTM per (cell, mode, dtype, batch, hidden, steps), and that
+    speed-up over nn.RNN / nn.LSTM per (cell, mode, dtype, batch, hidden, steps), that
     of the package's own route to torch.nn's kernels (the "nn" backend; a run without
-    that contender leaves auto's bar at CLEAR_WIN for its rows). The
+    that contender leaves auto's bar at CLEAR_WIN for its rows), and that of the drop-in
+    module on the fused kernel ("module": a module's auto reads it instead of "cpp"). The
     report's dtypes replace theirs; the other dtypes' entries stay, with their source
     (a bfloat16 run need not measure float32 again)."""
     import runpy
@@ -95,7 +96,7 @@ def write_speedups(report_json: dict, path: Path = SPEEDUPS) -> None:
     for result in report_json["results"]:
         c = result["config"]
         ratios = {name: round(value["speedup_vs_nn"], 3) for name, value in result["contenders"].items()
-                  if name in ("cpp", "nn") and value.get("speedup_vs_nn") is not None}
+                  if name in ("cpp", "nn", "module") and value.get("speedup_vs_nn") is not None}
         if ratios:
             entries[(result["cell"], result["mode"], result.get("dtype", "float32"), c["B"], c["H"], c["T"])] = ratios
     measured = list(dict.fromkeys(result.get("dtype", "float32") for result in report_json["results"]))

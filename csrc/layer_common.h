@@ -100,10 +100,12 @@ struct WeightGrads {
 // min of 20) 17.6 ms against 15.2 + 5.0 + 0.5 ms. dx = dpre @ W_ih if need_dx, else empty.
 // Below this many rows (T*B: a step or a few steps of a few sequences) the stacked GEMM's
 // set-up (the operand matrix and its copies, the two transposes of the result, their
-// threads) costs more than its products, and three ATen calls do better: dW_ih = dpre^T x,
-// dW_hh = dpre^T h_prev, dbias = column sums of dpre. The CPU backward op alone (2
-// threads, H = 256, I = 42; medians of 5 processes): IRNN T = 1, B = 1 207 -> 87 us,
-// LSTM 371 -> 184 us; at 4 and 8 rows 1.1-1.9x; at 16 rows and more no clear winner.
+// threads) costs more than its products, and three products straight into their layouts
+// do better: dW_ih = dpre^T x, dW_hh = dpre^T h_prev, dbias = 1^T dpre, through `matmul`
+// as the stacked one (so a bf16 layer's products round the same operands). The CPU
+// backward op alone (2 threads, H = 256, I = 42; medians of 5 processes, alternating):
+// IRNN T = 1, B = 1 207 -> 87 us, LSTM 371 -> 184 us; 4 and 8 rows 1.1-1.9x; from 16 rows
+// on neither way is clearly faster.
 constexpr int64_t kStackedMinRows = 16;
 
 inline WeightGrads weight_grads(const at::Tensor& dpre, const at::Tensor& x, const at::Tensor& h0,
@@ -116,11 +118,11 @@ inline WeightGrads weight_grads(const at::Tensor& dpre, const at::Tensor& x, con
   grads.dx = need_dx ? matmul(dpre2d, w_ih, std::nullopt).view(x.sizes()) : at::empty({0}, x.options());
   if (rows < kStackedMinRows) {  // each gradient straight into its own layout
     const auto dpre_t = dpre2d.t();
-    grads.dw_ih = at::mm(dpre_t, x.view({rows, inputs}));
+    grads.dw_ih = matmul(dpre_t, x.view({rows, inputs}), std::nullopt);
     const auto h_prev =
         steps == 1 ? h0 : at::cat({h0, y.slice(0, 0, steps - 1).reshape({rows - batch, hidden})}, 0);
-    grads.dw_hh = at::mm(dpre_t, h_prev);
-    grads.dbias = dpre2d.sum(0);
+    grads.dw_hh = matmul(dpre_t, h_prev, std::nullopt);
+    grads.dbias = matmul(at::ones({1, rows}, dpre.options()), dpre2d, std::nullopt).view({gh});
     return grads;
   }
   // [T*B, I + H + 1]: each row is [x_t | h_{t-1} | 1] of one (t, b)

@@ -267,6 +267,12 @@ def _select_auto(device: torch.device, dtype: torch.dtype, cell: Optional[str], 
     fused = [name for name in eligible if name in FUSED]
     predicted = {name: _speedups.predicted(name, device, dtype, cell, hidden, batch, training, options, steps)
                  for name in fused}
+    # a module's per-layer path to the CPU kernel (its checks, the states' select and stack
+    # around each layer call), measured in the CPU table's "module" column where it has one
+    via_module = None if layer_route or "cpp" not in predicted else _speedups.predicted(
+        "module", device, dtype, cell, hidden, batch, training, options, steps)
+    if via_module is not None:
+        predicted["cpp"] = via_module
     if "nn" not in eligible:  # an option torch.nn does not have: the fastest fused kernel, else the loop
         known = {name: x for name, x in predicted.items() if x is not None}
         name = max(known, key=known.get) if known else (fused[0] if fused else "torch")
@@ -309,5 +315,6 @@ def _select_auto(device: torch.device, dtype: torch.dtype, cell: Optional[str], 
                              tuple(eligible))
     lowered = f", above the {bar:.3g}x bar ({CLEAR_WIN}x the {route:.2f}x of torch.nn's kernels through a layer " \
         "call)" if bar < CLEAR_WIN else ""
-    return BackendChoice(best, skipped, f"predicted {predicted[best]:.2f}x torch.nn's kernels{lowered} "
+    path = " through a module" if best == "cpp" and via_module is not None else ""
+    return BackendChoice(best, skipped, f"predicted {predicted[best]:.2f}x torch.nn's kernels{path}{lowered} "
                                         f"({_speedups.source(device)})", tuple(eligible))

@@ -82,8 +82,8 @@ class LSTMCellFunction:
 
 def _contiguous(*tensors):
     """For the Triton launchers, which index dense tensors; the C++ ops (CPU and CUDA)
-    make their inputs contiguous themselves, in C++ (tests/test_functional.py's
-    non-contiguous test covers both)."""
+    make their inputs contiguous themselves, in C++, or read them through ATen ops that
+    take strides (tests/test_functional.py's non-contiguous test runs the CPU ops)."""
     return [None if t is None else t.contiguous() for t in tensors]
 
 

@@ -99,6 +99,31 @@ def test_a_module_keeps_the_plain_bar(predictions, monkeypatch):
 
 
 @needs_cpp
+def test_a_module_reads_its_own_route_to_the_kernel(predictions, monkeypatch):
+    """Where the table times the drop-in module on the fused kernel ("module"), a
+    module's auto reads that instead of the functional call's "cpp": its per-layer path
+    adds Python around each layer call, which at a single step of one row is most of it."""
+    from fused_rnn import nn_backend
+
+    calls = []
+    real = nn_backend.run_stack
+    monkeypatch.setattr(nn_backend, "run_stack", lambda *args: calls.append(1) or real(*args))
+    key = ("irnn", "inference", "float32", 1, 256, 1)
+    for via_module, whole_stack_calls in ((0.9, [1]), (1.4, [])):
+        predictions({key: {"cpp": 1.45, "nn": 0.98, "module": via_module}})
+        calls.clear()
+        with torch.no_grad():
+            fused_rnn.IRNN(42, 256)(torch.randn(1, 1, 42))
+        assert calls == whole_stack_calls, via_module
+        # the functional call reads "cpp" either way
+        assert fused_rnn.select_backend("cpu", torch.float32, cell="irnn", hidden=256, batch=1, steps=1,
+                                        training=False).name == "cpp"
+    module_choice = dispatch.auto_choice(torch.device("cpu"), torch.float32, "irnn", 256, 1, (), False, 1,
+                                         layer_route=False)
+    assert module_choice.name == "cpp" and "through a module" in module_choice.basis
+
+
+@needs_cpp
 def test_only_a_nearby_shape_predicts(predictions):
     predictions({("lstm", "training", "float32", 64, 256): {"cpp": 2.0}})
     near = fused_rnn.select_backend("cpu", torch.float32, cell="lstm", hidden=512, batch=32, training=True)
@@ -257,11 +282,21 @@ def test_measured_dispatch_is_off_unless_asked(monkeypatch):
     fused_rnn.set_measured_dispatch(None)
     assert not fused_rnn.measured_dispatch_enabled()
     # a fresh process reads it as it starts
-    code = "import fused_rnn; print(fused_rnn.measured_dispatch_enabled())"
-    for value, expected in (("1", "True"), ("0", "False"), ("", "False")):
-        env = {**os.environ, _measure.ENVIRONMENT_VARIABLE: value}
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        assert out.stdout.strip() == expected
+    env = {**os.environ, _measure.ENVIRONMENT_VARIABLE: "1"}
+    out = subprocess.run([sys.executable, "-c", "import fused_rnn; print(fused_rnn.measured_dispatch_enabled())"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+
+
+@needs_cpp
+def test_a_named_backend_s_memoised_answer_follows_the_install(monkeypatch):
+    """A named CPU backend's eligibility is memoised with auto's choices, and made again
+    when what it depends on changes (here: the compiled extension going missing)."""
+    call = dict(cell="irnn", hidden=8, batch=2, steps=3, training=False)
+    assert fused_rnn.select_backend("cpu", torch.float32, "cpp", **call).name == "cpp"
+    monkeypatch.setattr(dispatch, "_missing_requirement", lambda name: "no kernels here" if name == "cpp" else None)
+    with pytest.raises(ValueError, match="no kernels here"):
+        fused_rnn.select_backend("cpu", torch.float32, "cpp", **call)
 
 
 # ---- on a GPU: the model's predictions, and a refused cooperative launch ----

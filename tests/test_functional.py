@@ -153,6 +153,52 @@ def test_non_contiguous_inputs_give_the_contiguous_result(cpu_backend):
     torch.testing.assert_close(got, want, **exact)
 
 
+def _strided(t):
+    """The same values with other strides: a matrix or sequence with its first two dims'
+    strides swapped, a vector as every other element of a longer one."""
+    if t.dim() == 1:
+        return torch.stack([t, torch.zeros_like(t)], 1)[:, 0]
+    return t.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+@pytest.mark.skipif("cpp" not in fused_rnn.available_backends("cpu"), reason="the cpp backend is not built")
+def test_every_strided_argument_reaches_the_compiled_ops_as_its_values():
+    """No Python .contiguous() runs before the C++ ops: each strided argument (the
+    weights, a lone bias, the mask, w_hr, the states, the cells' inputs) gives the
+    contiguous call's outputs and gradients, bit for bit (the ops copy them in C++)."""
+    g = torch.Generator().manual_seed(3)
+
+    def leaves(*shapes):
+        return [torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_() for shape in shapes]
+
+    def outputs_and_grads(run, args):
+        outputs = [o for o in torch.utils._pytree.tree_leaves(run(*args)) if isinstance(o, torch.Tensor)]
+        grads = torch.autograd.grad(sum((o * (k + 1)).sum() for k, o in enumerate(outputs)), args)
+        return [o.detach() for o in outputs] + list(grads)
+
+    T, B, I, H, P = 4, 3, 5, 6, 4
+    mask = _strided(torch.bernoulli(torch.full((B, H), 0.5), generator=g).double() * 2)
+    cases = [
+        (lambda x, h0, w_ih, w_hh, b: fused_rnn.irnn(x, h0, w_ih, w_hh, b, None, backend="cpp",
+                                                     recurrent_mask=mask),
+         leaves((T, B, I), (B, H), (H, I), (H, H), (H,))),
+        (lambda x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr: fused_rnn.lstm(
+            x, (h0, c0), w_ih, w_hh, b_ih, b_hh, backend="cpp", w_hr=w_hr),
+         leaves((T, B, I), (B, P), (B, H), (4 * H, I), (4 * H, P), (4 * H,), (4 * H,), (P, H))),
+        (lambda x, h, w_ih, w_hh, b: fused_rnn.irnn_cell(x, h, w_ih, w_hh, b, None, backend="cpp"),
+         leaves((B, I), (B, H), (H, I), (H, H), (H,))),
+        (lambda x, h, c, w_ih, w_hh, b: fused_rnn.lstm_cell(x, (h, c), w_ih, w_hh, b, None, backend="cpp"),
+         leaves((B, I), (B, H), (B, H), (4 * H, I), (4 * H, H), (4 * H,))),
+    ]
+    for run, args in cases:
+        strided = [_strided(a) for a in args]
+        assert not any(a.is_contiguous() for a in strided)
+        want = outputs_and_grads(run, args)
+        got = outputs_and_grads(run, strided)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # ---- bad input: clear errors naming the argument and the expectation ----
 
 BAD_IRNN_CASES = [
