@@ -284,7 +284,7 @@ def test_measured_dispatch_is_off_unless_asked(monkeypatch):
     # a fresh process reads it as it starts
     env = {**os.environ, _measure.ENVIRONMENT_VARIABLE: "1"}
     out = subprocess.run([sys.executable, "-c", "import fused_rnn; print(fused_rnn.measured_dispatch_enabled())"],
-                         env=env, capture_output=True, text=True, check=True)
+                         env=env, capture_output=True, text=True, check=True, timeout=300)
     assert out.stdout.strip() == "True"
 
 
