@@ -204,8 +204,12 @@ def auto_choice(device: torch.device, dtype: torch.dtype, cell: Optional[str], h
         measured = _measure.measured_dispatch_enabled()
     if device.type != "cpu" or measured or torch.compiler.is_compiling():
         return _select_auto(device, dtype, cell, hidden, batch, options, training, steps, layer_route)
-    return _memoised((dtype, cell, hidden, batch, options, training, steps, layer_route), lambda: _select_auto(
-        device, dtype, cell, hidden, batch, options, training, steps, layer_route))
+    key = (dtype, cell, hidden, batch, options, training, steps, layer_route)
+    known = _CPU_CHOICES.get(key)  # the memo's hit inline: this runs on every layer call
+    if known is not None and known[0] == _cpu_context():
+        return known[1]
+    return _memoised(key, lambda: _select_auto(device, dtype, cell, hidden, batch, options, training, steps,
+                                               layer_route))
 
 
 def _requested_reason(backend: str, device: torch.device, dtype: torch.dtype, cell: Optional[str],

@@ -204,12 +204,16 @@ class _StackedRNN(nn.Module):
     """Multi-layer, optionally bidirectional stack of single-direction fused layers.
 
     Subclasses set ``_gates`` (1 for the IRNN, 4 for the LSTM) and ``mode`` (as
-    torch.nn.RNNBase) and implement ``_run_layer(x [T, B, I], state, weights, options)
-    -> (y [T, B, P], final state)``, options being the keyword arguments of the
-    functional call (recurrent_mask, lengths); P is ``proj_size`` or H.
+    torch.nn.RNNBase) and implement ``_run_layer(x [T, B, I], state, weights, options,
+    backend) -> (y [T, B, P], final state)``, options being the keyword arguments of the
+    functional call (recurrent_mask, lengths) and backend its backend; P is ``proj_size``
+    or H.
     """
 
     _gates = 1
+    # the IRNN's option, None for the LSTM: a class attribute, as a getattr default would
+    # cost the LSTM nn.Module.__getattr__'s raised AttributeError on every call (5-8 us)
+    hidden_clip: Optional[float] = None
 
     def __init__(self, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                  proj_size, device, dtype, backend, recurrent_dropout, weight_dropout):
@@ -404,7 +408,7 @@ class _StackedRNN(nn.Module):
         Returns (y [T, B, D*H], final states, each [L*D, B, H]).
         """
         weights = [self._layer_weights(index) for index in range(len(self._all_weights))]
-        whole = self._whole_stack_on_nn(x, states, lengths, weights)
+        whole, layer_backend = self._whole_stack_on_nn(x, states, lengths, weights)
         if whole is not None:
             return whole
         num_directions = self.num_directions
@@ -419,7 +423,7 @@ class _StackedRNN(nn.Module):
                 # within its length (padding stays at the end)
                 sequence = layer_input if direction == 0 else _reverse_within_lengths(layer_input, lengths)
                 options = dict(recurrent_mask=self._recurrent_mask(sequence), lengths=lengths)
-                y, final = self._run_layer(sequence, initial, self._dropped(weights[index]), options)
+                y, final = self._run_layer(sequence, initial, self._dropped(weights[index]), options, layer_backend)
                 outputs.append(y if direction == 0 else _reverse_within_lengths(y, lengths))
                 for kept, value in zip(finals, final):
                     kept.append(value)
@@ -439,27 +443,35 @@ class _StackedRNN(nn.Module):
         dropout, hidden_clip), autocast (whose mixed precision differs from ours), a
         measured dispatch still to measure, and on a GPU a call that records gradients
         (its backward may need the second-order wrapper of a layer call) take the
-        per-layer path. `weights`: each layer's _layer_weights."""
+        per-layer path. `weights`: each layer's _layer_weights. Returns (that result or
+        None, the backend the per-layer path's layer calls take): the module's own, or
+        the fused backend auto chose for a CPU call outside autocast and measured
+        dispatch, which each layer call then takes by name instead of choosing again
+        (as it would: 15-45 us of a module's single step)."""
         if self.backend not in ("auto", "nn"):  # a fused backend named by the caller: no choice to make
-            return None
-        if lengths is not None or self.recurrent_dropout > 0 or getattr(self, "hidden_clip", None) is not None \
+            return None, self.backend
+        if lengths is not None or self.recurrent_dropout > 0 or self.hidden_clip is not None \
                 or (self.training and self.weight_dropout > 0) or x.numel() == 0:
-            return None  # (a sequence of length 0 returns the initial state, where torch.nn raises)
+            return None, self.backend  # (a sequence of length 0 returns the initial state, where torch.nn raises)
         dtype, device = x.dtype, x.device
         tensors = [x, *states, *itertools.chain.from_iterable(weights)]
         training = functional._records_grad(tensors)
         if training and device.type != "cpu":
-            return None
+            return None, self.backend
         options = ("proj_size",) if self.proj_size else ()
         if self.backend == "auto":  # first the choice, which a call for a fused kernel stops at
             measured = measured_dispatch_enabled()
             choice = auto_choice(device, dtype, self._cell, self.hidden_size, x.shape[1], options, training,
                                  x.shape[0], measured, layer_route=False)
+            if choice.name != "nn" and not measured and device.type == "cpu" \
+                    and not functional.autocast_dtype("cpu"):
+                return None, choice.name
             if choice.name != "nn" or (measured and not choice.basis.startswith("measured")):
-                return None
+                return None, self.backend
         if functional.autocast_dtype(device.type) or x.shape[2] != self.input_size \
                 or not all_like(dtype, device, tensors):
-            return None  # autocast's mixed precision differs from ours; the per-layer path names a mistake
+            # autocast's mixed precision differs from ours; the per-layer path names a mistake
+            return None, self.backend
         if self.backend == "nn":  # raises where torch.nn's kernels cannot run these tensors
             select_backend(device, dtype, "nn", cell=self._cell, hidden=self.hidden_size, options=options)
         if states[0] is None or states[-1] is None:
@@ -467,14 +479,14 @@ class _StackedRNN(nn.Module):
             widths = (self.proj_size or self.hidden_size, self.hidden_size)
             states = tuple(x.new_zeros(layers, batch, width) if s is None else s for s, width in zip(states, widths))
         return nn_backend.run_stack(self._cell, x, states, weights, self.num_layers, self.dropout, self.training,
-                                    self.bidirectional)
+                                    self.bidirectional), "nn"
 
     def _finish_output(self, y: Tensor, batched: bool) -> Tensor:
         if not batched:
             return y.squeeze(1)
         return y.transpose(0, 1) if self.batch_first else y
 
-    def _run_layer(self, x, state, weights, options):
+    def _run_layer(self, x, state, weights, options, backend):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -582,8 +594,8 @@ class IRNN(_StackedRNN):
             _init_irnn_weights(*self._layer_weights(index)[:4], self.hh_init, self.hh_scale,
                                self.ih_init, self.ih_std)
 
-    def _run_layer(self, x, state, weights, options):
-        y, h_n = functional.irnn(x, state[0], *weights[:4], backend=self.backend, hidden_clip=self.hidden_clip,
+    def _run_layer(self, x, state, weights, options, backend):
+        y, h_n = functional.irnn(x, state[0], *weights[:4], backend=backend, hidden_clip=self.hidden_clip,
                                  **options)
         return y, (h_n,)
 
@@ -647,10 +659,10 @@ class LSTM(_StackedRNN):
         for parameter in self.parameters():
             parameter.uniform_(-bound, bound)
 
-    def _run_layer(self, x, state, weights, options):
+    def _run_layer(self, x, state, weights, options, backend):
         h0, c0 = state
         w_ih, w_hh, b_ih, b_hh, w_hr = weights
-        y, (h_n, c_n) = functional.lstm(x, (h0, c0), w_ih, w_hh, b_ih, b_hh, backend=self.backend, w_hr=w_hr,
+        y, (h_n, c_n) = functional.lstm(x, (h0, c0), w_ih, w_hh, b_ih, b_hh, backend=backend, w_hr=w_hr,
                                         **options)
         return y, (h_n, c_n)
 

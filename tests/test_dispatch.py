@@ -124,6 +124,31 @@ def test_a_module_reads_its_own_route_to_the_kernel(predictions, monkeypatch):
 
 
 @needs_cpp
+def test_a_module_chooses_once_for_its_layers(predictions, monkeypatch):
+    """A module whose auto takes a fused kernel on the CPU hands each layer call that
+    backend by name, so the layer calls do not choose again; under autocast (another
+    dtype's choice) they do."""
+    from fused_rnn import functional
+
+    predictions({("lstm", "inference", "float32", 1, 256, 1): {"cpp": 3.0, "nn": 1.0, "module": 2.0}})
+    layer_choices = []
+    real = functional.auto_choice
+    monkeypatch.setattr(functional, "auto_choice", lambda *args, **kw: layer_choices.append(1) or real(*args, **kw))
+    module = fused_rnn.LSTM(42, 256, num_layers=2)
+    x = torch.randn(1, 1, 42)
+    with torch.no_grad():
+        y, (h_n, c_n) = module(x)
+        assert layer_choices == []
+        reference = fused_rnn.LSTM(42, 256, num_layers=2, backend="cpp")
+        reference.load_state_dict(module.state_dict())
+        want = reference(x)
+        torch.testing.assert_close((y, (h_n, c_n)), want, rtol=0, atol=0)
+        with torch.autocast("cpu", torch.bfloat16):
+            module(x)
+    assert len(layer_choices) == 2
+
+
+@needs_cpp
 def test_only_a_nearby_shape_predicts(predictions):
     predictions({("lstm", "training", "float32", 64, 256): {"cpp": 2.0}})
     near = fused_rnn.select_backend("cpu", torch.float32, cell="lstm", hidden=512, batch=32, training=True)
