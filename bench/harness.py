@@ -9,7 +9,9 @@ runs the same single layer with the same weights:
   the CPU, cuDNN on a GPU), the baseline;
 - a fused_rnn backend (``cpp``, ``cuda``, ``triton``, ``nn``, ``torch``) or ``auto``:
   :func:`fused_rnn.irnn` / :func:`fused_rnn.lstm` with that ``backend``, where dispatch
-  lets it take the case (``auto`` shows what a user gets by default).
+  lets it take the case (``auto`` shows what a user gets by default);
+- ``module`` (CPU): the drop-in module, ``fused_rnn.IRNN`` / ``LSTM`` with backend
+  ``cpp``, on the baseline's own parameters (a module's ``auto`` reads its ratio).
 
 Every contender's outputs, final states and gradients are checked against the
 baseline before anything is timed. Timing is made for a shared, noisy machine: after a

@@ -10,7 +10,8 @@ outputs, gradients and second derivatives match the PyTorch module. Mistakes rai
 exceptions that are instances of the class torch.nn raises for them (see
 :mod:`fused_rnn._validation`). Every layer and direction runs one call of the
 functional API (:func:`fused_rnn.functional.irnn` / :func:`~fused_rnn.functional.lstm`),
-which picks the kernel from ``backend``: a keyword-only constructor argument and a
+or, where ``auto`` keeps torch.nn's kernels for all of them, one call for the whole
+stack; ``backend`` picks the kernel: a keyword-only constructor argument and a
 plain attribute that can be changed at any time (``"auto"``, ``"cpp"``, ``"cuda"``,
 ``"triton"``, ``"torch"``; see :func:`fused_rnn.select_backend`).
 
