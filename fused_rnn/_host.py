@@ -3,7 +3,8 @@
 The C++ kernels (CPU and CUDA) share their own in ``csrc/layer_common.h``; these serve
 the functional API, the ops' autograd, the Triton launchers and the torch loop:
 the combined bias, zero initial states, missing upstream gradients, the input
-projection before a scan and the weight-gradient GEMMs after it.
+projection before a scan, the weight-gradient GEMMs after it, and the result of a
+call that runs no step.
 """
 
 from typing import Optional, Tuple
@@ -67,3 +68,37 @@ def weight_grads(dpre: Tensor, x: Tensor, h0: Optional[Tensor], y: Tensor, w_ih:
     dbias = dpre2d.sum(0).to(x.dtype)
     dx = (dpre2d @ w_ih.to(dtype)).view(x.shape).to(x.dtype) if need_dx else None
     return dx, dw_ih, dw_hh, dbias
+
+
+class _NoStep(torch.autograd.Function):
+    """The result of a layer call that runs no step (T = 0, or every row of length 0):
+    y of zeros and the initial states, in autograd's graph as the fused kernels' results
+    are, so that a backward through them works whatever requires grad: the states'
+    gradients reach the initial states, and x and the weights get zeros (as the fused
+    backends give them), never an error for a y that does not require grad."""
+
+    @staticmethod
+    def forward(ctx, width: int, count: int, x: Tensor, *rest):
+        states = rest[:count]
+        ctx.set_materialize_grads(False)
+        ctx.count = count
+        ctx.metas = [None if t is None else (t.shape, t.dtype, t.device) for t in (x, *rest)]
+        return (x.new_zeros(x.shape[0], x.shape[1], width), *(s.clone() for s in states))
+
+    @staticmethod
+    def backward(ctx, _grad_y, *grad_states):
+        grads = []
+        for i, (meta, need) in enumerate(zip(ctx.metas, ctx.needs_input_grad[2:])):
+            if 1 <= i <= ctx.count and need:  # an initial state: h_n = h0 (c_n = c0)
+                grad = grad_states[i - 1]
+                grads.append(grad if grad is not None else torch.zeros(meta[0], dtype=meta[1], device=meta[2]))
+            else:
+                grads.append(torch.zeros(meta[0], dtype=meta[1], device=meta[2]) if need else None)
+        return (None, None, *grads)
+
+
+def no_step(x: Tensor, states: Tuple[Tensor, ...], *weights) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+    """(y of zeros [T, B, width of the states' first], the initial states' copies) of a
+    call that runs no step; see _NoStep."""
+    y, *finals = _NoStep.apply(states[0].shape[1], len(states), x, *states, *weights)
+    return y, tuple(finals)

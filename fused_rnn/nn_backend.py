@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from ._double_backward import irnn_layer_grads, lstm_layer_grads, wants_graph
+from ._host import no_step
 
 
 def _params(w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
@@ -58,7 +59,7 @@ def _run(op, x: Tensor, states: Tuple[Tensor, ...], params: List[Tensor], has_bi
     lengths = lengths.to("cpu", torch.int64)
     present = torch.nonzero(lengths > 0).flatten()
     if len(present) == 0:  # no step to run: zeros out, the initial states kept
-        return x.new_zeros(steps, batch, states[0].shape[1]), tuple(s.clone() for s in states)
+        return no_step(x, states, *params)
     if len(present) < batch:  # packing cannot take a sequence of length 0: it keeps its state
         y_rows, final_rows = _run(op, x[:, present.to(x.device)], tuple(s[present.to(s.device)] for s in states),
                                   params, has_biases, lengths[present])
@@ -142,7 +143,8 @@ def irnn_layer(x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Optional
                _wrapped: bool = False) -> Tuple[Tensor, Tensor]:
     """One IRNN layer on torch.nn's kernels: x [T, B, I], h0 [B, H] -> (y [T, B, H], h_T [B, H])."""
     if x.shape[0] == 0:
-        return x.new_empty(0, x.shape[1], w_hh.shape[1]), h0.clone()
+        y, (h_n,) = no_step(x, (h0,), w_ih, w_hh, b_ih, b_hh)
+        return y, h_n
     if not _wrapped and _second_order_safe(x, h0, w_ih, w_hh, b_ih, b_hh):
         return _SecondOrderOnGPU.apply("irnn", {"lengths": lengths, "_wrapped": True}, x, h0, w_ih, w_hh, b_ih, b_hh)
     params, has_biases = _params(w_ih, w_hh, b_ih, b_hh)
@@ -161,7 +163,7 @@ def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_
     """One LSTM layer on torch.nn's kernels: x [T, B, I], h0 [B, P], c0 [B, H] ->
     (y [T, B, P], (h_T, c_T)); w_hr [P, H] for nn.LSTM(proj_size=P), else None (P = H)."""
     if x.shape[0] == 0:
-        return x.new_empty(0, x.shape[1], w_hh.shape[1]), (h0.clone(), c0.clone())
+        return no_step(x, (h0, c0), w_ih, w_hh, b_ih, b_hh, w_hr)
     if not _wrapped and _second_order_safe(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
         y, h_n, c_n = _SecondOrderOnGPU.apply("lstm", {"lengths": lengths, "_wrapped": True}, x, h0, c0, w_ih, w_hh,
                                               b_ih, b_hh, w_hr)

@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._host import combined_bias, input_projection
+from ._host import combined_bias, input_projection, no_step
 
 
 def active_steps(lengths: Optional[Tensor], steps: int, device) -> Optional[Tensor]:
@@ -51,7 +51,8 @@ def irnn_loop(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, recurrent_mask=None, leng
         h = _advance(h_new, h, active_t)
         outputs.append(_output(h, active_t))
     if not outputs:
-        return pre.new_empty(0, x.shape[1], w_hh.shape[1]), h0.clone()
+        y, (h_n,) = no_step(x, (h0,), w_ih, w_hh, b_ih, b_hh)
+        return y, h_n
     return torch.stack(outputs), h
 
 
@@ -82,7 +83,8 @@ def lstm_loop(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, recurrent_mask=None,
         h, c = _advance(h_new, h, active_t), _advance(c_new, c, active_t)
         outputs.append(_output(h, active_t))
     if not outputs:
-        return pre.new_empty(0, x.shape[1], w_hh.shape[1]), h0.clone(), c0.clone()
+        y, (h_n,) = no_step(x, (h0,), w_ih, w_hh, b_ih, b_hh)
+        return y, h_n, c0.clone()
     return torch.stack(outputs), h, c
 
 

@@ -128,3 +128,46 @@ def test_gradcheck_with_options(cell):
             return y, h, c
         inputs_ = (x, h0, c0, w_ih, w_hh, b)
     assert torch.autograd.gradcheck(layer, inputs_)
+
+
+NO_STEP_BACKENDS = fused_rnn.available_backends("cpu") + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1"
+                                                          else [])
+
+
+@pytest.mark.parametrize("backend", NO_STEP_BACKENDS)
+@pytest.mark.parametrize("case", ["T0", "all-lengths-0"])
+@pytest.mark.parametrize("cell", ["irnn", "lstm"])
+def test_a_call_that_runs_no_step_stays_in_the_graph(cell, case, backend):
+    """T = 0, or every row of length 0: y is zeros and the final states are the initial
+    ones, and on every backend the results are in autograd's graph as a stepped call's
+    are: a backward through y alone works (torch.nn's route and the loop once returned a
+    y that did not require grad, so that y.sum().backward() raised), the states'
+    gradients reach h0 (and c0), and x and the weights get zeros."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    gates = 1 if cell == "irnn" else 4
+    steps, batch, inputs, hidden = (0 if case == "T0" else 3), 2, 3, 4
+    lengths = torch.zeros(batch, dtype=torch.long) if case != "T0" else None
+    torch.manual_seed(0)
+    x = torch.randn(steps, batch, inputs, dtype=dtype, requires_grad=True)
+    states = [torch.randn(batch, hidden, dtype=dtype, requires_grad=True) for _ in range(1 if cell == "irnn" else 2)]
+    weights = [torch.randn(gates * hidden, inputs, dtype=dtype, requires_grad=True),
+               torch.randn(gates * hidden, hidden, dtype=dtype, requires_grad=True),
+               torch.randn(gates * hidden, dtype=dtype, requires_grad=True)]
+    if cell == "irnn":
+        y, h_n = fused_rnn.irnn(x, states[0], *weights, None, backend=backend, lengths=lengths)
+        finals = (h_n,)
+    else:
+        y, finals = fused_rnn.lstm(x, tuple(states), *weights, None, backend=backend, lengths=lengths)
+    assert y.shape == (steps, batch, hidden) and not y.any()
+    for final, state in zip(finals, states):
+        assert torch.equal(final, state) and final is not state
+    assert y.requires_grad and all(f.requires_grad for f in finals)
+    y.sum().backward(retain_graph=True)  # y alone
+    for t in (x, *weights):
+        assert t.grad is None or not t.grad.any()
+    seeds = [torch.randn_like(f) for f in finals]
+    grads = torch.autograd.grad([*finals], [x, *states, *weights], seeds, allow_unused=True)
+    for got, seed in zip(grads[1:1 + len(states)], seeds):
+        assert torch.equal(got, seed)  # h_n = h0: the identity
+    for got in (grads[0], *grads[1 + len(states):]):
+        assert got is None or not got.any()
