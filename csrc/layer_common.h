@@ -108,19 +108,33 @@ struct WeightGrads {
 // on neither way is clearly faster.
 constexpr int64_t kStackedMinRows = 16;
 
+// `lengths` [B] (int64, or undefined without the option): the rows (t, b) with t past
+// their sequence's length ran no step, so their dpre is zero, but their x (padding,
+// which may hold anything) and h_{t-1} (an initial state a length-0 row never used)
+// must not reach the products either: 0 * NaN is NaN. Those operand rows are zeroed.
 inline WeightGrads weight_grads(const at::Tensor& dpre, const at::Tensor& x, const at::Tensor& h0,
-                                const at::Tensor& y, const at::Tensor& w_ih, const at::Tensor& w_hh, bool need_dx,
-                                Matmul matmul = aten_matmul, Transpose transposed = aten_transposed) {
+                                const at::Tensor& y, const at::Tensor& lengths, const at::Tensor& w_ih,
+                                const at::Tensor& w_hh, bool need_dx, Matmul matmul = aten_matmul,
+                                Transpose transposed = aten_transposed) {
   const int64_t steps = x.size(0), batch = x.size(1), inputs = x.size(2), hidden = w_hh.size(1);
   const int64_t rows = steps * batch, gh = w_hh.size(0);
   auto dpre2d = dpre.view({rows, gh});
   WeightGrads grads;
   grads.dx = need_dx ? matmul(dpre2d, w_ih, std::nullopt).view(x.sizes()) : at::empty({0}, x.options());
+  const at::Tensor inactive =  // [T*B, 1]: row (t, b) past its length
+      lengths.defined() ? (at::arange(steps, lengths.options()).unsqueeze(1) >= lengths.unsqueeze(0))
+                              .view({rows, 1})
+                              .to(x.device())
+                        : at::Tensor();
   if (rows < kStackedMinRows) {  // each gradient straight into its own layout
     const auto dpre_t = dpre2d.t();
-    grads.dw_ih = matmul(dpre_t, x.view({rows, inputs}), std::nullopt);
-    const auto h_prev =
-        steps == 1 ? h0 : at::cat({h0, y.slice(0, 0, steps - 1).reshape({rows - batch, hidden})}, 0);
+    auto x2d = x.view({rows, inputs});
+    auto h_prev = steps == 1 ? h0 : at::cat({h0, y.slice(0, 0, steps - 1).reshape({rows - batch, hidden})}, 0);
+    if (inactive.defined()) {
+      x2d = x2d.masked_fill(inactive, 0);
+      h_prev = h_prev.masked_fill(inactive, 0);
+    }
+    grads.dw_ih = matmul(dpre_t, x2d, std::nullopt);
     grads.dw_hh = matmul(dpre_t, h_prev, std::nullopt);
     grads.dbias = matmul(at::ones({1, rows}, dpre.options()), dpre2d, std::nullopt).view({gh});
     return grads;
@@ -132,6 +146,7 @@ inline WeightGrads weight_grads(const at::Tensor& dpre, const at::Tensor& x, con
   h_prev.narrow(0, 0, batch).copy_(h0);
   if (steps > 1) h_prev.narrow(0, batch, rows - batch).copy_(y.slice(0, 0, steps - 1).reshape({rows - batch, hidden}));
   operands.narrow(1, inputs + hidden, 1).fill_(1);
+  if (inactive.defined()) operands.masked_fill_(inactive, 0);  // the bias column too: its dpre is zero there
   auto stacked = matmul(operands.t(), dpre2d, std::nullopt);  // [I + H + 1, G*H]
   grads.dw_ih = transposed(stacked.narrow(0, 0, inputs));
   grads.dw_hh = transposed(stacked.narrow(0, inputs, hidden));

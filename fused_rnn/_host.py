@@ -31,6 +31,17 @@ def zeros_if_none(grad: Optional[Tensor], like: Tensor) -> Tensor:
     return torch.zeros_like(like) if grad is None else grad
 
 
+def refuse_mask_gradient(recurrent_mask: Optional[Tensor]) -> None:
+    """The compiled ops treat a recurrent mask as a constant (recurrent dropout's masks
+    are): one that requires grad would get no gradient, silently. Called where their
+    autograd records a call; the functional API sends such a call to the torch loop
+    (dispatch.MASK_GRADIENT)."""
+    if recurrent_mask is not None and recurrent_mask.requires_grad:
+        raise ValueError("fused_rnn: the fused kernels do not differentiate recurrent_mask, which requires grad "
+                         "here: detach it (a dropout mask is a constant), or call fused_rnn.irnn / fused_rnn.lstm "
+                         "with backend='torch' or 'auto', which run the torch loop for it")
+
+
 def state_dtype(x: Tensor) -> torch.dtype:
     """The dtype of the state the kernels keep (LSTM cells, gates): float32 for
     bfloat16/float16 layers, else the inputs' dtype."""
@@ -49,11 +60,15 @@ def input_projection(x: Tensor, w_ih: Tensor, bias: Optional[Tensor], dtype: Opt
 
 
 def weight_grads(dpre: Tensor, x: Tensor, h0: Optional[Tensor], y: Tensor, w_ih: Tensor, need_dx: bool,
-                 keep: Optional[Tensor] = None) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
+                 keep: Optional[Tensor] = None, lengths: Optional[Tensor] = None
+                 ) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
     """The gradients that are sums over time, as GEMMs over all steps in dpre's dtype,
     returned in x's: dpre [T, B, G*H] = dL/d(pre-activation) -> (dx or None,
     dW_ih = dpre^T x, dW_hh = dpre^T (h_{t-1} * keep), dbias = sum dpre), with
-    h_{t-1} = h0 (zeros if None) at t = 0, else y_{t-1}."""
+    h_{t-1} = h0 (zeros if None) at t = 0, else y_{t-1}. With `lengths`, the rows past
+    a sequence's length (no step ran there, their dpre is zero) have x and h_{t-1}
+    zeroed: padding may hold anything, and 0 * NaN is NaN (csrc/layer_common.h does the
+    same)."""
     steps, batch, inputs = x.shape
     hidden = y.shape[2]
     dtype = dpre.dtype
@@ -62,9 +77,13 @@ def weight_grads(dpre: Tensor, x: Tensor, h0: Optional[Tensor], y: Tensor, w_ih:
     h_prev = torch.cat([h_first.unsqueeze(0), y[:-1].to(dtype)])
     if keep is not None:
         h_prev = h_prev * keep.to(dtype)
+    operand = x.to(dtype)
+    if lengths is not None:
+        active = (torch.arange(steps, device=x.device)[:, None] < lengths.to(x.device)[None, :])[:, :, None]
+        operand, h_prev = torch.where(active, operand, 0.0), torch.where(active, h_prev, 0.0)
     h_prev = h_prev.reshape(steps * batch, hidden)
     dw_hh = (dpre2d.t() @ h_prev).to(x.dtype)
-    dw_ih = (dpre2d.t() @ x.reshape(steps * batch, inputs).to(dtype)).to(x.dtype)
+    dw_ih = (dpre2d.t() @ operand.reshape(steps * batch, inputs)).to(x.dtype)
     dbias = dpre2d.sum(0).to(x.dtype)
     dx = (dpre2d @ w_ih.to(dtype)).view(x.shape).to(x.dtype) if need_dx else None
     return dx, dw_ih, dw_hh, dbias

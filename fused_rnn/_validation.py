@@ -175,12 +175,16 @@ def check_sequence_options(x: Tensor, width: int, recurrent_mask: Optional[Tenso
         if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.is_complex():
             raise InputTypeError(f"lengths must hold integers, got {lengths.dtype}")
         check_shape("lengths", lengths, (batch,), f"[B] = [{batch}]")
-        if torch.compiler.is_compiling():
+        if lengths.is_meta and not x.is_meta:
+            raise InputError("lengths must hold values (on the CPU or x's device), got a tensor on the meta device")
+        if torch.compiler.is_compiling() or lengths.is_meta:  # (meta lengths: x on meta too, checked above)
             # traced: no Python branch on the values (torch.compile(fullgraph=True) would break
-            # the graph there); the same check runs in the graph instead
+            # the graph there); the same check runs in the graph instead (meta tensors: shapes
+            # only, nothing to check)
             torch._assert_async(((lengths >= 0) & (lengths <= steps)).all(),
                                 f"lengths must lie in [0, T] = [0, {steps}]")
         elif batch and (int(lengths.min()) < 0 or int(lengths.max()) > steps):
             raise InputError(f"lengths must lie in [0, T] = [0, {steps}], got {lengths.tolist()}")
-    if hidden_clip is not None and not (isinstance(hidden_clip, (int, float)) and hidden_clip > 0):
+    if hidden_clip is not None and (isinstance(hidden_clip, bool) or not (isinstance(hidden_clip, (int, float))
+                                                                           and hidden_clip > 0)):
         raise ValueError(f"hidden_clip must be a positive number, got {hidden_clip!r}")

@@ -60,8 +60,16 @@ FUSED = ("cpp", "cuda", "triton")  # the package's own kernels
 # (nn.LSTM(proj_size=P), the w_hr argument), which the CPU kernels and torch.nn do.
 # torch.nn has lengths (through packing) and the projection, not the recurrent mask or
 # the clip. Dispatch checks this table before using a backend.
+# Two more describe a call rather than name an argument: a recurrent mask that requires
+# grad (only the torch loop differentiates the mask; the kernels treat it as a constant,
+# as recurrent dropout's masks are) and a projection at least as wide as the cell (P >=
+# H, which the CPU kernels and the loop run; nn.LSTM refuses it, and ATen's kernels,
+# which infer the projection from h's width, fail at P = H with an error that names no
+# argument: torch.nn's are kept to the P < H they are made for).
 _OPTIONS = ("recurrent_mask", "lengths", "hidden_clip")
-OPTION_SUPPORT = {"cpp": _OPTIONS + ("proj_size",), "cuda": _OPTIONS, "triton": _OPTIONS,
+MASK_GRADIENT = "recurrent_mask's gradient"
+WIDE_PROJECTION = "proj_size >= hidden_size"
+OPTION_SUPPORT = {"cpp": _OPTIONS + ("proj_size", WIDE_PROJECTION), "cuda": _OPTIONS, "triton": _OPTIONS,
                   "nn": ("lengths", "proj_size")}
 _GATES = {"irnn": 1, "lstm": 4}
 # How much faster a fused backend must be predicted to run than torch.nn's kernels for

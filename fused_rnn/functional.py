@@ -27,7 +27,15 @@ from . import _measure, nn_backend, torch_loop
 from . import ops as _compiled_ops  # noqa: F401  (registers the compiled ops' fakes and autograd)
 from ._host import combined_bias, zero_state
 from ._validation import InputTypeError, check_layer_args, check_sequence_options
-from .dispatch import auto_choice, available_backends, select_backend  # noqa: F401  (importable from here, where they lived)
+
+# available_backends and select_backend stay importable from here, where they lived
+from .dispatch import (  # noqa: F401
+    MASK_GRADIENT,
+    WIDE_PROJECTION,
+    auto_choice,
+    available_backends,
+    select_backend,
+)
 
 
 class IRNNFunction:
@@ -105,15 +113,23 @@ def _autocast(x: Tensor, *tensors):
     (bfloat16 or float16): the kernels then run that mixed precision, float32 state and
     accumulation, as they do for such inputs. Gradients flow back to the float32
     originals through the casts. Unchanged outside autocast."""
+    if not isinstance(x, Tensor):  # check_layer_args names the mistake
+        return (x, *tensors)
     # is_cpu before x.device, which builds a device object: this runs on every layer call
-    dtype = autocast_dtype("cpu" if isinstance(x, Tensor) and x.is_cpu else x.device.type)
+    dtype = autocast_dtype("cpu" if x.is_cpu else x.device.type)
     if dtype is None:
         return (x, *tensors)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype == torch.float32 else t for t in (x, *tensors))
 
 
 def _options_in_use(**options) -> Tuple[str, ...]:
-    return tuple(name for name, value in options.items() if value is not None)
+    """The names of the options given, and dispatch.MASK_GRADIENT for a recurrent mask
+    autograd must differentiate (dispatch then takes the one backend that does)."""
+    used = tuple(name for name, value in options.items() if value is not None)
+    mask = options.get("recurrent_mask")
+    if mask is not None and mask.requires_grad and torch.is_grad_enabled():
+        used += (MASK_GRADIENT,)
+    return used
 
 
 def irnn(
@@ -138,7 +154,10 @@ def irnn(
     every step (variational recurrent dropout: 0 or 1/(1-p), one mask per sequence);
     ``lengths`` [B] integers: sequence b stops after lengths[b] steps (its state is then
     frozen, so h_T is the state at its length, and y is zero beyond it);
-    ``hidden_clip`` c: ``h_t = min(relu(z_t), c)``.
+    ``hidden_clip`` c: ``h_t = min(relu(z_t), c)``. The fused kernels take the mask as a
+    constant: a mask that requires grad runs on the torch loop, which differentiates it
+    (naming a fused backend for it raises). Padding past a sequence's length reaches no
+    output and no gradient.
     """
     x, h0, w_ih, w_hh, b_ih, b_hh, recurrent_mask = _autocast(x, h0, w_ih, w_hh, b_ih, b_hh, recurrent_mask)
     check_layer_args(x, {"h0": h0}, w_ih, w_hh, b_ih, b_hh, gates=1, x_rank=3)
@@ -193,7 +212,8 @@ def lstm(
 
     ``w_hr`` [P, H]: the output projection of ``nn.LSTM(proj_size=P)``,
     ``h_t = (o_t * tanh(c_t)) @ w_hr^T``; then h0, h_T and the mask are [B, P], w_hh is
-    [4H, P] and y is [T, B, P], while c0 and c_T stay [B, H].
+    [4H, P] and y is [T, B, P], while c0 and c_T stay [B, H]. P >= H, which nn.LSTM
+    refuses, runs on the CPU kernels and the torch loop, never on torch.nn's.
     """
     h0, c0 = _unpack_state(state)
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, recurrent_mask, w_hr = _autocast(x, h0, c0, w_ih, w_hh, b_ih, b_hh,
@@ -203,6 +223,8 @@ def lstm(
     if recurrent_mask is not None or lengths is not None or w_hr is not None:
         check_sequence_options(x, w_hh.shape[1], recurrent_mask, lengths, None, "H" if w_hr is None else "P")
         options = _options_in_use(recurrent_mask=recurrent_mask, lengths=lengths, proj_size=w_hr)
+        if w_hr is not None and w_hr.shape[0] >= w_hr.shape[1]:
+            options += (WIDE_PROJECTION,)
     tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
 
     def run(name):
@@ -305,6 +327,10 @@ def _call_op(op, *args):
 
 def irnn_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, backend="auto") -> Tensor:
     """One IRNN step: x [B, I], h [B, H] or None -> h_new [B, H] (weights as in :func:`irnn`)."""
+    # under autocast, bfloat16/float16 in and out as nn.RNNCell's (the compiled op, which autocast
+    # passes by, returned float32); lstm_cell casts nothing: under CPU autocast nn.LSTMCell's results
+    # are float32, as every backend's are
+    x, h, w_ih, w_hh, b_ih, b_hh = _autocast(x, h, w_ih, w_hh, b_ih, b_hh)
     check_layer_args(x, {"h": h}, w_ih, w_hh, b_ih, b_hh, gates=1, x_rank=2)
     h = zero_state(x, w_hh.shape[1]) if h is None else h
     name = _cell_backend(select_backend(x.device, x.dtype, backend, cell="irnn").name, w_hh)

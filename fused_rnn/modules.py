@@ -576,7 +576,8 @@ class IRNN(_StackedRNN):
                  hh_scale: float = 1.0, ih_init: str = "normal", ih_std: float = _DEFAULT_IH_STD,
                  recurrent_dropout: float = 0.0, weight_dropout: float = 0.0, hidden_clip: Optional[float] = None):
         _check_nonlinearity("IRNN", nonlinearity)
-        if hidden_clip is not None and not (isinstance(hidden_clip, numbers.Real) and hidden_clip > 0):
+        if hidden_clip is not None and (isinstance(hidden_clip, bool) or not (isinstance(hidden_clip, numbers.Real)
+                                                                               and hidden_clip > 0)):
             raise ValueError(f"hidden_clip must be a positive number or None, got {hidden_clip!r}")
         _check_irnn_init(hh_init, hh_scale, ih_init, ih_std)
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0,

@@ -39,7 +39,7 @@ import torch
 
 from ._double_backward import irnn_cell_grads, irnn_layer_grads, lstm_cell_grads, lstm_layer_grads, wants_graph
 from ._extension import HAS_C
-from ._host import state_dtype, zeros_if_none
+from ._host import refuse_mask_gradient, state_dtype, zeros_if_none
 
 OP_NAMES = (
     "irnn_scan_forward",
@@ -150,6 +150,7 @@ def _register():
     def irnn_scan_setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
         x, h0, w_ih, w_hh, bias, *options = inputs
+        refuse_mask_gradient(options[0] if options else None)
         ctx.save_for_backward(x, h0, w_ih, w_hh, output[0], bias)
         ctx.has_bias, ctx.options = bias is not None, tuple(options)
 
@@ -183,6 +184,7 @@ def _register():
     def lstm_scan_setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
         x, h0, c0, w_ih, w_hh, bias, recurrent_mask, lengths, w_hr = inputs
+        refuse_mask_gradient(recurrent_mask)
         y, _, _, cells, gates = output
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, y, cells, gates, w_hr, bias)
         ctx.mark_non_differentiable(cells, gates)

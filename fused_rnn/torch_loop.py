@@ -20,8 +20,17 @@ def active_steps(lengths: Optional[Tensor], steps: int, device) -> Optional[Tens
     return (torch.arange(steps, device=device)[:, None] < lengths.to(device)[None, :])[:, :, None]
 
 
-def _recurrent_input(h: Tensor, mask: Optional[Tensor]) -> Tensor:
+def _recurrent_input(h: Tensor, mask: Optional[Tensor], active_t: Optional[Tensor]) -> Tensor:
+    # a row past its length runs no step: its state must not reach the product (nor, in
+    # the backward, W_hh's gradient, where 0 * NaN would be NaN)
+    h = h if active_t is None else torch.where(active_t, h, 0.0)
     return h if mask is None else h * mask
+
+
+def _unpadded(x: Tensor, active: Optional[Tensor]) -> Tensor:
+    """x with the padding past each sequence's length zeroed: it may hold anything, and
+    no value of it may reach the products or their gradients (0 * NaN is NaN)."""
+    return x if active is None else torch.where(active, x, 0.0)
 
 
 def _advance(new: Tensor, old: Tensor, active_t: Optional[Tensor]) -> Tensor:
@@ -30,7 +39,7 @@ def _advance(new: Tensor, old: Tensor, active_t: Optional[Tensor]) -> Tensor:
 
 
 def _output(h: Tensor, active_t: Optional[Tensor]) -> Tensor:
-    return h if active_t is None else torch.where(active_t, h, torch.zeros_like(h))
+    return h if active_t is None else torch.where(active_t, h, 0.0)
 
 
 def irnn_loop(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, recurrent_mask=None, lengths=None,
@@ -39,15 +48,16 @@ def irnn_loop(x, h0, w_ih, w_hh, b_ih=None, b_hh=None, recurrent_mask=None, leng
     :func:`fused_rnn.irnn`: recurrent_mask [B, H] multiplies h_{t-1} in the recurrent
     product; lengths [B] stops each sequence (state frozen, y zero) after its length;
     h_t = min(relu(z_t), hidden_clip)."""
-    pre = input_projection(x, w_ih, combined_bias(b_ih, b_hh))  # [T, B, G*H]: one GEMM for every step
     active = active_steps(lengths, x.shape[0], x.device)
+    # [T, B, G*H]: one GEMM for every step
+    pre = input_projection(_unpadded(x, active), w_ih, combined_bias(b_ih, b_hh))
     h = h0
     outputs = []
     for t, pre_t in enumerate(pre):
-        h_new = torch.relu(torch.addmm(pre_t, _recurrent_input(h, recurrent_mask), w_hh.t()))
+        active_t = None if active is None else active[t]
+        h_new = torch.relu(torch.addmm(pre_t, _recurrent_input(h, recurrent_mask, active_t), w_hh.t()))
         if hidden_clip is not None:
             h_new = torch.clamp(h_new, max=hidden_clip)
-        active_t = None if active is None else active[t]
         h = _advance(h_new, h, active_t)
         outputs.append(_output(h, active_t))
     if not outputs:
@@ -71,20 +81,24 @@ def lstm_loop(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, recurrent_mask=None,
 
     With a projection w_hr [P, H] (``nn.LSTM(proj_size=P)``): h_t = (o * tanh(c_t)) @ w_hr^T,
     so h0, y and h_T are [., B, P], w_hh is [4H, P] and the mask [B, P]; c stays [B, H]."""
-    pre = input_projection(x, w_ih, combined_bias(b_ih, b_hh))  # [T, B, G*H]: one GEMM for every step
     active = active_steps(lengths, x.shape[0], x.device)
+    # [T, B, G*H]: one GEMM for every step
+    pre = input_projection(_unpadded(x, active), w_ih, combined_bias(b_ih, b_hh))
     h, c = h0, c0
     outputs = []
     for t, pre_t in enumerate(pre):
-        h_new, c_new = lstm_cell_update(torch.addmm(pre_t, _recurrent_input(h, recurrent_mask), w_hh.t()), c)
+        active_t = None if active is None else active[t]
+        # c too: a length-0 row's c0 must not reach the cell's backward either
+        gates = torch.addmm(pre_t, _recurrent_input(h, recurrent_mask, active_t), w_hh.t())
+        c_in = c if active_t is None else torch.where(active_t, c, 0.0)
+        h_new, c_new = lstm_cell_update(gates, c_in)
         if w_hr is not None:
             h_new = h_new @ w_hr.t()
-        active_t = None if active is None else active[t]
         h, c = _advance(h_new, h, active_t), _advance(c_new, c, active_t)
         outputs.append(_output(h, active_t))
     if not outputs:
-        y, (h_n,) = no_step(x, (h0,), w_ih, w_hh, b_ih, b_hh)
-        return y, h_n, c0.clone()
+        y, (h_n, c_n) = no_step(x, (h0, c0), w_ih, w_hh, b_ih, b_hh, w_hr)
+        return y, h_n, c_n
     return torch.stack(outputs), h, c
 
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 import fused_rnn
 from helpers import options_for
@@ -319,6 +320,26 @@ def test_autocast_runs_the_layers_in_bfloat16(cpu_backend):
         torch.testing.assert_close(got.float(), want, rtol=5e-2, atol=1e-2)
         got.float().sum().backward()
         assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
+
+
+def test_autocast_gives_the_cells_torch_nn_s_dtypes(cpu_backend):
+    """Under torch.autocast("cpu", bfloat16) the cells return what nn.RNNCell and
+    nn.LSTMCell return there (bfloat16, and float32 for the LSTM cell's h and c), on
+    every backend: the compiled IRNN cell, which autocast passes by, returned float32."""
+    torch.manual_seed(0)
+    x, h, c = torch.randn(3, 5), torch.randn(3, 7), torch.randn(3, 7)
+    rnn_cell, lstm_cell = nn.RNNCell(5, 7, nonlinearity="relu"), nn.LSTMCell(5, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want_rnn = rnn_cell(x, h)
+        want_lstm = lstm_cell(x, (h, c))
+        got_rnn = fused_rnn.irnn_cell(x, h, *rnn_cell.parameters(), backend=cpu_backend)
+        got_lstm = fused_rnn.lstm_cell(x, (h, c), *lstm_cell.parameters(), backend=cpu_backend)
+    assert got_rnn.dtype == want_rnn.dtype == torch.bfloat16
+    assert [t.dtype for t in got_lstm] == [t.dtype for t in want_lstm]
+    # bfloat16 keeps 8 significant bits (eps 7.8e-3): one step's roundings of O(1) values
+    torch.testing.assert_close(got_rnn.float(), want_rnn.float(), rtol=5e-2, atol=2e-2)
+    for got, want in zip(got_lstm, want_lstm):
+        torch.testing.assert_close(got.float(), want.float(), rtol=5e-2, atol=2e-2)
 
 
 # ---- second derivatives (create_graph=True): float64 gradgradcheck, every backend ----

@@ -168,3 +168,5 @@ def test_weight_dropout_and_hidden_clip():
         fused_rnn.LSTM(2, 3, recurrent_dropout=1.0)
     with pytest.raises(ValueError, match="hidden_clip must be a positive number"):
         fused_rnn.IRNN(2, 3, hidden_clip=-1.0)
+    with pytest.raises(ValueError, match="hidden_clip must be a positive number"):
+        fused_rnn.IRNN(2, 3, hidden_clip=True)  # a bool is no number here

@@ -144,3 +144,25 @@ def test_projection_shapes_are_checked():
     with pytest.raises(ValueError, match=r"w_hh must be 2-D \[4\*H, H\]"):
         fused_rnn.lstm(*args)  # a [4H, P] w_hh without its projection
 
+
+
+@pytest.mark.parametrize("width", [4, 6], ids=["P=H", "P>H"])
+def test_a_projection_as_wide_as_the_cell_never_reaches_torch_nn(width):
+    """w_hr [P, H] with P >= H: the CPU kernels and the loop run it (h_t is then a
+    linear map of the H-wide o * tanh(c)). nn.LSTM refuses proj_size >= hidden_size, and
+    ATen's kernels, which infer the projection from h's width, fail at P = H with an
+    error about ArrayRef strides that names no argument: auto never takes them for it,
+    and naming them says why."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    w_ih, w_hh = torch.randn(16, 3, dtype=torch.float64), 0.5 * torch.randn(16, width, dtype=torch.float64)
+    w_hr = 0.5 * torch.randn(width, 4, dtype=torch.float64)
+    want = fused_rnn.lstm(x, None, w_ih, w_hh, w_hr=w_hr, backend="torch")
+    got = fused_rnn.lstm(x, None, w_ih, w_hh, w_hr=w_hr)
+    # float64, the same products in another order
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    choice = fused_rnn.select_backend("cpu", torch.float64, cell="lstm",
+                                      options=("proj_size", fused_rnn.dispatch.WIDE_PROJECTION))
+    assert choice.name != "nn" and "proj_size >= hidden_size" in choice.skipped["nn"]
+    with pytest.raises(ValueError, match="proj_size >= hidden_size"):
+        fused_rnn.lstm(x, None, w_ih, w_hh, w_hr=w_hr, backend="nn")

@@ -185,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> irnn_scan
       }
     });
   });
-  auto grads = weight_grads(dz, x, options.masked(h0), options.masked(y), w_ih, w_hh,
+  auto grads = weight_grads(dz, x, options.masked(h0), options.masked(y), options.lengths, w_ih, w_hh,
                             grad_x && !plan.dx_in_step, sequence_matmul, transposed);
   if (plan.dx_in_step) grads.dx = plan.dx;
   return {grads.dx, carry, grads.dw_ih, grads.dw_hh, grads.dbias};

@@ -510,8 +510,8 @@ BackwardOutputs lstm_backward_impl(const at::Tensor& grad_y, const at::Tensor& g
       }
     });
   });
-  auto grads = weight_grads(dgates, x, options.masked(h0), y.defined() ? options.masked(y) : y, w_ih, w_hh,
-                            grad_x && !plan.dx_in_step, sequence_matmul, transposed);
+  auto grads = weight_grads(dgates, x, options.masked(h0), y.defined() ? options.masked(y) : y, options.lengths,
+                            w_ih, w_hh, grad_x && !plan.dx_in_step, sequence_matmul, transposed);
   if (plan.dx_in_step) grads.dx = plan.dx;
   return {grads.dx, dh_carry, dc, grads.dw_ih, grads.dw_hh, grads.dbias};
 }
@@ -599,7 +599,7 @@ ProjectedBackwardOutputs lstm_projected_backward(const at::Tensor& grad_y, const
       }
     });
   });
-  auto grads = weight_grads(dgates, x, options.masked(h0), options.masked(y), w_ih, w_hh,
+  auto grads = weight_grads(dgates, x, options.masked(h0), options.masked(y), options.lengths, w_ih, w_hh,
                             grad_x && !plan.dx_in_step, sequence_matmul, transposed);
   if (plan.dx_in_step) grads.dx = plan.dx;
   auto dw_hr = at::mm(grad_h.view({steps * batch, width}).t(), units.view({steps * batch, hidden}));  // [P, H]

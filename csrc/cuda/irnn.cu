@@ -76,8 +76,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> irnn_scan
     check_cooperative_launch(launch_scan_backward<scalar_t, 1>(args, plan, at::cuda::getCurrentCUDAStream()),
                              "IRNN backward scan");
   });
-  auto grads = weight_grads(dz, f32(x), scan_options.masked(f32(h0)), scan_options.masked(f32(y)), f32(w_ih),
-                            f32(w_hh), grad_x);
+  auto grads = weight_grads(dz, f32(x), scan_options.masked(f32(h0)), scan_options.masked(f32(y)),
+                            scan_options.lengths, f32(w_ih), f32(w_hh), grad_x);
   return {grads.dx.to(dtype), dh0.to(dtype), grads.dw_ih.to(dtype), grads.dw_hh.to(dtype), grads.dbias.to(dtype)};
 }
 

@@ -93,8 +93,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     check_cooperative_launch(launch_scan_backward<scalar_t, 4>(args, plan, at::cuda::getCurrentCUDAStream()),
                              "LSTM backward scan");
   });
-  auto grads = weight_grads(dgates, f32(x), scan_options.masked(f32(h0)), scan_options.masked(f32(y)), f32(w_ih),
-                            f32(w_hh), grad_x);
+  auto grads = weight_grads(dgates, f32(x), scan_options.masked(f32(h0)), scan_options.masked(f32(y)),
+                            scan_options.lengths, f32(w_ih), f32(w_hh), grad_x);
   return {grads.dx.to(dtype), dh0.to(dtype), dc.to(dtype), grads.dw_ih.to(dtype), grads.dw_hh.to(dtype),
           grads.dbias.to(dtype), no_grad_w_hr};
 }

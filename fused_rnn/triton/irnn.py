@@ -239,5 +239,5 @@ def irnn_scan_backward(grad_y: Tensor, grad_h_n: Tensor, x: Tensor, h0: Optional
     SCAN_BACKWARD.launch(batch, w_hh, grad_y.contiguous(), grad_h_n.contiguous(), y.contiguous(), w_hh, dz, dh0,
                          options.keep, options.lengths, options.clip, steps, batch, hidden, config=config,
                          TF32=allow_tf32, UPCAST=upcast_dots(w_hh), **options.flags)
-    dx, dw_ih, dw_hh, dbias = weight_grads(dz, x, h0, y, w_ih, need_dx, recurrent_mask)
+    dx, dw_ih, dw_hh, dbias = weight_grads(dz, x, h0, y, w_ih, need_dx, recurrent_mask, lengths)
     return dx, dh0.to(x.dtype), dw_ih, dw_hh, dbias

@@ -301,5 +301,5 @@ def lstm_scan_backward(grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, x: Te
                          w_hh, dgates, dc, dh0, options.keep, options.lengths, steps, batch, hidden, config=config,
                          HAS_C0=c0 is not None, TF32=allow_tf32, UPCAST=upcast_dots(w_hh),
                          HAS_MASK=options.flags["HAS_MASK"], HAS_LENGTHS=options.flags["HAS_LENGTHS"])
-    dx, dw_ih, dw_hh, dbias = weight_grads(dgates, x, h0, y, w_ih, need_dx, recurrent_mask)
+    dx, dw_ih, dw_hh, dbias = weight_grads(dgates, x, h0, y, w_ih, need_dx, recurrent_mask, lengths)
     return dx, dh0.to(x.dtype), dc.to(x.dtype), dw_ih, dw_hh, dbias

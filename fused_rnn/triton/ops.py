@@ -28,7 +28,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.library import triton_op
 
 from .._double_backward import irnn_layer_grads, lstm_layer_grads, wants_graph
-from .._host import zero_state, zeros_if_none
+from .._host import refuse_mask_gradient, zero_state, zeros_if_none
 from .._speedups import triton_design
 from . import irnn as _irnn
 from . import lstm as _lstm
@@ -153,6 +153,7 @@ def _(grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, y, cells, gates, grad_x
 
 def _irnn_setup(ctx, inputs, output):
     x, h0, w_ih, w_hh, bias, allow_tf32, *options = inputs
+    refuse_mask_gradient(options[0] if options else None)
     ctx.save_for_backward(x, h0, w_ih, w_hh, output[0], bias)
     ctx.allow_tf32, ctx.options = allow_tf32, tuple(options)
     ctx.set_materialize_grads(False)  # unused outputs cost no zero-filled gradients
@@ -177,6 +178,7 @@ triton_irnn_scan_forward.register_autograd(_irnn_backward, setup_context=_irnn_s
 
 def _lstm_setup(ctx, inputs, output):
     x, h0, c0, w_ih, w_hh, bias, allow_tf32, *options = inputs
+    refuse_mask_gradient(options[0] if options else None)
     y, _, _, cells, gates = output
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, y, cells, gates, bias)
     ctx.mark_non_differentiable(cells, gates)

@@ -900,7 +900,7 @@ def irnn_split_backward(grad_y: Tensor, grad_h_n: Tensor, x: Tensor, h0: Tensor,
     _scan("irnn_split_backward", steps + 1, (steps, batch, hidden), chosen, persistent,
           (dy, dh_n, y, w, dz, dh0, low), (options.keep, options.lengths, options.clip),
           dict(options.flags, LOW=low is not dz), allow_tf32, w)
-    dx, dw_ih, dw_hh, dbias = weight_grads(dz, x, h0, y, w_ih, need_dx, recurrent_mask)
+    dx, dw_ih, dw_hh, dbias = weight_grads(dz, x, h0, y, w_ih, need_dx, recurrent_mask, lengths)
     return dx, dh0.to(x.dtype), dw_ih, dw_hh, dbias
 
 
@@ -962,5 +962,5 @@ def lstm_split_backward(grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, x: T
     _scan("lstm_split_backward", steps + 1, (steps, batch, hidden), chosen, persistent,
           (dy, dh_n, dgates, w, gates, cells, c_start, dc, dh0, low), (options.keep, options.lengths),
           dict(flags, LOW=low is not dgates), allow_tf32, w, restore=(dc,))
-    dx, dw_ih, dw_hh, dbias = weight_grads(dgates, x, h0, y, w_ih, need_dx, recurrent_mask)
+    dx, dw_ih, dw_hh, dbias = weight_grads(dgates, x, h0, y, w_ih, need_dx, recurrent_mask, lengths)
     return dx, dh0.to(x.dtype), dc.to(x.dtype), dw_ih, dw_hh, dbias
