@@ -146,7 +146,13 @@ inline WeightGrads weight_grads(const at::Tensor& dpre, const at::Tensor& x, con
   h_prev.narrow(0, 0, batch).copy_(h0);
   if (steps > 1) h_prev.narrow(0, batch, rows - batch).copy_(y.slice(0, 0, steps - 1).reshape({rows - batch, hidden}));
   operands.narrow(1, inputs + hidden, 1).fill_(1);
-  if (inactive.defined()) operands.masked_fill_(inactive, 0);  // the bias column too: its dpre is zero there
+  if (inactive.defined()) {  // the bias column too: its dpre is zero there
+    if (operands.is_cpu()) {   // only the inactive rows: a third of the broadcast masked_fill's time
+      operands.index_fill_(0, inactive.view({rows}).nonzero().view({-1}), 0);
+    } else {  // no nonzero, which would wait for the device
+      operands.masked_fill_(inactive, 0);
+    }
+  }
   auto stacked = matmul(operands.t(), dpre2d, std::nullopt);  // [I + H + 1, G*H]
   grads.dw_ih = transposed(stacked.narrow(0, 0, inputs));
   grads.dw_hh = transposed(stacked.narrow(0, inputs, hidden));
