@@ -48,6 +48,13 @@ def state_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
 
 
+def active_steps(lengths: Optional[Tensor], steps: int, device) -> Optional[Tensor]:
+    """[T, B, 1] bool: step t is within sequence b's length (None without lengths)."""
+    if lengths is None:
+        return None
+    return (torch.arange(steps, device=device)[:, None] < lengths.to(device)[None, :])[:, :, None]
+
+
 def input_projection(x: Tensor, w_ih: Tensor, bias: Optional[Tensor], dtype: Optional[torch.dtype] = None) -> Tensor:
     """[T, B, G*H] = x W_ih^T + bias for every step in one GEMM, computed in `dtype`
     (default: x's; the Triton scans ask for float32, their state dtype)."""
@@ -78,8 +85,8 @@ def weight_grads(dpre: Tensor, x: Tensor, h0: Optional[Tensor], y: Tensor, w_ih:
     if keep is not None:
         h_prev = h_prev * keep.to(dtype)
     operand = x.to(dtype)
-    if lengths is not None:
-        active = (torch.arange(steps, device=x.device)[:, None] < lengths.to(x.device)[None, :])[:, :, None]
+    active = active_steps(lengths, steps, x.device)
+    if active is not None:
         operand, h_prev = torch.where(active, operand, 0.0), torch.where(active, h_prev, 0.0)
     h_prev = h_prev.reshape(steps * batch, hidden)
     dw_hh = (dpre2d.t() @ h_prev).to(x.dtype)

@@ -10,14 +10,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._host import combined_bias, input_projection, no_step
-
-
-def active_steps(lengths: Optional[Tensor], steps: int, device) -> Optional[Tensor]:
-    """[T, B, 1] bool: step t is within sequence b's length (None without lengths)."""
-    if lengths is None:
-        return None
-    return (torch.arange(steps, device=device)[:, None] < lengths.to(device)[None, :])[:, :, None]
+from ._host import active_steps, combined_bias, input_projection, no_step
 
 
 def _recurrent_input(h: Tensor, mask: Optional[Tensor], active_t: Optional[Tensor]) -> Tensor:

@@ -199,8 +199,6 @@ def test_padding_never_reaches_a_gradient(cell, batch, dtype, backend):
     dx inside the step; the projection's backward has its own weight gradient."""
     if cell == "lstm-proj" and backend == "triton":
         pytest.skip("the Triton kernels have no projection")
-    if dtype == "bf16" and backend not in ("cpp", "torch"):
-        pytest.skip("bfloat16 on the CPU kernels and the loop")
     dtype = {"f64": torch.float32 if backend == "triton" else torch.float64, "bf16": torch.bfloat16}[dtype]
     gates = 1 if cell == "irnn" else 4
     steps, inputs, hidden = 5, 3, 4
