@@ -328,8 +328,7 @@ def _call_op(op, *args):
 def irnn_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, backend="auto") -> Tensor:
     """One IRNN step: x [B, I], h [B, H] or None -> h_new [B, H] (weights as in :func:`irnn`)."""
     # under autocast, bfloat16/float16 in and out as nn.RNNCell's (the compiled op, which autocast
-    # passes by, returned float32); lstm_cell casts nothing: under CPU autocast nn.LSTMCell's results
-    # are float32, as every backend's are
+    # passes by, returned float32); see lstm_cell for the LSTM's
     x, h, w_ih, w_hh, b_ih, b_hh = _autocast(x, h, w_ih, w_hh, b_ih, b_hh)
     check_layer_args(x, {"h": h}, w_ih, w_hh, b_ih, b_hh, gates=1, x_rank=2)
     h = zero_state(x, w_hh.shape[1]) if h is None else h
@@ -346,6 +345,11 @@ def irnn_cell(x, h, w_ih, w_hh, b_ih=None, b_hh=None, backend="auto") -> Tensor:
 def lstm_cell(x, state, w_ih, w_hh, b_ih=None, b_hh=None, backend="auto") -> Tuple[Tensor, Tensor]:
     """One LSTM step: x [B, I], state (h, c) each [B, H] or None -> (h_new, c_new)."""
     h, c = _unpack_state(state)
+    if isinstance(x, Tensor) and not x.is_cpu:
+        # CUDA's autocast lists lstm_cell among its lower-precision ops: nn.LSTMCell's h and c come
+        # out in the autocast dtype there, as the layers'; CPU autocast's list does not, and
+        # nn.LSTMCell returns float32 (so does every backend here, casting nothing on the CPU)
+        x, h, c, w_ih, w_hh, b_ih, b_hh = _autocast(x, h, c, w_ih, w_hh, b_ih, b_hh)
     check_layer_args(x, {"h": h, "c": c}, w_ih, w_hh, b_ih, b_hh, gates=4, x_rank=2)
     hidden = w_hh.shape[1]
     h = zero_state(x, hidden) if h is None else h

@@ -49,6 +49,27 @@ def test_triton_options_on_gpu_match_reference(cell, shape, used):
     check_options(cell, shape, torch.float32, "triton", used, device="cuda")
 
 
+@pytest.mark.parametrize("backend", GPU_BACKENDS + ["nn"])
+def test_cells_under_cuda_autocast_give_torch_nn_s_dtypes(backend):
+    """Under torch.autocast("cuda", float16) the cells return what nn.RNNCell and
+    nn.LSTMCell return there: CUDA's autocast runs both cells in float16 (unlike the CPU's,
+    where nn.LSTMCell returns float32: tests/test_functional.py)."""
+    torch.manual_seed(0)
+    x, h, c = (torch.randn(3, n, device="cuda") for n in (5, 7, 7))
+    rnn_cell = torch.nn.RNNCell(5, 7, nonlinearity="relu").cuda()
+    lstm_cell = torch.nn.LSTMCell(5, 7).cuda()
+    with torch.autocast("cuda", dtype=torch.float16):
+        want_rnn, want_lstm = rnn_cell(x, h), lstm_cell(x, (h, c))
+        got_rnn = fused_rnn.irnn_cell(x, h, *rnn_cell.parameters(), backend=backend)
+        got_lstm = fused_rnn.lstm_cell(x, (h, c), *lstm_cell.parameters(), backend=backend)
+    assert got_rnn.dtype == want_rnn.dtype
+    assert [t.dtype for t in got_lstm] == [t.dtype for t in want_lstm]
+    # float16 keeps 11 significant bits (eps 9.8e-4): one step's roundings of O(1) values
+    torch.testing.assert_close(got_rnn.float(), want_rnn.float(), rtol=1e-2, atol=5e-3)
+    for got, want in zip(got_lstm, want_lstm):
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=5e-3)
+
+
 def _on_cuda(args, dtype):
     def move(a):
         if not isinstance(a, torch.Tensor):
