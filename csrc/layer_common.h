@@ -85,7 +85,9 @@ inline at::Tensor input_projection(const at::Tensor& x, const at::Tensor& w_ih,
                                    const std::optional<at::Tensor>& bias, Matmul matmul = aten_matmul) {
   const auto rows = x.size(0) * x.size(1);
   auto pre = matmul(x.view({rows, x.size(2)}), w_ih.t(), bias);
-  return pre.view({x.size(0), x.size(1), w_ih.size(0)});
+  // not a view: the CPU IRNN returns this buffer as y, and an op's output that is a view
+  // (of a tensor no one else holds) makes autograd refuse in-place changes of it
+  return at::_unsafe_view(pre, {x.size(0), x.size(1), w_ih.size(0)});
 }
 
 struct WeightGrads {

@@ -342,14 +342,16 @@ class _StackedRNN(nn.Module):
             return input.unsqueeze(1), False
         return (input.transpose(0, 1) if self.batch_first else input), True
 
-    def _check_state(self, name: str, state, batch: int, batched: bool, width: Optional[int] = None,
+    def _check_state(self, name: str, state, x: Tensor, batched: bool, width: Optional[int] = None,
                      size_name: str = "hidden_size") -> Optional[Tensor]:
-        """Checks one initial-state tensor of `width` (default H) units; returns it as
-        [L*D, B, width] (or None)."""
+        """Checks one initial-state tensor of `width` (default H) units against the input
+        x [T, B, I]; returns it as [L*D, B, width] (or None)."""
         if state is None:
             return None
         if not isinstance(state, Tensor):
             raise InputTypeError(f"{name} must be a torch.Tensor or None, got {type(state).__name__}")
+        _check_state_dtype(name, state, x)
+        batch = x.shape[1]
         width = self.hidden_size if width is None else width
         stacked = len(self._all_weights)  # num_layers * num_directions
         expected = (stacked, batch, width) if batched else (stacked, width)
@@ -376,6 +378,11 @@ class _StackedRNN(nn.Module):
         if isinstance(input, PackedSequence):
             if lengths is not None:
                 raise ValueError("lengths is given by the PackedSequence; do not pass lengths= as well")
+            data = input.data
+            if not isinstance(data, Tensor) or data.dim() != 2 or data.shape[-1] != self.input_size:
+                shape = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
+                raise InputError(f"a PackedSequence input must hold data of shape [sum of lengths, input_size="
+                                 f"{self.input_size}], got {shape}")
             padded, lengths = _unpack(input)  # [T, B, I], in the batch's original order
             return padded, True, lengths, input
         x, batched = self._check_input(input)
@@ -604,7 +611,7 @@ class IRNN(_StackedRNN):
     def forward(self, input, hx: Optional[Tensor] = None, *, lengths=None):
         """(input, hx) -> (output, h_n); shapes in the class docstring."""
         x, batched, lengths, packed = self._prepare(input, lengths)
-        hx = self._check_state("hx", hx, x.shape[1], batched)
+        hx = self._check_state("hx", hx, x, batched)
         y, (h_n,) = self._run_stack(x, (hx,), lengths)
         return self._finish(y, batched, lengths, packed), (h_n if batched else h_n.squeeze(1))
 
@@ -674,15 +681,23 @@ class LSTM(_StackedRNN):
         if hx is None:
             h0, c0 = None, None
         elif isinstance(hx, (tuple, list)) and len(hx) == 2:
-            h0 = self._check_state("hx[0] (h_0)", hx[0], x.shape[1], batched, self._state_width,
+            h0 = self._check_state("hx[0] (h_0)", hx[0], x, batched, self._state_width,
                                    "proj_size" if self.proj_size else "hidden_size")
-            c0 = self._check_state("hx[1] (c_0)", hx[1], x.shape[1], batched)
+            c0 = self._check_state("hx[1] (c_0)", hx[1], x, batched)
         else:
             raise InputTypeError(f"hx must be a tuple (h_0, c_0) of two tensors or None, got {_describe(hx)}")
         y, (h_n, c_n) = self._run_stack(x, (h0, c0), lengths)
         if not batched:
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return self._finish(y, batched, lengths, packed), (h_n, c_n)
+
+
+def _check_state_dtype(name: str, state, x: Tensor) -> None:
+    """A state tensor in another dtype than the input, named as the module's caller knows
+    it (the layer call would name its own h0 or c0); autocast casts both to its dtype."""
+    if isinstance(state, Tensor) and isinstance(x, Tensor) and state.dtype is not x.dtype \
+            and not functional.autocast_dtype("cpu" if x.is_cpu else x.device.type):
+        raise InputTypeError(f"{name} must have the input's dtype {x.dtype}, got {state.dtype}")
 
 
 def _describe(value) -> str:
@@ -736,12 +751,14 @@ class _Cell(nn.Module):
         batched = input.dim() == 2
         return (input if batched else input.unsqueeze(0)), batched
 
-    def _check_state(self, name: str, state, batch: int, batched: bool) -> Optional[Tensor]:
-        """Checks one state tensor; returns it as [B, H] (or None)."""
+    def _check_state(self, name: str, state, x: Tensor, batched: bool) -> Optional[Tensor]:
+        """Checks one state tensor against the input x [B, I]; returns it as [B, H] (or None)."""
         if state is None:
             return None
         if not isinstance(state, Tensor):
             raise InputTypeError(f"{name} must be a torch.Tensor or None, got {type(state).__name__}")
+        _check_state_dtype(name, state, x)
+        batch = x.shape[0]
         if state.dim() not in (1, 2):
             raise ValueError(f"{name} must be 2-D [B, hidden_size] or 1-D unbatched [hidden_size], "
                              f"got shape {tuple(state.shape)}")
@@ -800,7 +817,7 @@ class IRNNCell(_Cell):
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         """(input, hx) -> h'; shapes in the class docstring."""
         x, batched = self._check_input(input)
-        h = self._check_state("hx", hx, x.shape[0], batched)
+        h = self._check_state("hx", hx, x, batched)
         h_new = functional.irnn_cell(x, h, *self._weights(), backend=self.backend)
         return h_new if batched else h_new.squeeze(0)
 
@@ -841,8 +858,8 @@ class LSTMCell(_Cell):
         if hx is None:
             h, c = None, None
         elif isinstance(hx, (tuple, list)) and len(hx) == 2:
-            h = self._check_state("hx[0] (h)", hx[0], x.shape[0], batched)
-            c = self._check_state("hx[1] (c)", hx[1], x.shape[0], batched)
+            h = self._check_state("hx[0] (h)", hx[0], x, batched)
+            c = self._check_state("hx[1] (c)", hx[1], x, batched)
         else:
             raise InputTypeError(f"hx must be a tuple (h, c) of two tensors or None, got {_describe(hx)}")
         h_new, c_new = functional.lstm_cell(x, (h, c), *self._weights(), backend=self.backend)

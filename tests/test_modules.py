@@ -385,6 +385,25 @@ def test_final_state_is_never_the_initial_state_itself(kind, backend):
             assert torch.equal(h, before), (steps, lengths)
 
 
+@pytest.mark.parametrize("batch_first", [False, True], ids=["TBI", "BTI"])
+@pytest.mark.parametrize("kind", ["irnn", "lstm"])
+def test_the_output_can_be_changed_in_place(kind, batch_first, cpu_backend):
+    """While autograd records (parameters that require grad, no torch.no_grad), the
+    output may be changed in place, as nn.RNN's and nn.LSTM's: the CPU IRNN returned its
+    projection buffer as a view, which autograd refused (y.mul_, y += x, an in-place
+    dropout) even with no backward to follow. A backward through an output changed in
+    place after the kernel saved it raises autograd's own error, as for torch.relu's."""
+    torch.manual_seed(0)
+    module = (fused_rnn.IRNN if kind == "irnn" else fused_rnn.LSTM)(3, 4, batch_first=batch_first,
+                                                                    backend=cpu_backend)
+    x = torch.randn(5, 2, 3)
+    y, _ = module(x)
+    assert y.requires_grad
+    want = y.detach() * 0.5
+    y.mul_(0.5)  # raised "Output 0 of GeneratedBackwardFor_... is a view and is being modified inplace"
+    torch.testing.assert_close(y.detach(), want, rtol=0, atol=0)
+
+
 def test_backend_can_be_changed_after_construction():
     rnn = fused_rnn.LSTM(4, 6, num_layers=2, bidirectional=True, dtype=torch.float64)
     x = torch.randn(5, 3, 4, dtype=torch.float64)
@@ -440,6 +459,13 @@ def test_wrong_input_size_raises(kind):
         rnn(torch.randn(5, 7))
     with pytest.raises(ValueError, match="input must be 3-D"):
         rnn(torch.randn(2, 3, 5, 4))
+    # a PackedSequence's data is checked as the input too (the kernel's check named w_ih)
+    packed = nn.utils.rnn.pack_sequence([torch.randn(3, 7), torch.randn(2, 7)])
+    with pytest.raises(ValueError, match=r"PackedSequence .*input_size=4\], got \(5, 7\)"):
+        rnn(packed)
+    packed = nn.utils.rnn.pack_sequence([torch.randn(3, 2, 4), torch.randn(2, 2, 4)])
+    with pytest.raises(ValueError, match=r"PackedSequence .*got \(5, 2, 4\)"):
+        rnn(packed)
 
 
 def test_wrong_hx_shape_raises():
@@ -451,6 +477,18 @@ def test_wrong_hx_shape_raises():
         rnn(x, torch.zeros(4, 6))
     with pytest.raises(ValueError, match=r"hx must have shape .*\[4, 6\] for unbatched"):
         rnn(x[:, 0], torch.zeros(4, 1, 6))
+
+
+def test_a_state_in_another_dtype_is_named_as_the_module_s_argument():
+    """hx in another dtype than the input: the error names hx (the layer call named its
+    own h0 or c0, which a module's caller never wrote)."""
+    x = torch.randn(5, 3, 4)
+    with pytest.raises(TypeError, match=r"hx must have the input's dtype torch.float32, got torch.float64"):
+        fused_rnn.IRNN(4, 6)(x, torch.zeros(1, 3, 6, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"hx\[1\] \(c_0\) must have the input's dtype"):
+        fused_rnn.LSTM(4, 6)(x, (torch.zeros(1, 3, 6), torch.zeros(1, 3, 6, dtype=torch.float64)))
+    with pytest.raises(TypeError, match=r"hx\[0\] \(h\) must have the input's dtype"):
+        fused_rnn.LSTMCell(4, 6)(x[0], (torch.zeros(3, 6, dtype=torch.bfloat16), torch.zeros(3, 6)))
 
 
 def test_wrong_lstm_state_raises():
