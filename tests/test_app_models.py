@@ -124,6 +124,34 @@ def test_generate(name):
         model.generate(seed, -1)
 
 
+@pytest.mark.parametrize("cls", [SequenceModel, OneHotModel])
+def test_sequence_models_sample_over_their_training_window(cls):
+    """The sequence models were trained on windows of `context` characters from a zero
+    state, and sample each character from the last `context` from a zero state: the
+    text equals a loop over forward() on those windows with the same random stream. A
+    state carried over the whole text instead grew without bound (here W_hh = 2 I:
+    inf, then NaN probabilities and a crash within 200 characters)."""
+    torch.manual_seed(0)
+    kwargs = dict(hidden_size=24) if cls is OneHotModel else SMALL
+    model = cls(VOCAB, context=6, **kwargs).eval()
+    seed = TEXT[:10]
+    text = model.generate(seed, 30, temperature=0.7, generator=torch.Generator().manual_seed(5))
+    generator, chars = torch.Generator().manual_seed(5), VOCAB.encode(seed).tolist()
+    for _ in range(30):
+        with torch.no_grad():
+            logits = model(torch.tensor([chars[-6:]]))[0, -1].double()
+        chars.append(int(torch.multinomial(torch.softmax((logits - logits.max()) / 0.7, dim=-1), 1,
+                                           generator=generator)))
+    assert text == VOCAB.decode(chars[len(seed):])
+    with torch.no_grad():
+        model.rnn.weight_hh_l0.copy_(2 * torch.eye(24))
+    assert len(model.generate(seed, 2000, generator=torch.Generator().manual_seed(0))) == 2000
+    with torch.no_grad():
+        model.output.bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match="logits are not finite"):
+        model.generate(seed, 5)
+
+
 def test_window_models_need_a_full_context():
     with pytest.raises(ValueError, match="at least 3 character"):
         ThreeCharModel(VOCAB, **SMALL).generate("th", 5)

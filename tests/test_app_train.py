@@ -141,3 +141,57 @@ def test_sample_reports_a_broken_checkpoint(tmp_path, capsys):
     ckpt.save_checkpoint({"config": {"model": "seq"}, "vocab": "ab", "model": {}, "epoch": 1}, bad)
     assert main(["sample", str(bad), "--seed", "ab"]) == 2
     assert "cannot be rebuilt" in capsys.readouterr().err
+
+
+def test_resume_keeps_the_run_s_length_and_refuses_given_settings(corpus, tmp_path, capsys):
+    """--resume without --epochs / --minutes continues to the saved run's length (it
+    fell back to the 4-minute default); a setting named on the command line that
+    contradicts the checkpoint is refused even when it equals the default (it was
+    dropped silently); a run already at its length says so; a fresh run never
+    overwrites a run in --out; --out and --text are found from another folder."""
+    out = tmp_path / "run"
+    common = ["--model", "seq", "--hidden", "8", "--batch-size", "16", "--out", str(out), "--no-progress",
+              "--sample-chars", "5"]
+    assert main(["train", "--text", str(corpus), "--epochs", "1", *common]) == 0
+    assert main(["train", "--text", str(corpus), "--epochs", "1", *common]) == 2
+    assert "already holds a run" in capsys.readouterr().err and (out / "checkpoint.pt").is_file()
+    assert main(["train", "--resume", "--out", str(out), "--no-progress", "--hidden", "256"]) == 2
+    assert "--hidden 256 (checkpoint: 8)" in capsys.readouterr().err
+    assert main(["train", "--resume", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "nothing to train" in printed and "epoch 2" not in printed
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(elsewhere)  # the corpus was given as an absolute path; the config keeps it so
+        assert main(["train", "--resume", "--out", str(out), "--no-progress", "--epochs", "2"]) == 0
+    assert json.loads((out / "log.json").read_text())["epochs"][-1]["epoch"] == 2
+
+
+def test_train_checks_its_options_before_training(tmp_path, corpus, capsys):
+    """--out that cannot be a folder, an unknown --device, a CUDA device on a machine
+    without one, and infinite values fail at once, in one line naming the option."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cases = [(["--out", str(blocker)], "--out"), (["--out", str(tmp_path / "o"), "--device", "foo"], "--device"),
+             (["--out", str(tmp_path / "o"), "--lr", "inf"], "--lr"),
+             (["--out", str(tmp_path / "o"), "--minutes", "inf"], "--minutes"),
+             (["--out", str(tmp_path / "o"), "--seed", str(2 ** 70)], "--seed")]
+    if not torch.cuda.is_available():
+        cases.append((["--out", str(tmp_path / "o"), "--device", "cuda"], "no CUDA device"))
+    for extra, named in cases:
+        assert main(["train", "--model", "seq", "--text", str(corpus), "--no-progress", *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert named in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_sample_names_its_options(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    train(tiny_config(corpus, out, "seq", epochs=1), progress=False, log=lambda *a: None)
+    for extra, named in ((["--chars", "-5"], "--chars"), (["--temperature", "0"], "--temperature"),
+                         (["--seed", ""], "--seed"), (["--random-seed", str(2 ** 70)], "--random-seed")):
+        assert main(["sample", str(out / "checkpoint.pt"), *extra]) == 2, extra
+        assert named in capsys.readouterr().err
+    # a temperature far below the logits' spread samples the most likely character, not NaN
+    assert main(["sample", str(out / "checkpoint.pt"), "--temperature", "1e-320", "--chars", "20"]) == 0

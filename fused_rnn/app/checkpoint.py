@@ -114,10 +114,12 @@ def one_line(error: BaseException) -> str:
     return f"{lines[0]} {lines[1]} (and {len(lines) - 2} more)"
 
 
-def describe_os_error(error: OSError) -> str:
-    """One line for an OSError: what failed and on which file; the last checkpoint, written
-    atomically, is untouched."""
+def describe_os_error(error: OSError, checkpoint=None) -> str:
+    """One line for an OSError: what failed and on which file; with the path of the run's
+    `checkpoint`, that it is intact when there is one (written atomically, a failed write
+    leaves it untouched)."""
     if error.strerror is None:  # raised with a message of its own (FileNotFoundError of load_text, ...)
         return str(error)
     target = f": {error.filename}" if error.filename is not None else ""
-    return f"{error.strerror}{target} (the last checkpoint written is intact)"
+    kept = checkpoint is not None and Path(checkpoint).is_file()
+    return f"{error.strerror}{target}" + (f" (the last checkpoint, {checkpoint}, is intact)" if kept else "")

@@ -46,8 +46,21 @@ def _char_irnn(input_size: int, hidden_size: int, backend: str) -> IRNN:
 
 
 def _sample(logits: Tensor, temperature: float, generator: Optional[torch.Generator]) -> int:
-    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    logits = logits.double()
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("the model's logits are not finite (the checkpoint's weights hold NaN or inf): "
+                         "nothing to sample from")
+    # shifted so that the largest is 0 before the division: a tiny temperature then sends
+    # the others to -inf (probability 0) instead of every logit to +-inf and NaN
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _check_context(context: Optional[int]) -> Optional[int]:
+    if context is not None and (not isinstance(context, int) or isinstance(context, bool) or context < 1):
+        raise ValueError(f"context must be a positive integer (the training windows' length) or None, "
+                         f"got {context!r}")
+    return context
 
 
 class CharModel(nn.Module):
@@ -156,11 +169,15 @@ class ThreeCharModel(NCharModel):
 
 class SequenceModel(CharModel):
     """Characters 1..n-1 -> characters 2..n ("return sequences"): [B, T] -> [B, T, V],
-    from a zero initial state, one output layer applied at every step."""
+    from a zero initial state, one output layer applied at every step. ``context``: the
+    length of the windows it was trained on (--seq-len), over which sampling reads each
+    next character from a zero state, as in training; None reads the whole text in one
+    state, which an IRNN trained on short windows lets grow without bound."""
 
     def __init__(self, vocab: Vocab, embed_dim: int = EMBED_DIM, hidden_size: int = HIDDEN_SIZE,
-                 backend: str = "auto"):
+                 backend: str = "auto", context: Optional[int] = None):
         super().__init__(vocab)
+        self.context = _check_context(context)
         self.embedding = nn.Embedding(self.vocab_size, embed_dim)
         self.rnn = _char_irnn(embed_dim, hidden_size, backend)
         self.output = nn.Linear(hidden_size, self.vocab_size)
@@ -177,11 +194,17 @@ class SequenceModel(CharModel):
         return self._run(chars)[0]
 
     def _start(self, indices: Tensor):
+        if self.context is not None:  # the state is the window of the last `context` characters
+            window = indices[-self.context:]
+            return self._run(window.unsqueeze(0))[0][0, -1], window
         logits, h = self._run(indices.unsqueeze(0))
         return logits[0, -1], h
 
-    def _step(self, index: int, h: Tensor):
-        logits, h = self._run(h.new_tensor([[index]], dtype=torch.int64), h)
+    def _step(self, index: int, state: Tensor):
+        if self.context is not None:
+            window = torch.cat([state, state.new_tensor([index])])[-self.context:]
+            return self._run(window.unsqueeze(0))[0][0, -1], window
+        logits, h = self._run(state.new_tensor([[index]], dtype=torch.int64), state)
         return logits[0, -1], h
 
 
@@ -189,8 +212,10 @@ class OneHotModel(SequenceModel):
     """The sequence model with one-hot inputs in place of an embedding (the lesson's
     from-scratch version): the IRNN's input weights play the embedding's role."""
 
-    def __init__(self, vocab: Vocab, hidden_size: int = HIDDEN_SIZE, backend: str = "auto"):
+    def __init__(self, vocab: Vocab, hidden_size: int = HIDDEN_SIZE, backend: str = "auto",
+                 context: Optional[int] = None):
         CharModel.__init__(self, vocab)
+        self.context = _check_context(context)
         self.rnn = _char_irnn(self.vocab_size, hidden_size, backend)
         self.output = nn.Linear(hidden_size, self.vocab_size)
 
@@ -321,9 +346,9 @@ def build_model(name: str, vocab: Vocab, *, hidden_size: int = HIDDEN_SIZE, num_
     if name == "3char":
         return ThreeCharModel(vocab, embed_dim=embed_dim, hidden_size=hidden_size, backend=backend)
     if name == "seq":
-        return SequenceModel(vocab, embed_dim=embed_dim, hidden_size=hidden_size, backend=backend)
+        return SequenceModel(vocab, embed_dim=embed_dim, hidden_size=hidden_size, backend=backend, context=context)
     if name == "onehot":
-        return OneHotModel(vocab, hidden_size=hidden_size, backend=backend)
+        return OneHotModel(vocab, hidden_size=hidden_size, backend=backend, context=context)
     raise ValueError(f"model must be one of {MODEL_NAMES}, got {name!r}")
 
 

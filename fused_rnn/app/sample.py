@@ -4,11 +4,12 @@
 """
 
 import argparse
+import math
 import sys
 
 import torch
 
-from .checkpoint import describe_os_error, load_checkpoint, model_from_checkpoint
+from .checkpoint import describe_os_error, load_checkpoint, model_from_checkpoint, one_line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,8 +24,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="kernel backend (default: the one the model was trained with)")
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """The options by their own names (the model's generate() names its arguments)."""
+    if args.chars < 0:
+        raise ValueError(f"--chars must be 0 or more, got {args.chars}")
+    if not 0 < args.temperature < math.inf:
+        raise ValueError(f"--temperature must be a positive number, got {args.temperature!r}")
+    if args.seed is not None and not args.seed:
+        raise ValueError("--seed must be at least one character (or leave it out)")
+    if args.random_seed is not None and not -2 ** 63 <= args.random_seed < 2 ** 64:
+        raise ValueError(f"--random-seed must be within [-2**63, 2**64), got {args.random_seed}")
+
+
 def run_command(args: argparse.Namespace, command: str = "") -> int:
     try:
+        _check_options(args)
         checkpoint = load_checkpoint(args.checkpoint)
         model = model_from_checkpoint(checkpoint, backend=args.backend)
         start = "\n" if "\n" in model.vocab.chars else model.vocab.chars[0]
@@ -40,5 +54,8 @@ def run_command(args: argparse.Namespace, command: str = "") -> int:
     except KeyboardInterrupt:
         print("fused-rnn sample: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # anything else (out of memory, a kernel's error): one line, not a traceback
+        print(f"fused-rnn sample: error: {type(error).__name__}: {one_line(error)}", file=sys.stderr)
+        return 1
     print(seed + text)
     return 0

@@ -84,22 +84,41 @@ class TrainConfig:
         if epochs is None and minutes is None:
             minutes = DEFAULT_MINUTES
         for name, value, ok in (("--epochs", epochs, epochs is None or epochs >= 1),
-                                ("--minutes", minutes, minutes is None or minutes > 0),
+                                ("--minutes", minutes, minutes is None or 0 < minutes < math.inf),
                                 ("--hidden", self.hidden, self.hidden >= 1),
                                 ("--layers", layers, layers >= 1),
                                 ("--seq-len", seq_len, seq_len >= 1),
                                 ("--batch-size", self.batch_size, self.batch_size >= 1),
-                                ("--lr", self.lr, self.lr > 0),
-                                ("--clip", self.clip, self.clip >= 0),
+                                ("--lr", self.lr, 0 < self.lr < math.inf),
+                                ("--clip", self.clip, 0 <= self.clip < math.inf),
                                 ("--dropout", self.dropout, 0 <= self.dropout < 1),
                                 ("--temperature", self.temperature, self.temperature > 0),
                                 ("--sample-chars", self.sample_chars, self.sample_chars >= 0),
-                                ("--checkpoint-minutes", self.checkpoint_minutes, self.checkpoint_minutes >= 0)):
+                                ("--checkpoint-minutes", self.checkpoint_minutes, self.checkpoint_minutes >= 0),
+                                ("--max-chars", self.max_chars, self.max_chars >= 2),
+                                # torch.manual_seed's range
+                                ("--seed", self.seed, -2 ** 63 <= self.seed < 2 ** 64 - 2 ** 20)):
             if not ok:
                 raise ValueError(f"{name}: invalid value {value!r}")
+        _check_device(self.device)
         values = asdict(self)
-        values.update(seq_len=seq_len, layers=layers, epochs=epochs, minutes=minutes)
+        # the corpus by its absolute path: a resumed run finds it from any working folder
+        text = None if self.text is None else os.path.abspath(self.text)
+        values.update(seq_len=seq_len, layers=layers, epochs=epochs, minutes=minutes, text=text)
         return TrainConfig(**values)
+
+
+def _check_device(name: str) -> None:
+    """--device names a device torch knows, and for CUDA one this machine has."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"--device: {name!r} is not a device (cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA device is available (torch.cuda.is_available() is False)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 # ---- one step, shared by the trainer and the data-parallel test ----
@@ -255,31 +274,41 @@ def plot_losses(out: Path, history: List[Dict], batch_losses: List[float]) -> Op
     axes.grid(alpha=0.3)
     figure.tight_layout()
     path = out / "loss.png"
-    tmp = out / ".loss.tmp.png"
+    tmp = out / f".loss.png.tmp-{os.getpid()}.png"  # remove_stale_temporaries' pattern; savefig wants .png
     figure.savefig(tmp, dpi=120)
     plt.close(figure)
     os.replace(tmp, path)
     return path
 
 
-# what --resume takes from the command line rather than from the checkpoint
-_RESUME_OVERRIDES = ("epochs", "minutes", "out", "backend", "device", "checkpoint_minutes")
+# what --resume takes from the command line when given there, rather than from the
+# checkpoint (the corpus too: its digest, saved with the run, must match)
+_RESUME_OVERRIDES = ("epochs", "minutes", "out", "backend", "device", "checkpoint_minutes", "text")
 
 
-def _resumed_config(config: TrainConfig, saved_values: Dict) -> TrainConfig:
-    """The saved run's config with only _RESUME_OVERRIDES taken from `config`. A
-    setting given on the command line (anything but its default) that contradicts the
-    checkpoint is an error, not silently dropped."""
+def _resumed_config(config: TrainConfig, saved_values: Dict, given: Optional[set] = None) -> TrainConfig:
+    """The saved run's config with the _RESUME_OVERRIDES that were `given` (the names
+    of the settings on the command line) taken from `config`; the run's length (--epochs
+    or --minutes) is the saved one unless either is given. Any other setting given that
+    contradicts the checkpoint is an error, not silently dropped. `given` None: those
+    that differ from their defaults (a caller of train() without a command line)."""
     names = {f.name for f in fields(TrainConfig)}
+    if not isinstance(saved_values, dict):
+        raise ValueError(f"the checkpoint's config is not a mapping of settings (found {type(saved_values).__name__})")
     saved = TrainConfig(**{k: v for k, v in saved_values.items() if k in names})
     defaults = TrainConfig()
+    if given is None:
+        given = {f for f in names if getattr(config, f) != getattr(defaults, f)}
     conflicts = [f"--{f.replace('_', '-')} {getattr(config, f)!r} (checkpoint: {getattr(saved, f)!r})"
-                 for f in sorted(names - set(_RESUME_OVERRIDES))
-                 if getattr(config, f) != getattr(defaults, f) and getattr(config, f) != getattr(saved, f)]
+                 for f in sorted((names - set(_RESUME_OVERRIDES)) & set(given))
+                 if getattr(config, f) != getattr(saved, f)]
     if conflicts:
         raise ValueError("--resume continues the saved run with its own settings; these differ: "
                          + "; ".join(conflicts))
-    return TrainConfig(**dict(asdict(saved), **{k: getattr(config, k) for k in _RESUME_OVERRIDES})).resolved()
+    taken = {k for k in _RESUME_OVERRIDES if k in given} | {"out"}
+    if taken & {"epochs", "minutes"}:
+        taken |= {"epochs", "minutes"}  # the one given replaces the saved length, the other None
+    return TrainConfig(**dict(asdict(saved), **{k: getattr(config, k) for k in taken})).resolved()
 
 
 class Interrupted(Exception):
@@ -310,7 +339,7 @@ def remove_stale_temporaries(out: Path) -> List[Path]:
     rename left in `out`, those of processes no longer running. Returns them."""
     removed = []
     for path in out.glob(".*.tmp-*") if out.is_dir() else ():
-        pid = path.name.rsplit("-", 1)[-1]
+        pid = path.name.rsplit("-", 1)[-1].split(".")[0]  # .NAME.tmp-PID, or .NAME.tmp-PID.png
         if not pid.isdigit() or _running(int(pid)):
             continue
         try:
@@ -347,7 +376,7 @@ def _set_rng_state(state: Dict) -> None:
 
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, log=print,
-          stop: Optional[StopFlag] = None) -> Dict:
+          stop: Optional[StopFlag] = None, given: Optional[set] = None) -> Dict:
     """Runs a training (or resumes one from ``config.out``) and returns
     ``{"history": [...per epoch...], "model": the model, "checkpoint": path}``.
 
@@ -357,7 +386,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, l
     it, the stateful models' carried state, the running totals and every RNG state, so
     that ``resume`` continues bit for bit on the CPU. When `stop` is set (by a signal
     handler), the run saves where it is after the batch under way and raises
-    Interrupted."""
+    Interrupted. `given`: the settings named on the command line (see _resumed_config).
+    Without `resume`, an existing run in ``config.out`` is an error, never overwritten."""
     requested, config = config, config.resolved()
     out = Path(config.out)
     checkpoint_path = out / "checkpoint.pt"
@@ -376,8 +406,13 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, l
                 log(f"removed {path}, left by an interrupted write")
         if resume:
             checkpoint = load_checkpoint(checkpoint_path, for_resume=True)
-            config = _resumed_config(requested, checkpoint["config"])
+            config = _resumed_config(requested, checkpoint["config"], given)
             history, batch_losses = list(checkpoint.get("history", [])), list(checkpoint.get("batch_losses", []))
+        elif checkpoint_path.exists():
+            raise ValueError(f"--out {out} already holds a run ({checkpoint_path}): continue it with --resume, "
+                             "or train into another --out")
+        if ddp.main:
+            _make_folder(out)
         text = _load_corpus(config)
         digest = data.text_digest(text)
         if checkpoint is not None and checkpoint.get("text_digest") != digest:
@@ -499,19 +534,22 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, l
                     record = {"epoch": epoch, "train_loss": total / counted, "val_loss": val_loss,
                               "seconds": round(last_seconds, 3), "chars_per_s": round(chars / last_seconds)}
                     history.append(record)
-                    generator = torch.Generator().manual_seed(config.seed + epoch)
-                    sample = model.generate(seed_text, config.sample_chars, config.temperature, generator=generator)
+                    snapshot(epoch, None)  # saved before the sample, which cannot then lose the epoch
+                    _write_logs(out, config, history)
                     log(f"epoch {epoch}: train loss {record['train_loss']:.4f}, validation loss {val_loss:.4f}, "
                         f"{record['chars_per_s']:,} chars/s")
+                    generator = torch.Generator().manual_seed(config.seed + epoch)
+                    sample = model.generate(seed_text, config.sample_chars, config.temperature, generator=generator)
                     log(f"--- sample (temperature {config.temperature}) ---\n{seed_text}{sample}\n---")
-                    snapshot(epoch, None)
-                    _write_logs(out, config, history)
                 except Exception as error:  # re-raised below, after telling the other ranks
                     failure = error
             if ddp.rank0_says(failure is not None):
                 if failure is not None:
                     raise failure
                 raise RuntimeError(f"rank 0 failed at the end of epoch {epoch}; see its error")
+        if ddp.main and checkpoint is not None and config.epochs is not None and start_epoch >= config.epochs:
+            log(f"nothing to train: the run in {out} has {start_epoch} epoch(s) already (--epochs {config.epochs}); "
+                "pass a larger --epochs to continue it")
         if ddp.main and history:
             plot = plot_losses(out, history, batch_losses)
             log(f"checkpoint: {checkpoint_path}; logs: {out / 'log.csv'}" + (f"; plot: {plot}" if plot else ""))
@@ -519,6 +557,15 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, l
         return {"history": history, "model": model, "checkpoint": checkpoint_path}
     finally:
         ddp.close(finished)
+
+
+def _make_folder(out: Path) -> None:
+    """Creates --out before any training, so that a path that cannot hold the run fails
+    at once, not after an epoch."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--out {out}: cannot create the folder ({error.strerror or error})") from None
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -532,39 +579,40 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
-    parser.add_argument("--model", choices=MODEL_NAMES, default=defaults.model,
-                        help="which model of the char-RNN lesson (default: %(default)s)")
+    parser.add_argument("--model", choices=MODEL_NAMES, default=None,
+                        help=f"which model of the char-RNN lesson (default: {defaults.model})")
     parser.add_argument("--text", help="a UTF-8 text file (default: the Python standard library source)")
-    parser.add_argument("--max-chars", type=int, default=defaults.max_chars,
-                        help="size of the default corpus in characters (default: %(default)s)")
+    parser.add_argument("--max-chars", type=int, default=None,
+                        help=f"size of the default corpus in characters (default: {defaults.max_chars})")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, help="number of epochs")
     length.add_argument("--minutes", type=float,
                         help=f"train whole epochs while they fit in this many minutes (default without --epochs: "
                              f"{DEFAULT_MINUTES:g})")
-    parser.add_argument("--hidden", type=int, default=defaults.hidden, help="hidden units (default: %(default)s)")
+    parser.add_argument("--hidden", type=int, default=None, help=f"hidden units (default: {defaults.hidden})")
     parser.add_argument("--layers", type=int, help="recurrent layers of the stateful models (default: 2)")
     parser.add_argument("--seq-len", type=int, help="input characters per example / per truncated-BPTT chunk "
                                                     "(default: 3 for 3char, 8 for nchar/seq/onehot, 64 stateful)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate (default: %(default)s)")
-    parser.add_argument("--clip", type=float, default=defaults.clip,
-                        help="max gradient norm, 0 for none (default: %(default)s)")
-    parser.add_argument("--dropout", type=float, default=defaults.dropout,
-                        help="input, recurrent and output dropout of the stateful models (default: %(default)s)")
-    parser.add_argument("--backend", choices=("auto", "cpp", "triton", "cuda", "torch"), default=defaults.backend,
-                        help="kernel backend (default: %(default)s)")
-    parser.add_argument("--device", default=defaults.device, help="cpu or cuda (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default: %(default)s)")
-    parser.add_argument("--sample-chars", type=int, default=defaults.sample_chars,
-                        help="characters generated after each epoch (default: %(default)s)")
-    parser.add_argument("--temperature", type=float, default=defaults.temperature,
-                        help="sampling temperature (default: %(default)s)")
-    parser.add_argument("--out", default=defaults.out, help="folder for checkpoint and logs (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"(default: {defaults.batch_size})")
+    parser.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default: {defaults.lr})")
+    parser.add_argument("--clip", type=float, default=None,
+                        help=f"max gradient norm, 0 for none (default: {defaults.clip})")
+    parser.add_argument("--dropout", type=float, default=None,
+                        help=f"input, recurrent and output dropout of the stateful models "
+                             f"(default: {defaults.dropout})")
+    parser.add_argument("--backend", choices=("auto", "cpp", "triton", "cuda", "torch"), default=None,
+                        help=f"kernel backend (default: {defaults.backend})")
+    parser.add_argument("--device", default=None, help=f"cpu or cuda (default: {defaults.device})")
+    parser.add_argument("--seed", type=int, default=None, help=f"random seed (default: {defaults.seed})")
+    parser.add_argument("--sample-chars", type=int, default=None,
+                        help=f"characters generated after each epoch (default: {defaults.sample_chars})")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help=f"sampling temperature (default: {defaults.temperature})")
+    parser.add_argument("--out", default=None, help=f"folder for checkpoint and logs (default: {defaults.out})")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    parser.add_argument("--checkpoint-minutes", type=float, default=defaults.checkpoint_minutes,
+    parser.add_argument("--checkpoint-minutes", type=float, default=None,
                         help="also checkpoint between batches this often, so that a kill loses at most this much "
-                             "work; 0 for epoch ends only (default: %(default)s)")
+                             f"work; 0 for epoch ends only (default: {defaults.checkpoint_minutes})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -572,7 +620,9 @@ def run_command(args: argparse.Namespace, command: str = "") -> int:
     """`fused-rnn train`: every failure is one line on stderr and a non-zero status;
     SIGINT and SIGTERM save the run where it is (exit status 130)."""
     names = {f.name for f in fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    # the options default to None, so that those given (which --resume must not ignore) are known
+    given = {k for k, v in vars(args).items() if k in names and v is not None}
+    config = TrainConfig(**{k: getattr(args, k) for k in given})
     stop = StopFlag()
     previous = {}
     for name in ("SIGINT", "SIGTERM"):
@@ -582,7 +632,7 @@ def run_command(args: argparse.Namespace, command: str = "") -> int:
             except ValueError:  # not the main thread: no handlers, Ctrl-C stays an exception
                 pass
     try:
-        train(config, resume=args.resume, progress=not args.no_progress, stop=stop)
+        train(config, resume=args.resume, progress=not args.no_progress, stop=stop, given=given)
     except Interrupted as interrupted:
         print(f"fused-rnn train: {interrupted}", file=sys.stderr)
         return 130
@@ -593,8 +643,12 @@ def run_command(args: argparse.Namespace, command: str = "") -> int:
         print(f"fused-rnn train: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # disk full, permission denied, a folder where a file belongs, ...
-        print(f"fused-rnn train: error: {describe_os_error(error)}", file=sys.stderr)
+        print(f"fused-rnn train: error: {describe_os_error(error, Path(config.out) / 'checkpoint.pt')}",
+              file=sys.stderr)
         return 2
+    except Exception as error:  # anything else (out of memory, a kernel's error): one line, not a traceback
+        print(f"fused-rnn train: error: {type(error).__name__}: {one_line(error)}", file=sys.stderr)
+        return 1
     finally:
         for name, handler in previous.items():
             signal.signal(getattr(signal, name), handler)
