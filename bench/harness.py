@@ -115,7 +115,7 @@ CONFIGS = (  # the CPU table's
     BenchConfig("fastrnns", 100, 64, 512, 512, "the defaults of PyTorch's benchmarks/fastrnns"),
     BenchConfig("short", 8, 64, 42, 256, "the lesson's stateful model, trained on sequences of 8"),
     BenchConfig("3char", 3, 64, 42, 256, "the lesson's three-character model: a call's fixed costs against 3 steps"),
-    BenchConfig("generate", 1, 1, 42, 256, "one character at a time, as the models' sampling loops call the layer"),
+    BenchConfig("generate", 1, 1, 42, 256, "one character at a time, as the stateful models' sampling calls the layer"),
 )
 CONFIGS_BY_NAME = {config.name: config for config in CONFIGS}
 

@@ -1,8 +1,8 @@
 """Loading of the compiled extension ``fused_rnn._C``.
 
 The package must stay importable when the extension is missing (a source checkout
-that was never built, or a build that failed): the pure-torch backend then serves
-every call, and one warning says how to rebuild.
+that was never built, or a build that failed): torch.nn's kernels (the "nn" backend)
+and the torch loop then serve every call, and one warning says how to rebuild.
 """
 
 import warnings
@@ -25,7 +25,7 @@ except ImportError as error:  # extension not built, or built against another to
     IMPORT_ERROR = error
     warnings.warn(
         f"fused_rnn: the compiled extension fused_rnn._C could not be imported ({error}); "
-        f"only the slow 'torch' backend is available. To get the fused kernels, {REBUILD_HINT}.",
+        f"only the 'nn' and 'torch' backends are available. To get the fused kernels, {REBUILD_HINT}.",
         RuntimeWarning,
         stacklevel=2,
     )
