@@ -195,3 +195,18 @@ def test_sample_names_its_options(tmp_path, corpus, capsys):
         assert named in capsys.readouterr().err
     # a temperature far below the logits' spread samples the most likely character, not NaN
     assert main(["sample", str(out / "checkpoint.pt"), "--temperature", "1e-320", "--chars", "20"]) == 0
+
+
+def test_only_rank_0_reports_an_interrupt(monkeypatch, capsys, tmp_path):
+    """Under torchrun every rank stops on Ctrl-C; one line says so, rank 0's (each
+    rank printed it)."""
+    from fused_rnn.app import train as train_module
+
+    def interrupted(*args, **kwargs):
+        raise train_module.Interrupted(tmp_path / "checkpoint.pt", 0, 3)
+
+    monkeypatch.setattr(train_module, "train", interrupted)
+    for rank, says in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["train", "--out", str(tmp_path), "--no-progress"]) == 130
+        assert ("interrupted; the run is saved" in capsys.readouterr().err) == says

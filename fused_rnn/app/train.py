@@ -634,7 +634,8 @@ def run_command(args: argparse.Namespace, command: str = "") -> int:
     try:
         train(config, resume=args.resume, progress=not args.no_progress, stop=stop, given=given)
     except Interrupted as interrupted:
-        print(f"fused-rnn train: {interrupted}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank stops; rank 0 says so
+            print(f"fused-rnn train: {interrupted}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("fused-rnn train: interrupted before training began; nothing was saved", file=sys.stderr)
