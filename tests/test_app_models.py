@@ -116,6 +116,12 @@ def test_generate(name):
     hot = {model.generate(seed, 15, temperature=50.0, generator=torch.Generator().manual_seed(s)) for s in range(4)}
     assert len(hot) > 1
     assert model.training  # restored after sampling
+    # stream(): the same characters one at a time; the caller's code between them runs with
+    # its own grad mode, and the mode comes back when the stream is done
+    stream = model.stream(seed, 25, temperature=0.7, generator=torch.Generator().manual_seed(3))
+    first = next(stream)
+    assert torch.is_grad_enabled() and not model.training
+    assert first + "".join(stream) == text and model.training
     with pytest.raises(ValueError, match="is not in the vocabulary"):
         model.generate("the quick €", 5)
     with pytest.raises(ValueError, match="temperature must be positive"):

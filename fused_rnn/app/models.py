@@ -23,7 +23,7 @@ models) or every state (sequence models, Keras' TimeDistributed).
 """
 
 import copy
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -90,12 +90,18 @@ class CharModel(nn.Module):
     def min_seed_length(self) -> int:
         return 1
 
-    @torch.no_grad()
     def generate(self, seed_text: str, n_chars: int, temperature: float = 1.0,
                  generator: Optional[torch.Generator] = None) -> str:
         """``n_chars`` characters sampled after ``seed_text``, each from
         softmax(logits / temperature) (lower temperature: more conservative text).
         The model is put in eval mode for sampling and restored afterwards."""
+        return "".join(self.stream(seed_text, n_chars, temperature, generator))
+
+    def stream(self, seed_text: str, n_chars: int, temperature: float = 1.0,
+               generator: Optional[torch.Generator] = None) -> Iterator[str]:
+        """:meth:`generate`'s characters one at a time, as they are sampled (the
+        arguments are checked at the call, before the first). The model stays in eval
+        mode until the iterator is exhausted or closed."""
         if not isinstance(n_chars, int) or n_chars < 0:
             raise ValueError(f"n_chars must be a non-negative integer, got {n_chars!r}")
         if not temperature > 0:
@@ -103,19 +109,23 @@ class CharModel(nn.Module):
         if len(seed_text) < self.min_seed_length():
             raise ValueError(f"seed_text must have at least {self.min_seed_length()} character(s) for "
                              f"{type(self).__name__}, got {len(seed_text)}")
-        indices = self.vocab.encode(seed_text)
+        return self._stream(self.vocab.encode(seed_text), n_chars, temperature, generator)
+
+    def _stream(self, indices: Tensor, n_chars: int, temperature: float,
+                generator: Optional[torch.Generator]) -> Iterator[str]:
         device = next(self.parameters()).device
         was_training = self.training
         self.eval()
         try:
-            out: List[int] = []
             if n_chars:
-                logits, state = self._start(indices.to(device))
-                for k in range(n_chars):
-                    out.append(_sample(logits.cpu(), temperature, generator))
-                    if k + 1 < n_chars:
-                        logits, state = self._step(out[-1], state)
-            return self.vocab.decode(out)
+                with torch.no_grad():  # never across a yield: the caller's code runs there
+                    logits, state = self._start(indices.to(device))
+            for k in range(n_chars):
+                index = _sample(logits.cpu(), temperature, generator)
+                yield self.vocab.decode([index])
+                if k + 1 < n_chars:
+                    with torch.no_grad():
+                        logits, state = self._step(index, state)
         finally:
             self.train(was_training)
 

@@ -44,7 +44,11 @@ def run_command(args: argparse.Namespace, command: str = "") -> int:
         start = "\n" if "\n" in model.vocab.chars else model.vocab.chars[0]
         seed = args.seed if args.seed is not None else start * model.min_seed_length()
         generator = None if args.random_seed is None else torch.Generator().manual_seed(args.random_seed)
-        text = model.generate(seed, args.chars, args.temperature, generator=generator)
+        characters = model.stream(seed, args.chars, args.temperature, generator=generator)
+        _write(seed)
+        for count, character in enumerate(characters, 1):  # as sampled: Ctrl-C keeps what was printed
+            _write(character, flush=count % 64 == 0)
+        _write("\n")
     except ValueError as error:
         print(f"fused-rnn sample: error: {error}", file=sys.stderr)
         return 2
@@ -52,10 +56,16 @@ def run_command(args: argparse.Namespace, command: str = "") -> int:
         print(f"fused-rnn sample: error: {describe_os_error(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _write("\n")
         print("fused-rnn sample: interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # anything else (out of memory, a kernel's error): one line, not a traceback
         print(f"fused-rnn sample: error: {type(error).__name__}: {one_line(error)}", file=sys.stderr)
         return 1
-    print(seed + text)
     return 0
+
+
+def _write(text: str, flush: bool = True) -> None:
+    sys.stdout.write(text)
+    if flush:
+        sys.stdout.flush()
