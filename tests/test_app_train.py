@@ -143,17 +143,20 @@ def test_sample_reports_a_broken_checkpoint(tmp_path, capsys):
     assert "cannot be rebuilt" in capsys.readouterr().err
 
 
-def test_resume_keeps_the_run_s_length_and_refuses_given_settings(corpus, tmp_path, capsys):
+def test_resume_keeps_the_run_s_length_and_refuses_given_settings(corpus, tmp_path, capsys, monkeypatch):
     """--resume without --epochs / --minutes continues to the saved run's length (it
     fell back to the 4-minute default); a setting named on the command line that
     contradicts the checkpoint is refused even when it equals the default (it was
     dropped silently); a run already at its length says so; a fresh run never
-    overwrites a run in --out; --out and --text are found from another folder."""
+    overwrites a run in --out; a run given a relative --text resumes from another
+    folder (the config keeps the absolute path)."""
+    (tmp_path / "corpus.txt").write_text(corpus.read_text(encoding="utf-8"), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
     common = ["--model", "seq", "--hidden", "8", "--batch-size", "16", "--out", str(out), "--no-progress",
               "--sample-chars", "5"]
-    assert main(["train", "--text", str(corpus), "--epochs", "1", *common]) == 0
-    assert main(["train", "--text", str(corpus), "--epochs", "1", *common]) == 2
+    assert main(["train", "--text", "corpus.txt", "--epochs", "1", *common]) == 0
+    assert main(["train", "--text", "corpus.txt", "--epochs", "1", *common]) == 2
     assert "already holds a run" in capsys.readouterr().err and (out / "checkpoint.pt").is_file()
     assert main(["train", "--resume", "--out", str(out), "--no-progress", "--hidden", "256"]) == 2
     assert "--hidden 256 (checkpoint: 8)" in capsys.readouterr().err
@@ -162,10 +165,21 @@ def test_resume_keeps_the_run_s_length_and_refuses_given_settings(corpus, tmp_pa
     assert "nothing to train" in printed and "epoch 2" not in printed
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(elsewhere)  # the corpus was given as an absolute path; the config keeps it so
-        assert main(["train", "--resume", "--out", str(out), "--no-progress", "--epochs", "2"]) == 0
+    monkeypatch.chdir(elsewhere)
+    assert main(["train", "--resume", "--out", str(out), "--no-progress", "--epochs", "2"]) == 0, \
+        capsys.readouterr().err
     assert json.loads((out / "log.json").read_text())["epochs"][-1]["epoch"] == 2
+
+
+def test_resume_keeps_the_run_s_time_budget(corpus, tmp_path):
+    """--minutes is the run's training time, its epochs' summed: a run whose budget is
+    spent, resumed without a length, trains nothing more (it started the budget afresh)."""
+    quiet = dict(progress=False, log=lambda *a: None)
+    first = train(tiny_config(corpus, tmp_path / "m", "seq", minutes=1e-6), **quiet)
+    assert len(first["history"]) == 1
+    lines = []
+    again = train(TrainConfig(out=str(tmp_path / "m")), resume=True, progress=False, log=lines.append)
+    assert len(again["history"]) == 1 and any("nothing to train" in line for line in lines)
 
 
 def test_train_checks_its_options_before_training(tmp_path, corpus, capsys):

@@ -391,8 +391,9 @@ def test_the_output_can_be_changed_in_place(kind, batch_first, cpu_backend):
     """While autograd records (parameters that require grad, no torch.no_grad), the
     output may be changed in place, as nn.RNN's and nn.LSTM's: the CPU IRNN returned its
     projection buffer as a view, which autograd refused (y.mul_, y += x, an in-place
-    dropout) even with no backward to follow. A backward through an output changed in
-    place after the kernel saved it raises autograd's own error, as for torch.relu's."""
+    dropout) even with no backward to follow. (A backward through it afterwards is
+    autograd's business: the fused kernels saved y, and autograd says it was changed,
+    as for torch.relu's output.)"""
     torch.manual_seed(0)
     module = (fused_rnn.IRNN if kind == "irnn" else fused_rnn.LSTM)(3, 4, batch_first=batch_first,
                                                                     backend=cpu_backend)

@@ -37,6 +37,7 @@ def _check_options(args: argparse.Namespace) -> None:
 
 
 def run_command(args: argparse.Namespace, command: str = "") -> int:
+    started = False  # whether the text has begun on stdout (a failure then ends its line)
     try:
         _check_options(args)
         checkpoint = load_checkpoint(args.checkpoint)
@@ -46,20 +47,23 @@ def run_command(args: argparse.Namespace, command: str = "") -> int:
         generator = None if args.random_seed is None else torch.Generator().manual_seed(args.random_seed)
         characters = model.stream(seed, args.chars, args.temperature, generator=generator)
         _write(seed)
+        started = True
         for count, character in enumerate(characters, 1):  # as sampled: Ctrl-C keeps what was printed
             _write(character, flush=count % 64 == 0)
         _write("\n")
     except ValueError as error:
+        _write("\n" if started else "")
         print(f"fused-rnn sample: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # no such file, permission denied, a folder given as the checkpoint, ...
         print(f"fused-rnn sample: error: {describe_os_error(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        _write("\n")
+        _write("\n" if started else "")
         print("fused-rnn sample: interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # anything else (out of memory, a kernel's error): one line, not a traceback
+        _write("\n" if started else "")
         print(f"fused-rnn sample: error: {type(error).__name__}: {one_line(error)}", file=sys.stderr)
         return 1
     return 0

@@ -103,7 +103,7 @@ class TrainConfig:
         _check_device(self.device)
         values = asdict(self)
         # the corpus by its absolute path: a resumed run finds it from any working folder
-        text = None if self.text is None else os.path.abspath(self.text)
+        text = os.path.abspath(self.text) if self.text else None
         values.update(seq_len=seq_len, layers=layers, epochs=epochs, minutes=minutes, text=text)
         return TrainConfig(**values)
 
@@ -281,17 +281,20 @@ def plot_losses(out: Path, history: List[Dict], batch_losses: List[float]) -> Op
     return path
 
 
-# what --resume takes from the command line when given there, rather than from the
-# checkpoint (the corpus too: its digest, saved with the run, must match)
-_RESUME_OVERRIDES = ("epochs", "minutes", "out", "backend", "device", "checkpoint_minutes", "text")
+# what --resume takes from the command line rather than from the checkpoint: where and how
+# this process runs (from the command line, defaults included), and the run's length and
+# corpus when given there (else the saved ones; the corpus's digest, saved with the run, must
+# match)
+_RESUME_RUNNING = ("out", "backend", "device", "checkpoint_minutes")
+_RESUME_OVERRIDES = _RESUME_RUNNING + ("epochs", "minutes", "text")
 
 
 def _resumed_config(config: TrainConfig, saved_values: Dict, given: Optional[set] = None) -> TrainConfig:
-    """The saved run's config with the _RESUME_OVERRIDES that were `given` (the names
-    of the settings on the command line) taken from `config`; the run's length (--epochs
-    or --minutes) is the saved one unless either is given. Any other setting given that
-    contradicts the checkpoint is an error, not silently dropped. `given` None: those
-    that differ from their defaults (a caller of train() without a command line)."""
+    """The saved run's config with _RESUME_RUNNING taken from `config`, and the run's
+    length (--epochs or --minutes) and corpus too where `given` (the names of the settings
+    on the command line). Any other setting given that contradicts the checkpoint is an
+    error, not silently dropped. `given` None: those that differ from their defaults (a
+    caller of train() without a command line)."""
     names = {f.name for f in fields(TrainConfig)}
     if not isinstance(saved_values, dict):
         raise ValueError(f"the checkpoint's config is not a mapping of settings (found {type(saved_values).__name__})")
@@ -305,7 +308,7 @@ def _resumed_config(config: TrainConfig, saved_values: Dict, given: Optional[set
     if conflicts:
         raise ValueError("--resume continues the saved run with its own settings; these differ: "
                          + "; ".join(conflicts))
-    taken = {k for k in _RESUME_OVERRIDES if k in given} | {"out"}
+    taken = {k for k in _RESUME_OVERRIDES if k in given} | set(_RESUME_RUNNING)
     if taken & {"epochs", "minutes"}:
         taken |= {"epochs", "minutes"}  # the one given replaces the saved length, the other None
     return TrainConfig(**dict(asdict(saved), **{k: getattr(config, k) for k in taken})).resolved()
@@ -408,6 +411,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, l
             checkpoint = load_checkpoint(checkpoint_path, for_resume=True)
             config = _resumed_config(requested, checkpoint["config"], given)
             history, batch_losses = list(checkpoint.get("history", [])), list(checkpoint.get("batch_losses", []))
+            if config.text and not os.path.exists(config.text) and "text" not in (given or ()):
+                raise ValueError(f"the run's corpus {config.text} is not there (a checkpoint that kept a relative "
+                                 "path, resumed from another folder?): pass --text")
         elif checkpoint_path.exists():
             raise ValueError(f"--out {out} already holds a run ({checkpoint_path}): continue it with --resume, "
                              "or train into another --out")
@@ -464,14 +470,19 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, l
                 f"backend {config.backend}, {ddp.world_size} process(es)"
                 + (f"; resuming after epoch {start_epoch}" if checkpoint is not None else ""))
 
-        epoch, last_seconds = start_epoch, 0.0
+        epoch, last_seconds = start_epoch, (history[-1]["seconds"] if history else 0.0)
+        # --minutes is the run's training time: a resumed run has spent its epochs' already
+        start_time -= sum(h["seconds"] for h in history) + (position["seconds"] if position is not None else 0.0)
+        ran_epoch = False
         while config.epochs is None or epoch < config.epochs:
             # --minutes: another whole epoch only if, at the last one's pace, it ends in
-            # time (every run trains at least one); rank 0's clock decides for all ranks
-            if config.minutes is not None and epoch > start_epoch:
+            # time (a new run trains at least one, a resumed one finishes the epoch it was
+            # saved in); rank 0's clock decides for all ranks
+            if config.minutes is not None and (epoch > start_epoch or (checkpoint is not None and position is None)):
                 late = time.monotonic() - start_time + last_seconds > config.minutes * 60
                 if ddp.rank0_says(late):
                     break
+            ran_epoch = True
             epoch_batches = batches(config, train_data, shuffle=True, epoch=epoch, rank=ddp.rank,
                                     world_size=ddp.world_size)
             if isinstance(model, StatefulModel):
@@ -547,9 +558,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True, l
                 if failure is not None:
                     raise failure
                 raise RuntimeError(f"rank 0 failed at the end of epoch {epoch}; see its error")
-        if ddp.main and checkpoint is not None and config.epochs is not None and start_epoch >= config.epochs:
-            log(f"nothing to train: the run in {out} has {start_epoch} epoch(s) already (--epochs {config.epochs}); "
-                "pass a larger --epochs to continue it")
+        if ddp.main and checkpoint is not None and not ran_epoch:
+            length = f"--epochs {config.epochs}" if config.epochs is not None else f"--minutes {config.minutes:g}"
+            log(f"nothing to train: the run in {out} has {start_epoch} epoch(s) already, its length ({length}) "
+                "is reached; pass a larger one to continue it")
         if ddp.main and history:
             plot = plot_losses(out, history, batch_losses)
             log(f"checkpoint: {checkpoint_path}; logs: {out / 'log.csv'}" + (f"; plot: {plot}" if plot else ""))
@@ -609,7 +621,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=None,
                         help=f"sampling temperature (default: {defaults.temperature})")
     parser.add_argument("--out", default=None, help=f"folder for checkpoint and logs (default: {defaults.out})")
-    parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run saved in --out with its settings (the defaults above do not apply; "
+                             "the settings given must agree with the checkpoint's, but for --epochs/--minutes, "
+                             "--text, --backend, --device and --checkpoint-minutes)")
     parser.add_argument("--checkpoint-minutes", type=float, default=None,
                         help="also checkpoint between batches this often, so that a kill loses at most this much "
                              f"work; 0 for epoch ends only (default: {defaults.checkpoint_minutes})")
@@ -638,7 +653,8 @@ def run_command(args: argparse.Namespace, command: str = "") -> int:
             print(f"fused-rnn train: {interrupted}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("fused-rnn train: interrupted before training began; nothing was saved", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("fused-rnn train: interrupted before training began; nothing was saved", file=sys.stderr)
         return 130
     except (ValueError, FloatingPointError) as error:
         print(f"fused-rnn train: error: {error}", file=sys.stderr)
