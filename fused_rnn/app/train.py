@@ -622,9 +622,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"sampling temperature (default: {defaults.temperature})")
     parser.add_argument("--out", default=None, help=f"folder for checkpoint and logs (default: {defaults.out})")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run saved in --out with its settings (the defaults above do not apply; "
-                             "the settings given must agree with the checkpoint's, but for --epochs/--minutes, "
-                             "--text, --backend, --device and --checkpoint-minutes)")
+                        help="continue the run saved in --out: settings not given come from the checkpoint, not "
+                             "the defaults above (but --backend, --device and --checkpoint-minutes, this process's "
+                             "own); those given must agree with the checkpoint's, but --epochs/--minutes and --text")
     parser.add_argument("--checkpoint-minutes", type=float, default=None,
                         help="also checkpoint between batches this often, so that a kill loses at most this much "
                              f"work; 0 for epoch ends only (default: {defaults.checkpoint_minutes})")
